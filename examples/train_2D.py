@@ -1,0 +1,34 @@
+"""Train a 2D UNet on the synthetic data of `csc synth data` (run from the repository root).
+
+Every name below is a csc setting; `csc config examples/train_2D.py` prints them all, resolved.
+Relative paths are resolved against this file's folder.
+"""
+
+# Where the data is: {dataset} and {name} are filled in by the crawler that builds the datasplit.
+search_path = "../data/{dataset}/{dataset}.zarr/recon-1/{name}"
+datasplit_path = "../datasplit.csv"  # built from search_path on first use if it does not exist
+
+# What to segment, in the order of the model's output channels.
+classes = ["nuc", "mito", "er"]
+
+# Patches: (z, y, x) voxels and nm per voxel. A singleton z makes this a 2D model's input.
+input_array_info = {"shape": (1, 128, 128), "scale": (8, 8, 8)}
+target_array_info = input_array_info  # predict at the input's resolution
+
+# Model: a name from csc's registry, with its keyword arguments.
+model_name = "2d_unet"
+model_kwargs = {}
+
+# Optimisation: an epoch is exactly `iterations_per_epoch` batches of `batch_size` patches.
+epochs = 10
+iterations_per_epoch = 100
+batch_size = 8
+learning_rate = 1e-3
+random_seed = 42
+
+# Validation: at most this many batches per epoch, the same tiles every epoch.
+validation_batch_limit = 8
+
+# Where results go: {model_name} and {epoch} are filled in.
+model_save_path = "../checkpoints/{model_name}_{epoch}.pth"
+logs_save_path = "../tensorboard/{model_name}"

@@ -1,0 +1,549 @@
+"""The training configuration: a plain Python file in, a validated frozen `TrainConfig` out.
+
+The user's file runs in a fresh namespace (``__name__`` is not ``"__main__"``, so a trailing
+``if __name__ == "__main__": train(__file__)`` block does not run). Its public names are mapped
+onto `TrainConfig` fields; names close to a field are reported as likely typos. Nothing here
+imports torch, so ``csc config`` stays instant for configs that do not import it themselves.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import os
+import runpy
+import sys
+import traceback
+import types
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+# Names accepted where the config gives a string instead of an object. The registries in
+# csc.models, csc.losses and csc.train hold the implementations; a test keeps them equal.
+MODEL_NAMES = ("2d_resnet", "2d_unet", "3d_resnet", "3d_unet", "vitnet")
+OPTIMIZER_NAMES = ("adam", "adamw", "radam", "sgd")
+SCHEDULER_NAMES = ("cosine", "onecycle", "plateau", "step")
+LOSS_NAMES = ("bce", "dice", "dice_bce", "focal")
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+LOAD_MODEL_CHOICES = ("latest", "best", None)
+FORCE_ALL_CLASSES_CHOICES = ("train", "validate", "both", None)
+AXES = ("z", "y", "x")
+SPATIAL_TRANSFORM_NAMES = ("mirror", "transpose", "rotate")
+# Keys whose values are paths: relative ones are resolved against the config file's folder.
+PATH_KEYS = ("model_save_path", "logs_save_path", "datasplit_path", "search_path")
+
+DEFAULT_SPATIAL_TRANSFORMS: dict[str, Any] = {
+    "mirror": {"axes": {"x": 0.5, "y": 0.5}},
+    "transpose": {"axes": ["x", "y"]},
+    "rotate": {"axes": {"x": [-180, 180], "y": [-180, 180]}},
+}
+
+
+class ConfigWarning(UserWarning):
+    """A config name csc does not read but that looks like a misspelled key."""
+
+
+class ConfigFileError(Exception):
+    """The user's config file raised while it ran; the message is its own traceback."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayInfo:
+    """Patch shape in voxels and voxel size in nm, both in (z, y, x) order (or (y, x) for 2D)."""
+
+    shape: tuple[int, ...]
+    scale: tuple[float, ...]
+
+    @property
+    def is_2d(self) -> bool:
+        """A 2-element shape, or a 3-element shape with a singleton axis, is a 2D patch."""
+        return len(self.shape) == 2 or 1 in self.shape
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run. Field names are the config file's names."""
+
+    # Where things go. Templates: {model_name}, {epoch}; {dataset}, {name} in search_path.
+    model_save_path: str = "checkpoints/{model_name}_{epoch}.pth"
+    logs_save_path: str = "tensorboard/{model_name}"
+    datasplit_path: str = "datasplit.csv"
+    search_path: str = "data/{dataset}/{dataset}.zarr/recon-1/{name}"
+    raw_name: str = "em/fibsem-uint8"
+    crop_name: str = "labels/groundtruth/{crop}/{label}"
+    use_s3: bool = False
+    s3_bucket: str = "janelia-cosem-datasets"
+    # Data.
+    classes: tuple[str, ...] = ("nuc", "er")
+    input_array_info: ArrayInfo = ArrayInfo((1, 128, 128), (8.0, 8.0, 8.0))
+    target_array_info: ArrayInfo = ArrayInfo((1, 128, 128), (8.0, 8.0, 8.0))
+    validation_prob: float = 0.15
+    filter_by_scale: bool | float | tuple[float, ...] = False
+    force_all_classes: str | None = "validate"
+    weighted_sampler: bool = True
+    spatial_transforms: dict[str, Any] | None = dataclasses.field(
+        default_factory=lambda: _copy(DEFAULT_SPATIAL_TRANSFORMS)
+    )
+    train_raw_value_transforms: Callable[..., Any] | None = None
+    val_raw_value_transforms: Callable[..., Any] | None = None
+    target_value_transforms: Callable[..., Any] | None = None
+    dataloader_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Model.
+    model_name: str = "2d_unet"
+    model_to_load: str = "2d_unet"
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model: Any = None
+    load_model: str | None = "latest"
+    # Optimisation.
+    epochs: int = 1000
+    iterations_per_epoch: int = 1000
+    batch_size: int = 8
+    learning_rate: float = 1e-4
+    optimizer: Any = "radam"
+    scheduler: Any = None
+    scheduler_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    criterion: Any = "bce"
+    criterion_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    weight_loss: bool = True
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = None
+    precision: str = "32"
+    ema_decay: float | None = None
+    random_seed: int = 42
+    device: str | None = None
+    # Validation, model selection and checkpoint housekeeping.
+    validation_time_limit: float | None = None
+    validation_batch_limit: int | None = None
+    low_is_best: bool = True
+    smoothing_window: int = 1
+    early_stopping_patience: int | None = None
+    keep_last_checkpoints: int | None = None
+    # Provenance: the file it came from and the public names csc does not read.
+    config_path: str | None = None
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# Fields that are bookkeeping, not config keys a user sets.
+_INTERNAL_FIELDS = ("config_path", "extras")
+CONFIG_KEYS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(TrainConfig) if f.name not in _INTERNAL_FIELDS
+)
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    *,
+    strict: bool = False,
+) -> TrainConfig:
+    """Run the config file at `path`, apply `overrides`, and return the validated config.
+
+    `overrides` is a mapping of key to value, or ``KEY=VALUE`` strings whose values are parsed
+    as Python literals (``epochs=3``, ``classes="['nuc','mito']"``). With `strict`, a name that
+    looks like a misspelled key is an error instead of a warning.
+    """
+    config_path = Path(path).expanduser().resolve()
+    if not config_path.is_file():
+        raise FileNotFoundError(f"config file not found: {config_path}")
+    namespace = run_config_file(config_path)
+    values = public_names(namespace)
+    values.update(parse_overrides(overrides))
+    return build_config(
+        values, config_dir=config_path.parent, config_path=config_path, strict=strict
+    )
+
+
+def run_config_file(config_path: Path) -> dict[str, Any]:
+    """Execute the file in a fresh namespace with its folder importable; return its globals."""
+    folder = str(config_path.parent)
+    sys.path.insert(0, folder)
+    try:
+        return runpy.run_path(str(config_path), run_name="__csc_config__")
+    except Exception as error:
+        raise ConfigFileError(_user_traceback(error, config_path)) from error
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
+
+
+def _user_traceback(error: BaseException, config_path: Path) -> str:
+    """The traceback from the first frame in the user's file on, without csc's own frames."""
+    frames = traceback.extract_tb(error.__traceback__)
+    first = next((i for i, f in enumerate(frames) if Path(f.filename) == config_path), 0)
+    lines = ["Traceback (most recent call last):\n"]
+    lines += traceback.format_list(frames[first:])
+    lines += traceback.format_exception_only(type(error), error)
+    return f"the config file {config_path} raised an error:\n" + "".join(lines).rstrip()
+
+
+def public_names(namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The file's own public names: no dunder/private names and no imported modules."""
+    return {
+        name: value
+        for name, value in namespace.items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+
+
+def parse_overrides(overrides: Mapping[str, Any] | Sequence[str] | None) -> dict[str, Any]:
+    """Turn ``KEY=VALUE`` strings (values as Python literals) or a mapping into a dict."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, Mapping):
+        parsed = dict(overrides)
+    else:
+        parsed = dict(_parse_override(item) for item in overrides)
+    for key in parsed:
+        if key not in CONFIG_KEYS:
+            raise ValueError(f"unknown config key in override {key}=...{_suggestion(key)}")
+    return parsed
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(
+            f"override {item!r} is not KEY=VALUE, e.g. epochs=3 or classes=\"['nuc']\""
+        )
+    try:
+        return key, ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return key, text  # a bare word such as model_name=3d_unet stays a string
+
+
+def build_config(
+    values: Mapping[str, Any],
+    *,
+    config_dir: Path | None = None,
+    config_path: Path | None = None,
+    strict: bool = False,
+) -> TrainConfig:
+    """Map config-file names onto a `TrainConfig`, resolve paths and validate."""
+    known = {k: v for k, v in values.items() if k in CONFIG_KEYS}
+    extras = {k: v for k, v in values.items() if k not in CONFIG_KEYS}
+    _report_typos(extras, strict=strict, source=config_path)
+    kwargs = _normalise(known)
+    if config_dir is not None:
+        kwargs = _resolve_paths(kwargs, config_dir)
+    config = TrainConfig(
+        **kwargs, config_path=str(config_path) if config_path else None, extras=extras
+    )
+    validate(config)
+    return config
+
+
+def _report_typos(extras: Mapping[str, Any], *, strict: bool, source: Path | None) -> None:
+    where = f" in {source}" if source else ""
+    for name, value in extras.items():
+        if _is_imported(name, value):
+            continue  # classes and functions imported from elsewhere are not settings
+        hint = _suggestion(name)
+        if not hint:
+            continue
+        message = f"config name '{name}'{where} is not a csc setting{hint}"
+        if strict:
+            raise ValueError(message + " (--strict makes this an error)")
+        warnings.warn(message, ConfigWarning, stacklevel=3)
+
+
+def _is_imported(name: str, value: Any) -> bool:
+    """`from x import Foo` binds Foo under its own name; such names are not settings."""
+    own_name = (
+        getattr(value, "__name__", None) if isinstance(value, type | types.FunctionType) else None
+    )
+    return own_name == name and getattr(value, "__module__", None) != "__csc_config__"
+
+
+def _suggestion(name: str) -> str:
+    close = difflib.get_close_matches(name, CONFIG_KEYS, n=1, cutoff=0.8)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _normalise(known: Mapping[str, Any]) -> dict[str, Any]:
+    """Coerce file values to field types: tuples for sequences, str for paths, ArrayInfo."""
+    kwargs = dict(known)
+    for key in (*PATH_KEYS, "raw_name", "crop_name"):
+        if isinstance(kwargs.get(key), os.PathLike):
+            kwargs[key] = os.fspath(kwargs[key])
+    if "input_array_info" in kwargs:
+        kwargs["input_array_info"] = _array_info(kwargs["input_array_info"], "input_array_info")
+    if "target_array_info" in kwargs:
+        kwargs["target_array_info"] = _array_info(kwargs["target_array_info"], "target_array_info")
+    elif "input_array_info" in kwargs:
+        kwargs["target_array_info"] = kwargs["input_array_info"]
+    if "classes" in kwargs:
+        kwargs["classes"] = _string_tuple(kwargs["classes"], "classes")
+    if "model_to_load" not in kwargs and "model_name" in kwargs:
+        kwargs["model_to_load"] = kwargs["model_name"]
+    if isinstance(kwargs.get("filter_by_scale"), Sequence):
+        kwargs["filter_by_scale"] = tuple(kwargs["filter_by_scale"])
+    if kwargs.get("force_all_classes") is True:
+        kwargs["force_all_classes"] = "both"
+    elif kwargs.get("force_all_classes") is False:
+        kwargs["force_all_classes"] = None
+    if isinstance(kwargs.get("precision"), int):
+        kwargs["precision"] = str(kwargs["precision"])
+    if kwargs.get("device") is not None and not isinstance(kwargs["device"], str):
+        kwargs["device"] = str(kwargs["device"])  # a torch.device
+    for key in ("model_kwargs", "scheduler_kwargs", "criterion_kwargs", "dataloader_kwargs"):
+        if key in kwargs:
+            kwargs[key] = _mapping(kwargs[key], key)
+    if kwargs.get("spatial_transforms") is not None:
+        kwargs["spatial_transforms"] = _copy(
+            _mapping(kwargs["spatial_transforms"], "spatial_transforms")
+        )
+    return kwargs
+
+
+def _array_info(value: Any, key: str) -> ArrayInfo:
+    if isinstance(value, ArrayInfo):
+        return value
+    if not isinstance(value, Mapping) or "shape" not in value or "scale" not in value:
+        raise ValueError(
+            f"{key} must be a dict with 'shape' (voxels) and 'scale' (nm per voxel), "
+            f"e.g. {{'shape': (1, 128, 128), 'scale': (8, 8, 8)}}; got {value!r}"
+        )
+    shape, scale = value["shape"], value["scale"]
+    if not isinstance(shape, Sequence) or not isinstance(scale, Sequence):
+        raise ValueError(f"{key}: 'shape' and 'scale' must be sequences, got {shape!r}, {scale!r}")
+    return ArrayInfo(tuple(shape), tuple(scale))
+
+
+def _string_tuple(value: Any, key: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValueError(f"{key} must be a list of names, e.g. ['nuc', 'mito']; got {value!r}")
+    return tuple(value)
+
+
+def _mapping(value: Any, key: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{key} must be a dict, got {type(value).__name__} {value!r}")
+    return dict(value)
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of plain dict/list data, so a config never shares state with defaults."""
+    if isinstance(value, Mapping):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _resolve_paths(kwargs: dict[str, Any], config_dir: Path) -> dict[str, Any]:
+    """Relative local paths (and templates) become absolute, anchored at the config's folder."""
+    use_s3 = kwargs.get("use_s3", TrainConfig.use_s3)
+    for key in PATH_KEYS:
+        if key == "search_path" and use_s3:
+            continue  # on S3 the search path is relative to the bucket
+        value = kwargs.get(key, getattr(TrainConfig, key))
+        if isinstance(value, str) and "://" not in value and not os.path.isabs(value):
+            kwargs[key] = str(config_dir / os.path.expanduser(value))
+    return kwargs
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise `ValueError` naming the key for any value that cannot work. Reads no data."""
+    _check_counts(config)
+    _check_choices(config)
+    _check_array_info(config.input_array_info, "input_array_info")
+    _check_array_info(config.target_array_info, "target_array_info")
+    if len(config.input_array_info.scale) != len(config.target_array_info.scale):
+        raise ValueError(
+            "input_array_info and target_array_info must have the same number of axes, got "
+            f"{config.input_array_info.shape} and {config.target_array_info.shape}"
+        )
+    _check_classes(config.classes)
+    _check_templates(config)
+    _check_spatial_transforms(config.spatial_transforms)
+    _check_objects(config)
+
+
+def _check_counts(config: TrainConfig) -> None:
+    positive_ints = ("batch_size", "epochs", "iterations_per_epoch", "gradient_accumulation_steps",
+                     "smoothing_window")  # fmt: skip
+    for key in positive_ints:
+        _require_int(config, key, minimum=1)
+    for key in ("validation_batch_limit", "early_stopping_patience", "keep_last_checkpoints"):
+        if getattr(config, key) is not None:
+            _require_int(config, key, minimum=1)
+    _require_int(config, "random_seed", minimum=0)
+    for key in ("learning_rate", "max_grad_norm", "validation_time_limit"):
+        value = getattr(config, key)
+        if value is None and key != "learning_rate":
+            continue
+        if not _is_number(value) or value <= 0:
+            raise ValueError(f"{key} must be a positive number, got {value!r}")
+    if not _is_number(config.validation_prob) or not 0 <= config.validation_prob < 1:
+        raise ValueError(f"validation_prob must be in [0, 1), got {config.validation_prob!r}")
+    if config.ema_decay is not None and (
+        not _is_number(config.ema_decay) or not 0 < config.ema_decay < 1
+    ):
+        raise ValueError(
+            f"ema_decay must be between 0 and 1 (e.g. 0.999), got {config.ema_decay!r}"
+        )
+    scale = config.filter_by_scale
+    values = scale if isinstance(scale, tuple) else (scale,)
+    if not isinstance(scale, bool) and not all(_is_number(v) and v > 0 for v in values):
+        raise ValueError(
+            f"filter_by_scale must be True/False, a voxel size in nm or one per axis, got {scale!r}"
+        )
+
+
+def _require_int(config: TrainConfig, key: str, *, minimum: int) -> None:
+    value = getattr(config, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_choices(config: TrainConfig) -> None:
+    if config.model is None:
+        _require_choice("model_name", config.model_name, MODEL_NAMES, hint=" (or set `model`)")
+    elif not isinstance(config.model_name, str) or not config.model_name:
+        raise ValueError(f"model_name must be a non-empty string, got {config.model_name!r}")
+    if not isinstance(config.model_to_load, str) or not config.model_to_load:
+        raise ValueError(f"model_to_load must be a non-empty string, got {config.model_to_load!r}")
+    _require_choice("load_model", config.load_model, LOAD_MODEL_CHOICES)
+    _require_choice("precision", config.precision, PRECISIONS)
+    _require_choice("force_all_classes", config.force_all_classes, FORCE_ALL_CLASSES_CHOICES)
+    for key, names in (("optimizer", OPTIMIZER_NAMES), ("scheduler", SCHEDULER_NAMES),
+                       ("criterion", LOSS_NAMES)):  # fmt: skip
+        if isinstance(getattr(config, key), str):
+            _require_choice(key, getattr(config, key).lower(), names, hint=" (or a torch object)")
+    for key in ("low_is_best", "use_s3", "weighted_sampler", "weight_loss"):
+        if not isinstance(getattr(config, key), bool):
+            raise ValueError(f"{key} must be True or False, got {getattr(config, key)!r}")
+    if config.device is not None and config.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise ValueError(
+            f"device must be None, 'cpu', 'cuda', 'cuda:N' or 'mps', got {config.device!r}"
+        )
+
+
+def _require_choice(key: str, value: Any, choices: Sequence[Any], hint: str = "") -> None:
+    if value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"unknown {key} {value!r}; available: {valid}{hint}")
+
+
+def _check_array_info(info: ArrayInfo, key: str) -> None:
+    shape, scale = info.shape, info.scale
+    if len(shape) != len(scale):
+        raise ValueError(
+            f"{key}: shape {shape} and scale {scale} have different lengths; give one voxel "
+            "size (nm) per axis, in (z, y, x) order"
+        )
+    if len(shape) not in (2, 3):
+        raise ValueError(f"{key}: shape must have 2 (y, x) or 3 (z, y, x) axes, got {shape}")
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise ValueError(f"{key}: shape must be positive integers (voxels), got {shape}")
+    if not all(_is_number(s) and s > 0 for s in scale):
+        raise ValueError(f"{key}: scale must be positive voxel sizes in nm, got {scale}")
+
+
+def _check_classes(classes: tuple[str, ...]) -> None:
+    if not classes:
+        raise ValueError("classes is empty; list the classes to segment, e.g. ['nuc', 'mito']")
+    if not all(isinstance(c, str) and c for c in classes):
+        raise ValueError(f"classes must be non-empty strings, got {list(classes)}")
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:
+        raise ValueError(f"classes lists {', '.join(repeated)} more than once: {list(classes)}")
+
+
+def _check_templates(config: TrainConfig) -> None:
+    required = {
+        "model_save_path": ("{epoch}",),
+        "search_path": ("{name}",),
+        "crop_name": ("{crop}", "{label}"),
+    }
+    for key, fields in required.items():
+        value = getattr(config, key)
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a path string, got {value!r}")
+        missing = [f for f in fields if f not in value]
+        if missing:
+            raise ValueError(f"{key} {value!r} must contain {' and '.join(missing)}")
+    for key in ("logs_save_path", "datasplit_path", "raw_name", "s3_bucket"):
+        if not isinstance(getattr(config, key), str) or not getattr(config, key):
+            raise ValueError(f"{key} must be a non-empty string, got {getattr(config, key)!r}")
+
+
+def _check_spatial_transforms(transforms: Mapping[str, Any] | None) -> None:
+    if transforms is None:
+        return
+    for name, spec in transforms.items():
+        if name not in SPATIAL_TRANSFORM_NAMES:
+            _require_choice("spatial_transforms key", name, SPATIAL_TRANSFORM_NAMES)
+        axes = spec.get("axes") if isinstance(spec, Mapping) else None
+        if axes is None:
+            raise ValueError(f"spatial_transforms['{name}'] needs an 'axes' entry, got {spec!r}")
+        bad = [a for a in axes if a not in AXES]
+        if bad:
+            raise ValueError(f"spatial_transforms['{name}'] has unknown axes {bad}; use z, y, x")
+        if name == "mirror" and not all(_is_number(p) and 0 <= p <= 1 for p in axes.values()):
+            raise ValueError(
+                f"spatial_transforms['mirror'] probabilities must be in [0, 1]: {axes}"
+            )
+        if name == "rotate" and not all(_is_range(r) for r in axes.values()):
+            raise ValueError(
+                f"spatial_transforms['rotate'] needs [min, max] degrees per axis: {axes}"
+            )
+
+
+def _is_range(value: Any) -> bool:
+    return (
+        isinstance(value, Sequence)
+        and len(value) == 2
+        and all(_is_number(v) for v in value)
+        and value[0] <= value[1]
+    )
+
+
+def _check_objects(config: TrainConfig) -> None:
+    keys = ("train_raw_value_transforms", "val_raw_value_transforms", "target_value_transforms")
+    for key in keys:
+        value = getattr(config, key)
+        if value is not None and not callable(value):
+            raise ValueError(f"{key} must be a callable (array -> array) or None, got {value!r}")
+    if config.model is not None and not callable(config.model):
+        raise ValueError(
+            f"model must be a torch.nn.Module (or None to build model_name), got {config.model!r}"
+        )
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """The config as plain data (numbers, strings, lists, dicts); objects become their repr."""
+    return {field.name: _plain(getattr(config, field.name)) for field in dataclasses.fields(config)}
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, ArrayInfo):
+        return {"shape": list(value.shape), "scale": list(value.scale)}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    return repr(value)
+
+
+def format_config(config: TrainConfig) -> str:
+    """One ``key = value`` line per setting, then the extra names the file defined."""
+    plain = config_to_dict(config)
+    extras = plain.pop("extras")
+    width = max(len(k) for k in plain)
+    lines = [f"{key:<{width}} = {value!r}" for key, value in plain.items()]
+    if extras:
+        lines.append(f"# other names defined by the config file: {', '.join(sorted(extras))}")
+    return "\n".join(lines)
