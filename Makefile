@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Both set up .venv first.
-VENV ?= $(or $(VIRTUAL_ENV),.venv)
+VENV ?= $(or $(VIRTUAL_ENV),$(CSC_VENV),.venv)
 BIN := $(VENV)/bin
 
 .PHONY: demo test env

@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import difflib
 import os
+import re
 import runpy
 import sys
 import traceback
@@ -35,6 +36,11 @@ SPATIAL_TRANSFORM_NAMES = ("mirror", "transpose", "rotate")
 # Keys whose values are paths: relative ones are resolved against the config file's folder.
 PATH_KEYS = ("model_save_path", "logs_save_path", "datasplit_path", "search_path")
 
+TRANSFORM_EXAMPLES = {
+    "mirror": {"axes": {"x": 0.5, "y": 0.5}},  # probability of flipping each axis
+    "transpose": {"axes": ["x", "y"]},  # axes that may be permuted among themselves
+    "rotate": {"axes": {"z": [-180, 180]}},  # degrees, drawn uniformly, about each axis
+}
 DEFAULT_SPATIAL_TRANSFORMS: dict[str, Any] = {
     "mirror": {"axes": {"x": 0.5, "y": 0.5}},
     "transpose": {"axes": ["x", "y"]},
@@ -162,7 +168,7 @@ def run_config_file(config_path: Path) -> dict[str, Any]:
     sys.path.insert(0, folder)
     try:
         return runpy.run_path(str(config_path), run_name="__csc_config__")
-    except Exception as error:
+    except (Exception, SystemExit) as error:  # sys.exit() in a config is its error too
         raise ConfigFileError(_user_traceback(error, config_path)) from error
     finally:
         if folder in sys.path:
@@ -224,7 +230,7 @@ def build_config(
 ) -> TrainConfig:
     """Map config-file names onto a `TrainConfig`, resolve paths and validate."""
     known = {k: v for k, v in values.items() if k in CONFIG_KEYS}
-    extras = {k: v for k, v in values.items() if k not in CONFIG_KEYS}
+    extras = {k: v for k, v in values.items() if k not in CONFIG_KEYS and not _is_imported(k, v)}
     _report_typos(extras, strict=strict, source=config_path)
     kwargs = _normalise(known)
     if config_dir is not None:
@@ -238,9 +244,7 @@ def build_config(
 
 def _report_typos(extras: Mapping[str, Any], *, strict: bool, source: Path | None) -> None:
     where = f" in {source}" if source else ""
-    for name, value in extras.items():
-        if _is_imported(name, value):
-            continue  # classes and functions imported from elsewhere are not settings
+    for name in extras:
         hint = _suggestion(name)
         if not hint:
             continue
@@ -342,7 +346,7 @@ def _resolve_paths(kwargs: dict[str, Any], config_dir: Path) -> dict[str, Any]:
             continue  # on S3 the search path is relative to the bucket
         value = kwargs.get(key, getattr(TrainConfig, key))
         if isinstance(value, str) and "://" not in value and not os.path.isabs(value):
-            kwargs[key] = str(config_dir / os.path.expanduser(value))
+            kwargs[key] = os.path.normpath(config_dir / os.path.expanduser(value))
     return kwargs
 
 
@@ -352,9 +356,9 @@ def validate(config: TrainConfig) -> None:
     _check_choices(config)
     _check_array_info(config.input_array_info, "input_array_info")
     _check_array_info(config.target_array_info, "target_array_info")
-    if len(config.input_array_info.scale) != len(config.target_array_info.scale):
+    if config.input_array_info.is_2d != config.target_array_info.is_2d:
         raise ValueError(
-            "input_array_info and target_array_info must have the same number of axes, got "
+            "input_array_info and target_array_info must both be 2D or both 3D, got "
             f"{config.input_array_info.shape} and {config.target_array_info.shape}"
         )
     _check_classes(config.classes)
@@ -392,6 +396,11 @@ def _check_counts(config: TrainConfig) -> None:
         raise ValueError(
             f"filter_by_scale must be True/False, a voxel size in nm or one per axis, got {scale!r}"
         )
+    if isinstance(scale, tuple) and len(scale) != len(config.input_array_info.scale):
+        raise ValueError(
+            f"filter_by_scale {scale} needs one voxel size (nm) per axis of input_array_info "
+            f"{config.input_array_info.scale}, or a single number for all axes"
+        )
 
 
 def _require_int(config: TrainConfig, key: str, *, minimum: int) -> None:
@@ -421,7 +430,7 @@ def _check_choices(config: TrainConfig) -> None:
     for key in ("low_is_best", "use_s3", "weighted_sampler", "weight_loss"):
         if not isinstance(getattr(config, key), bool):
             raise ValueError(f"{key} must be True or False, got {getattr(config, key)!r}")
-    if config.device is not None and config.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+    if config.device is not None and not re.fullmatch(r"cpu|mps|cuda(:\d+)?", config.device):
         raise ValueError(
             f"device must be None, 'cpu', 'cuda', 'cuda:N' or 'mps', got {config.device!r}"
         )
@@ -483,8 +492,10 @@ def _check_spatial_transforms(transforms: Mapping[str, Any] | None) -> None:
         if name not in SPATIAL_TRANSFORM_NAMES:
             _require_choice("spatial_transforms key", name, SPATIAL_TRANSFORM_NAMES)
         axes = spec.get("axes") if isinstance(spec, Mapping) else None
-        if axes is None:
-            raise ValueError(f"spatial_transforms['{name}'] needs an 'axes' entry, got {spec!r}")
+        kind = list if name == "transpose" else dict  # transpose: axes list; others: per axis
+        if not isinstance(axes, Sequence if kind is list else Mapping) or isinstance(axes, str):
+            example = TRANSFORM_EXAMPLES[name]
+            raise ValueError(f"spatial_transforms['{name}'] must look like {example}, got {spec!r}")
         bad = [a for a in axes if a not in AXES]
         if bad:
             raise ValueError(f"spatial_transforms['{name}'] has unknown axes {bad}; use z, y, x")

@@ -130,7 +130,11 @@ def _check_spec(spec: SynthSpec) -> None:
         raise ValueError(f"--missing-class-prob must be in [0, 1), got {spec.missing_class_prob}")
     if len(set(spec.classes)) != len(spec.classes) or not spec.classes:
         raise ValueError(f"--classes must be distinct names, got {list(spec.classes)}")
-    if min(spec.shape) < 2**spec.num_levels or min(spec.crop_shape) < 2 ** (spec.num_levels - 1):
+    if min(spec.chunks) < 1:
+        raise ValueError(f"--chunks must be positive sizes, got {spec.chunks}")
+    if min(spec.shape) < 2 ** (spec.num_levels - 1) or min(spec.crop_shape) < 2 ** (
+        spec.num_levels - 1
+    ):
         raise ValueError(f"shapes are too small for {spec.num_levels} pyramid levels")
 
 
