@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorstore as ts
+import zarr
 
 from csc.synth import downsample, write_synthetic
 from tests.conftest import TINY_SPEC
@@ -90,6 +91,7 @@ def test_raw_metadata_read_back_with_tensorstore(tiny_synth: Path) -> None:
     assert shapes == [(16, 32, 32), (8, 16, 16), (4, 8, 8)]
     s0 = read_array(group / "s0")
     assert s0.dtype == np.uint8
+    np.testing.assert_array_equal(zarr.open_group(str(group), mode="r")["s0"][...], s0)
     np.testing.assert_array_equal(read_array(group / "s1"), downsample(s0, is_label=False))
 
 
