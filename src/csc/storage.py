@@ -1,4 +1,4 @@
-"""OME-NGFF 0.4 and CellMap metadata for zarr format 2 stores: building and writing it.
+"""Storage: OME-NGFF 0.4 and CellMap metadata for zarr v2 stores, and local/S3 locations.
 
 Coordinates follow OME-NGFF: axes are (z, y, x) in nanometers, and a level's ``translation`` is
 the world position of the centre of its voxel 0, so voxel ``i`` is centred at
@@ -7,6 +7,7 @@ the world position of the centre of its voxel 0, so voxel ``i`` is centred at
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,3 +108,84 @@ def write_array(
     array[...] = data
     if attrs:
         array.attrs.update(attrs)
+
+
+# --- Local and S3 locations ---------------------------------------------------------------
+
+# Components that end a zarr or n5 store's root in a path; what follows is the path inside it.
+STORE_SUFFIXES = (".zarr", ".n5")
+# Bounded retries and timeouts: a dead endpoint must fail within seconds, not minutes.
+S3_CLIENT_CONFIG = {
+    "connect_timeout": 3,
+    "read_timeout": 20,
+    "retries": {"max_attempts": 3, "mode": "standard"},
+}
+
+
+class StorageError(Exception):
+    """A location cannot be read; the message names it and says what to check."""
+
+
+def is_s3(path: str) -> bool:
+    return path.startswith("s3://")
+
+
+def s3_endpoint(endpoint_url: str | None = None) -> str | None:
+    """The S3 endpoint: the given one, else $AWS_ENDPOINT_URL, else AWS's default (None)."""
+    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def has_aws_credentials() -> bool:
+    """Whether the standard AWS variables name credentials (otherwise S3 reads are anonymous)."""
+    keys = os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")
+    return bool(keys or os.environ.get("AWS_PROFILE"))
+
+
+def s3_filesystem(*, endpoint_url: str | None = None, anon: bool | None = None) -> Any:
+    """An s3fs filesystem: anonymous unless AWS credentials are set, endpoint from the env."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(
+        anon=not has_aws_credentials() if anon is None else anon,
+        endpoint_url=s3_endpoint(endpoint_url),
+        config_kwargs=S3_CLIENT_CONFIG,
+        skip_instance_cache=True,  # the environment (credentials, endpoint) may have changed
+    )
+    fs.retries = 2  # s3fs's own retry loop, on top of botocore's bounded one
+    return fs
+
+
+def filesystem_for(path: str, *, endpoint_url: str | None = None) -> Any:
+    """The fsspec filesystem that reads `path`: S3 for s3:// URLs, else the local disk."""
+    if is_s3(path):
+        return s3_filesystem(endpoint_url=endpoint_url)
+    from fsspec.implementations.local import LocalFileSystem
+
+    return LocalFileSystem()
+
+
+def split_store_path(path: str) -> tuple[str, str]:
+    """Split '/a/b/x.zarr/recon-1/em' into the store root '/a/b/x.zarr' and 'recon-1/em'."""
+    parts = path.rstrip("/").split("/")
+    for index, part in enumerate(parts):
+        if part.endswith(STORE_SUFFIXES):
+            return "/".join(parts[: index + 1]), "/".join(parts[index + 1 :])
+    raise ValueError(f"{path!r} has no component ending in .zarr or .n5 to mark the store root")
+
+
+def describe_s3_error(error: BaseException, url: str, endpoint_url: str | None = None) -> str:
+    """One line naming the URL and what to check, for the errors users meet on S3."""
+    endpoint = s3_endpoint(endpoint_url) or "the AWS default endpoint"
+    text = f"{type(error).__name__}: {error}"
+    if isinstance(error, FileNotFoundError) or "NoSuchBucket" in text:
+        return f"{url} not found at {endpoint}: check the bucket name (--bucket) and the path"
+    if isinstance(error, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        variables = "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+        how = f"the credentials in {variables}"
+        if not has_aws_credentials():
+            how = f"whether the bucket allows anonymous reads, or set {variables}"
+        return f"access to {url} at {endpoint} was denied: check {how}"
+    return (
+        f"cannot read {url} from {endpoint} ({text.splitlines()[0]}): check the endpoint "
+        "(--endpoint-url or AWS_ENDPOINT_URL) and that it is reachable"
+    )

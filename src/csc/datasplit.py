@@ -1,0 +1,602 @@
+"""Crawl local folders or S3 buckets of zarr stores into a datasplit CSV, and read it back.
+
+The CSV is the existing toolkit's format, which other tools read: no header, five quoted fields
+per row, usage, raw store root, raw group, label store root, crop group with the classes present:
+
+    "train","/abs/data/jrc_x/jrc_x.zarr","recon-1/em/fibsem-uint8","/abs/data/jrc_x/jrc_x.zarr","recon-1/labels/groundtruth/crop234/[nuc,er]"
+
+The crawl lists prefixes level by level following the search-path template, so its number of
+requests grows with the number of crop groups, never with the number of chunk files.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import fnmatch
+import io
+import os
+import random
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from csc.config import TrainConfig
+from csc.storage import (
+    STORE_SUFFIXES,
+    StorageError,
+    describe_s3_error,
+    filesystem_for,
+    has_aws_credentials,
+    is_s3,
+    s3_endpoint,
+    split_store_path,
+)
+
+USAGES = ("train", "validate")
+DEFAULT_SEARCH_PATH = "data/{dataset}/{dataset}.zarr/recon-1/{name}"
+DEFAULT_S3_SEARCH_PATH = "{dataset}/{dataset}.zarr/recon-1/{name}"  # inside the bucket
+FIELD = re.compile(r"\{(\w+)\}")
+MAX_CONCURRENT_LISTINGS = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasplitRow:
+    """One crop: where its raw and labels are, which requested classes it has, its split."""
+
+    usage: str  # "train" or "validate"
+    raw_root: str  # store root, ".../jrc_x.zarr" (local path or s3:// URL)
+    raw_path: str  # group inside it, "recon-1/em/fibsem-uint8"
+    gt_root: str
+    gt_path: str  # crop group inside gt_root, "recon-1/labels/groundtruth/crop234"
+    classes: tuple[str, ...]  # requested classes annotated in this crop, in requested order
+
+    @property
+    def dataset(self) -> str:
+        return _store_name(self.gt_root)
+
+    @property
+    def crop(self) -> str:
+        return self.gt_path.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class CrawlOptions:
+    """What to look for. `search_path` has {dataset} and {name}; `crop_name` {crop}, {label}."""
+
+    search_path: str = DEFAULT_SEARCH_PATH
+    raw_name: str = "em/fibsem-uint8"
+    crop_name: str = "labels/groundtruth/{crop}/{label}"
+    classes: tuple[str, ...] = ("nuc", "er")
+    datasets: tuple[str, ...] = ()  # names or globs; empty: all
+    crops: tuple[str, ...] = ()  # names or globs; empty: all
+    scale: tuple[float, ...] | None = None  # nm; keep a class only if its s0 is this fine
+    endpoint_url: str | None = None  # S3 only; default from AWS_ENDPOINT_URL
+
+
+@dataclasses.dataclass
+class CrawlReport:
+    """The crops found (usage not yet assigned), what was skipped and why, requests made."""
+
+    crops: list[DatasplitRow]
+    skipped: list[str]
+    num_requests: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitOptions:
+    validate_ratio: float = 0.1
+    seed: int = 42
+    force_all_classes: str | None = None  # "train", "validate", "both" or None
+
+
+# --- Crawling --------------------------------------------------------------------------------
+
+
+def crawl(options: CrawlOptions) -> CrawlReport:
+    """Find every crop with at least one requested class, paired with its dataset's raw."""
+    _check_crawl_options(options)
+    lister = Lister(filesystem_for(options.search_path, endpoint_url=options.endpoint_url))
+    template = options.search_path.replace("{name}", options.crop_name)
+    filters = {
+        "dataset": _glob_filter(options.datasets),
+        "crop": _glob_filter(options.crops),
+        "label": lambda name: name in options.classes,
+    }
+    try:
+        matches = lister.expand(template, filters)
+        crops, skipped = _assemble(matches, options, lister)
+    except StorageError:
+        raise
+    except OSError as error:
+        if not is_s3(options.search_path):
+            raise
+        raise StorageError(describe_s3_error(error, _url_root(options.search_path))) from None
+    return CrawlReport(crops, skipped, lister.num_requests)
+
+
+def _check_crawl_options(options: CrawlOptions) -> None:
+    for field in ("{dataset}", "{name}"):
+        if field not in options.search_path:
+            raise ValueError(f"search path {options.search_path!r} must contain {field}")
+    for field in ("{crop}", "{label}"):
+        if field not in options.crop_name:
+            raise ValueError(f"crop name {options.crop_name!r} must contain {field}")
+    if not options.classes:
+        raise ValueError("no classes requested; pass --classes, e.g. --classes nuc,mito")
+
+
+def _glob_filter(patterns: Sequence[str]) -> Callable[[str], bool]:
+    if not patterns:
+        return lambda name: True
+    return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+class Lister:
+    """Directory listings through fsspec, counted, run concurrently level by level."""
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+        self.num_requests = 0
+
+    def children(self, path: str) -> list[str]:
+        """Names of the sub-directories (prefixes) of `path`; none if it does not exist."""
+        self.num_requests += 1
+        try:
+            entries = self.fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return []
+        return [
+            e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"
+        ]
+
+    def files(self, path: str) -> set[str]:
+        """Names of everything directly in `path` (files and directories)."""
+        self.num_requests += 1
+        try:
+            return {e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(path, detail=False)}
+        except FileNotFoundError:
+            return set()
+
+    def read_json(self, path: str) -> dict[str, Any]:
+        import json
+
+        self.num_requests += 1
+        return json.loads(self.fs.cat_file(path))
+
+    def map(self, function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        if len(items) <= 1:
+            return [function(item) for item in items]
+        with ThreadPoolExecutor(min(MAX_CONCURRENT_LISTINGS, len(items))) as pool:
+            return list(pool.map(function, items))
+
+    def expand(
+        self, template: str, filters: Mapping[str, Callable[[str], bool]]
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Every existing path matching `template`, with the values of its {fields}.
+
+        Components whose fields are all known are filled in without a request; the others are
+        matched against a listing of the parent, one request per parent, concurrently.
+        """
+        base, components = _split_template(template)
+        states: list[tuple[str, dict[str, str]]] = [(base, {})]
+        for component in components:
+            if not states:
+                break
+            if all(name in states[0][1] for name in FIELD.findall(component)):
+                states = [(_join(p, component.format(**b)), b) for p, b in states]
+                continue
+            listings = self.map(self.children, [p for p, _ in states])
+            states = [
+                (_join(path, child), new)
+                for (path, bound), children in zip(states, listings, strict=True)
+                for child in children
+                if (new := _match(component, child, bound, filters)) is not None
+            ]
+        return states
+
+
+def _split_template(template: str) -> tuple[str, list[str]]:
+    """The longest field-free prefix of a template, and the components after it."""
+    parts = template.rstrip("/").split("/")
+    first = next((i for i, p in enumerate(parts) if FIELD.search(p)), len(parts))
+    base = "/".join(parts[:first]) or ("/" if template.startswith("/") else ".")
+    return base, parts[first:]
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path.rstrip('/')}/{name}" if path not in ("", ".") else name
+
+
+def _match(
+    component: str,
+    name: str,
+    bound: Mapping[str, str],
+    filters: Mapping[str, Callable[[str], bool]],
+) -> dict[str, str] | None:
+    """Bind the component's unknown fields from a listed `name`, or None if it does not fit."""
+    pattern, seen = "", set(bound)
+    for literal, field in re.findall(r"([^{]*)(?:\{(\w+)\})?", component):
+        pattern += re.escape(literal)
+        if not field:
+            continue
+        if field in bound:
+            pattern += re.escape(bound[field])
+        elif field in seen:
+            pattern += f"(?P={field})"
+        else:
+            pattern += f"(?P<{field}>[^/]+)"
+            seen.add(field)
+    found = re.fullmatch(pattern, name)
+    if found is None:
+        return None
+    new = {k: v for k, v in found.groupdict().items() if v is not None}
+    if not all(filters.get(k, lambda _: True)(v) for k, v in new.items()):
+        return None
+    return {**bound, **new}
+
+
+def _assemble(
+    matches: Iterable[tuple[str, dict[str, str]]], options: CrawlOptions, lister: Lister
+) -> tuple[list[DatasplitRow], list[str]]:
+    """Group class groups into crops, pair each dataset with its raw, apply the scale filter."""
+    by_crop: dict[tuple[str, str], set[str]] = {}
+    for _, fields in matches:
+        by_crop.setdefault((fields["dataset"], fields["crop"]), set()).add(fields["label"])
+    if options.scale is not None:
+        by_crop = _filter_by_scale(by_crop, options, lister)
+    datasets = sorted({dataset for dataset, _ in by_crop})
+    found = lister.map(lambda dataset: _find_raw(dataset, options, lister), datasets)
+    raws = dict(zip(datasets, found, strict=True))
+    crops, skipped = [], []
+    for (dataset, crop), labels in sorted(by_crop.items(), key=lambda item: _sort_key(item[0])):
+        if raws[dataset] is None:
+            skipped.append(f"{dataset}/{crop}: no raw '{options.raw_name}' found for {dataset}")
+            continue
+        raw_root, raw_path = raws[dataset]
+        gt_full = _fill(options.search_path, dataset, options.crop_name.format(crop=crop, label=""))
+        gt_root, gt_path = split_store_path(_url(gt_full, options.search_path))
+        classes = tuple(c for c in options.classes if c in labels)
+        crops.append(
+            DatasplitRow("train", raw_root, raw_path, gt_root, gt_path.rstrip("/"), classes)
+        )
+    return crops, skipped
+
+
+def _fill(search_path: str, dataset: str, name: str) -> str:
+    return search_path.replace("{dataset}", dataset).replace("{name}", name)
+
+
+def _find_raw(dataset: str, options: CrawlOptions, lister: Lister) -> tuple[str, str] | None:
+    """The raw group's (root, path): in the dataset's .zarr, else the same path in a .n5."""
+    path = _fill(options.search_path, dataset, options.raw_name)
+    candidates = [path]
+    root, inner = split_store_path(path)
+    if root.endswith(".zarr"):
+        candidates.append(f"{root.removesuffix('.zarr')}.n5/{inner}")
+    for candidate in candidates:
+        if lister.files(candidate) & {".zattrs", ".zgroup", "attributes.json", "zarr.json"}:
+            return split_store_path(_url(candidate, options.search_path))
+    return None
+
+
+def _filter_by_scale(
+    by_crop: dict[tuple[str, str], set[str]], options: CrawlOptions, lister: Lister
+) -> dict[tuple[str, str], set[str]]:
+    """Keep a class of a crop only if its s0 voxel size is <= the requested one on every axis."""
+    keys = [(d, c, label) for (d, c), labels in by_crop.items() for label in sorted(labels)]
+
+    def s0_scale(key: tuple[str, str, str]) -> list[float]:
+        dataset, crop, label = key
+        group = _fill(
+            options.search_path, dataset, options.crop_name.format(crop=crop, label=label)
+        )
+        return read_s0_scale(lister, group)
+
+    kept: dict[tuple[str, str], set[str]] = {}
+    for (dataset, crop, label), scale in zip(keys, lister.map(s0_scale, keys), strict=True):
+        if is_fine_enough(scale, options.scale):
+            kept.setdefault((dataset, crop), set()).add(label)
+    return kept
+
+
+def is_fine_enough(scale: Sequence[float], wanted: Sequence[float]) -> bool:
+    """Whether voxel size `scale` (z, y, x nm) is <= `wanted` on every axis. One wanted value
+    applies to all axes; two are (y, x), for 2D patches."""
+    if len(wanted) == 1:
+        wanted = tuple(wanted) * len(scale)
+    return all(s <= w for s, w in zip(scale[-len(wanted) :], wanted, strict=True))
+
+
+def read_s0_scale(lister: Lister, group: str) -> list[float]:
+    """Voxel size (nm) of level s0 from an OME-NGFF multiscales group's .zattrs."""
+    attrs = lister.read_json(f"{group}/.zattrs")
+    try:
+        transforms = attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+        return next(t["scale"] for t in transforms if t["type"] == "scale")
+    except (KeyError, IndexError, StopIteration):
+        raise ValueError(f"{group}/.zattrs has no OME-NGFF multiscales scale for s0") from None
+
+
+def _url(path: str, search_path: str) -> str:
+    """Paths from s3fs lack the scheme; put it back for S3 search paths."""
+    if is_s3(search_path) and not is_s3(path):
+        return f"s3://{path}"
+    return path
+
+
+def _url_root(search_path: str) -> str:
+    base, _ = _split_template(search_path)
+    return base
+
+
+def _store_name(root: str) -> str:
+    name = root.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in STORE_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name
+
+
+def _sort_key(key: tuple[str, str]) -> tuple[Any, ...]:
+    """Dataset, then crop in natural order (crop2 before crop10): the same on every platform."""
+    dataset, crop = key
+    return (dataset, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", crop)])
+
+
+# --- Splitting -------------------------------------------------------------------------------
+
+
+def split(
+    crops: Sequence[DatasplitRow], classes: Sequence[str], options: SplitOptions
+) -> tuple[list[DatasplitRow], list[str]]:
+    """Assign train/validate with a seeded shuffle; return the rows and what was excluded.
+
+    Crops missing a requested class are moved out of the split named by `force_all_classes`
+    (both: left out). With at least two crops and a ratio above 0 each split gets one or more.
+    """
+    mode = options.force_all_classes
+    forced_train, forced_val, free, excluded = [], [], [], []
+    for crop in crops:
+        complete = set(classes) <= set(crop.classes)
+        if complete or mode is None:
+            free.append(crop)
+        elif mode == "validate":
+            forced_train.append(crop)
+        elif mode == "train":
+            forced_val.append(crop)
+        else:
+            excluded.append(f"{crop.dataset}/{crop.crop}: lacks {_missing(crop, classes)}")
+    num_validate = _num_validate(len(forced_train), len(forced_val), len(free), options)
+    shuffled = list(free)
+    random.Random(options.seed).shuffle(shuffled)
+    validate = {id(c) for c in forced_val + shuffled[:num_validate]}
+    rows = [dataclasses.replace(c, usage="validate" if id(c) in validate else "train")
+            for c in crops if c in forced_train + forced_val + free]  # fmt: skip
+    return rows, excluded
+
+
+def _missing(crop: DatasplitRow, classes: Sequence[str]) -> str:
+    return ", ".join(c for c in classes if c not in crop.classes)
+
+
+def _num_validate(num_train: int, num_val: int, num_free: int, options: SplitOptions) -> int:
+    """How many of the freely placed crops go to validation."""
+    total = num_train + num_val + num_free
+    if options.validate_ratio <= 0 or total < 2:
+        return 0
+    target = max(1, round(options.validate_ratio * total))
+    count = min(max(target - num_val, 0), num_free)
+    if num_train == 0 and count == num_free and count > 0 and (num_val or count > 1):
+        count -= 1  # leave at least one crop to train on
+    return count
+
+
+# --- The CSV ---------------------------------------------------------------------------------
+
+
+def format_rows(rows: Iterable[DatasplitRow], *, relative_to: str | Path | None = None) -> str:
+    """The CSV text: five quoted fields per row, no header; roots optionally made relative."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, quoting=csv.QUOTE_ALL, lineterminator="\n")
+    for row in rows:
+        raw_root, gt_root = row.raw_root, row.gt_root
+        if relative_to is not None:
+            raw_root, gt_root = _relative(raw_root, relative_to), _relative(gt_root, relative_to)
+        labels = f"{row.gt_path}/[{','.join(row.classes)}]"
+        writer.writerow([row.usage, raw_root, row.raw_path, gt_root, labels])
+    return buffer.getvalue()
+
+
+def _relative(root: str, folder: str | Path) -> str:
+    return root if is_s3(root) else os.path.relpath(root, os.path.abspath(folder))
+
+
+def write_datasplit(
+    rows: Sequence[DatasplitRow],
+    csv_path: str | Path,
+    *,
+    relative: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write the CSV (atomically); an existing file is only replaced with `overwrite`."""
+    path = Path(csv_path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{path} already exists; pass --overwrite to replace it, or --dry-run to preview"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = format_rows(rows, relative_to=path.parent if relative else None)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+    return path
+
+
+def read_datasplit(csv_path: str | Path) -> list[DatasplitRow]:
+    """Read a datasplit CSV: 5-column rows, or 3-column usage,raw,gt; '#' lines are comments.
+
+    Relative roots are resolved against the CSV's own folder.
+    """
+    path = Path(csv_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"datasplit CSV not found: {path}")
+    rows = []
+    for number, fields in enumerate(csv.reader(path.read_text().splitlines()), start=1):
+        if not fields or not "".join(fields).strip() or fields[0].lstrip().startswith("#"):
+            continue
+        try:
+            rows.append(_parse_row([f.strip() for f in fields], path.parent))
+        except ValueError as error:
+            raise ValueError(f"{path}, line {number}: {error}") from None
+    return rows
+
+
+def _parse_row(fields: list[str], folder: Path) -> DatasplitRow:
+    if len(fields) == 5:
+        usage, raw_root, raw_path, gt_root, labels = fields
+    elif len(fields) == 3:
+        usage, raw, labels_full = fields
+        raw_root, raw_path = split_store_path(raw)
+        gt_root, labels = split_store_path(labels_full)
+    else:
+        raise ValueError(f"expected 5 fields (or 3: usage,raw,gt), got {len(fields)}: {fields}")
+    if usage not in USAGES:
+        raise ValueError(f"usage must be 'train' or 'validate', got {usage!r}")
+    found = re.fullmatch(r"(.*)/\[([^\]]*)\]", labels)
+    if found is None:
+        raise ValueError(f"label path {labels!r} must end in /[class,class,...]")
+    classes = tuple(c.strip() for c in found.group(2).split(",") if c.strip())
+    return DatasplitRow(
+        usage, _absolute(raw_root, folder), raw_path, _absolute(gt_root, folder), found.group(1),
+        classes,
+    )  # fmt: skip
+
+
+def _absolute(root: str, folder: Path) -> str:
+    if is_s3(root) or os.path.isabs(root):
+        return root
+    return os.path.normpath(folder / root)
+
+
+# --- From a config ---------------------------------------------------------------------------
+
+
+def options_from_config(config: TrainConfig) -> tuple[CrawlOptions, SplitOptions]:
+    """The crawl and split that `csc train` uses when the config's datasplit CSV is missing."""
+    search_path = config.search_path
+    if config.use_s3 and not is_s3(search_path):
+        search_path = f"s3://{config.s3_bucket}/{search_path.lstrip('/')}"
+    scale = config.filter_by_scale
+    if scale is True:
+        scale = config.target_array_info.scale
+    elif scale is False:
+        scale = None
+    elif not isinstance(scale, tuple):
+        scale = (scale,)
+    crawl_options = CrawlOptions(
+        search_path=search_path,
+        raw_name=config.raw_name,
+        crop_name=config.crop_name,
+        classes=config.classes,
+        scale=tuple(float(s) for s in scale) if scale else None,
+    )
+    split_options = SplitOptions(
+        config.validation_prob, config.random_seed, config.force_all_classes
+    )
+    return crawl_options, split_options
+
+
+def ensure_datasplit(config: TrainConfig, *, echo: Callable[[str], None] = print) -> Path:
+    """The config's datasplit CSV, built from its search path first if it does not exist."""
+    path = Path(config.datasplit_path)
+    if path.exists():
+        return path
+    crawl_options, split_options = options_from_config(config)
+    rows, report = make_datasplit(crawl_options, split_options)
+    if not rows:
+        raise ValueError(
+            f"no crops with classes {list(config.classes)} found under "
+            f"{crawl_options.search_path}; check search_path, crop_name and classes in the config"
+        )
+    write_datasplit(rows, path)
+    echo(f"wrote datasplit {path} ({summarise(rows)}) from {crawl_options.search_path}")
+    for line in report:
+        echo(f"skipped {line}")
+    return path
+
+
+def make_datasplit(
+    crawl_options: CrawlOptions, split_options: SplitOptions
+) -> tuple[list[DatasplitRow], list[str]]:
+    """Crawl and split; return the rows and a line per crop left out."""
+    report = crawl(crawl_options)
+    rows, excluded = split(report.crops, crawl_options.classes, split_options)
+    return rows, report.skipped + excluded
+
+
+def summarise(rows: Sequence[DatasplitRow]) -> str:
+    counts = {usage: sum(r.usage == usage for r in rows) for usage in USAGES}
+    return f"{len(rows)} crops: {counts['train']} train, {counts['validate']} validate"
+
+
+# --- Counting --------------------------------------------------------------------------------
+
+
+def count_classes(options: CrawlOptions) -> list[dict[str, Any]]:
+    """Per dataset and class: crops annotated and foreground voxels at s0 (from CellMap's
+    complement_counts metadata where present, counted from the data otherwise)."""
+    report = crawl(options)
+    lister = Lister(filesystem_for(options.search_path, endpoint_url=options.endpoint_url))
+    keys = [(crop, label) for crop in report.crops for label in crop.classes]
+    voxels = lister.map(lambda key: _foreground(lister, key[0], key[1], options), keys)
+    totals: dict[tuple[str, str], list[int]] = {}
+    for (crop, label), count in zip(keys, voxels, strict=True):
+        entry = totals.setdefault((crop.dataset, label), [0, 0])
+        entry[0] += 1
+        entry[1] += count
+    return [
+        {"dataset": dataset, "class": label, "crops": crops, "foreground_voxels": count}
+        for (dataset, label), (crops, count) in sorted(totals.items())
+    ]
+
+
+def _foreground(lister: Lister, crop: DatasplitRow, label: str, options: CrawlOptions) -> int:
+    group = f"{crop.gt_root}/{crop.gt_path}/{label}"
+    attrs = lister.read_json(f"{_strip(group)}/.zattrs")
+    level = attrs["multiscales"][0]["datasets"][0]["path"]
+    array = f"{_strip(group)}/{level}"
+    annotation = lister.read_json(f"{array}/.zattrs").get("cellmap", {}).get("annotation", {})
+    absent = annotation.get("complement_counts", {}).get("absent")
+    if absent is not None:
+        shape = lister.read_json(f"{array}/.zarray")["shape"]
+        return int(_product(shape) - absent)
+    return count_nonzero(f"{group}/{level}", endpoint_url=options.endpoint_url)
+
+
+def _strip(url: str) -> str:
+    return url.removeprefix("s3://")
+
+
+def _product(values: Iterable[int]) -> int:
+    result = 1
+    for value in values:
+        result *= int(value)
+    return result
+
+
+def count_nonzero(array_url: str, *, endpoint_url: str | None = None) -> int:
+    """Non-zero voxels of a zarr array, read one chunk-row slab at a time to bound memory."""
+    import numpy as np
+    import zarr
+
+    storage_options = None
+    if is_s3(array_url):
+        storage_options = {
+            "anon": not has_aws_credentials(),
+            "endpoint_url": s3_endpoint(endpoint_url),
+        }
+    array = zarr.open_array(array_url, mode="r", storage_options=storage_options)
+    step = array.chunks[0]
+    return sum(int(np.count_nonzero(array[z : z + step])) for z in range(0, array.shape[0], step))
