@@ -5,6 +5,7 @@ Imports of numpy, zarr and torch happen inside the commands, so `csc --help` sta
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,12 +40,19 @@ def _shape(
 def user_errors() -> Iterator[None]:
     """Turn bad-input errors into one-line messages (no traceback) and warnings into lines."""
     from csc.config import ConfigFileError
+    from csc.storage import StorageError
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             yield
-        except (ValueError, FileNotFoundError, FileExistsError, ConfigFileError) as error:
+        except (
+            ValueError,
+            FileNotFoundError,
+            FileExistsError,
+            ConfigFileError,
+            StorageError,
+        ) as error:
             raise click.ClickException(str(error)) from None
         finally:
             for warning in caught:
@@ -120,6 +128,151 @@ def config(config_file: str, overrides: tuple[str, ...], strict: bool) -> None:
     with user_errors():
         resolved = load_config(config_file, overrides, strict=strict)
     click.echo(format_config(resolved))
+
+
+def _comma_list(text: str | None) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (text or "").split(",") if item.strip())
+
+
+def _crawl_command(function: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of every command that crawls a search path."""
+    options = [
+        click.option("--search-path", default=None,
+                     help="Template with {dataset} and {name}. [default: "
+                     "data/{dataset}/{dataset}.zarr/recon-1/{name}; with --s3: "
+                     "{dataset}/{dataset}.zarr/recon-1/{name} in the bucket]"),
+        click.option("--raw-name", default="em/fibsem-uint8", show_default=True,
+                     help="Raw group, filled in for {name}."),
+        click.option("--crop-name", default="labels/groundtruth/{crop}/{label}", show_default=True,
+                     help="Label group of one class of one crop, filled in for {name}."),
+        click.option("--classes", default="nuc,er", show_default=True, help="Comma list."),
+        click.option("--datasets", default=None, help="Comma list of dataset names or globs."),
+        click.option("--crops", default=None, help="Comma list of crop names or globs."),
+        click.option("--scale", default=None,
+                     help="Keep a class of a crop only if its s0 voxel size (nm) is <= this on "
+                     "every axis: one number, or z,y,x."),
+        click.option("--s3", "use_s3", is_flag=True, help="Crawl an S3 bucket instead."),
+        click.option("--bucket", default="janelia-cosem-datasets", show_default=True),
+        click.option("--endpoint-url", default=None,
+                     help="S3 endpoint [default: $AWS_ENDPOINT_URL, else AWS]."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _crawl_options(options: dict[str, Any]) -> Any:
+    """CrawlOptions from the crawl command options (popped from `options`)."""
+    from csc.datasplit import DEFAULT_S3_SEARCH_PATH, DEFAULT_SEARCH_PATH, CrawlOptions
+
+    use_s3, bucket = options.pop("use_s3"), options.pop("bucket")
+    search_path = options.pop("search_path")
+    if use_s3:
+        search_path = search_path or DEFAULT_S3_SEARCH_PATH
+        if not search_path.startswith("s3://"):
+            search_path = f"s3://{bucket}/{search_path.lstrip('/')}"
+    else:
+        search_path = os.path.abspath(search_path or DEFAULT_SEARCH_PATH)
+    scale = _comma_list(options.pop("scale"))
+    try:
+        scale_values = tuple(float(s) for s in scale) or None
+    except ValueError:
+        raise click.BadParameter(f"--scale {','.join(scale)} is not numbers") from None
+    return CrawlOptions(
+        search_path=search_path,
+        raw_name=options.pop("raw_name"),
+        crop_name=options.pop("crop_name"),
+        classes=_comma_list(options.pop("classes")),
+        datasets=_comma_list(options.pop("datasets")),
+        crops=_comma_list(options.pop("crops")),
+        scale=scale_values,
+        endpoint_url=options.pop("endpoint_url"),
+    )
+
+
+@cli.command()
+@_crawl_command
+@click.option(
+    "--validate-ratio",
+    default=0.1,
+    show_default=True,
+    help="Share of crops for validation (one at least, given two crops).",
+)
+@click.option(
+    "--force-all-classes",
+    type=click.Choice(["train", "validate", "both", "none"]),
+    default="validate",
+    show_default=True,
+    help="Move crops lacking a class out of this split (both: leave them out).",
+)
+@click.option("--seed", default=42, show_default=True, help="Seed of the split.")
+@click.option("--csv-path", default="datasplit.csv", show_default=True, type=click.Path())
+@click.option("--relative", is_flag=True, help="Write local roots relative to the CSV's folder.")
+@click.option("--dry-run", is_flag=True, help="Print the table; write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing CSV.")  # fmt: skip
+def datasplit(**options: Any) -> None:
+    """Crawl zarr stores for crops of the requested classes into a datasplit CSV."""
+    from csc.datasplit import (
+        SplitOptions,
+        check_writable,
+        make_datasplit,
+        summarise,
+        write_datasplit,
+    )  # fmt: skip
+
+    crawl_options = _crawl_options(options)
+    force = options["force_all_classes"]
+    split_options = SplitOptions(
+        options["validate_ratio"], options["seed"], None if force == "none" else force
+    )
+    with user_errors():
+        if not options["dry_run"]:
+            check_writable(options["csv_path"], overwrite=options["overwrite"])
+        rows, left_out = make_datasplit(crawl_options, split_options)
+        for line in left_out:
+            click.echo(f"skipped {line}", err=True)
+        if options["dry_run"]:
+            click.echo(_table(rows))
+            click.echo(f"{summarise(rows)} (dry run: nothing written)")
+            return
+        path = write_datasplit(rows, options["csv_path"], relative=options["relative"],
+                               overwrite=options["overwrite"])  # fmt: skip
+    click.echo(f"wrote {path}: {summarise(rows)}")
+
+
+cli.add_command(datasplit, name="make-datasplit")
+
+
+def _table(rows: Any) -> str:
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        [(r.usage, r.dataset, r.crop, ",".join(r.classes), r.gt_root) for r in rows],
+        columns=["usage", "dataset", "crop", "classes", "root"],
+    )
+    return frame.to_string(index=False)
+
+
+@cli.command()
+@_crawl_command
+@click.option("--csv", "csv_path", default=None, type=click.Path(),
+              help="Also write the table to this CSV file.")  # fmt: skip
+def counts(**options: Any) -> None:
+    """Per dataset and class: crops annotated and foreground voxels at s0."""
+    import pandas as pd
+
+    from csc.datasplit import count_classes
+
+    crawl_options = _crawl_options(options)
+    with user_errors():
+        table = pd.DataFrame(
+            count_classes(crawl_options),
+            columns=["dataset", "class", "crops", "foreground_voxels"],
+        )
+    click.echo(table.to_string(index=False) if len(table) else "no annotated crops found")
+    if options["csv_path"]:
+        table.to_csv(options["csv_path"], index=False)
+        click.echo(f"wrote {options['csv_path']}")
 
 
 def main() -> None:

@@ -26,12 +26,11 @@ from typing import Any
 from csc.config import TrainConfig
 from csc.storage import (
     STORE_SUFFIXES,
-    StorageError,
-    describe_s3_error,
     filesystem_for,
     has_aws_credentials,
     is_s3,
     s3_endpoint,
+    s3_errors,
     split_store_path,
 )
 
@@ -105,15 +104,9 @@ def crawl(options: CrawlOptions) -> CrawlReport:
         "crop": _glob_filter(options.crops),
         "label": lambda name: name in options.classes,
     }
-    try:
+    with s3_errors(_url_root(options.search_path), options.endpoint_url):
         matches = lister.expand(template, filters)
         crops, skipped = _assemble(matches, options, lister)
-    except StorageError:
-        raise
-    except OSError as error:
-        if not is_s3(options.search_path):
-            raise
-        raise StorageError(describe_s3_error(error, _url_root(options.search_path))) from None
     return CrawlReport(crops, skipped, lister.num_requests)
 
 
@@ -141,12 +134,14 @@ class Lister:
         self.fs = fs
         self.num_requests = 0
 
-    def children(self, path: str) -> list[str]:
+    def children(self, path: str, *, must_exist: bool = False) -> list[str]:
         """Names of the sub-directories (prefixes) of `path`; none if it does not exist."""
         self.num_requests += 1
         try:
             entries = self.fs.ls(path, detail=True)
         except FileNotFoundError:
+            if must_exist:
+                raise FileNotFoundError(f"{path} does not exist: check the search path") from None
             return []
         return [
             e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"
@@ -188,7 +183,10 @@ class Lister:
             if all(name in states[0][1] for name in FIELD.findall(component)):
                 states = [(_join(p, component.format(**b)), b) for p, b in states]
                 continue
-            listings = self.map(self.children, [p for p, _ in states])
+            # The base has no fields, so it is listed first; if it is missing, that is an error.
+            listings = self.map(
+                lambda p: self.children(p, must_exist=p == base), [p for p, _ in states]
+            )
             states = [
                 (_join(path, child), new)
                 for (path, bound), children in zip(states, listings, strict=True)
@@ -421,16 +419,22 @@ def write_datasplit(
     overwrite: bool = False,
 ) -> Path:
     """Write the CSV (atomically); an existing file is only replaced with `overwrite`."""
-    path = Path(csv_path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"{path} already exists; pass --overwrite to replace it, or --dry-run to preview"
-        )
+    path = check_writable(csv_path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = format_rows(rows, relative_to=path.parent if relative else None)
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(text)
     temporary.replace(path)
+    return path
+
+
+def check_writable(csv_path: str | Path, *, overwrite: bool) -> Path:
+    """Refuse to replace an existing CSV unless asked to: it may be hand-edited."""
+    path = Path(csv_path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{path} already exists; pass --overwrite to replace it, or --dry-run to preview"
+        )
     return path
 
 
@@ -515,11 +519,6 @@ def ensure_datasplit(config: TrainConfig, *, echo: Callable[[str], None] = print
         return path
     crawl_options, split_options = options_from_config(config)
     rows, report = make_datasplit(crawl_options, split_options)
-    if not rows:
-        raise ValueError(
-            f"no crops with classes {list(config.classes)} found under "
-            f"{crawl_options.search_path}; check search_path, crop_name and classes in the config"
-        )
     write_datasplit(rows, path)
     echo(f"wrote datasplit {path} ({summarise(rows)}) from {crawl_options.search_path}")
     for line in report:
@@ -533,6 +532,11 @@ def make_datasplit(
     """Crawl and split; return the rows and a line per crop left out."""
     report = crawl(crawl_options)
     rows, excluded = split(report.crops, crawl_options.classes, split_options)
+    if not rows:
+        raise ValueError(
+            f"no crops with classes {','.join(crawl_options.classes)} found under "
+            f"{crawl_options.search_path}; check the search path, crop name and classes"
+        )
     return rows, report.skipped + excluded
 
 
@@ -550,7 +554,8 @@ def count_classes(options: CrawlOptions) -> list[dict[str, Any]]:
     report = crawl(options)
     lister = Lister(filesystem_for(options.search_path, endpoint_url=options.endpoint_url))
     keys = [(crop, label) for crop in report.crops for label in crop.classes]
-    voxels = lister.map(lambda key: _foreground(lister, key[0], key[1], options), keys)
+    with s3_errors(_url_root(options.search_path), options.endpoint_url):
+        voxels = lister.map(lambda key: _foreground(lister, key[0], key[1], options), keys)
     totals: dict[tuple[str, str], list[int]] = {}
     for (crop, label), count in zip(keys, voxels, strict=True):
         entry = totals.setdefault((crop.dataset, label), [0, 0])

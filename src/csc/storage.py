@@ -8,7 +8,8 @@ the world position of the centre of its voxel 0, so voxel ``i`` is centred at
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 AXES = ("z", "y", "x")
@@ -171,6 +172,21 @@ def split_store_path(path: str) -> tuple[str, str]:
         if part.endswith(STORE_SUFFIXES):
             return "/".join(parts[: index + 1]), "/".join(parts[index + 1 :])
     raise ValueError(f"{path!r} has no component ending in .zarr or .n5 to mark the store root")
+
+
+@contextmanager
+def s3_errors(url: str, endpoint_url: str | None = None) -> Iterator[None]:
+    """Turn S3 failures under `url` into a one-line `StorageError` (local errors pass through)."""
+    if not is_s3(url):
+        yield
+        return
+    from aiohttp import ClientError as HTTPError
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (OSError, BotoCoreError, ClientError, HTTPError) as error:
+        raise StorageError(describe_s3_error(error, url, endpoint_url)) from None
 
 
 def describe_s3_error(error: BaseException, url: str, endpoint_url: str | None = None) -> str:
