@@ -100,6 +100,11 @@ def test_search_path_stays_bucket_relative_with_use_s3(write_config: WriteConfig
     assert load_config(path).search_path == "{dataset}/{dataset}.zarr/recon-1/{name}"
 
 
+def test_use_s3_defaults_to_the_bucket_layout(write_config: WriteConfig) -> None:
+    config = load_config(write_config("use_s3 = True\n"))
+    assert config.search_path == "{dataset}/{dataset}.zarr/recon-1/{name}"
+
+
 def test_config_is_frozen_and_defaults_are_not_shared(write_config: WriteConfig) -> None:
     first = load_config(write_config(""))
     first.spatial_transforms["mirror"]["axes"]["x"] = 0.0

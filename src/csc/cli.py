@@ -163,7 +163,8 @@ def _crawl_command(function: Callable[..., Any]) -> Callable[..., Any]:
 
 def _crawl_options(options: dict[str, Any]) -> Any:
     """CrawlOptions from the crawl command options (popped from `options`)."""
-    from csc.datasplit import DEFAULT_S3_SEARCH_PATH, DEFAULT_SEARCH_PATH, CrawlOptions
+    from csc.config import DEFAULT_S3_SEARCH_PATH, DEFAULT_SEARCH_PATH
+    from csc.datasplit import CrawlOptions
 
     use_s3, bucket = options.pop("use_s3"), options.pop("bucket")
     search_path = options.pop("search_path")

@@ -33,6 +33,9 @@ LOAD_MODEL_CHOICES = ("latest", "best", None)
 FORCE_ALL_CLASSES_CHOICES = ("train", "validate", "both", None)
 AXES = ("z", "y", "x")
 SPATIAL_TRANSFORM_NAMES = ("mirror", "transpose", "rotate")
+DEFAULT_SEARCH_PATH = "data/{dataset}/{dataset}.zarr/recon-1/{name}"  # next to the config
+# Inside the bucket when use_s3 is set: the layout of the public CellMap bucket.
+DEFAULT_S3_SEARCH_PATH = "{dataset}/{dataset}.zarr/recon-1/{name}"
 # Keys whose values are paths: relative ones are resolved against the config file's folder.
 PATH_KEYS = ("model_save_path", "logs_save_path", "datasplit_path", "search_path")
 
@@ -77,7 +80,7 @@ class TrainConfig:
     model_save_path: str = "checkpoints/{model_name}_{epoch}.pth"
     logs_save_path: str = "tensorboard/{model_name}"
     datasplit_path: str = "datasplit.csv"
-    search_path: str = "data/{dataset}/{dataset}.zarr/recon-1/{name}"
+    search_path: str = DEFAULT_SEARCH_PATH
     raw_name: str = "em/fibsem-uint8"
     crop_name: str = "labels/groundtruth/{crop}/{label}"
     use_s3: bool = False
@@ -281,6 +284,8 @@ def _normalise(known: Mapping[str, Any]) -> dict[str, Any]:
         kwargs["target_array_info"] = kwargs["input_array_info"]
     if "classes" in kwargs:
         kwargs["classes"] = _string_tuple(kwargs["classes"], "classes")
+    if kwargs.get("use_s3") is True and "search_path" not in kwargs:
+        kwargs["search_path"] = DEFAULT_S3_SEARCH_PATH
     if "model_to_load" not in kwargs and "model_name" in kwargs:
         kwargs["model_to_load"] = kwargs["model_name"]
     if isinstance(kwargs.get("filter_by_scale"), Sequence):

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from csc.config import TrainConfig
+from csc.config import DEFAULT_SEARCH_PATH, TrainConfig
 from csc.storage import (
     STORE_SUFFIXES,
     filesystem_for,
@@ -35,8 +35,6 @@ from csc.storage import (
 )
 
 USAGES = ("train", "validate")
-DEFAULT_SEARCH_PATH = "data/{dataset}/{dataset}.zarr/recon-1/{name}"
-DEFAULT_S3_SEARCH_PATH = "{dataset}/{dataset}.zarr/recon-1/{name}"  # inside the bucket
 FIELD = re.compile(r"\{(\w+)\}")
 MAX_CONCURRENT_LISTINGS = 32
 
