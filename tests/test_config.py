@@ -231,6 +231,8 @@ def test_a_misspelled_key_holding_an_imported_class_still_warns(write_config: Wr
         ("device = 'tpu'", "device must be None"),
         ("model_save_path = 'ckpt/model.pth'", r"model_save_path .* must contain \{epoch\}"),
         ("crop_name = 'labels/{crop}'", r"crop_name .* must contain \{label\}"),
+        ("crop_name = 'labels/{label}/{crop}'", r"crop_name .* must end in /\{label\}"),
+        ("search_path = 'data/{name}'", r"search_path .* must contain \{dataset\}"),
         ("spatial_transforms = {'flip': {'axes': {'x': 0.5}}}", "unknown spatial_transforms key"),
         ("spatial_transforms = {'mirror': {'axes': {'w': 0.5}}}", "unknown axes"),
         ("spatial_transforms = {'rotate': {'axes': {'z': [180, -180]}}}", r"\[min, max\]"),

@@ -185,6 +185,19 @@ def test_existing_csv_is_never_overwritten_without_asking(tmp_path: Path) -> Non
     assert read_datasplit(csv_path) == rows
 
 
+def test_train_mode_that_leaves_nothing_to_train_on_is_an_error(tmp_path: Path) -> None:
+    make_layout(tmp_path, {"a": {"crop1": ["nuc"], "crop2": ["er"]}})
+    with pytest.raises(ValueError, match="leaves nothing to train on"):
+        make_datasplit(options(tmp_path, classes=("nuc", "er")), SplitOptions(0.5, 0, "train"))
+    rows, notes = make_datasplit(
+        options(tmp_path, classes=("nuc", "er")), SplitOptions(0.5, 0, "validate")
+    )
+    assert {r.usage for r in rows} == {"train"}
+    assert notes == ["validation is empty: no crop has every class of ['nuc', 'er']"]
+    with pytest.raises(ValueError, match=r"(?s)no crops with classes.*a/crop1: lacks er"):
+        make_datasplit(options(tmp_path, classes=("nuc", "er")), SplitOptions(0.5, 0, "both"))
+
+
 def test_n5_raw_fallback(tmp_path: Path) -> None:
     make_layout(tmp_path, {"jrc_a": {"crop1": ["nuc"]}})
     shutil.rmtree(tmp_path / "jrc_a/jrc_a.zarr/recon-1/em")
@@ -207,6 +220,7 @@ def test_reader_accepts_comments_three_columns_and_relative_roots(tmp_path: Path
     (tmp_path / "sub").mkdir()
     csv_path = tmp_path / "sub/split.csv"
     csv_path.write_text(
+        '#note,"unclosed quote in a comment\n'
         "# usage, raw, gt\n"
         '"train","../data/a.zarr","recon-1/em/fibsem-uint8","../data/a.zarr",'
         '"recon-1/labels/groundtruth/crop1/[nuc,er]"\n'
@@ -288,10 +302,11 @@ def test_repository_datasplit_lists_the_demo_data(tmp_path: Path) -> None:
 def test_counts_from_metadata_equal_counting_voxels(tmp_path: Path, tiny_synth: Path) -> None:
     shutil.copytree(tiny_synth, tmp_path / "copy")
     crawl_options = CrawlOptions(search_path=f"{tmp_path}/copy/{SEARCH}", classes=ALL)
-    from_metadata = count_classes(crawl_options)
+    from_metadata, skipped = count_classes(crawl_options)
+    assert skipped == []
     for attrs in (tmp_path / "copy").rglob("labels/groundtruth/*/*/s*/.zattrs"):
         attrs.write_text("{}")  # drop CellMap's complement_counts: csc must count
-    assert count_classes(crawl_options) == from_metadata
+    assert count_classes(crawl_options)[0] == from_metadata
     assert {row["dataset"] for row in from_metadata} == {"jrc_synth1", "jrc_synth2"}
     assert sum(row["foreground_voxels"] for row in from_metadata) > 0
 
@@ -310,6 +325,8 @@ def test_datasplit_and_counts_commands(tmp_path: Path, tiny_synth: Path) -> None
     assert counted.exit_code == 0, counted.output
     assert "foreground_voxels" in counted.output
     assert (tmp_path / "counts.csv").read_text().startswith("dataset,class,crops,foreground_voxels")
+    again = runner.invoke(cli, ["counts", *base, "--csv", str(tmp_path / "counts.csv")])
+    assert again.exit_code == 1 and "already exists; pass --overwrite" in again.output
     missing = runner.invoke(
         cli, ["datasplit", "--search-path", f"{tmp_path}/{SEARCH}", "--dry-run"]
     )
@@ -350,8 +367,8 @@ def test_s3_crawl_with_credentials(
     local, remote = local_and_s3(tiny_synth, bucket)
     assert without_roots(remote) == without_roots(local)
     assert len(crawl(scaled).crops) == len(local)
-    assert count_classes(scaled) == count_classes(dataclasses.replace(
-        scaled, search_path=f"{tiny_synth}/{SEARCH}"))  # fmt: skip
+    assert count_classes(scaled)[0] == count_classes(dataclasses.replace(
+        scaled, search_path=f"{tiny_synth}/{SEARCH}"))[0]  # fmt: skip
 
 
 def test_s3_requests_grow_with_crops_not_chunks(s3_env: str, tmp_path: Path) -> None:

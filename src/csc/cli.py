@@ -150,7 +150,7 @@ def _crawl_command(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--crops", default=None, help="Comma list of crop names or globs."),
         click.option("--scale", default=None,
                      help="Keep a class of a crop only if its s0 voxel size (nm) is <= this on "
-                     "every axis: one number, or z,y,x."),
+                     "every axis: one number, y,x or z,y,x."),
         click.option("--s3", "use_s3", is_flag=True, help="Crawl an S3 bucket instead."),
         click.option("--bucket", default="janelia-cosem-datasets", show_default=True),
         click.option("--endpoint-url", default=None,
@@ -172,13 +172,15 @@ def _crawl_options(options: dict[str, Any]) -> Any:
         search_path = search_path or DEFAULT_S3_SEARCH_PATH
         if not search_path.startswith("s3://"):
             search_path = f"s3://{bucket}/{search_path.lstrip('/')}"
-    else:
+    elif "://" not in (search_path or ""):
         search_path = os.path.abspath(search_path or DEFAULT_SEARCH_PATH)
     scale = _comma_list(options.pop("scale"))
     try:
         scale_values = tuple(float(s) for s in scale) or None
     except ValueError:
         raise click.BadParameter(f"--scale {','.join(scale)} is not numbers") from None
+    if scale_values and len(scale_values) not in (1, 2, 3):
+        raise click.BadParameter("--scale takes one number (all axes), y,x or z,y,x (nm)")
     return CrawlOptions(
         search_path=search_path,
         raw_name=options.pop("raw_name"),
@@ -256,20 +258,28 @@ def _table(rows: Any) -> str:
 
 @cli.command()
 @_crawl_command
-@click.option("--csv", "csv_path", default=None, type=click.Path(),
-              help="Also write the table to this CSV file.")  # fmt: skip
+@click.option(
+    "--csv",
+    "csv_path",
+    default=None,
+    type=click.Path(),
+    help="Also write the table to this CSV file.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --csv file.")  # fmt: skip
 def counts(**options: Any) -> None:
     """Per dataset and class: crops annotated and foreground voxels at s0."""
     import pandas as pd
 
-    from csc.datasplit import count_classes
+    from csc.datasplit import check_writable, count_classes
 
     crawl_options = _crawl_options(options)
     with user_errors():
-        table = pd.DataFrame(
-            count_classes(crawl_options),
-            columns=["dataset", "class", "crops", "foreground_voxels"],
-        )
+        if options["csv_path"]:
+            check_writable(options["csv_path"], overwrite=options["overwrite"])
+        counted, skipped = count_classes(crawl_options)
+        for line in skipped:
+            click.echo(f"skipped {line}", err=True)
+        table = pd.DataFrame(counted, columns=["dataset", "class", "crops", "foreground_voxels"])
     click.echo(table.to_string(index=False) if len(table) else "no annotated crops found")
     if options["csv_path"]:
         table.to_csv(options["csv_path"], index=False)

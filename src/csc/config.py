@@ -475,7 +475,7 @@ def _check_classes(classes: tuple[str, ...]) -> None:
 def _check_templates(config: TrainConfig) -> None:
     required = {
         "model_save_path": ("{epoch}",),
-        "search_path": ("{name}",),
+        "search_path": ("{dataset}", "{name}"),
         "crop_name": ("{crop}", "{label}"),
     }
     for key, fields in required.items():
@@ -485,6 +485,8 @@ def _check_templates(config: TrainConfig) -> None:
         missing = [f for f in fields if f not in value]
         if missing:
             raise ValueError(f"{key} {value!r} must contain {' and '.join(missing)}")
+    if not config.crop_name.endswith("/{label}"):
+        raise ValueError(f"crop_name {config.crop_name!r} must end in /{{label}}")
     for key in ("logs_save_path", "datasplit_path", "raw_name", "s3_bucket"):
         if not isinstance(getattr(config, key), str) or not getattr(config, key):
             raise ValueError(f"{key} must be a non-empty string, got {getattr(config, key)!r}")

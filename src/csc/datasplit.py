@@ -25,6 +25,7 @@ from typing import Any
 
 from csc.config import DEFAULT_SEARCH_PATH, TrainConfig
 from csc.storage import (
+    S3_CLIENT_CONFIG,
     STORE_SUFFIXES,
     filesystem_for,
     has_aws_credentials,
@@ -112,9 +113,11 @@ def _check_crawl_options(options: CrawlOptions) -> None:
     for field in ("{dataset}", "{name}"):
         if field not in options.search_path:
             raise ValueError(f"search path {options.search_path!r} must contain {field}")
-    for field in ("{crop}", "{label}"):
-        if field not in options.crop_name:
-            raise ValueError(f"crop name {options.crop_name!r} must contain {field}")
+    if "{crop}" not in options.crop_name or not options.crop_name.endswith("/{label}"):
+        raise ValueError(
+            f"crop name {options.crop_name!r} must contain {{crop}} and end in /{{label}}, "
+            "e.g. labels/groundtruth/{crop}/{label}"
+        )
     if not options.classes:
         raise ValueError("no classes requested; pass --classes, e.g. --classes nuc,mito")
 
@@ -352,6 +355,8 @@ def split(
     Crops missing a requested class are moved out of the split named by `force_all_classes`
     (both: left out). With at least two crops and a ratio above 0 each split gets one or more.
     """
+    if not 0 <= options.validate_ratio < 1:
+        raise ValueError(f"validation ratio must be in [0, 1), got {options.validate_ratio}")
     mode = options.force_all_classes
     forced_train, forced_val, free, excluded = [], [], [], []
     for crop in crops:
@@ -370,6 +375,13 @@ def split(
     validate = {id(c) for c in forced_val + shuffled[:num_validate]}
     rows = [dataclasses.replace(c, usage="validate" if id(c) in validate else "train")
             for c in crops if c in forced_train + forced_val + free]  # fmt: skip
+    if rows and all(r.usage == "validate" for r in rows):
+        raise ValueError(
+            f"no crop has every class of {list(classes)}, so force_all_classes={mode!r} leaves "
+            "nothing to train on; use 'validate' or none"
+        )
+    if len(rows) > 1 and options.validate_ratio > 0 and not validate:
+        excluded.append(f"validation is empty: no crop has every class of {list(classes)}")
     return rows, excluded
 
 
@@ -445,10 +457,11 @@ def read_datasplit(csv_path: str | Path) -> list[DatasplitRow]:
     if not path.is_file():
         raise FileNotFoundError(f"datasplit CSV not found: {path}")
     rows = []
-    for number, fields in enumerate(csv.reader(path.read_text().splitlines()), start=1):
-        if not fields or not "".join(fields).strip() or fields[0].lstrip().startswith("#"):
-            continue
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue  # comments are whole lines, never parsed as CSV
         try:
+            fields = next(csv.reader([line]))
             rows.append(_parse_row([f.strip() for f in fields], path.parent))
         except ValueError as error:
             raise ValueError(f"{path}, line {number}: {error}") from None
@@ -531,9 +544,10 @@ def make_datasplit(
     report = crawl(crawl_options)
     rows, excluded = split(report.crops, crawl_options.classes, split_options)
     if not rows:
+        reasons = "".join(f"\n  {line}" for line in report.skipped + excluded)
         raise ValueError(
             f"no crops with classes {','.join(crawl_options.classes)} found under "
-            f"{crawl_options.search_path}; check the search path, crop name and classes"
+            f"{crawl_options.search_path}; check the search path, crop name and classes{reasons}"
         )
     return rows, report.skipped + excluded
 
@@ -546,9 +560,10 @@ def summarise(rows: Sequence[DatasplitRow]) -> str:
 # --- Counting --------------------------------------------------------------------------------
 
 
-def count_classes(options: CrawlOptions) -> list[dict[str, Any]]:
+def count_classes(options: CrawlOptions) -> tuple[list[dict[str, Any]], list[str]]:
     """Per dataset and class: crops annotated and foreground voxels at s0 (from CellMap's
-    complement_counts metadata where present, counted from the data otherwise)."""
+    complement_counts metadata where present, counted from the data otherwise); and the
+    crops skipped by the crawl."""
     report = crawl(options)
     lister = Lister(filesystem_for(options.search_path, endpoint_url=options.endpoint_url))
     keys = [(crop, label) for crop in report.crops for label in crop.classes]
@@ -559,10 +574,11 @@ def count_classes(options: CrawlOptions) -> list[dict[str, Any]]:
         entry = totals.setdefault((crop.dataset, label), [0, 0])
         entry[0] += 1
         entry[1] += count
-    return [
+    rows = [
         {"dataset": dataset, "class": label, "crops": crops, "foreground_voxels": count}
         for (dataset, label), (crops, count) in sorted(totals.items())
     ]
+    return rows, report.skipped
 
 
 def _foreground(lister: Lister, crop: DatasplitRow, label: str, options: CrawlOptions) -> int:
@@ -599,6 +615,7 @@ def count_nonzero(array_url: str, *, endpoint_url: str | None = None) -> int:
         storage_options = {
             "anon": not has_aws_credentials(),
             "endpoint_url": s3_endpoint(endpoint_url),
+            "config_kwargs": S3_CLIENT_CONFIG,  # bounded retries, as for the crawl
         }
     array = zarr.open_array(array_url, mode="r", storage_options=storage_options)
     step = array.chunks[0]

@@ -197,7 +197,7 @@ def describe_s3_error(error: BaseException, url: str, endpoint_url: str | None =
         return f"{url} not found at {endpoint}: check the bucket name (--bucket) and the path"
     if isinstance(error, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
         variables = "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
-        how = f"the credentials in {variables}"
+        how = f"the credentials in {variables} or AWS_PROFILE"
         if not has_aws_credentials():
             how = f"whether the bucket allows anonymous reads, or set {variables}"
         return f"access to {url} at {endpoint} was denied: check {how}"
