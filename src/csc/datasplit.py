@@ -18,6 +18,7 @@ import io
 import os
 import random
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -134,10 +135,15 @@ class Lister:
     def __init__(self, fs: Any) -> None:
         self.fs = fs
         self.num_requests = 0
+        self._lock = threading.Lock()  # listings run in threads; += is not atomic
+
+    def _count(self) -> None:
+        with self._lock:
+            self.num_requests += 1
 
     def children(self, path: str, *, must_exist: bool = False) -> list[str]:
         """Names of the sub-directories (prefixes) of `path`; none if it does not exist."""
-        self.num_requests += 1
+        self._count()
         try:
             entries = self.fs.ls(path, detail=True)
         except FileNotFoundError:
@@ -150,7 +156,7 @@ class Lister:
 
     def files(self, path: str) -> set[str]:
         """Names of everything directly in `path` (files and directories)."""
-        self.num_requests += 1
+        self._count()
         try:
             return {e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(path, detail=False)}
         except FileNotFoundError:
@@ -159,7 +165,7 @@ class Lister:
     def read_json(self, path: str) -> dict[str, Any]:
         import json
 
-        self.num_requests += 1
+        self._count()
         return json.loads(self.fs.cat_file(path))
 
     def map(self, function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
