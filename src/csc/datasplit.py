@@ -94,10 +94,12 @@ class SplitOptions:
 # --- Crawling --------------------------------------------------------------------------------
 
 
-def crawl(options: CrawlOptions) -> CrawlReport:
+def crawl(options: CrawlOptions, lister: Lister | None = None) -> CrawlReport:
     """Find every crop with at least one requested class, paired with its dataset's raw."""
     _check_crawl_options(options)
-    lister = Lister(filesystem_for(options.search_path, endpoint_url=options.endpoint_url))
+    lister = lister or Lister(
+        filesystem_for(options.search_path, endpoint_url=options.endpoint_url)
+    )
     template = options.search_path.replace("{name}", options.crop_name)
     filters = {
         "dataset": _glob_filter(options.datasets),
@@ -570,8 +572,8 @@ def count_classes(options: CrawlOptions) -> tuple[list[dict[str, Any]], list[str
     """Per dataset and class: crops annotated and foreground voxels at s0 (from CellMap's
     complement_counts metadata where present, counted from the data otherwise); and the
     crops skipped by the crawl."""
-    report = crawl(options)
     lister = Lister(filesystem_for(options.search_path, endpoint_url=options.endpoint_url))
+    report = crawl(options, lister)  # one client (and its listing cache) for crawl and reads
     keys = [(crop, label) for crop in report.crops for label in crop.classes]
     with s3_errors(_url_root(options.search_path), options.endpoint_url):
         voxels = lister.map(lambda key: _foreground(lister, key[0], key[1], options), keys)
