@@ -47,7 +47,7 @@ TRANSFORM_EXAMPLES = {
 DEFAULT_SPATIAL_TRANSFORMS: dict[str, Any] = {
     "mirror": {"axes": {"x": 0.5, "y": 0.5}},
     "transpose": {"axes": ["x", "y"]},
-    "rotate": {"axes": {"x": [-180, 180], "y": [-180, 180]}},
+    "rotate": {"axes": {"z": [-180, 180]}},  # in the plane of a 2D (1, y, x) patch
 }
 
 
@@ -100,6 +100,7 @@ class TrainConfig:
     val_raw_value_transforms: Callable[..., Any] | None = None
     target_value_transforms: Callable[..., Any] | None = None
     dataloader_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    chunk_cache_mb: int = 256  # tensorstore's decoded-chunk cache, per loader process
     # Model.
     model_name: str = "2d_unet"
     model_to_load: str = "2d_unet"
@@ -381,6 +382,7 @@ def _check_counts(config: TrainConfig) -> None:
         if getattr(config, key) is not None:
             _require_int(config, key, minimum=1)
     _require_int(config, "random_seed", minimum=0)
+    _require_int(config, "chunk_cache_mb", minimum=0)
     for key in ("learning_rate", "max_grad_norm", "validation_time_limit"):
         value = getattr(config, key)
         if value is None and key != "learning_rate":

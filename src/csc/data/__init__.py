@@ -1,0 +1,51 @@
+"""Patch sampling from local and S3 zarr crops, built on tensorstore (see docs/data.md).
+
+Modules, in the order data flows: `sources` (metadata and tensorstore reads), `geometry`
+(world coordinates to voxels, resampling), `transforms` (augmentations), `datasets` (samples,
+tiles, sampler) and `loaders` (from a config to DataLoaders).
+"""
+
+from csc.data.datasets import (
+    Crop,
+    EpochSampler,
+    PatchDataset,
+    PatchSpec,
+    TrainPatches,
+    ValidationTiles,
+    crop_probabilities,
+)
+from csc.data.geometry import Grid
+from csc.data.loaders import Loaders, build_datasets, build_loaders, load_crops
+from csc.data.sources import ArraySource, Level, MetadataReader
+from csc.data.transforms import (
+    Compose,
+    GaussianBlur,
+    GaussianNoise,
+    Normalize,
+    RandomContrast,
+    RandomGamma,
+)
+
+__all__ = [
+    "ArraySource",
+    "Compose",
+    "Crop",
+    "EpochSampler",
+    "GaussianBlur",
+    "GaussianNoise",
+    "Grid",
+    "Level",
+    "Loaders",
+    "MetadataReader",
+    "Normalize",
+    "PatchDataset",
+    "PatchSpec",
+    "RandomContrast",
+    "RandomGamma",
+    "TrainPatches",
+    "ValidationTiles",
+    "build_datasets",
+    "build_loaders",
+    "crop_probabilities",
+    "load_crops",
+]

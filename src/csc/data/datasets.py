@@ -1,0 +1,356 @@
+"""Training patches, validation tiles and the epoch sampler, over crops from a datasplit.
+
+A sample is a patch centre in world coordinates (nm, (z, y, x)) inside a crop's annotated
+region, plus a spatial transform. It yields ``input`` float32 ``[1, *shape]`` and ``output``
+float32 ``[len(classes), *shape]``: 1/0 per class, NaN where the class is not annotated in the
+crop, where the patch leaves the annotated region, or where a label says "unknown". A 2D patch
+(a singleton axis, or a 2-element shape) drops that axis: ``[1, H, W]`` and ``[C, H, W]``.
+
+Training samples are keyed by ``(epoch, index)``: the crop, centre and transforms come from a
+generator seeded with ``(seed, epoch, index)``, so any worker produces the same sample and no
+two epochs or workers repeat each other. `EpochSampler` hands out those keys in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from csc.config import ArrayInfo
+from csc.data.geometry import Grid, Plan, plan_read, resample, source_map
+from csc.data.sources import DEFAULT_CHUNK_CACHE_MB, ArraySource, PendingRead
+from csc.data.transforms import Normalize, sample_generator, spatial_matrix
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchSpec:
+    """The input and target grids of every sample; `plane_axis` is the 2D patch's singleton."""
+
+    input: Grid
+    target: Grid
+    plane_axis: int | None = None  # 0, 1 or 2 for a 2D patch (dropped from tensors), else None
+
+    @classmethod
+    def from_arrays(cls, input_info: ArrayInfo, target_info: ArrayInfo) -> PatchSpec:
+        (input_grid, input_plane), (target_grid, target_plane) = (
+            _grid(input_info), _grid(target_info)
+        )
+        if input_plane != target_plane:
+            raise ValueError(
+                f"input_array_info {input_info.shape} and target_array_info {target_info.shape} "
+                "must have their singleton (2D) axis in the same place"
+            )
+        return cls(input_grid, target_grid, input_plane)
+
+
+def _grid(info: ArrayInfo) -> tuple[Grid, int | None]:
+    """A (z, y, x) grid for a config shape; a 2-element (y, x) shape gets a singleton z."""
+    shape, scale = tuple(int(s) for s in info.shape), tuple(float(s) for s in info.scale)
+    if len(shape) == 2:
+        return Grid((1, *shape), (scale[0], *scale)), 0  # type: ignore[arg-type]
+    plane = shape.index(1) if 1 in shape else None
+    return Grid(shape, scale), plane  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass(frozen=True)
+class Crop:
+    """One datasplit row, resolved: raw, one label source per class (None: not annotated)."""
+
+    name: str  # "dataset/crop"
+    raw: ArraySource
+    labels: tuple[ArraySource | None, ...]  # in the config's class order
+    low: tuple[float, float, float]  # annotated region, world nm, (z, y, x) edges
+    high: tuple[float, float, float]
+
+    @property
+    def volume(self) -> float:
+        return float(np.prod(np.asarray(self.high) - np.asarray(self.low)))
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """Reads samples (crop, centre, transform) from crops; subclasses decide which samples."""
+
+    def __init__(
+        self,
+        crops: Sequence[Crop],
+        spec: PatchSpec,
+        *,
+        raw_transform: Transform | None = None,
+        target_transform: Transform | None = None,
+        chunk_cache_mb: int = DEFAULT_CHUNK_CACHE_MB,
+    ) -> None:
+        if not crops:
+            raise ValueError("no crops to sample from")
+        self.crops = list(crops)
+        self.spec = spec
+        self.raw_transform = raw_transform
+        self.target_transform = target_transform
+        self.chunk_cache_mb = chunk_cache_mb
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.crops[0].labels)
+
+    def sample(self, crop: int, centre: Sequence[float], matrix: np.ndarray | None = None,
+               seed: int = 0) -> dict[str, torch.Tensor]:  # fmt: skip
+        """One sample: the patch of crop `crop` centred at `centre` (nm, (z, y, x))."""
+        matrix = np.eye(3) if matrix is None else matrix
+        return self.read([(crop, np.asarray(centre, dtype=float), matrix, seed)])[0]
+
+    def read(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, int]]) -> list[dict]:
+        """Samples for (crop, centre, matrix, seed) requests. Every read is issued first, so
+        tensorstore fetches and decodes them concurrently; rotated patches of the batch are
+        then resampled together."""
+        jobs = [self._start(*request) for request in requests]
+        raws = resample([(job.raw_plan, job.raw.result()[None]) for job in jobs])
+        label_items = [
+            (plan, np.stack([r.result() for r in reads]))
+            for job in jobs for _, plan, reads in job.label_reads
+        ]  # fmt: skip
+        labels = iter(resample(label_items))
+        samples = []
+        for job, (values, _) in zip(jobs, raws, strict=True):
+            with sample_generator(job.seed):
+                image = self._input(values, job.raw.dtype)
+            target = self._targets(job, labels)
+            if self.spec.plane_axis is not None:  # 2D: (C, 1, H, W) -> (C, H, W)
+                image = image.squeeze(self.spec.plane_axis + 1)
+                target = target.squeeze(self.spec.plane_axis + 1)
+            samples.append({"input": image, "output": torch.from_numpy(target)})
+        return samples
+
+    def _start(self, crop_index: int, centre: np.ndarray, matrix: np.ndarray, seed: int) -> _Job:
+        crop = self.crops[crop_index]
+        raw_plan = _plan(self.spec.input, centre, matrix, crop.raw, linear=True)
+        raw = PendingRead(crop.raw, raw_plan.start, raw_plan.stop, cache_mb=self.chunk_cache_mb)
+        groups: dict[tuple, list[int]] = {}  # classes whose label levels share a voxel grid
+        for k, label in enumerate(crop.labels):
+            if label is not None:
+                key = (label.level.scale, label.level.translation, label.level.shape)
+                groups.setdefault(key, []).append(k)
+        label_reads = []
+        for classes in groups.values():
+            plan = _plan(self.spec.target, centre, matrix, crop.labels[classes[0]], linear=False)
+            reads = [
+                PendingRead(crop.labels[k], plan.start, plan.stop, cache_mb=self.chunk_cache_mb)
+                for k in classes
+            ]
+            label_reads.append((classes, plan, reads))
+        return _Job(crop, raw_plan, raw, label_reads, seed)
+
+    def _input(self, values: np.ndarray, dtype: np.dtype) -> torch.Tensor:
+        """Raw values to the model's input: the config's transform, else scaled to [0, 1]."""
+        if self.raw_transform is None and np.issubdtype(dtype, np.integer):
+            scale = np.float32(1 / np.iinfo(dtype).max)  # the default: Normalize, done in numpy
+            return torch.from_numpy(values.astype(np.float32) * scale)
+        if values.dtype != dtype and np.issubdtype(dtype, np.integer):
+            info = np.iinfo(dtype)  # interpolated: back to the stored type the transform expects
+            values = np.clip(np.rint(values), info.min, info.max).astype(dtype)
+        tensor = torch.from_numpy(np.ascontiguousarray(values))
+        transform = self.raw_transform or Normalize()
+        return transform(tensor).to(torch.float32)
+
+    def _targets(self, job: _Job, labels: Iterator[tuple[np.ndarray, Any]]) -> np.ndarray:
+        """(C, Z, Y, X) float32 targets of one sample: NaN for classes it does not annotate."""
+        groups = [(classes, *next(labels)) for classes, _, _ in job.label_reads]
+        if len(groups) == 1 and groups[0][0] == list(range(self.num_classes)):
+            classes, stored, valid = groups[0]  # every class on one grid: no extra copy
+            return self._target(stored, job.crop.labels, valid)
+        target = np.full((self.num_classes, *self.spec.target.shape), np.nan, dtype=np.float32)
+        for classes, stored, valid in groups:
+            target[classes] = self._target(stored, [job.crop.labels[k] for k in classes], valid)
+        return target
+
+    def _target(self, values: np.ndarray, sources: Sequence[ArraySource | None],
+                valid: np.ndarray | None) -> np.ndarray:  # fmt: skip
+        """Stored label values (K, Z, Y, X) of K classes to 1/0 (or the config's transform),
+        NaN where not annotated ("unknown" values, outside the array)."""
+        view = (-1, 1, 1, 1)
+        known = [s for s in sources if s is not None]
+        if self.target_transform is not None:
+            out = np.stack([
+                self.target_transform(torch.from_numpy(v.astype(np.float32))).numpy()
+                for v in values
+            ]).astype(np.float32, copy=False)  # fmt: skip
+        else:
+            absent = np.array([s.absent for s in known], dtype=values.dtype).reshape(view)
+            out = (values != absent).astype(np.float32)
+        unknown = [s.unknown for s in known]
+        if any(u is not None for u in unknown):
+            marker = np.array([np.nan if u is None else u for u in unknown]).reshape(view)
+            out[values == marker] = np.nan
+        if valid is not None:
+            np.copyto(out, np.float32(np.nan), where=~valid[None])
+        return out
+
+
+@dataclasses.dataclass
+class _Job:
+    """One sample between issuing its reads and assembling it."""
+
+    crop: Crop
+    raw_plan: Plan
+    raw: PendingRead
+    label_reads: list[tuple[list[int], Plan, list[PendingRead]]]
+    seed: int
+
+
+def _plan(grid: Grid, centre: np.ndarray, matrix: np.ndarray, source: ArraySource, *,
+          linear: bool) -> Any:  # fmt: skip
+    level = source.level
+    a, b = source_map(grid, centre, matrix, level.scale, level.translation)
+    # Half the patch diagonal in source voxels: a bound on a rotated patch's reach.
+    half = (np.asarray(grid.shape) - 1) / 2 * np.asarray(grid.scale)
+    radius = float(np.linalg.norm(half)) / np.asarray(level.scale)
+    return plan_read(a, b, grid.shape, level.shape, linear=linear, radius=radius)
+
+
+def snap(centre: np.ndarray, grid: Grid, source: ArraySource) -> np.ndarray:
+    """Move `centre` (< half a voxel) so the grid's voxels sit on the source's voxel centres:
+    then an untransformed patch at the source's own voxel size is read exactly, not resampled."""
+    scale = np.asarray(source.level.scale)
+    origin = np.asarray(source.level.translation)
+    half = (np.asarray(grid.shape) - 1) / 2 * np.asarray(grid.scale)
+    first = np.rint((centre - half - origin) / scale) * scale + origin
+    return first + half
+
+
+class TrainPatches(PatchDataset):
+    """Random training samples keyed by (epoch, index); see the module docstring."""
+
+    def __init__(
+        self,
+        crops: Sequence[Crop],
+        spec: PatchSpec,
+        *,
+        num_samples: int,
+        seed: int,
+        spatial_transforms: Mapping[str, Any] | None = None,
+        probabilities: np.ndarray | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(crops, spec, **kwargs)
+        self.num_samples = num_samples
+        self.seed = seed
+        self.spatial_transforms = spatial_transforms
+        if probabilities is None:
+            probabilities = np.full(len(self.crops), 1 / len(self.crops))
+        self.probabilities = np.asarray(probabilities, dtype=float)
+        self._cumulative = np.cumsum(self.probabilities)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def draw(self, epoch: int, index: int) -> tuple[int, np.ndarray, np.ndarray, int]:
+        """The (crop, centre, matrix, seed) of sample `index` of `epoch`."""
+        rng = np.random.default_rng([self.seed, epoch, index])
+        crop_index = min(int(np.searchsorted(self._cumulative, rng.random(), side="right")),
+                         len(self.crops) - 1)  # fmt: skip
+        crop = self.crops[crop_index]
+        low, high = np.asarray(crop.low), np.asarray(crop.high)
+        centre = snap(low + rng.random(3) * (high - low), self.spec.input, crop.raw)
+        matrix = spatial_matrix(self.spatial_transforms, rng)
+        return crop_index, centre, matrix, int(rng.integers(2**62))
+
+    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        return self.read([self.draw(*key) for key in keys])
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        return self.__getitems__([key])[0]
+
+
+class ValidationTiles(PatchDataset):
+    """Non-overlapping target-sized tiles of every crop in a fixed order (all of them), or a
+    seeded random subset of `limit` of them that is the same every epoch."""
+
+    def __init__(self, crops: Sequence[Crop], spec: PatchSpec, *, limit: int | None = None,
+                 seed: int = 0, **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(crops, spec, **kwargs)
+        tiles = [(i, centre) for i, crop in enumerate(self.crops) for centre in self._tiles(crop)]
+        self.crop_index = np.array([t[0] for t in tiles], dtype=np.int32)
+        self.centres = np.array([t[1] for t in tiles], dtype=np.float64).reshape(-1, 3)
+        self.num_tiles = len(tiles)  # before any limit
+        if limit is not None:
+            order = np.random.default_rng(seed).permutation(len(tiles))[:limit]
+            self.crop_index, self.centres = self.crop_index[order], self.centres[order]
+
+    def _tiles(self, crop: Crop) -> list[np.ndarray]:
+        low, high = np.asarray(crop.low), np.asarray(crop.high)
+        size = self.spec.target.extent
+        counts = np.maximum(1, np.floor((high - low) / size + 1e-9).astype(int))
+        first = low + (high - low - counts * size) / 2 + size / 2  # tiling centred in the crop
+        axes = [first[d] + size[d] * np.arange(counts[d]) for d in range(3)]
+        grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+        return [snap(centre, self.spec.input, crop.raw) for centre in grid]
+
+    def __len__(self) -> int:
+        return len(self.crop_index)
+
+    def __getitems__(self, keys: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        identity = np.eye(3)
+        return self.read(
+            [(int(self.crop_index[k]), self.centres[k], identity, int(k)) for k in keys]
+        )
+
+    def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([key])[0]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Keys (epoch, index) for `TrainPatches`: `num_samples` per epoch, the epoch advancing at
+    each new iteration. Under torchrun, rank r of n takes global indices r, r + n, ..."""
+
+    def __init__(self, num_samples: int, *, start_epoch: int = 1, rank: int = 0,
+                 world_size: int = 1) -> None:  # fmt: skip
+        self.num_samples = num_samples
+        self.epoch = start_epoch
+        self.rank = rank
+        self.world_size = world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        self.epoch += 1
+        for i in range(self.num_samples):
+            yield epoch, i * self.world_size + self.rank
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def crop_probabilities(crops: Sequence[Crop], *, weighted: bool,
+                       classes: Sequence[str] = ()) -> np.ndarray:  # fmt: skip
+    """How often to draw each crop. Unweighted: in proportion to its annotated volume.
+    Weighted: pick a class uniformly, then a crop in proportion to that class's foreground
+    voxels in it, so every class with any foreground is drawn about equally often."""
+    volumes = np.array([crop.volume for crop in crops])
+    if not weighted:
+        return volumes / volumes.sum()
+    foreground = np.zeros((len(crops), len(crops[0].labels)))
+    for c, crop in enumerate(crops):
+        for k, label in enumerate(crop.labels):
+            if label is not None and label.foreground:
+                # Voxel counts at different voxel sizes are compared as volumes (nm^3).
+                foreground[c, k] = label.foreground * math.prod(label.level.scale)
+    totals = foreground.sum(axis=0)
+    present = totals > 0
+    absent = [classes[k] if k < len(classes) else str(k) for k in np.flatnonzero(~present)]
+    if absent:
+        warnings.warn(
+            f"classes {', '.join(absent)} have no foreground voxels in any training crop; the "
+            "model will never see them", stacklevel=2,
+        )  # fmt: skip
+    if not present.any():
+        return volumes / volumes.sum()
+    mixture = (foreground[:, present] / totals[present]).mean(axis=1)
+    return mixture / mixture.sum()

@@ -1,0 +1,303 @@
+"""Resampling a patch out of a source array: world coordinates in, output voxels out.
+
+A sample places an output grid (shape in voxels, voxel size in nm) in the world: its centre, and
+a 3x3 matrix ``M`` (rotation, mirror and transpose) applied to offsets from the centre, all in
+(z, y, x) order. Output voxel ``i`` sits at ``centre + M @ ((i - (n - 1) / 2) * voxel_size)``,
+which in a level's voxel index space is the affine map ``A @ i + b`` (`source_map`).
+
+Two ways to read it (`plan_read`): when ``M`` only permutes and flips axes, each output axis
+samples one source axis, so a box is read and indexed axis by axis (exact: an integer position
+returns the stored value itself, bit for bit); otherwise (rotations) a box that holds every
+output voxel's source position is read and sampled with ``torch.nn.functional.grid_sample``.
+Raw is linear, labels nearest (ties round half up in the exact path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+EPS = 1e-6  # voxels: positions this close to an integer are that integer
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """An output grid: shape (voxels) and voxel size (nm), both (z, y, x)."""
+
+    shape: tuple[int, int, int]
+    scale: tuple[float, float, float]
+
+    @property
+    def extent(self) -> np.ndarray:
+        """Size in nm along each axis."""
+        return np.asarray(self.shape) * np.asarray(self.scale)
+
+
+def source_map(
+    grid: Grid, centre: np.ndarray, matrix: np.ndarray, scale: Sequence[float],
+    translation: Sequence[float],
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(A, b) with source voxel index = A @ output index + b, for a level (scale, translation)."""
+    out_scale, src_scale = np.asarray(grid.scale), np.asarray(scale, dtype=float)
+    a = matrix * out_scale[None, :] / src_scale[:, None]
+    half = (np.asarray(grid.shape) - 1) / 2
+    b = (centre - np.asarray(translation, dtype=float)) / src_scale - a @ half
+    return a, b
+
+
+@dataclasses.dataclass
+class Plan:
+    """How to read one output grid from a level: the box to read and how to sample it."""
+
+    start: tuple[int, int, int]  # box in source voxels, (z, y, x), may exceed the array
+    stop: tuple[int, int, int]
+    valid: np.ndarray | None  # bool, output shape: inside the array (None: everywhere)
+    perm: tuple[int, int, int] | None = None  # exact path: output axis j reads source perm[j]
+    index: list[np.ndarray | slice] | None = None  # per output axis, into the permuted box
+    upper: list[np.ndarray] | None = None  # linear: second index and weight per output axis
+    weight: list[np.ndarray] | None = None
+    grid: np.ndarray | None = None  # rotated: grid_sample's grid over the box
+    linear: bool = False
+    src_shape: tuple[int, ...] = ()  # rotated: the array's shape, to mask what lies outside
+    grid_axes: tuple[int, ...] = ()  # rotated: source axes the grid moves along (2 or 3)
+    out_shape: tuple[int, ...] = ()
+
+
+def plan_read(
+    a: np.ndarray, b: np.ndarray, out_shape: Sequence[int], src_shape: Sequence[int], *,
+    linear: bool, radius: np.ndarray | None = None,
+) -> Plan:  # fmt: skip
+    """Plan reading an output grid of `out_shape` through the map (a, b) from an array.
+    `radius` (source voxels per axis) bounds a rotated patch: half its diagonal."""
+    rows = a.tolist()
+    nonzero = [[abs(v) > EPS for v in row] for row in rows]
+    if all(sum(row) == 1 for row in nonzero) and all(sum(col) == 1 for col in zip(*nonzero)):
+        return _plan_axes(rows, b.tolist(), out_shape, src_shape, linear=linear)
+    if radius is None:
+        radius = np.abs(a) @ ((np.asarray(out_shape) - 1) / 2)
+    plan = _plan_affine(a, b, out_shape, src_shape, linear=linear, radius=radius)
+    plan.out_shape = tuple(int(n) for n in out_shape)
+    return plan
+
+
+def _plan_axes(
+    a: list[list[float]], b: list[float], out_shape: Sequence[int], src_shape: Sequence[int], *,
+    linear: bool,
+) -> Plan:  # fmt: skip
+    # Plain floats: this runs for every array of every sample, and numpy's per-call overhead
+    # on 3-element arrays would dominate.
+    perm = tuple(next(p for p in range(3) if abs(a[p][j]) > EPS) for j in range(3))
+    steps = [a[perm[j]][j] for j in range(3)]
+    firsts = [b[perm[j]] for j in range(3)]
+    exact = all(_is_int(f) for f in firsts) and all(_is_int(t) for t in steps)
+    if not exact and not linear:  # nearest onto a different grid: round each position
+        return _plan_rounded(perm, steps, firsts, out_shape, src_shape)
+    if not exact:
+        return _plan_linear(perm, steps, firsts, out_shape, src_shape)
+    start, stop = [0, 0, 0], [0, 0, 0]
+    index: list[np.ndarray | slice] = []
+    for j in range(3):
+        p, step, first, n = perm[j], round(steps[j]), round(firsts[j]), int(out_shape[j])
+        last = first + step * (n - 1)
+        start[p], stop[p] = min(first, last), max(first, last) + 1
+        if abs(step) > 1:
+            index.append(np.arange(n) * step + first - start[p])
+        else:  # unit steps (or one voxel) are slices: views, no copy
+            end = last - start[p] + (step or 1)
+            index.append(slice(first - start[p], end if end >= 0 else None, step or 1))
+    valid = None
+    if any(start[p] < 0 or stop[p] > src_shape[p] for p in range(3)):
+        positions = [np.arange(out_shape[j]) * round(steps[j]) + round(firsts[j]) for j in range(3)]
+        valid = _valid(positions, perm, start, stop, src_shape)
+    return Plan(tuple(start), tuple(stop), valid, perm=perm, index=index)  # type: ignore[arg-type]
+
+
+def _is_int(value: float) -> bool:
+    return abs(value - round(value)) < EPS
+
+
+def _valid(positions: list[np.ndarray], perm: Sequence[int], start: Sequence[int],
+           stop: Sequence[int], src_shape: Sequence[int]) -> np.ndarray | None:  # fmt: skip
+    """Output mask of positions inside the array; None (cheaply) when the box is inside."""
+    if all(start[p] >= 0 and stop[p] <= src_shape[p] for p in range(3)):
+        return None
+    axes = [(x >= 0) & (x < src_shape[perm[j]]) for j, x in enumerate(positions)]
+    return axes[0][:, None, None] & axes[1][None, :, None] & axes[2]
+
+
+def _plan_rounded(perm: tuple[int, int, int], steps: list[float], firsts: list[float],
+                  out_shape: Sequence[int], src_shape: Sequence[int]) -> Plan:  # fmt: skip
+    positions = [
+        np.floor(np.arange(out_shape[j]) * steps[j] + firsts[j] + 0.5).astype(np.int64)
+        for j in range(3)
+    ]  # nearest voxel, ties rounding up
+    start, stop = [0, 0, 0], [0, 0, 0]
+    for j, x in enumerate(positions):
+        start[perm[j]], stop[perm[j]] = int(x.min()), int(x.max()) + 1
+    index = [_as_slice(x - start[perm[j]]) for j, x in enumerate(positions)]
+    return Plan(tuple(start), tuple(stop), _valid(positions, perm, start, stop, src_shape),
+                perm=perm, index=index)  # type: ignore[arg-type]  # fmt: skip
+
+
+def _plan_linear(perm: tuple[int, int, int], steps: list[float], firsts: list[float],
+                 out_shape: Sequence[int], src_shape: Sequence[int]) -> Plan:  # fmt: skip
+    coords = [np.arange(out_shape[j]) * steps[j] + firsts[j] for j in range(3)]
+    lowers = [np.floor(c + EPS).astype(np.int64) for c in coords]
+    start, stop = [0, 0, 0], [0, 0, 0]
+    for j, x in enumerate(lowers):
+        start[perm[j]], stop[perm[j]] = int(x.min()), int(x.max()) + 2
+    return Plan(
+        tuple(start), tuple(stop), None, perm=perm,  # type: ignore[arg-type]
+        index=[x - start[perm[j]] for j, x in enumerate(lowers)],
+        upper=[x - start[perm[j]] + 1 for j, x in enumerate(lowers)],
+        weight=[np.clip(c - x, 0, 1).astype(np.float32) for c, x in zip(coords, lowers, strict=True)],
+        linear=True,
+    )  # fmt: skip
+
+
+def _as_slice(index: np.ndarray) -> np.ndarray | slice:
+    """A unit-step run of indices as a slice (a view, no copy); anything else stays an array."""
+    if index.size > 1 and np.all(np.diff(index) == 1):
+        return slice(int(index[0]), int(index[-1]) + 1)
+    if index.size > 1 and np.all(np.diff(index) == -1):
+        return slice(int(index[0]), int(index[-1]) - 1 if index[-1] > 0 else None, -1)
+    return index
+
+
+def _plan_affine(
+    a: np.ndarray, b: np.ndarray, out_shape: Sequence[int], src_shape: Sequence[int], *,
+    linear: bool, radius: np.ndarray,
+) -> Plan:  # fmt: skip
+    rows, offsets, reach = a.tolist(), b.tolist(), radius.tolist()  # floats: see _plan_axes
+    half = [(n - 1) / 2 for n in out_shape]
+    low, size = [0, 0, 0], [0, 0, 0]
+    for p in range(3):
+        middle = sum(v * h for v, h in zip(rows[p], half)) + offsets[p]  # patch centre
+        spread = sum(abs(v) * 2 * h for v, h in zip(rows[p], half))  # its reach along p
+        if spread < EPS and (not linear or _is_int(middle)):
+            # The patch does not move along p (a 2D patch turned in its own plane): one voxel,
+            # and a 2D grid_sample, several times faster than a 3D one.
+            low[p], size[p] = math.floor(middle + 0.5), 1
+        else:
+            # The box holds the patch at any angle (reach: half its diagonal), so every rotated
+            # sample of a batch reads the same box size and they are sampled in one call.
+            low[p], size[p] = math.floor(middle - reach[p]), math.ceil(2 * reach[p]) + 2
+    moving_src = [p for p in range(3) if size[p] > 1]
+    moving_out = [j for j in range(3) if out_shape[j] > 1]
+    if len(moving_src) != 2 or len(moving_out) != 2:
+        moving_src, moving_out = [0, 1, 2], [0, 1, 2]
+    # grid_sample (align_corners=True) maps -1..1 onto voxels 0..size-1 of the box, so the
+    # normalised position of source axis p is sum_j A[p, j] i_j * k_p + (b_p - low_p) * k_p - 1.
+    norm = [2 / (size[p] - 1) if size[p] > 1 else 0.0 for p in range(3)]
+    step = [[rows[p][j] * norm[p] for j in moving_out] for p in moving_src]
+    offset = [(offsets[p] - low[p]) * norm[p] - 1 if size[p] > 1 else 0.0 for p in moving_src]
+    grid = _affine_grid(step, offset, [int(out_shape[j]) for j in moving_out])
+    return Plan(
+        (low[0], low[1], low[2]), (low[0] + size[0], low[1] + size[1], low[2] + size[2]), None,
+        grid=grid, linear=linear, src_shape=tuple(src_shape), grid_axes=tuple(moving_src),
+    )  # fmt: skip
+
+
+def _affine_grid(step: list[list[float]], offset: list[float], shape: list[int]) -> np.ndarray:
+    """grid_sample's grid: (*shape, k) normalised positions, last axis in (x, y[, z]) order,
+    for k source axes (rows of `step`) moving linearly with the output index along each axis."""
+    k = len(shape)
+    grid = np.empty((*shape, k), dtype=np.float32)
+    ramps = [np.arange(n, dtype=np.float32) for n in shape]
+    for row in range(k):
+        # Sum of one ramp per output axis, broadcast: no (N, k) temporaries.
+        terms = [(ramps[j] * step[row][j]).reshape([-1 if i == j else 1 for i in range(k)])
+                 for j in range(k)]  # fmt: skip
+        total = terms[0] + np.float32(offset[row])
+        for term in terms[1:]:
+            total = total + term
+        grid[..., k - 1 - row] = total  # row 0 is the slowest source axis: last in the grid
+    return grid
+
+
+def resample(items: Sequence[tuple[Plan, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Sample each (plan, boxes (C, Z, Y, X)) pair: (C, *out_shape) values and the mask of
+    output voxels inside the array (None: all are). Values keep the boxes' dtype on the exact
+    path (bit-exact) and are float32 when interpolated or rotated. Rotated items with the same
+    box and grid shapes are sampled together, in one grid_sample call."""
+    results: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(items)
+    batches: dict[tuple, list[int]] = {}
+    for i, (plan, boxes) in enumerate(items):
+        if plan.grid is None:
+            results[i] = _apply_axes(plan, boxes)
+        else:
+            key = (boxes.shape, plan.grid.shape, plan.linear, plan.grid_axes)
+            batches.setdefault(key, []).append(i)
+    for members in batches.values():
+        for i, result in zip(members, _sample_affine([items[i] for i in members]), strict=True):
+            results[i] = result
+    return results  # type: ignore[return-value]
+
+
+def _apply_axes(plan: Plan, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    assert plan.perm is not None and plan.index is not None
+    # (C, Z, Y, X) source order -> output order: output axis j is source axis perm[j].
+    out = boxes.transpose(0, *(p + 1 for p in plan.perm))
+    if plan.upper is None:
+        for j, index in enumerate(plan.index):
+            if isinstance(index, slice):
+                out = out[(slice(None),) * (j + 1) + (index,)]
+            else:
+                out = np.take(out, index, axis=j + 1)
+        return np.ascontiguousarray(out), plan.valid
+    out = out.astype(np.float32, copy=False)
+    for j in range(3):
+        lower = np.take(out, _indices(plan.index[j]), axis=j + 1)
+        upper = np.take(out, plan.upper[j], axis=j + 1)  # type: ignore[index]
+        shape = [1, 1, 1, 1]
+        shape[j + 1] = -1
+        w = plan.weight[j].reshape(shape)  # type: ignore[index]
+        out = lower * (1 - w) + upper * w
+    return out, plan.valid
+
+
+def _indices(index: np.ndarray | slice) -> np.ndarray:
+    if isinstance(index, slice):
+        step = index.step or 1
+        stop = index.stop if index.stop is not None else -1
+        return np.arange(index.start, stop, step)
+    return index
+
+
+def _sample_affine(
+    items: Sequence[tuple[Plan, np.ndarray]],
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    first, boxes = items[0]
+    extra = 0 if first.linear else 1  # labels: one more channel, 1 inside the array, 0 outside
+    # (N, C, [Z,] Y, X): the flat axis of a 2D grid dropped.
+    shape = (boxes.shape[0] + extra, *(boxes.shape[1 + p] for p in first.grid_axes))
+    source = np.empty((len(items), *shape), dtype=np.float32)
+    for n, (plan, boxes) in enumerate(items):
+        source[n, : boxes.shape[0]] = boxes.reshape(boxes.shape[0], *shape[1:])
+        if extra:
+            source[n, -1] = _inside(plan).reshape(shape[1:])
+    grid = torch.from_numpy(np.stack([plan.grid for plan, _ in items]))  # (N, [Z,] Y, X, k)
+    mode = "bilinear" if first.linear else "nearest"
+    out = F.grid_sample(
+        torch.from_numpy(source), grid, mode=mode, padding_mode="zeros", align_corners=True
+    )
+    out = out.numpy().reshape(len(items), -1, *first.out_shape)  # (N, C, Z, Y, X)
+    if first.linear:
+        return [(values, None) for values in out]
+    return [(values[:-1], None if inside.all() else inside)
+            for values, inside in zip(out, out[:, -1] > 0.5, strict=True)]  # fmt: skip
+
+
+def _inside(plan: Plan) -> np.ndarray:
+    """Box mask (Z, Y, X) of voxels inside the source array."""
+    axes = [
+        (np.arange(a, b) >= 0) & (np.arange(a, b) < n)
+        for a, b, n in zip(plan.start, plan.stop, plan.src_shape, strict=True)
+    ]
+    return axes[0][:, None, None] & axes[1][None, :, None] & axes[2]

@@ -1,0 +1,215 @@
+"""From a config and its datasplit to torch DataLoaders: crops, datasets, sampler, workers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from csc.config import TrainConfig
+from csc.data.datasets import (
+    Crop,
+    EpochSampler,
+    PatchSpec,
+    TrainPatches,
+    ValidationTiles,
+    crop_probabilities,
+)
+from csc.data.sources import ArraySource, MetadataReader, tensorstore_used_here
+from csc.datasplit import DatasplitRow, count_nonzero, read_datasplit
+from csc.storage import is_s3
+
+# DataLoader arguments csc sets itself; a config's dataloader_kwargs may not override them.
+OWN_LOADER_ARGS = ("dataset", "batch_size", "shuffle", "sampler", "batch_sampler", "collate_fn",
+                   "drop_last")  # fmt: skip
+WORKER_ONLY_ARGS = ("prefetch_factor", "persistent_workers", "multiprocessing_context")
+
+
+# --- Crops from datasplit rows -------------------------------------------------------------
+
+
+def load_crops(
+    rows: Sequence[DatasplitRow], classes: Sequence[str], spec: PatchSpec, *,
+    endpoint_url: str | None = None,
+) -> list[Crop]:  # fmt: skip
+    """Resolve rows into crops from metadata only (no array data), reading concurrently."""
+    readers: dict[bool, MetadataReader] = {}
+    for row in rows:
+        if is_s3(row.raw_root) not in readers:
+            readers[is_s3(row.raw_root)] = MetadataReader(row.raw_root, endpoint_url=endpoint_url)
+    raw_scale, label_scale = spec.input.scale, spec.target.scale
+
+    def resolve(row: DatasplitRow) -> Crop:
+        reader = readers[is_s3(row.raw_root)]
+        raw = reader.source(f"{row.raw_root}/{row.raw_path}", raw_scale, label=False)
+        labels = tuple(
+            reader.source(f"{row.gt_root}/{row.gt_path}/{name}", label_scale, label=True)
+            if name in row.classes else None
+            for name in classes
+        )  # fmt: skip
+        present = [label for label in labels if label is not None]
+        if not present:
+            raise ValueError(
+                f"crop {row.dataset}/{row.crop} annotates none of {', '.join(classes)}"
+            )
+        bounds = [label.level.bounds() for label in present]
+        low = np.min([b[0] for b in bounds], axis=0)
+        high = np.max([b[1] for b in bounds], axis=0)
+        return Crop(f"{row.dataset}/{row.crop}", raw, labels, _vec(low), _vec(high))
+
+    reader = next(iter(readers.values()))
+    return reader.map(resolve, list(rows))
+
+
+def _vec(values: np.ndarray) -> tuple[float, float, float]:
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+# --- Foreground counts for the weighted sampler --------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Where csc caches what it computed about the data: $CSC_CACHE_DIR or ~/.cache/csc."""
+    if os.environ.get("CSC_CACHE_DIR"):
+        return Path(os.environ["CSC_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "csc"
+
+
+def fill_foreground(crops: Sequence[Crop], *, endpoint_url: str | None = None) -> list[Crop]:
+    """Crops whose label sources all know their foreground voxels: from CellMap's
+    complement_counts metadata, else counted once and cached in `cache_dir()` (never in the
+    user's data)."""
+    missing = {lab.url for c in crops for lab in c.labels if lab and lab.foreground is None}
+    if not missing:
+        return list(crops)
+    path = cache_dir() / "foreground-counts.json"
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    shapes = {lab.url: list(lab.level.shape) for c in crops for lab in c.labels if lab}
+    for url in sorted(missing):
+        entry = cache.get(url)
+        if entry is None or entry.get("shape") != shapes[url]:
+            count = count_nonzero(url, endpoint_url=endpoint_url)
+            cache[url] = {"shape": shapes[url], "foreground": count}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(cache, indent=1, sort_keys=True))
+    temporary.replace(path)  # atomic: a concurrent reader sees the old or the new file
+
+    def counted(label: ArraySource | None) -> ArraySource | None:
+        if label is None or label.foreground is not None:
+            return label
+        return dataclasses.replace(label, foreground=int(cache[label.url]["foreground"]))
+
+    return [
+        dataclasses.replace(crop, labels=tuple(counted(lab) for lab in crop.labels))
+        for crop in crops
+    ]
+
+
+# --- Datasets and loaders from a config ----------------------------------------------------
+
+
+@dataclasses.dataclass
+class Loaders:
+    """The training loader (exactly `iterations_per_epoch` batches per epoch) and validation."""
+
+    train: torch.utils.data.DataLoader
+    validate: torch.utils.data.DataLoader | None
+    sampler: EpochSampler
+
+
+def build_datasets(
+    config: TrainConfig, rows: Sequence[DatasplitRow] | None = None
+) -> tuple[TrainPatches, ValidationTiles | None]:
+    """The training and validation datasets of a config (rows default to its datasplit CSV)."""
+    rows = read_datasplit(config.datasplit_path) if rows is None else rows
+    spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
+    crops = load_crops(rows, config.classes, spec)
+    train = [c for c, r in zip(crops, rows, strict=True) if r.usage == "train"]
+    validate = [c for c, r in zip(crops, rows, strict=True) if r.usage == "validate"]
+    if not train:
+        raise ValueError(
+            f"{config.datasplit_path} has no 'train' crops; rebuild it (csc datasplit) or lower "
+            "validation_prob"
+        )
+    if config.weighted_sampler:
+        train = fill_foreground(train)
+    common = {"chunk_cache_mb": config.chunk_cache_mb, "target_transform":
+              config.target_value_transforms}  # fmt: skip
+    train_set = TrainPatches(
+        train, spec,
+        num_samples=config.iterations_per_epoch * config.batch_size,
+        seed=config.random_seed,
+        spatial_transforms=config.spatial_transforms,
+        probabilities=crop_probabilities(
+            train, weighted=config.weighted_sampler, classes=config.classes
+        ),
+        raw_transform=config.train_raw_value_transforms,
+        **common,
+    )  # fmt: skip
+    validate_set = None
+    if validate:
+        limit = None
+        if config.validation_batch_limit is not None:
+            limit = config.validation_batch_limit * config.batch_size
+        elif config.validation_time_limit is not None:
+            limit = sys.maxsize  # every tile, in a seeded order: time cuts the same prefix
+        validate_set = ValidationTiles(
+            validate, spec, limit=limit, seed=config.random_seed,
+            raw_transform=config.val_raw_value_transforms, **common,
+        )  # fmt: skip
+    return train_set, validate_set
+
+
+def build_loaders(
+    config: TrainConfig,
+    rows: Sequence[DatasplitRow] | None = None,
+    *,
+    start_epoch: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Loaders:
+    """DataLoaders for a config: an epoch of the training loader is exactly
+    `iterations_per_epoch` batches of `batch_size`; validation tiles come in a fixed order."""
+    train_set, validate_set = build_datasets(config, rows)
+    sampler = EpochSampler(
+        train_set.num_samples, start_epoch=start_epoch, rank=rank, world_size=world_size
+    )
+    kwargs = loader_kwargs(config.dataloader_kwargs)
+    train = torch.utils.data.DataLoader(
+        train_set, batch_size=config.batch_size, sampler=sampler, **kwargs
+    )
+    validate = None
+    if validate_set is not None:
+        validate = torch.utils.data.DataLoader(
+            validate_set, batch_size=config.batch_size, shuffle=False, **kwargs
+        )
+    return Loaders(train, validate, sampler)
+
+
+def loader_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    """The config's dataloader_kwargs for torch's DataLoader, checked, with csc's defaults."""
+    taken = sorted(set(options) & set(OWN_LOADER_ARGS))
+    if taken:
+        raise ValueError(
+            f"dataloader_kwargs may not set {', '.join(taken)}: csc sets them from batch_size, "
+            "iterations_per_epoch and the datasplit"
+        )
+    kwargs = dict(options)
+    if not kwargs.get("num_workers"):
+        for name in WORKER_ONLY_ARGS:  # meaningless without workers; torch would refuse them
+            kwargs.pop(name, None)
+        return kwargs
+    if "multiprocessing_context" not in kwargs and tensorstore_used_here():
+        # A fork of a process that has used tensorstore aborts; start workers fresh instead.
+        kwargs["multiprocessing_context"] = "spawn"
+    return kwargs
+

@@ -1,0 +1,278 @@
+"""Where patches come from: multiscale arrays described by small metadata, read with tensorstore.
+
+Metadata (OME-NGFF ``multiscales``, ``.zarray`` shapes, CellMap annotation attributes) is read
+with fsspec, never tensorstore: tensorstore aborts a process forked after it has been used, and
+DataLoader workers are forked from the process that builds the datasets. Array data is read with
+tensorstore, through stores opened lazily in whichever process reads them (`open_array`).
+
+Coordinates are world nanometers in (z, y, x) order; a level's ``translation`` is the centre of
+its voxel 0, so voxel ``i`` covers ``translation + (i - 1/2) * scale`` to ``... + (i + 1/2)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from csc.storage import (
+    StorageError,
+    filesystem_for,
+    has_aws_credentials,
+    is_s3,
+    s3_endpoint,
+    s3_errors,
+)
+
+Vec3 = tuple[float, float, float]
+DEFAULT_CHUNK_CACHE_MB = 256
+MAX_METADATA_THREADS = 32
+# tensorstore's own retry loop for S3 requests that fail transiently (5xx, 429, timeouts).
+S3_RETRIES = {"max_retries": 5, "initial_delay": "0.2s", "max_delay": "5s"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+    """One scale level of a multiscale group: its array path, voxel size and placement."""
+
+    path: str  # array inside the group, e.g. "s1"
+    scale: Vec3  # nm per voxel, (z, y, x)
+    translation: Vec3  # nm, centre of voxel 0
+    shape: tuple[int, int, int] = (0, 0, 0)  # voxels; filled in once the level is chosen
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """World extent (nm) of the level's voxels: first and last voxel edges, (z, y, x)."""
+        scale, origin = np.asarray(self.scale), np.asarray(self.translation)
+        return origin - scale / 2, origin + (np.asarray(self.shape) - 0.5) * scale
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySource:
+    """One array to read patches from: a multiscale group and the level chosen for a scale."""
+
+    group: str  # group URL: a local path or s3://bucket/key
+    level: Level
+    absent: int | None = None  # label encoding: the value for background (None: raw data)
+    unknown: int | None = None  # label encoding: the value for "not annotated here"
+    foreground: int | None = None  # label voxels that are present, from complement_counts
+
+    @property
+    def url(self) -> str:
+        return f"{self.group}/{self.level.path}"
+
+
+def choose_level(levels: Sequence[Level], scale: Sequence[float]) -> Level:
+    """The coarsest level not coarser than `scale` on any axis; else the finest level."""
+    fine = [lv for lv in levels if all(s <= w * (1 + 1e-6) for s, w in zip(lv.scale, scale))]
+    if fine:
+        return max(fine, key=lambda lv: math.prod(lv.scale))
+    return min(levels, key=lambda lv: math.prod(lv.scale))
+
+
+def parse_multiscales(attrs: dict[str, Any], group: str) -> list[Level]:
+    """The levels of an OME-NGFF 0.4 ``multiscales`` attribute (scale and translation, nm)."""
+    try:
+        multiscale = attrs["multiscales"][0]
+        levels = []
+        for dataset in multiscale["datasets"]:
+            transforms = {t["type"]: t for t in dataset.get("coordinateTransformations", [])}
+            scale = transforms["scale"]["scale"]
+            translation = transforms.get("translation", {}).get("translation", [0.0] * len(scale))
+            levels.append(Level(dataset["path"], _vec3(scale), _vec3(translation)))
+    except (KeyError, IndexError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"{group} has no usable OME-NGFF 'multiscales' metadata ({type(error).__name__}: "
+            f"{error}); each level needs 'scale' and 'translation' transforms in (z, y, x) nm"
+        ) from None
+    if not levels:
+        raise ValueError(f"{group}: 'multiscales' lists no datasets (levels)")
+    return levels
+
+
+def _vec3(values: Sequence[float]) -> Vec3:
+    if len(values) != 3:
+        raise ValueError(f"expected 3 values (z, y, x), got {list(values)}")
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+class MetadataReader:
+    """Reads the small JSON files of zarr v2 groups and arrays, locally or on S3, cached."""
+
+    def __init__(self, root: str, *, endpoint_url: str | None = None) -> None:
+        self.root = root
+        self.endpoint_url = endpoint_url
+        self.fs = filesystem_for(root, endpoint_url=endpoint_url)
+        self._cache: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def json(self, path: str, *, missing_ok: bool = False) -> dict[str, Any]:
+        import json
+
+        with self._lock:
+            if path in self._cache:
+                return self._cache[path]
+        try:
+            with s3_errors(path, self.endpoint_url):
+                value = json.loads(self.fs.cat_file(path.removeprefix("s3://")))
+        except FileNotFoundError:
+            if missing_ok:
+                return {}
+            raise FileNotFoundError(
+                f"{path} not found: is the datasplit CSV out of date? Rebuild it with "
+                "`csc datasplit ... --overwrite`"
+            ) from None
+        with self._lock:
+            self._cache[path] = value
+        return value
+
+    def map(self, function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        if len(items) <= 1:
+            return [function(item) for item in items]
+        with ThreadPoolExecutor(min(MAX_METADATA_THREADS, len(items))) as pool:
+            return list(pool.map(function, items))
+
+    def source(self, group: str, scale: Sequence[float], *, label: bool) -> ArraySource:
+        """The level of `group` to read at `scale` (nm), with its shape and label encoding."""
+        if ".n5/" in group + "/":
+            raise ValueError(
+                f"{group}: N5 arrays are not read by csc's data loader yet; convert the raw "
+                "to OME-NGFF zarr"
+            )
+        level = choose_level(parse_multiscales(self.json(f"{group}/.zattrs"), group), scale)
+        array = self.json(f"{group}/{level.path}/.zarray")
+        level = dataclasses.replace(level, shape=_vec3i(array["shape"], f"{group}/{level.path}"))
+        if not label:
+            return ArraySource(group, level)
+        attrs = self.json(f"{group}/{level.path}/.zattrs", missing_ok=True)
+        annotation = attrs.get("cellmap", {}).get("annotation", {})
+        encoding = annotation.get("annotation_type", {}).get("encoding", {})
+        counts = annotation.get("complement_counts")
+        foreground = None
+        if isinstance(counts, dict):
+            foreground = math.prod(level.shape) - int(sum(counts.values()))
+        return ArraySource(
+            group, level, encoding.get("absent", 0), encoding.get("unknown"), foreground
+        )
+
+
+def _vec3i(values: Sequence[int], where: str) -> tuple[int, int, int]:
+    if len(values) != 3:
+        raise ValueError(f"{where} has {len(values)} dimensions; csc reads 3D (z, y, x) arrays")
+    return (int(values[0]), int(values[1]), int(values[2]))
+
+
+# --- Reading array data with tensorstore, per process -------------------------------------
+
+_STATE: dict[str, Any] = {"pid": None, "context": None, "stores": {}, "cache_mb": None}
+_STATE_LOCK = threading.Lock()
+
+
+def tensorstore_used_here() -> bool:
+    """Whether this process has opened tensorstore arrays (a fork of it would then abort)."""
+    return _STATE["pid"] == os.getpid()
+
+
+def _context(cache_mb: int) -> Any:
+    import tensorstore as ts
+
+    if _STATE["pid"] != os.getpid() or _STATE["cache_mb"] != cache_mb:
+        _STATE.update(pid=os.getpid(), stores={}, cache_mb=cache_mb)
+        _STATE["context"] = ts.Context(
+            {
+                "cache_pool": {"total_bytes_limit": int(cache_mb) * 2**20},
+                "s3_request_retries": S3_RETRIES,
+            }
+        )
+    return _STATE["context"]
+
+
+def kvstore_spec(url: str, *, endpoint_url: str | None = None) -> dict[str, Any]:
+    """The tensorstore key-value store for a local folder or an s3:// prefix.
+
+    tensorstore ignores AWS_ENDPOINT_URL, so the endpoint goes into the spec; reads are
+    anonymous unless AWS credentials are set (which also avoids probing EC2 metadata).
+    """
+    if not is_s3(url):
+        return {"driver": "file", "path": os.path.abspath(url) + "/"}
+    bucket, _, key = url.removeprefix("s3://").partition("/")
+    spec: dict[str, Any] = {
+        "driver": "s3",
+        "bucket": bucket,
+        "path": key.rstrip("/") + "/",
+        "aws_region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        or "us-east-1",
+        "aws_credentials": {"type": "default" if has_aws_credentials() else "anonymous"},
+    }  # fmt: skip
+    endpoint = s3_endpoint(endpoint_url)
+    if endpoint:
+        spec["endpoint"] = endpoint
+    return spec
+
+
+def open_array(source: ArraySource, *, cache_mb: int = DEFAULT_CHUNK_CACHE_MB) -> Any:
+    """The tensorstore array of `source`'s level, opened once per process and kept."""
+    import tensorstore as ts
+
+    with _STATE_LOCK:
+        context = _context(cache_mb)
+        store = _STATE["stores"].get(source.url)
+        if store is None:
+            spec = {"driver": "zarr", "kvstore": kvstore_spec(source.url)}
+            try:
+                store = ts.open(spec, read=True, context=context).result()
+            except ValueError as error:
+                raise StorageError(_read_error(source.url, error)) from None
+            _STATE["stores"][source.url] = store
+    return store
+
+
+def _read_error(url: str, error: Exception) -> str:
+    first = str(error).split(" [tensorstore_spec=")[0]
+    hint = "check that it exists and is readable"
+    if "PERMISSION_DENIED" in first or "403" in first:
+        hint = "access was denied: check AWS credentials or that the bucket allows public reads"
+    return f"cannot read {url}: {first} ({hint})"
+
+
+class PendingRead:
+    """A box of an array being read: `result()` waits and returns it, zero outside bounds."""
+
+    def __init__(
+        self, source: ArraySource, start: Sequence[int], stop: Sequence[int], *, cache_mb: int
+    ) -> None:
+        store = open_array(source, cache_mb=cache_mb)
+        self.url = source.url
+        self.box = (tuple(start), tuple(stop))
+        self.dtype = store.dtype.numpy_dtype
+        lo = [max(a, 0) for a in start]
+        hi = [min(b, n) for b, n in zip(stop, source.level.shape, strict=True)]
+        self.out: np.ndarray | None = None
+        self.target: tuple[slice, ...] | None = None
+        if lo != list(start) or hi != list(stop):  # partly outside: zeros around what exists
+            shape = tuple(b - a for a, b in zip(start, stop, strict=True))
+            self.out = np.zeros(shape, dtype=self.dtype)
+            self.target = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start, strict=True))
+        self.future = None
+        if all(b > a for a, b in zip(lo, hi, strict=True)):
+            self.future = store[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].read()
+
+    def result(self) -> np.ndarray:
+        if self.future is not None:
+            try:
+                data = self.future.result()
+                if self.out is None:
+                    self.out = data
+                else:
+                    self.out[self.target] = data
+            except ValueError as error:  # tensorstore reports I/O errors as ValueError
+                raise StorageError(
+                    _read_error(f"{self.url} (voxels {self.box[0]} to {self.box[1]})", error)
+                ) from None
+            self.future = None
+        return self.out

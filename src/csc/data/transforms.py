@@ -1,0 +1,205 @@
+"""Augmentations: spatial transforms drawn per sample, and value transforms for raw patches.
+
+Spatial transforms use the existing config format, axes named z, y, x::
+
+    {"mirror": {"axes": {"x": 0.5, "y": 0.5}},      # flip each axis with this probability
+     "transpose": {"axes": ["x", "y"]},             # randomly permute these axes
+     "rotate": {"axes": {"z": [-180, 180]}}}        # degrees, uniform, about each axis
+
+They become one 3x3 matrix acting on (z, y, x) offsets from the patch centre (see
+`csc.data.geometry`), so raw and labels move together and rotations read whatever region they
+need (no undefined corners). For a 2D patch (a singleton z), rotating about z turns it in its
+plane; rotating about x or y tilts it, sampling oblique planes of the volume.
+
+Value transforms are callables on a torch tensor patch. The ones here draw their randomness from
+the sample's own generator (`sample_generator`), so results do not depend on worker count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+AXIS_INDEX = {"z": 0, "y": 1, "x": 2}
+
+_GENERATOR: contextvars.ContextVar[Any] = contextvars.ContextVar("csc_sample_generator")
+
+
+def spatial_matrix(transforms: Mapping[str, Any] | None, rng: np.random.Generator) -> np.ndarray:
+    """A random 3x3 matrix on (z, y, x) offsets: mirror, then transpose, then rotate."""
+    matrix = np.eye(3)
+    if not transforms:
+        return matrix
+    for name, spec in transforms.items():
+        if name == "mirror":
+            for axis, probability in spec["axes"].items():
+                if rng.random() < probability:
+                    flip = np.eye(3)
+                    flip[AXIS_INDEX[axis], AXIS_INDEX[axis]] = -1
+                    matrix = flip @ matrix
+        elif name == "transpose":
+            axes = [AXIS_INDEX[a] for a in spec["axes"]]
+            order = list(range(3))
+            for src, dst in zip(axes, rng.permutation(axes), strict=True):
+                order[src] = int(dst)
+            matrix = np.eye(3)[order] @ matrix
+        elif name == "rotate":
+            for axis, (low, high) in spec["axes"].items():
+                matrix = rotation(AXIS_INDEX[axis], rng.uniform(low, high)) @ matrix
+    return matrix
+
+
+def rotation(axis: int, degrees: float) -> np.ndarray:
+    """Rotation by `degrees` about axis 0, 1 or 2 (z, y, x), in the plane of the other two."""
+    i, j = [k for k in range(3) if k != axis]
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    matrix = np.eye(3)
+    matrix[i, i], matrix[i, j], matrix[j, i], matrix[j, j] = c, -s, s, c
+    return matrix
+
+
+# --- Value transforms --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def sample_generator(seed: int) -> Iterator[Any]:
+    """Make a torch generator seeded for one sample the current one for value transforms."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    token = _GENERATOR.set(generator)
+    try:
+        yield generator
+    finally:
+        _GENERATOR.reset(token)
+
+
+def current_generator() -> Any:
+    """The sample's generator inside a csc loader; torch's default one elsewhere."""
+    import torch
+
+    return _GENERATOR.get(None) or torch.default_generator
+
+
+def _uniform(low: float, high: float) -> float:
+    import torch
+
+    return low + (high - low) * float(torch.rand((), generator=current_generator()))
+
+
+class Compose:
+    """Apply transforms in order."""
+
+    def __init__(self, transforms: Sequence[Callable[[Any], Any]]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, x: Any) -> Any:
+        for transform in self.transforms:
+            x = transform(x)
+        return x
+
+    def __repr__(self) -> str:
+        return f"Compose({self.transforms!r})"
+
+
+class Normalize:
+    """Stored values to float32 in [0, 1]: integers divided by their type's maximum."""
+
+    def __call__(self, x: Any) -> Any:
+        import torch
+
+        if x.dtype.is_floating_point:
+            return x.float()
+        return x.float() / float(torch.iinfo(x.dtype).max)
+
+    def __repr__(self) -> str:
+        return "Normalize()"
+
+
+class _Random:
+    """Applied with probability `p`; parameters drawn from the sample's generator."""
+
+    def __init__(self, p: float) -> None:
+        if not 0 <= p <= 1:
+            raise ValueError(f"{type(self).__name__}: p must be in [0, 1], got {p}")
+        self.p = p
+
+    def __call__(self, x: Any) -> Any:
+        return self.apply(x) if _uniform(0, 1) < self.p else x
+
+    def apply(self, x: Any) -> Any:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+class RandomGamma(_Random):
+    """x ** gamma with gamma drawn from `gamma` (a [0, 1] float patch stays in [0, 1])."""
+
+    def __init__(self, gamma: tuple[float, float] = (0.7, 1.5), p: float = 0.5) -> None:
+        super().__init__(p)
+        self.gamma = gamma
+
+    def apply(self, x: Any) -> Any:
+        return x.clamp(min=0) ** _uniform(*self.gamma)
+
+
+class RandomContrast(_Random):
+    """Scale deviations from the patch mean by a factor drawn from `factor`."""
+
+    def __init__(self, factor: tuple[float, float] = (0.75, 1.25), p: float = 0.5) -> None:
+        super().__init__(p)
+        self.factor = factor
+
+    def apply(self, x: Any) -> Any:
+        mean = x.mean()
+        return (x - mean) * _uniform(*self.factor) + mean
+
+
+class GaussianNoise(_Random):
+    """Add Gaussian noise with a standard deviation drawn from `std` (patch value units)."""
+
+    def __init__(self, std: tuple[float, float] = (0.0, 0.05), p: float = 0.5) -> None:
+        super().__init__(p)
+        self.std = std
+
+    def apply(self, x: Any) -> Any:
+        import torch
+
+        noise = torch.randn(x.shape, generator=current_generator(), dtype=x.dtype)
+        return x + noise * _uniform(*self.std)
+
+
+class GaussianBlur(_Random):
+    """Blur every spatial axis with a Gaussian of sigma drawn from `sigma` (voxels)."""
+
+    def __init__(self, sigma: tuple[float, float] = (0.5, 1.5), p: float = 0.5) -> None:
+        super().__init__(p)
+        self.sigma = sigma
+
+    def apply(self, x: Any) -> Any:
+        import torch
+        import torch.nn.functional as F  # noqa: N812
+
+        sigma = _uniform(*self.sigma)
+        radius = max(1, math.ceil(3 * sigma))
+        taps = torch.arange(-radius, radius + 1, dtype=x.dtype)
+        kernel = torch.exp(-(taps**2) / (2 * sigma**2))
+        kernel = kernel / kernel.sum()
+        out = x[None]  # (1, C, *spatial): blur each spatial axis in turn, edges replicated
+        for axis in range(2, out.dim()):
+            if out.shape[axis] == 1:
+                continue
+            moved = out.movedim(axis, -1)
+            flat = moved.reshape(-1, 1, moved.shape[-1])
+            flat = F.pad(flat, (radius, radius), mode="replicate")
+            flat = F.conv1d(flat, kernel.view(1, 1, -1))
+            out = flat.reshape(moved.shape).movedim(-1, axis)
+        return out[0]
