@@ -41,7 +41,8 @@ class PatchSpec:
     @classmethod
     def from_arrays(cls, input_info: ArrayInfo, target_info: ArrayInfo) -> PatchSpec:
         (input_grid, input_plane), (target_grid, target_plane) = (
-            _grid(input_info), _grid(target_info)
+            _grid(input_info),
+            _grid(target_info),
         )
         if input_plane != target_plane:
             raise ValueError(

@@ -74,7 +74,8 @@ def plan_read(
     `radius` (source voxels per axis) bounds a rotated patch: half its diagonal."""
     rows = a.tolist()
     nonzero = [[abs(v) > EPS for v in row] for row in rows]
-    if all(sum(row) == 1 for row in nonzero) and all(sum(col) == 1 for col in zip(*nonzero)):
+    columns = zip(*nonzero, strict=True)
+    if all(sum(row) == 1 for row in nonzero) and all(sum(col) == 1 for col in columns):
         return _plan_axes(rows, b.tolist(), out_shape, src_shape, linear=linear)
     if radius is None:
         radius = np.abs(a) @ ((np.asarray(out_shape) - 1) / 2)
@@ -153,7 +154,9 @@ def _plan_linear(perm: tuple[int, int, int], steps: list[float], firsts: list[fl
         tuple(start), tuple(stop), None, perm=perm,  # type: ignore[arg-type]
         index=[x - start[perm[j]] for j, x in enumerate(lowers)],
         upper=[x - start[perm[j]] + 1 for j, x in enumerate(lowers)],
-        weight=[np.clip(c - x, 0, 1).astype(np.float32) for c, x in zip(coords, lowers, strict=True)],
+        weight=[
+            np.clip(c - x, 0, 1).astype(np.float32) for c, x in zip(coords, lowers, strict=True)
+        ],
         linear=True,
     )  # fmt: skip
 
@@ -175,8 +178,9 @@ def _plan_affine(
     half = [(n - 1) / 2 for n in out_shape]
     low, size = [0, 0, 0], [0, 0, 0]
     for p in range(3):
-        middle = sum(v * h for v, h in zip(rows[p], half)) + offsets[p]  # patch centre
-        spread = sum(abs(v) * 2 * h for v, h in zip(rows[p], half))  # its reach along p
+        pairs = list(zip(rows[p], half, strict=True))
+        middle = sum(v * h for v, h in pairs) + offsets[p]  # the patch centre
+        spread = sum(abs(v) * 2 * h for v, h in pairs)  # how far the patch reaches along p
         if spread < EPS and (not linear or _is_int(middle)):
             # The patch does not move along p (a 2D patch turned in its own plane): one voxel,
             # and a 2D grid_sample, several times faster than a 3D one.
@@ -218,7 +222,9 @@ def _affine_grid(step: list[list[float]], offset: list[float], shape: list[int])
     return grid
 
 
-def resample(items: Sequence[tuple[Plan, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+def resample(
+    items: Sequence[tuple[Plan, np.ndarray]],
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """Sample each (plan, boxes (C, Z, Y, X)) pair: (C, *out_shape) values and the mask of
     output voxels inside the array (None: all are). Values keep the boxes' dtype on the exact
     path (bit-exact) and are float32 when interpolated or rotated. Rotated items with the same
@@ -238,7 +244,8 @@ def resample(items: Sequence[tuple[Plan, np.ndarray]]) -> list[tuple[np.ndarray,
 
 
 def _apply_axes(plan: Plan, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    assert plan.perm is not None and plan.index is not None
+    assert plan.perm is not None
+    assert plan.index is not None
     # (C, Z, Y, X) source order -> output order: output axis j is source axis perm[j].
     out = boxes.transpose(0, *(p + 1 for p in plan.perm))
     if plan.upper is None:

@@ -212,4 +212,3 @@ def loader_kwargs(options: dict[str, Any]) -> dict[str, Any]:
         # A fork of a process that has used tensorstore aborts; start workers fresh instead.
         kwargs["multiprocessing_context"] = "spawn"
     return kwargs
-

@@ -69,7 +69,10 @@ class ArraySource:
 
 def choose_level(levels: Sequence[Level], scale: Sequence[float]) -> Level:
     """The coarsest level not coarser than `scale` on any axis; else the finest level."""
-    fine = [lv for lv in levels if all(s <= w * (1 + 1e-6) for s, w in zip(lv.scale, scale))]
+    fine = [
+        lv for lv in levels
+        if all(s <= w * (1 + 1e-6) for s, w in zip(lv.scale, scale, strict=True))
+    ]  # fmt: skip
     if fine:
         return max(fine, key=lambda lv: math.prod(lv.scale))
     return min(levels, key=lambda lv: math.prod(lv.scale))
