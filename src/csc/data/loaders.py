@@ -20,6 +20,7 @@ from csc.data.datasets import (
     PatchSpec,
     TrainPatches,
     ValidationTiles,
+    collate,
     crop_probabilities,
 )
 from csc.data.sources import ArraySource, MetadataReader, tensorstore_used_here
@@ -185,12 +186,12 @@ def build_loaders(
     )
     kwargs = loader_kwargs(config.dataloader_kwargs)
     train = torch.utils.data.DataLoader(
-        train_set, batch_size=config.batch_size, sampler=sampler, **kwargs
+        train_set, batch_size=config.batch_size, sampler=sampler, collate_fn=collate, **kwargs
     )
     validate = None
     if validate_set is not None:
         validate = torch.utils.data.DataLoader(
-            validate_set, batch_size=config.batch_size, shuffle=False, **kwargs
+            validate_set, batch_size=config.batch_size, shuffle=False, collate_fn=collate, **kwargs
         )
     return Loaders(train, validate, sampler)
 
