@@ -595,10 +595,10 @@ def _foreground(lister: Lister, crop: DatasplitRow, label: str, options: CrawlOp
     level = attrs["multiscales"][0]["datasets"][0]["path"]
     array = f"{_strip(group)}/{level}"
     annotation = lister.read_json(f"{array}/.zattrs").get("cellmap", {}).get("annotation", {})
-    absent = annotation.get("complement_counts", {}).get("absent")
-    if absent is not None:
+    counts = annotation.get("complement_counts")
+    if isinstance(counts, dict) and counts:  # absent (and unknown) voxels: not foreground
         shape = lister.read_json(f"{array}/.zarray")["shape"]
-        return int(_product(shape) - absent)
+        return int(_product(shape) - sum(counts.values()))
     return count_nonzero(f"{group}/{level}", endpoint_url=options.endpoint_url)
 
 
@@ -613,9 +613,8 @@ def _product(values: Iterable[int]) -> int:
     return result
 
 
-def count_nonzero(array_url: str, *, endpoint_url: str | None = None) -> int:
-    """Non-zero voxels of a zarr array, read one chunk-row slab at a time to bound memory."""
-    import numpy as np
+def open_zarr(array_url: str, *, endpoint_url: str | None = None) -> Any:
+    """A zarr array, local or on S3 (anonymous unless credentials are set), for reading."""
     import zarr
 
     storage_options = None
@@ -625,6 +624,13 @@ def count_nonzero(array_url: str, *, endpoint_url: str | None = None) -> int:
             "endpoint_url": s3_endpoint(endpoint_url),
             "config_kwargs": S3_CLIENT_CONFIG,  # bounded retries, as for the crawl
         }
-    array = zarr.open_array(array_url, mode="r", storage_options=storage_options)
+    return zarr.open_array(array_url, mode="r", storage_options=storage_options)
+
+
+def count_nonzero(array_url: str, *, endpoint_url: str | None = None) -> int:
+    """Non-zero voxels of a zarr array, read one chunk-row slab at a time to bound memory."""
+    import numpy as np
+
+    array = open_zarr(array_url, endpoint_url=endpoint_url)
     step = array.chunks[0]
     return sum(int(np.count_nonzero(array[z : z + step])) for z in range(0, array.shape[0], step))

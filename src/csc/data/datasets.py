@@ -150,8 +150,8 @@ class PatchDataset(torch.utils.data.Dataset):
     def _input(self, values: np.ndarray, dtype: np.dtype) -> torch.Tensor:
         """Raw values to the model's input: the config's transform, else scaled to [0, 1]."""
         if self.raw_transform is None and np.issubdtype(dtype, np.integer):
-            scale = np.float32(1 / np.iinfo(dtype).max)  # the default: Normalize, done in numpy
-            return torch.from_numpy(values.astype(np.float32) * scale)
+            maximum = np.float32(np.iinfo(dtype).max)  # the default, Normalize, done in numpy
+            return torch.from_numpy(values.astype(np.float32) / maximum)
         if values.dtype != dtype and np.issubdtype(dtype, np.integer):
             info = np.iinfo(dtype)  # interpolated: back to the stored type the transform expects
             values = np.clip(np.rint(values), info.min, info.max).astype(dtype)
@@ -220,7 +220,8 @@ def snap(centre: np.ndarray, grid: Grid, source: ArraySource) -> np.ndarray:
     scale = np.asarray(source.level.scale)
     origin = np.asarray(source.level.translation)
     half = (np.asarray(grid.shape) - 1) / 2 * np.asarray(grid.scale)
-    first = np.rint((centre - half - origin) / scale) * scale + origin
+    # floor(x + 0.5), not rint: ties must all go the same way, or neighbouring tiles overlap.
+    first = np.floor((centre - half - origin) / scale + 0.5) * scale + origin
     return first + half
 
 

@@ -24,7 +24,7 @@ from csc.data.datasets import (
     crop_probabilities,
 )
 from csc.data.sources import ArraySource, MetadataReader, tensorstore_used_here
-from csc.datasplit import DatasplitRow, count_nonzero, read_datasplit
+from csc.datasplit import DatasplitRow, open_zarr, read_datasplit
 from csc.storage import is_s3
 
 # DataLoader arguments csc sets itself; a config's dataloader_kwargs may not override them.
@@ -41,17 +41,19 @@ def load_crops(
     endpoint_url: str | None = None,
 ) -> list[Crop]:  # fmt: skip
     """Resolve rows into crops from metadata only (no array data), reading concurrently."""
-    readers: dict[bool, MetadataReader] = {}
-    for row in rows:
-        if is_s3(row.raw_root) not in readers:
-            readers[is_s3(row.raw_root)] = MetadataReader(row.raw_root, endpoint_url=endpoint_url)
+    readers = {  # one per kind of location: raw and labels may live in different ones
+        s3: MetadataReader("s3://" if s3 else ".", endpoint_url=endpoint_url)
+        for s3 in {is_s3(root) for row in rows for root in (row.raw_root, row.gt_root)}
+    }
     raw_scale, label_scale = spec.input.scale, spec.target.scale
 
+    def source(group: str, scale: tuple[float, float, float], *, label: bool) -> ArraySource:
+        return readers[is_s3(group)].source(group, scale, label=label)
+
     def resolve(row: DatasplitRow) -> Crop:
-        reader = readers[is_s3(row.raw_root)]
-        raw = reader.source(f"{row.raw_root}/{row.raw_path}", raw_scale, label=False)
+        raw = source(f"{row.raw_root}/{row.raw_path}", raw_scale, label=False)
         labels = tuple(
-            reader.source(f"{row.gt_root}/{row.gt_path}/{name}", label_scale, label=True)
+            source(f"{row.gt_root}/{row.gt_path}/{name}", label_scale, label=True)
             if name in row.classes else None
             for name in classes
         )  # fmt: skip
@@ -88,17 +90,16 @@ def fill_foreground(crops: Sequence[Crop], *, endpoint_url: str | None = None) -
     """Crops whose label sources all know their foreground voxels: from CellMap's
     complement_counts metadata, else counted once and cached in `cache_dir()` (never in the
     user's data)."""
-    missing = {lab.url for c in crops for lab in c.labels if lab and lab.foreground is None}
+    missing = {lab.url: lab for c in crops for lab in c.labels if lab and lab.foreground is None}
     if not missing:
         return list(crops)
     path = cache_dir() / "foreground-counts.json"
     cache = json.loads(path.read_text()) if path.is_file() else {}
-    shapes = {lab.url: list(lab.level.shape) for c in crops for lab in c.labels if lab}
-    for url in sorted(missing):
+    for url, label in sorted(missing.items()):
         entry = cache.get(url)
-        if entry is None or entry.get("shape") != shapes[url]:
-            count = count_nonzero(url, endpoint_url=endpoint_url)
-            cache[url] = {"shape": shapes[url], "foreground": count}
+        if entry is None or entry.get("shape") != list(label.level.shape):
+            count = count_foreground(label, endpoint_url=endpoint_url)
+            cache[url] = {"shape": list(label.level.shape), "foreground": count}
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".{os.getpid()}.tmp")
     temporary.write_text(json.dumps(cache, indent=1, sort_keys=True))
@@ -113,6 +114,22 @@ def fill_foreground(crops: Sequence[Crop], *, endpoint_url: str | None = None) -
         dataclasses.replace(crop, labels=tuple(counted(lab) for lab in crop.labels))
         for crop in crops
     ]
+
+
+def count_foreground(label: ArraySource, *, endpoint_url: str | None = None) -> int:
+    """Voxels of a label array that are neither its `absent` nor its `unknown` value, read
+    with zarr (not tensorstore: this runs in the process that forks the loader's workers)
+    one chunk-row slab at a time to bound memory."""
+    array = open_zarr(label.url, endpoint_url=endpoint_url)
+    step = array.chunks[0]
+    total = 0
+    for z in range(0, array.shape[0], step):
+        slab = array[z : z + step]
+        present = slab != label.absent
+        if label.unknown is not None:
+            present &= slab != label.unknown
+        total += int(np.count_nonzero(present))
+    return total
 
 
 # --- Datasets and loaders from a config ----------------------------------------------------
