@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -59,10 +60,11 @@ class Plan:
     index: list[np.ndarray | slice] | None = None  # per output axis, into the permuted box
     upper: list[np.ndarray] | None = None  # linear: second index and weight per output axis
     weight: list[np.ndarray] | None = None
-    grid: np.ndarray | None = None  # rotated: grid_sample's grid over the box
+    grid: np.ndarray | None = None  # rotated: (k, k + 1) map, output index -> grid position
     linear: bool = False
     src_shape: tuple[int, ...] = ()  # rotated: the array's shape, to mask what lies outside
     grid_axes: tuple[int, ...] = ()  # rotated: source axes the grid moves along (2 or 3)
+    grid_shape: tuple[int, ...] = ()  # rotated: output axes it spans (2 or 3)
     out_shape: tuple[int, ...] = ()
 
 
@@ -198,27 +200,32 @@ def _plan_affine(
     norm = [2 / (size[p] - 1) if size[p] > 1 else 0.0 for p in range(3)]
     step = [[rows[p][j] * norm[p] for j in moving_out] for p in moving_src]
     offset = [(offsets[p] - low[p]) * norm[p] - 1 if size[p] > 1 else 0.0 for p in moving_src]
-    grid = _affine_grid(step, offset, [int(out_shape[j]) for j in moving_out])
+    grid_shape = [int(out_shape[j]) for j in moving_out]
     return Plan(
         (low[0], low[1], low[2]), (low[0] + size[0], low[1] + size[1], low[2] + size[2]), None,
-        grid=grid, linear=linear, src_shape=tuple(src_shape), grid_axes=tuple(moving_src),
+        grid=np.concatenate([np.asarray(step), np.asarray(offset)[:, None]], axis=1),
+        linear=linear, src_shape=tuple(src_shape),
+        grid_axes=tuple(moving_src), grid_shape=tuple(grid_shape),
     )  # fmt: skip
 
 
-def _affine_grid(step: list[list[float]], offset: list[float], shape: list[int]) -> np.ndarray:
-    """grid_sample's grid: (*shape, k) normalised positions, last axis in (x, y[, z]) order,
-    for k source axes (rows of `step`) moving linearly with the output index along each axis."""
-    k = len(shape)
-    grid = np.empty((*shape, k), dtype=np.float32)
-    ramps = [np.arange(n, dtype=np.float32) for n in shape]
-    for row in range(k):
-        # Sum of one ramp per output axis, broadcast: no (N, k) temporaries.
-        terms = [(ramps[j] * step[row][j]).reshape([-1 if i == j else 1 for i in range(k)])
-                 for j in range(k)]  # fmt: skip
-        total = terms[0] + np.float32(offset[row])
-        for term in terms[1:]:
-            total = total + term
-        grid[..., k - 1 - row] = total  # row 0 is the slowest source axis: last in the grid
+def _grids(maps: Any, shape: Sequence[int]) -> Any:
+    """grid_sample's grids (N, *shape, k) for N affine maps (N, k, k + 1): position of source
+    axis p at output index i is maps[:, p, :k] @ i + maps[:, p, k], last axis first in the grid.
+    Built as broadcast sums of ramps: no (N, voxels, k) matrix product."""
+    import torch
+
+    n, k = maps.shape[0], len(shape)
+    grid = torch.empty((n, *shape, k), dtype=torch.float32)
+    ramps = [  # output index along axis j, shaped to broadcast over (N, *shape)
+        torch.arange(size, dtype=torch.float32).view([1] + [-1 if i == j else 1 for i in range(k)])
+        for j, size in enumerate(shape)
+    ]  # fmt: skip
+    for p in range(k):
+        total = maps[:, p, k].view([n] + [1] * k)
+        for j in range(k):
+            total = total + maps[:, p, j].view([n] + [1] * k) * ramps[j]
+        grid[..., k - 1 - p] = total  # source axis 0 (slowest) is the grid's last entry
     return grid
 
 
@@ -235,7 +242,7 @@ def resample(
         if plan.grid is None:
             results[i] = _apply_axes(plan, boxes)
         else:
-            key = (boxes.shape, plan.grid.shape, plan.linear, plan.grid_axes)
+            key = (boxes.shape, plan.grid_shape, plan.linear, plan.grid_axes)
             batches.setdefault(key, []).append(i)
     for members in batches.values():
         for i, result in zip(members, _sample_affine([items[i] for i in members]), strict=True):
@@ -289,11 +296,19 @@ def _sample_affine(
         source[n, : boxes.shape[0]] = boxes.reshape(boxes.shape[0], *shape[1:])
         if extra:
             source[n, -1] = _inside(plan).reshape(shape[1:])
-    grid = torch.from_numpy(np.stack([plan.grid for plan, _ in items]))  # (N, [Z,] Y, X, k)
+    maps = torch.from_numpy(np.stack([plan.grid for plan, _ in items])).float()
     mode = "bilinear" if first.linear else "nearest"
-    out = F.grid_sample(
-        torch.from_numpy(source), grid, mode=mode, padding_mode="zeros", align_corners=True
-    )
+    # One intra-op thread: for patches this small, waking torch's thread pool costs more than
+    # it saves (and tensorstore is decoding chunks on the other cores meanwhile).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        grid = _grids(maps, first.grid_shape)  # (N, [Z,] Y, X, k)
+        out = F.grid_sample(
+            torch.from_numpy(source), grid, mode=mode, padding_mode="zeros", align_corners=True
+        )
+    finally:
+        torch.set_num_threads(threads)
     out = out.numpy().reshape(len(items), -1, *first.out_shape)  # (N, C, Z, Y, X)
     if first.linear:
         return [(values, None) for values in out]
