@@ -25,9 +25,10 @@ import torch
 from csc.config import ArrayInfo
 from csc.data.geometry import Grid, Plan, plan_read, resample, source_map
 from csc.data.sources import DEFAULT_CHUNK_CACHE_MB, ArraySource, PendingRead
-from csc.data.transforms import Normalize, sample_generator, spatial_matrix
+from csc.data.transforms import Draws, Normalize, sample_generator, spatial_matrix, uniforms
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
+NUM_SPATIAL_DRAWS = 12  # mirror: 1 per axis, transpose: 1 per axis, rotate: 1 per axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,10 +113,13 @@ class PatchDataset(torch.utils.data.Dataset):
         then resampled together."""
         jobs = [self._start(*request) for request in requests]
         raws = resample([(job.raw_plan, job.raw.result()[None]) for job in jobs])
-        label_items = [
-            (plan, np.stack([r.result() for r in reads]))
-            for job in jobs for _, plan, reads in job.label_reads
-        ]  # fmt: skip
+        label_items = []
+        for job in jobs:
+            for classes, plan, reads in job.label_reads:
+                boxes = np.stack([r.result() for r in reads])  # (K, Z, Y, X) stored values
+                if self._packs(plan, classes):
+                    boxes = _pack(boxes, [job.crop.labels[k] for k in classes])
+                label_items.append((plan, boxes))
         labels = iter(resample(label_items))
         samples = []
         for job, (values, _) in zip(jobs, raws, strict=True):
@@ -159,15 +163,27 @@ class PatchDataset(torch.utils.data.Dataset):
         transform = self.raw_transform or Normalize()
         return transform(tensor).to(torch.float32)
 
+    def _packs(self, plan: Plan, classes: Sequence[int]) -> bool:
+        """Whether a rotated label group is resampled as one channel of bit codes (`_pack`):
+        nearest-neighbour sampling commutes with the default per-voxel mapping, so K classes
+        cost one grid_sample channel instead of K."""
+        return plan.grid is not None and self.target_transform is None and len(classes) <= 11
+
     def _targets(self, job: _Job, labels: Iterator[tuple[np.ndarray, Any]]) -> np.ndarray:
         """(C, Z, Y, X) float32 targets of one sample: NaN for classes it does not annotate."""
-        groups = [(classes, *next(labels)) for classes, _, _ in job.label_reads]
+        groups = []
+        for classes, plan, _ in job.label_reads:
+            stored, valid = next(labels)
+            if self._packs(plan, classes):
+                groups.append((classes, _unpack(stored[0], len(classes), valid)))
+            else:
+                sources = [job.crop.labels[k] for k in classes]
+                groups.append((classes, self._target(stored, sources, valid)))
         if len(groups) == 1 and groups[0][0] == list(range(self.num_classes)):
-            classes, stored, valid = groups[0]  # every class on one grid: no extra copy
-            return self._target(stored, job.crop.labels, valid)
+            return groups[0][1]  # every class on one grid: no extra copy
         target = np.full((self.num_classes, *self.spec.target.shape), np.nan, dtype=np.float32)
-        for classes, stored, valid in groups:
-            target[classes] = self._target(stored, [job.crop.labels[k] for k in classes], valid)
+        for classes, values in groups:
+            target[classes] = values
         return target
 
     def _target(self, values: np.ndarray, sources: Sequence[ArraySource | None],
@@ -191,6 +207,35 @@ class PatchDataset(torch.utils.data.Dataset):
         if valid is not None:
             np.copyto(out, np.float32(np.nan), where=~valid[None])
         return out
+
+
+def _pack(boxes: np.ndarray, sources: Sequence[ArraySource | None]) -> np.ndarray:
+    """(K, Z, Y, X) stored label values -> (1, Z, Y, X) float32 codes: bit 2k set where class
+    k is present, bit 2k + 1 where it is unknown (exact in float32 for K <= 11)."""
+    code = np.zeros(boxes.shape[1:], dtype=np.int32)
+    for k, (values, source) in enumerate(zip(boxes, sources, strict=True)):
+        assert source is not None
+        present = values != source.absent
+        if source.unknown is not None:
+            unknown = values == source.unknown
+            code |= unknown.astype(np.int32) << (2 * k + 1)
+            present &= ~unknown
+        code |= present.astype(np.int32) << (2 * k)
+    return code.astype(np.float32)[None]
+
+
+def _unpack(codes: np.ndarray, num_classes: int, valid: np.ndarray | None) -> np.ndarray:
+    """Codes from `_pack` (Z, Y, X) -> (K, Z, Y, X) float32 1/0, NaN where unknown or invalid."""
+    bits = codes.astype(np.int32)
+    out = np.empty((num_classes, *codes.shape), dtype=np.float32)
+    for k in range(num_classes):
+        out[k] = (bits >> (2 * k)) & 1
+        unknown = (bits >> (2 * k + 1)) & 1
+        if unknown.any():
+            out[k][unknown.astype(bool)] = np.nan
+    if valid is not None:
+        np.copyto(out, np.float32(np.nan), where=~valid[None])
+    return out
 
 
 @dataclasses.dataclass
@@ -253,17 +298,28 @@ class TrainPatches(PatchDataset):
 
     def draw(self, epoch: int, index: int) -> tuple[int, np.ndarray, np.ndarray, int]:
         """The (crop, centre, matrix, seed) of sample `index` of `epoch`."""
-        rng = np.random.default_rng([self.seed, epoch, index])
-        crop_index = min(int(np.searchsorted(self._cumulative, rng.random(), side="right")),
-                         len(self.crops) - 1)  # fmt: skip
-        crop = self.crops[crop_index]
-        low, high = np.asarray(crop.low), np.asarray(crop.high)
-        centre = snap(low + rng.random(3) * (high - low), self.spec.input, crop.raw)
-        matrix = spatial_matrix(self.spatial_transforms, rng)
-        return crop_index, centre, matrix, int(rng.integers(2**62))
+        return self.draw_many([(epoch, index)])[0]
+
+    def draw_many(self, keys: Sequence[tuple[int, int]]) -> list[tuple]:
+        """`draw` for many keys at once: their random numbers come from one vectorised call."""
+        epochs = np.array([k[0] for k in keys], dtype=np.int64)
+        indices = np.array([k[1] for k in keys], dtype=np.int64)
+        # Columns: 0 crop, 1-3 centre, 4 value-transform seed, 5- spatial transforms.
+        numbers = uniforms(self.seed, epochs, indices, 5 + NUM_SPATIAL_DRAWS)
+        chosen = np.minimum(
+            np.searchsorted(self._cumulative, numbers[:, 0], side="right"), len(self.crops) - 1
+        )
+        draws = []
+        for row, crop_index in zip(numbers, chosen.tolist(), strict=True):
+            crop = self.crops[crop_index]
+            low, high = np.asarray(crop.low), np.asarray(crop.high)
+            centre = snap(low + row[1:4] * (high - low), self.spec.input, crop.raw)
+            matrix = spatial_matrix(self.spatial_transforms, Draws(row[5:]))
+            draws.append((crop_index, centre, matrix, int(row[4] * 2**62)))
+        return draws
 
     def __getitems__(self, keys: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
-        return self.read([self.draw(*key) for key in keys])
+        return self.read(self.draw_many(keys))
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         return self.__getitems__([key])[0]

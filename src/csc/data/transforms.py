@@ -30,8 +30,48 @@ AXIS_INDEX = {"z": 0, "y": 1, "x": 2}
 _GENERATOR: contextvars.ContextVar[Any] = contextvars.ContextVar("csc_sample_generator")
 
 
-def spatial_matrix(transforms: Mapping[str, Any] | None, rng: np.random.Generator) -> np.ndarray:
-    """A random 3x3 matrix on (z, y, x) offsets: mirror, then transpose, then rotate."""
+# splitmix64 constants: a counter-based generator, so sample (epoch, index) gets the same numbers
+# whatever batch or worker draws it, and a whole batch is drawn in a few numpy operations.
+_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+_KEYS = (0xD1B54A32D192ED03, 0xABC98388FB8FAC03, 0x8CB92BA72F3D8DD7)
+
+
+def uniforms(seed: int, epochs: np.ndarray, indices: np.ndarray, count: int) -> np.ndarray:
+    """(N, count) uniform numbers in [0, 1) that depend only on (seed, epoch, index, column)."""
+    u64 = np.uint64
+    key = (np.full(len(indices), seed % 2**64, dtype=u64) * u64(_KEYS[0])
+           ^ epochs.astype(u64) * u64(_KEYS[1]) ^ indices.astype(u64) * u64(_KEYS[2]))  # fmt: skip
+    z = key[:, None] + (np.arange(1, count + 1, dtype=u64) * u64(_MIX[0]))[None, :]
+    z = (z ^ (z >> u64(30))) * u64(_MIX[1])
+    z = (z ^ (z >> u64(27))) * u64(_MIX[2])
+    z = z ^ (z >> u64(31))
+    return (z >> u64(11)).astype(np.float64) * 2.0**-53
+
+
+class Draws:
+    """The random numbers of one sample, handed out in order, with the Generator methods
+    `spatial_matrix` uses."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values.tolist()
+        self.next = 0
+
+    def random(self) -> float:
+        value = self.values[self.next]
+        self.next += 1
+        return value
+
+    def uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * self.random()
+
+    def permutation(self, items: Sequence[int]) -> list[int]:
+        keys = [self.random() for _ in items]
+        return [item for _, item in sorted(zip(keys, items, strict=True))]
+
+
+def spatial_matrix(transforms: Mapping[str, Any] | None, rng: Any) -> np.ndarray:
+    """A random 3x3 matrix on (z, y, x) offsets: mirror, then transpose, then rotate.
+    `rng` is a numpy Generator or a `Draws`."""
     matrix = np.eye(3)
     if not transforms:
         return matrix
