@@ -65,6 +65,8 @@ class Plan:
     src_shape: tuple[int, ...] = ()  # rotated: the array's shape, to mask what lies outside
     grid_axes: tuple[int, ...] = ()  # rotated: source axes the grid moves along (2 or 3)
     grid_shape: tuple[int, ...] = ()  # rotated: output axes it spans (2 or 3)
+    aligned: tuple[int, int, int] | None = None  # rotated: (source p, output j, +-1), see
+    # _aligned_axis
     out_shape: tuple[int, ...] = ()
 
 
@@ -176,37 +178,58 @@ def _plan_affine(
     a: np.ndarray, b: np.ndarray, out_shape: Sequence[int], src_shape: Sequence[int], *,
     linear: bool, radius: np.ndarray,
 ) -> Plan:  # fmt: skip
-    rows, offsets, reach = a.tolist(), b.tolist(), radius.tolist()  # floats: see _plan_axes
-    half = [(n - 1) / 2 for n in out_shape]
+    n = [int(v) for v in out_shape]
+    # Floats, not numpy (see _plan_axes); a singleton output axis never moves a position.
+    rows = [[v if n[j] > 1 else 0.0 for j, v in enumerate(row)] for row in a.tolist()]
+    offsets, reach = b.tolist(), radius.tolist()
+    aligned = _aligned_axis(rows, offsets, n, linear=linear)
+    half = [(m - 1) / 2 for m in n]
     low, size = [0, 0, 0], [0, 0, 0]
     for p in range(3):
-        pairs = list(zip(rows[p], half, strict=True))
-        middle = sum(v * h for v, h in pairs) + offsets[p]  # the patch centre
-        spread = sum(abs(v) * 2 * h for v, h in pairs)  # how far the patch reaches along p
-        if spread < EPS and (not linear or _is_int(middle)):
-            # The patch does not move along p (a 2D patch turned in its own plane): one voxel,
-            # and a 2D grid_sample, several times faster than a 3D one.
-            low[p], size[p] = math.floor(middle + 0.5), 1
-        else:
-            # The box holds the patch at any angle (reach: half its diagonal), so every rotated
-            # sample of a batch reads the same box size and they are sampled in one call.
+        middle = sum(v * h for v, h in zip(rows[p], half, strict=True)) + offsets[p]
+        spread = sum(abs(v) * 2 * h for v, h in zip(rows[p], half, strict=True))
+        if aligned is not None and p == aligned[0]:  # whole voxels, read as they are
+            low[p], size[p] = math.floor(middle - spread / 2 + 0.5), round(spread) + 1
+        elif aligned is not None and spread > 0 and n[aligned[1]] == 1:
+            # A 2D patch: a box that holds it at any angle (reach: half its diagonal), so the
+            # rotated samples of a batch share a box size and are resampled in one call.
             low[p], size[p] = math.floor(middle - reach[p]), math.ceil(2 * reach[p]) + 2
-    moving_src = [p for p in range(3) if size[p] > 1]
-    moving_out = [j for j in range(3) if out_shape[j] > 1]
-    if len(moving_src) != 2 or len(moving_out) != 2:
-        moving_src, moving_out = [0, 1, 2], [0, 1, 2]
+        else:  # 3D: the tight box of this sample, far smaller than the any-angle one
+            low[p] = math.floor(middle - spread / 2)
+            size[p] = math.floor(middle + spread / 2) - low[p] + 2
+    grid_src = [p for p in range(3) if aligned is None or p != aligned[0]]
+    grid_out = [j for j in range(3) if aligned is None or j != aligned[1]]
     # grid_sample (align_corners=True) maps -1..1 onto voxels 0..size-1 of the box, so the
     # normalised position of source axis p is sum_j A[p, j] i_j * k_p + (b_p - low_p) * k_p - 1.
     norm = [2 / (size[p] - 1) if size[p] > 1 else 0.0 for p in range(3)]
-    step = [[rows[p][j] * norm[p] for j in moving_out] for p in moving_src]
-    offset = [(offsets[p] - low[p]) * norm[p] - 1 if size[p] > 1 else 0.0 for p in moving_src]
-    grid_shape = [int(out_shape[j]) for j in moving_out]
+    step = [[rows[p][j] * norm[p] for j in grid_out] for p in grid_src]
+    offset = [(offsets[p] - low[p]) * norm[p] - 1 if size[p] > 1 else 0.0 for p in grid_src]
     return Plan(
         (low[0], low[1], low[2]), (low[0] + size[0], low[1] + size[1], low[2] + size[2]), None,
         grid=np.concatenate([np.asarray(step), np.asarray(offset)[:, None]], axis=1),
-        linear=linear, src_shape=tuple(src_shape),
-        grid_axes=tuple(moving_src), grid_shape=tuple(grid_shape),
+        linear=linear, src_shape=tuple(src_shape), grid_axes=tuple(grid_src),
+        grid_shape=tuple(n[j] for j in grid_out), aligned=aligned,
     )  # fmt: skip
+
+
+def _aligned_axis(
+    rows: list[list[float]], offsets: list[float], n: list[int], *, linear: bool
+) -> tuple[int, int, int] | None:
+    """(p, j, sign) when output axis j walks source axis p voxel by voxel (sign +-1) and
+    nothing else, or stays on one voxel of it (a 2D patch turned in its plane): then the patch
+    is a stack of 2D slices along p, resampled with a 2D grid (4 taps, not 8)."""
+    for p in range(3):
+        moving = [j for j in range(3) if abs(rows[p][j]) > EPS]
+        whole = not linear or _is_int(offsets[p])  # index 0 (and so every index) on a voxel
+        if not moving and whole:
+            singles = [j for j in range(3) if n[j] == 1]
+            if singles:
+                return p, singles[0], 1
+        elif len(moving) == 1 and abs(abs(rows[p][moving[0]]) - 1) < EPS and whole:
+            j = moving[0]
+            if all(abs(rows[q][j]) <= EPS for q in range(3) if q != p):
+                return p, j, 1 if rows[p][j] > 0 else -1
+    return None
 
 
 def _grids(maps: Any, shape: Sequence[int]) -> Any:
@@ -242,7 +265,7 @@ def resample(
         if plan.grid is None:
             results[i] = _apply_axes(plan, boxes)
         else:
-            key = (boxes.shape, plan.grid_shape, plan.linear, plan.grid_axes)
+            key = (boxes.shape, plan.grid_shape, plan.linear, plan.grid_axes, plan.aligned)
             batches.setdefault(key, []).append(i)
     for members in batches.values():
         for i, result in zip(members, _sample_affine([items[i] for i in members]), strict=True):
@@ -289,13 +312,17 @@ def _sample_affine(
 
     first, boxes = items[0]
     extra = 0 if first.linear else 1  # labels: one more channel, 1 inside the array, 0 outside
-    # (N, C, [Z,] Y, X): the flat axis of a 2D grid dropped.
-    shape = (boxes.shape[0] + extra, *(boxes.shape[1 + p] for p in first.grid_axes))
-    source = np.empty((len(items), *shape), dtype=np.float32)
-    for n, (plan, boxes) in enumerate(items):
-        source[n, : boxes.shape[0]] = boxes.reshape(boxes.shape[0], *shape[1:])
+    source = np.empty((len(items), boxes.shape[0] + extra, *boxes.shape[1:]), dtype=np.float32)
+    for n, (plan, boxes) in enumerate(items):  # (N, C, Z, Y, X) float32
+        source[n, : boxes.shape[0]] = boxes
         if extra:
-            source[n, -1] = _inside(plan).reshape(shape[1:])
+            source[n, -1] = _inside(plan)
+    num_slices = 1
+    if first.aligned is not None:  # a stack of 2D slices along source axis p: into the batch
+        p = first.aligned[0]
+        num_slices = source.shape[2 + p]
+        source = np.moveaxis(source, 2 + p, 1)  # (N, P, C, H, W)
+        source = np.ascontiguousarray(source).reshape(-1, *source.shape[2:])  # (N*P, C, H, W)
     maps = torch.from_numpy(np.stack([plan.grid for plan, _ in items])).float()
     mode = "bilinear" if first.linear else "nearest"
     # One intra-op thread: for patches this small, waking torch's thread pool costs more than
@@ -304,12 +331,21 @@ def _sample_affine(
     torch.set_num_threads(1)
     try:
         grid = _grids(maps, first.grid_shape)  # (N, [Z,] Y, X, k)
+        if num_slices > 1:  # the same 2D grid for every slice of a sample
+            grid = grid.repeat_interleave(num_slices, dim=0)
         out = F.grid_sample(
             torch.from_numpy(source), grid, mode=mode, padding_mode="zeros", align_corners=True
         )
     finally:
         torch.set_num_threads(threads)
-    out = out.numpy().reshape(len(items), -1, *first.out_shape)  # (N, C, Z, Y, X)
+    out = out.numpy()
+    if first.aligned is not None:
+        _, j, sign = first.aligned
+        out = out.reshape(len(items), num_slices, *out.shape[1:])  # (N, P, C, h, w)
+        if sign < 0:
+            out = out[:, ::-1]
+        out = np.moveaxis(out, 1, 2 + j)  # the slices are output axis j: (N, C, Z, Y, X)
+    out = np.ascontiguousarray(out).reshape(len(items), -1, *first.out_shape)
     if first.linear:
         return [(values, None) for values in out]
     return [(values[:-1], None if inside.all() else inside)

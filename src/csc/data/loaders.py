@@ -226,6 +226,9 @@ def loader_kwargs(options: dict[str, Any]) -> dict[str, Any]:
         for name in WORKER_ONLY_ARGS:  # meaningless without workers; torch would refuse them
             kwargs.pop(name, None)
         return kwargs
+    # Workers that live across epochs keep their open stores and chunk caches; restarting them
+    # every epoch cost more than they gained (measured: benchmarks/data_loader.py).
+    kwargs.setdefault("persistent_workers", True)
     if "multiprocessing_context" not in kwargs and tensorstore_used_here():
         # A fork of a process that has used tensorstore aborts; start workers fresh instead.
         kwargs["multiprocessing_context"] = "spawn"
