@@ -475,7 +475,8 @@ def test_loader_kwargs_keep_what_csc_sets() -> None:
         "num_workers": 0, "pin_memory": True,
     }  # fmt: skip
     context = {"num_workers": 2, "multiprocessing_context": "forkserver"}
-    assert loader_kwargs(context) == context
+    assert loader_kwargs(context) == {**context, "persistent_workers": True}  # csc's default
+    assert loader_kwargs({**context, "persistent_workers": False})["persistent_workers"] is False
 
 
 def test_datasets_pickle_before_and_after_reading(aligned: Path, tmp_path: Path) -> None:
