@@ -6,9 +6,10 @@ float32 ``[len(classes), *shape]``: 1/0 per class, NaN where the class is not an
 crop, where the patch leaves the annotated region, or where a label says "unknown". A 2D patch
 (a singleton axis, or a 2-element shape) drops that axis: ``[1, H, W]`` and ``[C, H, W]``.
 
-Training samples are keyed by ``(epoch, index)``: the crop, centre and transforms come from a
-generator seeded with ``(seed, epoch, index)``, so any worker produces the same sample and no
-two epochs or workers repeat each other. `EpochSampler` hands out those keys in order.
+Training samples are keyed by ``(epoch, index)``: the crop, centre and transforms come from
+random numbers that depend only on ``(seed, epoch, index)`` (a counter-based generator,
+`csc.data.transforms.uniforms`), so any worker produces the same sample and no two epochs or
+workers repeat each other. `EpochSampler` hands out those keys in order.
 """
 
 from __future__ import annotations
