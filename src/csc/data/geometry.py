@@ -325,19 +325,12 @@ def _sample_affine(
         source = np.ascontiguousarray(source).reshape(-1, *source.shape[2:])  # (N*P, C, H, W)
     maps = torch.from_numpy(np.stack([plan.grid for plan, _ in items])).float()
     mode = "bilinear" if first.linear else "nearest"
-    # One intra-op thread: for patches this small, waking torch's thread pool costs more than
-    # it saves (and tensorstore is decoding chunks on the other cores meanwhile).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        grid = _grids(maps, first.grid_shape)  # (N, [Z,] Y, X, k)
-        if num_slices > 1:  # the same 2D grid for every slice of a sample
-            grid = grid.repeat_interleave(num_slices, dim=0)
-        out = F.grid_sample(
-            torch.from_numpy(source), grid, mode=mode, padding_mode="zeros", align_corners=True
-        )
-    finally:
-        torch.set_num_threads(threads)
+    grid = _grids(maps, first.grid_shape)  # (N, [Z,] Y, X, k)
+    if num_slices > 1:  # the same 2D grid for every slice of a sample
+        grid = grid.repeat_interleave(num_slices, dim=0)
+    out = F.grid_sample(
+        torch.from_numpy(source), grid, mode=mode, padding_mode="zeros", align_corners=True
+    )
     out = out.numpy()
     if first.aligned is not None:
         _, j, sign = first.aligned
