@@ -126,6 +126,8 @@ class PatchDataset(torch.utils.data.Dataset):
         thread per core: their numpy and torch work releases the GIL (3D 64^3 patches: about
         1.5x on 2 cores); small ones stay in one thread, where Python overhead dominates."""
         workers = min(len(requests), os.cpu_count() or 1)
+        if torch.utils.data.get_worker_info() is not None:
+            workers = 1  # a DataLoader worker: the workers already share the cores
         if workers < 2 or math.prod(self.spec.target.shape) < BIG_PATCH_VOXELS:
             return self._read(requests)
         parts = [requests[i::workers] for i in range(workers)]
