@@ -390,6 +390,11 @@ def test_unknown_label_value_is_nan(tmp_path: Path) -> None:
     expected[expected == 255] = float("nan")
     assert expected.isnan().sum() == 3 * 3 * 2
     assert_same(output, expected)
+    # Rotated (packed label codes): a quarter turn plus a hair, so the affine path runs.
+    turned = PatchDataset(crops, spec).sample(
+        0, centre_for(OFFSET, (4, 6, 6)), rotation(0, 90 + 1e-3)
+    )["output"][0]
+    assert_same(turned, torch.rot90(expected, k=-1, dims=(1, 2)))
 
 
 # --- 5. Epochs from a config ------------------------------------------------------------------

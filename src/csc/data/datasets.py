@@ -249,27 +249,28 @@ class PatchDataset(torch.utils.data.Dataset):
 def _pack(boxes: np.ndarray, sources: Sequence[ArraySource | None]) -> np.ndarray:
     """(K, Z, Y, X) stored label values -> (1, Z, Y, X) float32 codes: bit 2k set where class
     k is present, bit 2k + 1 where it is unknown (exact in float32 for K <= 11)."""
-    code = np.zeros(boxes.shape[1:], dtype=np.int32)
-    for k, (values, source) in enumerate(zip(boxes, sources, strict=True)):
-        assert source is not None
-        present = values != source.absent
-        if source.unknown is not None:
-            unknown = values == source.unknown
-            code |= unknown.astype(np.int32) << (2 * k + 1)
-            present &= ~unknown
-        code |= present.astype(np.int32) << (2 * k)
-    return code.astype(np.float32)[None]
+    known = [s for s in sources if s is not None]
+    view = (-1, 1, 1, 1)
+    shifts = (2 * np.arange(len(known), dtype=np.int32)).reshape(view)
+    present = boxes != np.array([s.absent for s in known], dtype=boxes.dtype).reshape(view)
+    if any(s.unknown is not None for s in known):
+        marker = np.array([-1 if s.unknown is None else s.unknown for s in known]).reshape(view)
+        unknown = boxes == marker
+        present &= ~unknown
+        codes = (present.astype(np.int32) << shifts) | (unknown.astype(np.int32) << shifts + 1)
+    else:
+        codes = present.astype(np.int32) << shifts
+    return np.bitwise_or.reduce(codes, axis=0, keepdims=True).astype(np.float32)
 
 
 def _unpack(codes: np.ndarray, num_classes: int, valid: np.ndarray | None) -> np.ndarray:
     """Codes from `_pack` (Z, Y, X) -> (K, Z, Y, X) float32 1/0, NaN where unknown or invalid."""
-    bits = codes.astype(np.int32)
-    out = np.empty((num_classes, *codes.shape), dtype=np.float32)
-    for k in range(num_classes):
-        out[k] = (bits >> (2 * k)) & 1
-        unknown = (bits >> (2 * k + 1)) & 1
-        if unknown.any():
-            out[k][unknown.astype(bool)] = np.nan
+    bits = codes.astype(np.int32)[None]
+    shifts = (2 * np.arange(num_classes, dtype=np.int32)).reshape(-1, 1, 1, 1)
+    out = ((bits >> shifts) & 1).astype(np.float32)
+    unknown = (bits >> (shifts + 1)) & 1
+    if unknown.any():
+        out[unknown.astype(bool)] = np.nan
     if valid is not None:
         np.copyto(out, np.float32(np.nan), where=~valid[None])
     return out
