@@ -296,6 +296,22 @@ def _apply_axes(plan: Plan, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray |
     return out, plan.valid
 
 
+def shift_plan(plan: Plan, shift: Sequence[int], src_shape: Sequence[int]) -> Plan:
+    """`plan` (exact or rotated) for an array whose voxel i is voxel i - shift of the planned
+    one, of shape `src_shape`, sampled nearest (for labels)."""
+    start = tuple(a + d for a, d in zip(plan.start, shift, strict=True))
+    stop = tuple(b + d for b, d in zip(plan.stop, shift, strict=True))
+    valid = None
+    if plan.grid is None:  # exact: the mask of output voxels inside the other array
+        assert plan.perm is not None
+        assert plan.index is not None
+        positions = [_indices(plan.index[j]) + start[plan.perm[j]] for j in range(3)]
+        valid = _valid(positions, plan.perm, start, stop, src_shape)
+    return dataclasses.replace(
+        plan, start=start, stop=stop, valid=valid, linear=False, src_shape=tuple(src_shape)
+    )
+
+
 def _indices(index: np.ndarray | slice) -> np.ndarray:
     if isinstance(index, slice):
         step = index.step or 1
