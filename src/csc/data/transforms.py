@@ -17,6 +17,7 @@ the sample's own generator (`sample_generator`), so results do not depend on wor
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import contextvars
 import math
@@ -161,7 +162,7 @@ class Normalize:
         return "Normalize()"
 
 
-class _Random:
+class _Random(abc.ABC):
     """Applied with probability `p`; parameters drawn from the sample's generator."""
 
     def __init__(self, p: float) -> None:
@@ -172,8 +173,9 @@ class _Random:
     def __call__(self, x: Any) -> Any:
         return self.apply(x) if _uniform(0, 1) < self.p else x
 
+    @abc.abstractmethod
     def apply(self, x: Any) -> Any:
-        raise NotImplementedError
+        """The transform itself, applied when the draw says so."""
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
