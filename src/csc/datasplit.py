@@ -131,6 +131,14 @@ def _glob_filter(patterns: Sequence[str]) -> Callable[[str], bool]:
     return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def thread_map(function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """`function` over `items` in up to MAX_CONCURRENT_LISTINGS threads (I/O-bound requests)."""
+    if len(items) <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(min(MAX_CONCURRENT_LISTINGS, len(items))) as pool:
+        return list(pool.map(function, items))
+
+
 class Lister:
     """Directory listings through fsspec, counted, run concurrently level by level."""
 
@@ -171,10 +179,7 @@ class Lister:
         return json.loads(self.fs.cat_file(path))
 
     def map(self, function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        if len(items) <= 1:
-            return [function(item) for item in items]
-        with ThreadPoolExecutor(min(MAX_CONCURRENT_LISTINGS, len(items))) as pool:
-            return list(pool.map(function, items))
+        return thread_map(function, items)
 
     def expand(
         self, template: str, filters: Mapping[str, Callable[[str], bool]]

@@ -24,7 +24,7 @@ from csc.data.datasets import (
     crop_probabilities,
 )
 from csc.data.sources import ArraySource, MetadataReader, tensorstore_used_here
-from csc.datasplit import DatasplitRow, open_zarr, read_datasplit
+from csc.datasplit import DatasplitRow, open_zarr, read_datasplit, thread_map
 from csc.storage import is_s3
 
 # DataLoader arguments csc sets itself; a config's dataloader_kwargs may not override them.
@@ -67,8 +67,7 @@ def load_crops(
         high = np.max([b[1] for b in bounds], axis=0)
         return Crop(f"{row.dataset}/{row.crop}", raw, labels, _vec(low), _vec(high))
 
-    reader = next(iter(readers.values()))
-    return reader.map(resolve, list(rows))
+    return thread_map(resolve, list(rows))
 
 
 def _vec(values: np.ndarray) -> tuple[float, float, float]:

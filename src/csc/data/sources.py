@@ -15,8 +15,7 @@ import dataclasses
 import math
 import os
 import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,6 @@ from csc.storage import (
 
 Vec3 = tuple[float, float, float]
 DEFAULT_CHUNK_CACHE_MB = 256
-MAX_METADATA_THREADS = 32
 # tensorstore's own retry loop for S3 requests that fail transiently (5xx, 429, timeouts).
 S3_RETRIES = {"max_retries": 5, "initial_delay": "0.2s", "max_delay": "5s"}
 
@@ -133,12 +131,6 @@ class MetadataReader:
         with self._lock:
             self._cache[path] = value
         return value
-
-    def map(self, function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        if len(items) <= 1:
-            return [function(item) for item in items]
-        with ThreadPoolExecutor(min(MAX_METADATA_THREADS, len(items))) as pool:
-            return list(pool.map(function, items))
 
     def source(self, group: str, scale: Sequence[float], *, label: bool) -> ArraySource:
         """The level of `group` to read at `scale` (nm), with its shape and label encoding."""
