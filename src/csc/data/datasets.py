@@ -152,10 +152,8 @@ class PatchDataset(torch.utils.data.Dataset):
         raws = resample([(job.raw_plan, job.raw.result()[None]) for job in jobs])
         label_items = []
         for job in jobs:
-            for classes, plan, reads in job.label_reads:
+            for _, plan, reads in job.label_reads:
                 boxes = np.stack([r.result() for r in reads])  # (K, Z, Y, X) stored values
-                if self._packs(plan, classes):
-                    boxes = _pack(boxes, [job.crop.labels[k] for k in classes])
                 label_items.append((plan, boxes))
         labels = iter(resample(label_items))
         samples = []
@@ -204,22 +202,13 @@ class PatchDataset(torch.utils.data.Dataset):
         transform = self.raw_transform or Normalize()
         return transform(tensor).to(torch.float32)
 
-    def _packs(self, plan: Plan, classes: Sequence[int]) -> bool:
-        """Whether a rotated label group is resampled as one channel of bit codes (`_pack`):
-        nearest-neighbour sampling commutes with the default per-voxel mapping, so K classes
-        cost one grid_sample channel instead of K."""
-        return plan.grid is not None and self.target_transform is None and len(classes) <= 11
-
     def _targets(self, job: _Job, labels: Iterator[tuple[np.ndarray, Any]]) -> np.ndarray:
         """(C, Z, Y, X) float32 targets of one sample: NaN for classes it does not annotate."""
         groups = []
-        for classes, plan, _ in job.label_reads:
+        for classes, _, _ in job.label_reads:
             stored, valid = next(labels)
-            if self._packs(plan, classes):
-                groups.append((classes, _unpack(stored[0], len(classes), valid)))
-            else:
-                sources = [job.crop.labels[k] for k in classes]
-                groups.append((classes, self._target(stored, sources, valid)))
+            sources = [job.crop.labels[k] for k in classes]
+            groups.append((classes, self._target(stored, sources, valid)))
         if len(groups) == 1 and groups[0][0] == list(range(self.num_classes)):
             return groups[0][1]  # every class on one grid: no extra copy
         target = np.full((self.num_classes, *self.spec.target.shape), np.nan, dtype=np.float32)
@@ -248,36 +237,6 @@ class PatchDataset(torch.utils.data.Dataset):
         if valid is not None:
             np.copyto(out, np.float32(np.nan), where=~valid[None])
         return out
-
-
-def _pack(boxes: np.ndarray, sources: Sequence[ArraySource | None]) -> np.ndarray:
-    """(K, Z, Y, X) stored label values -> (1, Z, Y, X) float32 codes: bit 2k set where class
-    k is present, bit 2k + 1 where it is unknown (exact in float32 for K <= 11)."""
-    known = [s for s in sources if s is not None]
-    view = (-1, 1, 1, 1)
-    shifts = (2 * np.arange(len(known), dtype=np.int32)).reshape(view)
-    present = boxes != np.array([s.absent for s in known], dtype=boxes.dtype).reshape(view)
-    if any(s.unknown is not None for s in known):
-        marker = np.array([-1 if s.unknown is None else s.unknown for s in known]).reshape(view)
-        unknown = boxes == marker
-        present &= ~unknown
-        codes = (present.astype(np.int32) << shifts) | (unknown.astype(np.int32) << shifts + 1)
-    else:
-        codes = present.astype(np.int32) << shifts
-    return np.bitwise_or.reduce(codes, axis=0, keepdims=True).astype(np.float32)
-
-
-def _unpack(codes: np.ndarray, num_classes: int, valid: np.ndarray | None) -> np.ndarray:
-    """Codes from `_pack` (Z, Y, X) -> (K, Z, Y, X) float32 1/0, NaN where unknown or invalid."""
-    bits = codes.astype(np.int32)[None]
-    shifts = (2 * np.arange(num_classes, dtype=np.int32)).reshape(-1, 1, 1, 1)
-    out = ((bits >> shifts) & 1).astype(np.float32)
-    unknown = (bits >> (shifts + 1)) & 1
-    if unknown.any():
-        out[unknown.astype(bool)] = np.nan
-    if valid is not None:
-        np.copyto(out, np.float32(np.nan), where=~valid[None])
-    return out
 
 
 @dataclasses.dataclass

@@ -60,7 +60,7 @@ class Plan:
     index: list[np.ndarray | slice] | None = None  # per output axis, into the permuted box
     upper: list[np.ndarray] | None = None  # linear: second index and weight per output axis
     weight: list[np.ndarray] | None = None
-    grid: np.ndarray | None = None  # rotated: (k, k + 1) map, output index -> grid position
+    grid: np.ndarray | None = None  # rotated: (k, k + 1) map, output index -> box voxel position
     linear: bool = False
     src_shape: tuple[int, ...] = ()  # rotated: the array's shape, to mask what lies outside
     grid_axes: tuple[int, ...] = ()  # rotated: source axes the grid moves along (2 or 3)
@@ -199,11 +199,9 @@ def _plan_affine(
             size[p] = math.floor(middle + spread / 2) - low[p] + 2
     grid_src = [p for p in range(3) if aligned is None or p != aligned[0]]
     grid_out = [j for j in range(3) if aligned is None or j != aligned[1]]
-    # grid_sample (align_corners=True) maps -1..1 onto voxels 0..size-1 of the box, so the
-    # normalised position of source axis p is sum_j A[p, j] i_j * k_p + (b_p - low_p) * k_p - 1.
-    norm = [2 / (size[p] - 1) if size[p] > 1 else 0.0 for p in range(3)]
-    step = [[rows[p][j] * norm[p] for j in grid_out] for p in grid_src]
-    offset = [(offsets[p] - low[p]) * norm[p] - 1 if size[p] > 1 else 0.0 for p in grid_src]
+    # Box voxel position along source axis p of output index i: sum_j A[p, j] i_j + b_p - low_p.
+    step = [[rows[p][j] for j in grid_out] for p in grid_src]
+    offset = [offsets[p] - low[p] for p in grid_src]
     return Plan(
         (low[0], low[1], low[2]), (low[0] + size[0], low[1] + size[1], low[2] + size[2]), None,
         grid=np.concatenate([np.asarray(step), np.asarray(offset)[:, None]], axis=1),
@@ -256,8 +254,8 @@ def resample(
     items: Sequence[tuple[Plan, np.ndarray]],
 ) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """Sample each (plan, boxes (C, Z, Y, X)) pair: (C, *out_shape) values and the mask of
-    output voxels inside the array (None: all are). Values keep the boxes' dtype on the exact
-    path (bit-exact) and are float32 when interpolated or rotated. Rotated items with the same
+    output voxels inside the array (None: all are). Nearest (labels) and exact values keep the
+    boxes' dtype, bit for bit; interpolated ones are float32. Rotated linear items with the same
     box and grid shapes are sampled together, in one grid_sample call."""
     results: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(items)
     batches: dict[tuple, list[int]] = {}
@@ -265,10 +263,11 @@ def resample(
         if plan.grid is None:
             results[i] = _apply_axes(plan, boxes)
         else:
-            key = (boxes.shape, plan.grid_shape, plan.linear, plan.grid_axes, plan.aligned)
+            key = (boxes.shape, plan.grid_shape, plan.grid_axes, plan.aligned, plan.linear)
             batches.setdefault(key, []).append(i)
-    for members in batches.values():
-        for i, result in zip(members, _sample_affine([items[i] for i in members]), strict=True):
+    for key, members in batches.items():
+        sample = _sample_linear if key[-1] else _sample_nearest
+        for i, result in zip(members, sample([items[i] for i in members]), strict=True):
             results[i] = result
     return results  # type: ignore[return-value]
 
@@ -320,34 +319,88 @@ def _indices(index: np.ndarray | slice) -> np.ndarray:
     return index
 
 
-def _sample_affine(
+def _sample_nearest(
     items: Sequence[tuple[Plan, np.ndarray]],
 ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Rotated plans sharing box and grid shapes, sampled nearest (ties round up) by indexing
+    the boxes: stored values, no float round trip, so label values and codes stay as they are.
+    Positions are computed for all items at once, in the box's own voxels."""
+    first, boxes = items[0]
+    box_shape, k = boxes.shape[1:], len(first.grid_axes)
+    sizes = [box_shape[p] for p in first.grid_axes]  # box extent along each grid axis
+    # float32: positions are box-relative (hundreds of voxels), and numpy's batched matmul is
+    # over ten times faster in float32 than in float64.
+    maps = np.stack([plan.grid for plan, _ in items]).astype(np.float32)  # (N, k, k + 1)
+    ramps = np.indices(first.grid_shape, dtype=np.float32).reshape(k, -1)  # output index
+    positions = maps[:, :, :k] @ ramps  # (N, k, voxels)
+    positions += maps[:, :, k:] + np.float32(0.5)
+    index = np.floor(positions, out=positions).astype(np.int32)
+    np.clip(index, 0, np.array(sizes).reshape(1, k, 1) - 1, out=index)
+    flat = index[:, 0]
+    for r in range(1, k):  # row-major position in the box's grid axes
+        flat = flat * sizes[r] + index[:, r]
+    starts = np.array([[plan.start[p] for p in first.grid_axes] for plan, _ in items])
+    limits = np.array([[plan.src_shape[p] for p in first.grid_axes] for plan, _ in items])
+    absolute = index + starts[:, :, None]
+    inside = ((absolute >= 0) & (absolute < limits[:, :, None])).all(axis=1)  # (N, voxels)
+    results = []
+    for n, (plan, boxes) in enumerate(items):
+        values, valid = _take(plan, boxes, flat[n], inside[n])
+        results.append((values, valid))
+    return results
+
+
+def _take(plan: Plan, boxes: np.ndarray, flat: np.ndarray,
+          inside: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+    """One item of `_sample_nearest`: the boxes (C, Z, Y, X) at flat grid positions."""
+    num = len(boxes)
+    if plan.aligned is None:  # a 3D grid over the whole box
+        values = np.take(boxes.reshape(num, -1), flat, axis=1).reshape(num, *plan.out_shape)
+        valid = inside.reshape(plan.out_shape)
+        return values, None if valid.all() else valid
+    p, j, sign = plan.aligned
+    # Slices along p (read whole), each indexed by the same 2D positions: (C, P, *grid_shape).
+    stack = np.moveaxis(boxes, 1 + p, 1)
+    stack = stack.reshape(num, stack.shape[1], -1)
+    values = np.take(stack, flat, axis=2).reshape(num, stack.shape[1], *plan.grid_shape)
+    along = np.arange(plan.start[p], plan.stop[p])
+    valid = (along >= 0) & (along < plan.src_shape[p])
+    mask = valid[:, None] & inside[None, :]  # (P, voxels)
+    values, mask = values[:, ::sign], mask[::sign].reshape(-1, *plan.grid_shape)
+    values = np.moveaxis(values, 1, 1 + j)  # the slices are output axis j: (C, Z, Y, X)
+    if mask.all():
+        return np.ascontiguousarray(values), None
+    return np.ascontiguousarray(values), np.ascontiguousarray(np.moveaxis(mask, 0, j))
+
+
+def _sample_linear(
+    items: Sequence[tuple[Plan, np.ndarray]],
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Rotated plans sharing box and grid shapes, sampled (bi/tri)linearly in one grid_sample
+    call; float32, zero outside the array."""
     import torch
     import torch.nn.functional as F  # noqa: N812
 
     first, boxes = items[0]
-    extra = 0 if first.linear else 1  # labels: one more channel, 1 inside the array, 0 outside
-    source = np.empty((len(items), boxes.shape[0] + extra, *boxes.shape[1:]), dtype=np.float32)
-    for n, (plan, boxes) in enumerate(items):  # (N, C, Z, Y, X) float32
-        source[n, : boxes.shape[0]] = boxes
-        if extra:
-            source[n, -1] = _inside(plan)
+    source = np.stack([boxes for _, boxes in items]).astype(np.float32)  # (N, C, Z, Y, X)
     num_slices = 1
     if first.aligned is not None:  # a stack of 2D slices along source axis p: into the batch
         p = first.aligned[0]
         num_slices = source.shape[2 + p]
         source = np.moveaxis(source, 2 + p, 1)  # (N, P, C, H, W)
         source = np.ascontiguousarray(source).reshape(-1, *source.shape[2:])  # (N*P, C, H, W)
-    maps = torch.from_numpy(np.stack([plan.grid for plan, _ in items])).float()
-    mode = "bilinear" if first.linear else "nearest"
-    grid = _grids(maps, first.grid_shape)  # (N, [Z,] Y, X, k)
+    # grid_sample (align_corners=True) maps -1..1 onto voxels 0..size-1 of the box.
+    sizes = [boxes.shape[1 + p] for p in first.grid_axes]
+    norm = np.array([2 / (n - 1) if n > 1 else 0.0 for n in sizes])[:, None]
+    shift = np.array([1.0 if n > 1 else 0.0 for n in sizes])
+    maps = np.stack([plan.grid * norm for plan, _ in items])
+    maps[:, :, -1] -= shift
+    grid = _grids(torch.from_numpy(maps).float(), first.grid_shape)  # (N, [Z,] Y, X, k)
     if num_slices > 1:  # the same 2D grid for every slice of a sample
         grid = grid.repeat_interleave(num_slices, dim=0)
     out = F.grid_sample(
-        torch.from_numpy(source), grid, mode=mode, padding_mode="zeros", align_corners=True
-    )
-    out = out.numpy()
+        torch.from_numpy(source), grid, mode="bilinear", padding_mode="zeros", align_corners=True
+    ).numpy()
     if first.aligned is not None:
         _, j, sign = first.aligned
         out = out.reshape(len(items), num_slices, *out.shape[1:])  # (N, P, C, h, w)
@@ -355,16 +408,4 @@ def _sample_affine(
             out = out[:, ::-1]
         out = np.moveaxis(out, 1, 2 + j)  # the slices are output axis j: (N, C, Z, Y, X)
     out = np.ascontiguousarray(out).reshape(len(items), -1, *first.out_shape)
-    if first.linear:
-        return [(values, None) for values in out]
-    return [(values[:-1], None if inside.all() else inside)
-            for values, inside in zip(out, out[:, -1] > 0.5, strict=True)]  # fmt: skip
-
-
-def _inside(plan: Plan) -> np.ndarray:
-    """Box mask (Z, Y, X) of voxels inside the source array."""
-    axes = [
-        (np.arange(a, b) >= 0) & (np.arange(a, b) < n)
-        for a, b, n in zip(plan.start, plan.stop, plan.src_shape, strict=True)
-    ]
-    return axes[0][:, None, None] & axes[1][None, :, None] & axes[2]
+    return [(values, None) for values in out]
