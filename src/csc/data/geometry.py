@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -230,24 +229,25 @@ def _aligned_axis(
     return None
 
 
-def _grids(maps: Any, shape: Sequence[int]) -> Any:
-    """grid_sample's grids (N, *shape, k) for N affine maps (N, k, k + 1): position of source
-    axis p at output index i is maps[:, p, :k] @ i + maps[:, p, k], last axis first in the grid.
-    Built as broadcast sums of ramps: no (N, voxels, k) matrix product."""
-    import torch
+def _positions(maps: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Positions (N, k, voxels) of N affine maps (N, k, k + 1) over an output grid of `shape`
+    (k axes): row p is maps[:, p, :k] @ i + maps[:, p, k] at every output index i, row-major.
+    float32: the positions are box-relative (hundreds of voxels), and numpy's batched matmul
+    is over ten times faster in float32 than in float64."""
+    maps = maps.astype(np.float32)
+    ramps = np.indices(shape, dtype=np.float32).reshape(len(shape), -1)
+    positions = maps[:, :, :-1] @ ramps
+    positions += maps[:, :, -1:]
+    return positions
 
-    n, k = maps.shape[0], len(shape)
-    grid = torch.empty((n, *shape, k), dtype=torch.float32)
-    ramps = [  # output index along axis j, shaped to broadcast over (N, *shape)
-        torch.arange(size, dtype=torch.float32).view([1] + [-1 if i == j else 1 for i in range(k)])
-        for j, size in enumerate(shape)
-    ]  # fmt: skip
-    for p in range(k):
-        total = maps[:, p, k].view([n] + [1] * k)
-        for j in range(k):
-            total = total + maps[:, p, j].view([n] + [1] * k) * ramps[j]
-        grid[..., k - 1 - p] = total  # source axis 0 (slowest) is the grid's last entry
-    return grid
+
+def _grid_points(maps: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """`_positions` laid out point by point, (N, *shape, k) float32: grid_sample's grid."""
+    positions = _positions(maps, shape)  # (N, k, voxels)
+    points = np.empty((len(maps), positions.shape[2], len(shape)), dtype=np.float32)
+    for r in range(len(shape)):  # strided writes: far cheaper than (N, voxels, k) arithmetic
+        points[:, :, r] = positions[:, r]
+    return points.reshape(len(maps), *shape, len(shape))
 
 
 def resample(
@@ -327,50 +327,58 @@ def _sample_nearest(
     Positions are computed for all items at once, in the box's own voxels."""
     first, boxes = items[0]
     box_shape, k = boxes.shape[1:], len(first.grid_axes)
+    positions = _positions(np.stack([plan.grid for plan, _ in items]), first.grid_shape)
+    # Nearest, ties up: floor(x + 0.5), as truncation of values clipped to >= 0 (the box holds
+    # every position, so clipping only catches rounding at its edges).
+    positions += np.float32(0.5)
+    np.maximum(positions, 0, out=positions)
+    index = positions.astype(np.int32)
     sizes = [box_shape[p] for p in first.grid_axes]  # box extent along each grid axis
-    # float32: positions are box-relative (hundreds of voxels), and numpy's batched matmul is
-    # over ten times faster in float32 than in float64.
-    maps = np.stack([plan.grid for plan, _ in items]).astype(np.float32)  # (N, k, k + 1)
-    ramps = np.indices(first.grid_shape, dtype=np.float32).reshape(k, -1)  # output index
-    positions = maps[:, :, :k] @ ramps  # (N, k, voxels)
-    positions += maps[:, :, k:] + np.float32(0.5)
-    index = np.floor(positions, out=positions).astype(np.int32)
-    np.clip(index, 0, np.array(sizes).reshape(1, k, 1) - 1, out=index)
+    for r, size in enumerate(sizes):
+        np.minimum(index[:, r], size - 1, out=index[:, r])
     flat = index[:, 0]
     for r in range(1, k):  # row-major position in the box's grid axes
         flat = flat * sizes[r] + index[:, r]
-    starts = np.array([[plan.start[p] for p in first.grid_axes] for plan, _ in items])
-    limits = np.array([[plan.src_shape[p] for p in first.grid_axes] for plan, _ in items])
-    absolute = index + starts[:, :, None]
-    inside = ((absolute >= 0) & (absolute < limits[:, :, None])).all(axis=1)  # (N, voxels)
-    results = []
-    for n, (plan, boxes) in enumerate(items):
-        values, valid = _take(plan, boxes, flat[n], inside[n])
-        results.append((values, valid))
-    return results
+    return [
+        _take(plan, boxes, flat[n], _inside(plan, index[n]))
+        for n, (plan, boxes) in enumerate(items)
+    ]
+
+
+def _inside(plan: Plan, index: np.ndarray) -> np.ndarray | None:
+    """Mask (voxels,) of box positions `index` (k, voxels) along the plan's grid axes that lie
+    inside the array; None when the whole box does along them (the usual case)."""
+    mask = None
+    for r, p in enumerate(plan.grid_axes):
+        if plan.start[p] < 0 or plan.stop[p] > plan.src_shape[p]:
+            low, high = -plan.start[p], plan.src_shape[p] - plan.start[p]  # in box voxels
+            axis = (index[r] >= low) & (index[r] < high)
+            mask = axis if mask is None else mask & axis
+    return mask
 
 
 def _take(plan: Plan, boxes: np.ndarray, flat: np.ndarray,
-          inside: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+          inside: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
     """One item of `_sample_nearest`: the boxes (C, Z, Y, X) at flat grid positions."""
     num = len(boxes)
     if plan.aligned is None:  # a 3D grid over the whole box
         values = np.take(boxes.reshape(num, -1), flat, axis=1).reshape(num, *plan.out_shape)
-        valid = inside.reshape(plan.out_shape)
-        return values, None if valid.all() else valid
+        return values, None if inside is None else inside.reshape(plan.out_shape)
     p, j, sign = plan.aligned
     # Slices along p (read whole), each indexed by the same 2D positions: (C, P, *grid_shape).
     stack = np.moveaxis(boxes, 1 + p, 1)
     stack = stack.reshape(num, stack.shape[1], -1)
     values = np.take(stack, flat, axis=2).reshape(num, stack.shape[1], *plan.grid_shape)
+    values = np.ascontiguousarray(np.moveaxis(values[:, ::sign], 1, 1 + j))  # (C, Z, Y, X)
+    if inside is None and plan.start[p] >= 0 and plan.stop[p] <= plan.src_shape[p]:
+        return values, None
     along = np.arange(plan.start[p], plan.stop[p])
-    valid = (along >= 0) & (along < plan.src_shape[p])
-    mask = valid[:, None] & inside[None, :]  # (P, voxels)
-    values, mask = values[:, ::sign], mask[::sign].reshape(-1, *plan.grid_shape)
-    values = np.moveaxis(values, 1, 1 + j)  # the slices are output axis j: (C, Z, Y, X)
-    if mask.all():
-        return np.ascontiguousarray(values), None
-    return np.ascontiguousarray(values), np.ascontiguousarray(np.moveaxis(mask, 0, j))
+    mask = ((along >= 0) & (along < plan.src_shape[p]))[:, None]  # (P, voxels)
+    if inside is not None:
+        mask = mask & inside[None, :]
+    mask = np.broadcast_to(mask, (len(along), inside.size if inside is not None else flat.size))
+    mask = mask[::sign].reshape(-1, *plan.grid_shape)
+    return values, np.ascontiguousarray(np.moveaxis(mask, 0, j))
 
 
 def _sample_linear(
@@ -382,30 +390,31 @@ def _sample_linear(
     import torch.nn.functional as F  # noqa: N812
 
     first, boxes = items[0]
+    num, channels = len(items), boxes.shape[0]
     source = np.stack([boxes for _, boxes in items]).astype(np.float32)  # (N, C, Z, Y, X)
     num_slices = 1
-    if first.aligned is not None:  # a stack of 2D slices along source axis p: into the batch
+    if first.aligned is not None:  # 2D slices along source axis p sharing one grid: channels
         p = first.aligned[0]
         num_slices = source.shape[2 + p]
-        source = np.moveaxis(source, 2 + p, 1)  # (N, P, C, H, W)
-        source = np.ascontiguousarray(source).reshape(-1, *source.shape[2:])  # (N*P, C, H, W)
-    # grid_sample (align_corners=True) maps -1..1 onto voxels 0..size-1 of the box.
+        source = np.moveaxis(source, 2 + p, 2)  # (N, C, P, H, W); a view when p is z
+        plane = [n for axis, n in enumerate(boxes.shape[1:]) if axis != p]
+        source = np.ascontiguousarray(source).reshape(num, channels * num_slices, *plane)
+    # grid_sample (align_corners=True) maps -1..1 onto voxels 0..size-1 of the box; its grid
+    # is (N, [Z,] Y, X, k) with the x position first.
     sizes = [boxes.shape[1 + p] for p in first.grid_axes]
     norm = np.array([2 / (n - 1) if n > 1 else 0.0 for n in sizes])[:, None]
-    shift = np.array([1.0 if n > 1 else 0.0 for n in sizes])
-    maps = np.stack([plan.grid * norm for plan, _ in items])
-    maps[:, :, -1] -= shift
-    grid = _grids(torch.from_numpy(maps).float(), first.grid_shape)  # (N, [Z,] Y, X, k)
-    if num_slices > 1:  # the same 2D grid for every slice of a sample
-        grid = grid.repeat_interleave(num_slices, dim=0)
+    maps = np.stack([plan.grid[::-1] * norm[::-1] for plan, _ in items])  # rows x first
+    maps[:, :, -1] -= np.array([1.0 if n > 1 else 0.0 for n in sizes[::-1]])
+    grid = _grid_points(maps, first.grid_shape)
     out = F.grid_sample(
-        torch.from_numpy(source), grid, mode="bilinear", padding_mode="zeros", align_corners=True
-    ).numpy()
+        torch.from_numpy(source), torch.from_numpy(grid), mode="bilinear", padding_mode="zeros",
+        align_corners=True,
+    ).numpy()  # fmt: skip
     if first.aligned is not None:
         _, j, sign = first.aligned
-        out = out.reshape(len(items), num_slices, *out.shape[1:])  # (N, P, C, h, w)
+        out = out.reshape(num, channels, num_slices, *first.grid_shape)  # (N, C, P, h, w)
         if sign < 0:
-            out = out[:, ::-1]
-        out = np.moveaxis(out, 1, 2 + j)  # the slices are output axis j: (N, C, Z, Y, X)
-    out = np.ascontiguousarray(out).reshape(len(items), -1, *first.out_shape)
+            out = out[:, :, ::-1]
+        out = np.moveaxis(out, 2, 2 + j)  # the slices are output axis j: (N, C, Z, Y, X)
+    out = np.ascontiguousarray(out).reshape(num, -1, *first.out_shape)
     return [(values, None) for values in out]
