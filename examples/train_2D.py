@@ -1,5 +1,7 @@
 """Train a 2D UNet on the synthetic data of `csc synth data` (run from the repository root).
 
+    .venv/bin/csc train examples/train_2D.py        # or: .venv/bin/python examples/train_2D.py
+
 Every name below is a csc setting; `csc config examples/train_2D.py` prints them all, resolved.
 Relative paths are resolved against this file's folder.
 """
@@ -15,7 +17,7 @@ classes = ["nuc", "mito", "er"]
 input_array_info = {"shape": (1, 128, 128), "scale": (8, 8, 8)}
 target_array_info = input_array_info  # predict at the input's resolution
 
-# Model: a name from csc's registry, with its keyword arguments.
+# Model: a name from csc's registry, with its keyword arguments (docs/models.md).
 model_name = "2d_unet"
 model_kwargs = {}
 
@@ -24,11 +26,18 @@ epochs = 10
 iterations_per_epoch = 100
 batch_size = 8
 learning_rate = 1e-3
-random_seed = 42
+random_seed = 42  # same seed, same patches, same results (docs/training.md)
 
 # Validation: at most this many batches per epoch, the same tiles every epoch.
 validation_batch_limit = 8
 
-# Where results go: {model_name} and {epoch} are filled in.
+# Where results go: {model_name} and {epoch} are filled in. A second run resumes from the
+# latest checkpoint and trains `epochs` more epochs (load_model = None starts afresh).
 model_save_path = "../checkpoints/{model_name}_{epoch}.pth"
 logs_save_path = "../tensorboard/{model_name}"
+load_model = "latest"
+
+if __name__ == "__main__":
+    from csc import train
+
+    train(__file__)

@@ -130,6 +130,38 @@ def config(config_file: str, overrides: tuple[str, ...], strict: bool) -> None:
     click.echo(format_config(resolved))
 
 
+@cli.command()
+@_config_command
+def train(config_file: str, overrides: tuple[str, ...], strict: bool) -> None:
+    """Train the model CONFIG_FILE describes (resuming as its load_model says).
+
+    Builds the datasplit CSV first if the config's datasplit_path does not exist. KEY=VALUE
+    pairs override the file, e.g. epochs=3 load_model=None.
+    """
+    from csc.config import load_config
+
+    with user_errors():
+        resolved = load_config(config_file, overrides, strict=strict)
+        from csc.train import train as run
+
+        result = run(resolved)
+    click.echo(summary(result, resolved.logs_save_path.format(model_name=resolved.model_name)))
+
+
+def summary(result: Any, log_dir: str) -> str:
+    """The last validation's per-class IoU, and how to look at the logs."""
+    lines = [f"trained epochs {result.first_epoch}-{result.last_epoch}"]
+    if result.validation:
+        last = result.validation[-1]
+        iou = last["metrics"].get("iou", {})
+        scored = ", ".join(f"{k} {v:.3f}" for k, v in iou.items() if v is not None)
+        lines.append(f"validation loss {last['loss']:.4f}; IoU: {scored}")
+    if result.best_epoch is not None:
+        lines.append(f"best epoch {result.best_epoch} (validation {result.best_score:.4f})")
+    lines.append(f"TensorBoard: .venv/bin/tensorboard --logdir {log_dir}")
+    return "\n".join(lines)
+
+
 def _comma_list(text: str | None) -> tuple[str, ...]:
     return tuple(item.strip() for item in (text or "").split(",") if item.strip())
 

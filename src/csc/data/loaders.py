@@ -175,10 +175,10 @@ def build_datasets(
     validate_set = None
     if validate:
         limit = None
-        if config.validation_batch_limit is not None:
-            limit = config.validation_batch_limit * config.batch_size
-        elif config.validation_time_limit is not None:
+        if config.validation_time_limit is not None:  # wins over a batch limit
             limit = sys.maxsize  # every tile, in a seeded order: time cuts the same prefix
+        elif config.validation_batch_limit is not None:
+            limit = config.validation_batch_limit * config.batch_size
         validate_set = ValidationTiles(
             validate, spec, limit=limit, seed=config.random_seed,
             raw_transform=config.val_raw_value_transforms, **common,

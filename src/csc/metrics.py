@@ -1,0 +1,185 @@
+"""Validation metrics from voxel counts accumulated over a whole pass.
+
+`SegmentationMetrics.update` adds integer counts per class (TP, FP, FN, TN over annotated
+voxels, and boundary counts); `compute` turns the totals into IoU, Dice, precision, recall,
+accuracy and boundary F1. Never an average of per-batch scores. The rules for empty classes are
+in docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor
+
+__all__ = [
+    "COUNT_NAMES",
+    "METRIC_NAMES",
+    "SegmentationMetrics",
+    "batch_counts",
+    "boundary",
+    "dilate",
+]
+
+# Rows of `SegmentationMetrics.counts`, shape (len(COUNT_NAMES), C).
+COUNT_NAMES = (
+    "tp",
+    "fp",
+    "fn",
+    "tn",
+    "pred_boundary",  # predicted boundary voxels
+    "pred_boundary_matched",  # ... within the tolerance of a ground-truth boundary voxel
+    "true_boundary",  # ground-truth boundary voxels
+    "true_boundary_matched",  # ... within the tolerance of a predicted boundary voxel
+)
+METRIC_NAMES = ("iou", "dice", "precision", "recall", "accuracy", "boundary_f1")
+
+
+def _max_pool(x: Tensor, kernel: int) -> Tensor:
+    """Max over a cube of `kernel` voxels around each voxel; `x` is (B, C, *spatial), 2D or 3D."""
+    pool = {4: F.max_pool2d, 5: F.max_pool3d}[x.dim()]
+    return pool(x, kernel_size=kernel, stride=1, padding=kernel // 2)
+
+
+def dilate(mask: Tensor, radius: int) -> Tensor:
+    """Voxels within Chebyshev distance `radius` of a set voxel of `mask` (bool, (B, C, ...))."""
+    if radius == 0:
+        return mask
+    return _max_pool(mask.to(torch.float32), 2 * radius + 1) > 0
+
+
+def boundary(mask: Tensor) -> Tensor:
+    """Set voxels of `mask` with an unset neighbour (3x3 or 3x3x3); outside the patch counts
+    as set, so a patch's edge is not a boundary."""
+    background = (~mask).to(torch.float32)
+    return mask & (_max_pool(background, 3) > 0)  # a set voxel next to an unset one
+
+
+def batch_counts(pred: Tensor, truth: Tensor, annotated: Tensor, *, tolerance: int) -> Tensor:
+    """The int64 counts ``(len(COUNT_NAMES), C)`` of bool masks ``(B, C, *spatial)``.
+
+    `pred` and `truth` must be False where `annotated` is.
+    """
+    pred_edge, true_edge = boundary(pred), boundary(truth)
+    masks = torch.stack(
+        [
+            pred & truth,
+            pred & ~truth,
+            ~pred & truth,
+            ~pred & ~truth & annotated,
+            pred_edge,
+            pred_edge & dilate(true_edge, tolerance),
+            true_edge,
+            true_edge & dilate(pred_edge, tolerance),
+        ]
+    )  # (len(COUNT_NAMES), B, C, *spatial)
+    return masks.sum([1, *range(3, masks.dim())], dtype=torch.int64)  # sum over B and space
+
+
+class SegmentationMetrics:
+    """Per-class and mean IoU, Dice (F1), precision, recall, accuracy and boundary F1.
+
+    A voxel is predicted where ``sigmoid(logits) > threshold``. `boundary_tolerance` is in
+    voxels (Chebyshev distance). ``counts`` is an int64 tensor ``(len(COUNT_NAMES), C)``; under
+    DDP, ``torch.distributed.all_reduce(metrics.counts)`` before `compute` gives global scores.
+    """
+
+    def __init__(
+        self, classes: Sequence[str], *, threshold: float = 0.5, boundary_tolerance: int = 1
+    ) -> None:
+        if isinstance(classes, str) or not classes:
+            raise ValueError(f"classes must be a non-empty list of names, got {classes!r}")
+        if not 0 < threshold < 1:
+            raise ValueError(f"threshold is a probability in (0, 1), got {threshold}")
+        if isinstance(boundary_tolerance, bool) or not isinstance(boundary_tolerance, int):
+            raise ValueError(f"boundary_tolerance must be an integer, got {boundary_tolerance!r}")
+        if boundary_tolerance < 0:
+            raise ValueError(f"boundary_tolerance must be >= 0 voxels, got {boundary_tolerance}")
+        self.classes = list(classes)
+        self.threshold = threshold
+        self.boundary_tolerance = boundary_tolerance
+        self._logit_threshold = math.log(threshold / (1 - threshold))
+        self.counts = torch.zeros(len(COUNT_NAMES), len(self.classes), dtype=torch.int64)
+
+    def reset(self) -> None:
+        """Forget all counts (start of a validation pass)."""
+        self.counts = torch.zeros_like(self.counts)
+
+    @torch.no_grad()
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        """Add the counts of one batch: logits and target (1, 0 or NaN) ``(B, C, *spatial)``."""
+        self._check(logits, target)
+        annotated = torch.isfinite(target)
+        truth = target > 0.5  # NaN compares False: unannotated voxels are background
+        pred = (logits > self._logit_threshold) & annotated
+        batch = batch_counts(pred, truth, annotated, tolerance=self.boundary_tolerance)
+        self.counts = self.counts.to(logits.device) + batch
+
+    def _check(self, logits: Tensor, target: Tensor) -> None:
+        if logits.shape != target.shape or logits.dim() not in (4, 5):
+            raise ValueError(
+                f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must have the "
+                "same shape, (B, C, Y, X) or (B, C, Z, Y, X)"
+            )
+        if logits.shape[1] != len(self.classes):
+            raise ValueError(
+                f"logits have {logits.shape[1]} channels but the metrics were made for "
+                f"{len(self.classes)} classes {self.classes}"
+            )
+
+    def compute(self) -> dict[str, dict[str, float | None] | int]:
+        """``{metric: {class: value or None, ..., "mean": value or None}, "num_scored": n}``.
+
+        Also ``"num_scored_boundary"``: the classes averaged into ``boundary_f1["mean"]``.
+        """
+        columns = self.counts.T.tolist()  # one list of counts per class, COUNT_NAMES order
+        per_class = [_class_scores(**dict(zip(COUNT_NAMES, c, strict=True))) for c in columns]
+        result: dict[str, dict[str, float | None] | int] = {}
+        for metric in METRIC_NAMES:
+            values = dict(zip(self.classes, (s[metric] for s in per_class), strict=True))
+            result[metric] = {**values, "mean": _mean(list(values.values()))}
+        result["num_scored"] = sum(scores["iou"] is not None for scores in per_class)
+        result["num_scored_boundary"] = sum(s["boundary_f1"] is not None for s in per_class)
+        return result
+
+
+def _class_scores(
+    *,
+    tp: int,
+    fp: int,
+    fn: int,
+    tn: int,
+    pred_boundary: int,
+    pred_boundary_matched: int,
+    true_boundary: int,
+    true_boundary_matched: int,
+) -> dict[str, float | None]:
+    """One class's scores from its counts; None for every score of a class that is skipped."""
+    if tp + fp + fn == 0:  # nothing in ground truth or prediction, or nothing annotated
+        return dict.fromkeys(METRIC_NAMES)
+    scores: dict[str, float | None] = {
+        "iou": tp / (tp + fp + fn),
+        "dice": 2 * tp / (2 * tp + fp + fn),
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, tp + fn),
+        "accuracy": (tp + tn) / (tp + fp + fn + tn),
+        "boundary_f1": None,
+    }
+    if pred_boundary + true_boundary > 0:
+        precision = _ratio(pred_boundary_matched, pred_boundary)
+        recall = _ratio(true_boundary_matched, true_boundary)
+        scores["boundary_f1"] = _ratio(2 * precision * recall, precision + recall)
+    return scores
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator, 0 where the denominator is 0 (nothing predicted, or no truth)."""
+    return numerator / denominator if denominator > 0 else 0.0
+
+
+def _mean(values: list[float | None]) -> float | None:
+    scored = [v for v in values if v is not None]
+    return sum(scored) / len(scored) if scored else None

@@ -1,0 +1,104 @@
+"""The models a config can name (`MODELS`), `build_model`, and the input shape check."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from csc.models.layers import divisibility_error, spatial_shape
+from csc.models.resnet import ResNet
+from csc.models.unet import UNet
+from csc.models.vit import ViTVNet
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFactory:
+    """Builds ``model`` with 1 input channel and ``num_classes`` output channels.
+
+    ``fixed`` holds the constructor arguments the registry sets (dimension, input channels);
+    ``classes_arg`` is the one that receives ``num_classes``. Every other keyword argument of
+    the constructor is an option a config may set in ``model_kwargs``.
+    """
+
+    model: type[nn.Module]
+    fixed: Mapping[str, Any]
+    classes_arg: str
+
+    def __call__(self, num_classes: int, **model_kwargs: Any) -> nn.Module:
+        return self.model(**self.fixed, **{self.classes_arg: num_classes}, **model_kwargs)
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments ``model_kwargs`` may hold, with their defaults."""
+        taken = {*self.fixed, self.classes_arg}
+        parameters = inspect.signature(self.model).parameters.values()
+        return {p.name: p.default for p in parameters if p.name not in taken}
+
+
+MODELS: dict[str, ModelFactory] = {
+    "2d_unet": ModelFactory(UNet, {"ndim": 2, "in_channels": 1}, "out_channels"),
+    "3d_unet": ModelFactory(UNet, {"ndim": 3, "in_channels": 1}, "out_channels"),
+    "2d_resnet": ModelFactory(ResNet, {"ndims": 2, "input_nc": 1}, "output_nc"),
+    "3d_resnet": ModelFactory(ResNet, {"ndims": 3, "input_nc": 1}, "output_nc"),
+    # 2D or 3D as len(img_size); training passes the patch shape as img_size.
+    "vitnet": ModelFactory(ViTVNet, {"in_channels": 1}, "out_channels"),
+}
+
+
+def build_model(name: str, *, num_classes: int, **model_kwargs: Any) -> nn.Module:
+    """The registry model ``name`` with 1 input channel and ``num_classes`` outputs (logits)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
+    factory = MODELS[name]
+    options = factory.options()
+    for key in model_kwargs:
+        if key not in options:
+            raise ValueError(
+                f"unknown model_kwargs key {key!r} for {name}; valid: {', '.join(sorted(options))}"
+            )
+    try:
+        return factory(num_classes, **model_kwargs)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from error
+
+
+def check_input_shape(model: nn.Module, shape: Sequence[int]) -> None:
+    """Raise ValueError if ``model`` cannot take inputs of spatial ``shape``.
+
+    ``shape`` may carry singleton axes beyond the model's dimension: a (1, 128, 128) patch is
+    checked as (128, 128) for a 2D model. Models without a known ``divisor`` always pass.
+    """
+    model = _unwrap(model)
+    divisor, ndim = getattr(model, "divisor", None), getattr(model, "ndim", None)
+    if not isinstance(divisor, int) or not isinstance(ndim, int):
+        return
+    label = type(model).__name__
+    spatial = spatial_shape(shape, ndim)
+    if len(spatial) != ndim:
+        raise ValueError(f"{label} is {ndim}D but input shape {tuple(shape)} has {len(shape)} axes")
+    reason = getattr(model, "divisor_reason", "")
+    error = divisibility_error(spatial, divisor, f"{label} ({reason})" if reason else label)
+    img_size = getattr(model, "img_size", None)
+    if error and img_size is not None:
+        error += f" (and {label} takes only its img_size, {img_size})"
+    elif img_size is not None and tuple(img_size) != spatial:
+        error = (
+            f"input shape {spatial} does not match {label}'s img_size {tuple(img_size)}; "
+            f"build it with img_size={spatial}"
+        )
+    if error:
+        raise ValueError(error)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile (``_orig_mod``) and DDP/DataParallel (``module``) wrappers."""
+    while True:
+        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model

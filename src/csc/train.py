@@ -1,0 +1,448 @@
+"""The training loop (docs/training.md): `train(config)` wires data, model, loss, optimizer and
+resume, then runs epochs of `train_epoch` -> `validate` -> log -> `save`.
+
+The module is callable, so a config file can end with
+``if __name__ == "__main__": from csc import train; train(__file__)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import sys
+import time
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from csc.checkpoints import (
+    load_for_resume,
+    prune_checkpoints,
+    rng_state,
+    save_best,
+    save_checkpoint,
+    set_rng_state,
+    to_safe,
+    unwrap,
+)
+from csc.config import TrainConfig, format_config, load_config
+from csc.data import Loaders, PatchSpec, build_loaders
+from csc.datasplit import ensure_datasplit
+from csc.losses import build_loss, pos_weight_from_counts
+from csc.metrics import SegmentationMetrics
+from csc.models import build_model, check_input_shape
+from csc.tracking import Tracker, make_tracker
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "radam": torch.optim.RAdam,
+    "sgd": torch.optim.SGD,
+}
+SCHEDULERS: dict[str, Any] = {
+    "cosine": torch.optim.lr_scheduler.CosineAnnealingLR,
+    "onecycle": torch.optim.lr_scheduler.OneCycleLR,
+    "plateau": torch.optim.lr_scheduler.ReduceLROnPlateau,
+    "step": torch.optim.lr_scheduler.StepLR,
+}
+PER_STEP_SCHEDULERS = (
+    torch.optim.lr_scheduler.CosineAnnealingLR,
+    torch.optim.lr_scheduler.OneCycleLR,
+)
+AUTOCAST_DTYPES = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything one training run holds; the loop reads and updates it."""
+
+    config: TrainConfig
+    device: torch.device
+    loaders: Loaders
+    model: torch.nn.Module
+    ema: AveragedModel | None
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    tracker: Tracker
+    epoch: int = 0  # the last finished epoch (epochs count from 1)
+    global_step: int = 0  # training batches so far, over every run resumed into this one
+    best_score: float | None = None  # monitored: mean validation loss (see low_is_best)
+    best_epoch: int | None = None
+    stale_epochs: int = 0  # epochs since the best one, for early stopping
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a call to `train` did: its epochs, losses and last validation."""
+
+    first_epoch: int
+    last_epoch: int
+    losses: list[float]  # every training batch's loss, in order
+    validation: list[dict[str, Any]]  # per epoch: loss and metrics (empty without validation)
+    best_epoch: int | None
+    best_score: float | None
+    model: torch.nn.Module
+
+
+def train(config: TrainConfig | str | os.PathLike[str], overrides: Sequence[str] = (), *,
+          strict: bool = False) -> TrainResult:  # fmt: skip
+    """Train from a config (a `TrainConfig`, or the path of a config file and KEY=VALUE
+    overrides); resume as `load_model` says; return what was done."""
+    if not isinstance(config, TrainConfig):
+        config = load_config(config, overrides, strict=strict)
+    print(format_config(config))
+    seed_everything(config.random_seed)
+    ensure_datasplit(config)
+    run = setup(config)
+    first = resume(run) + 1
+    if run.loaders.validate is None:
+        print("no validation crops in the datasplit: training without validation")
+    result = TrainResult(first, first - 1, [], [], run.best_epoch, run.best_score, run.model)
+    try:
+        for epoch in range(first, first + config.epochs):
+            result.losses += train_epoch(run, epoch)
+            scores = validate(run, epoch)
+            if scores is not None:
+                result.validation.append(scores)
+            stop = end_epoch(run, epoch, scores)
+            result.last_epoch = epoch
+            if stop:
+                print(f"early stopping: no improvement for {run.stale_epochs} epochs")
+                break
+    finally:
+        run.tracker.close()
+    result.best_epoch, result.best_score = run.best_epoch, run.best_score
+    return result
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def choose_device(name: str | None) -> torch.device:
+    """The config's device, else cuda, then mps, then cpu."""
+    if name is not None:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# --- Building the run ----------------------------------------------------------------------
+
+
+def setup(config: TrainConfig) -> Run:
+    """Model, loss, optimizer, scheduler and logging of a config; data comes after resume."""
+    device = choose_device(config.device)
+    spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
+    model = make_model(config, spec).to(device)
+    optimizer = make_optimizer(config, model)
+    ema = None
+    if config.ema_decay is not None:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay),
+                            use_buffers=True)  # fmt: skip
+    tracker = make_tracker(config.logs_save_path.format(model_name=config.model_name))
+    tracker.log_text("config", "```\n" + format_config(config) + "\n```", 0)
+    loaders = build_loaders(config)  # its crops carry the foreground counts for pos_weight
+    pos_weight = class_pos_weight(config, loaders) if config.weight_loss else None
+    if pos_weight is not None:
+        pos_weight = pos_weight.to(device)
+    loss_fn = build_loss(config.criterion, criterion_kwargs=config.criterion_kwargs,
+                         pos_weight=pos_weight)  # fmt: skip
+    return Run(
+        config, device, loaders, model, ema, loss_fn.to(device), optimizer,
+        make_scheduler(config, optimizer),
+        torch.amp.GradScaler(device.type, enabled=config.precision == "16-mixed"), tracker,
+    )  # fmt: skip
+
+
+def make_model(config: TrainConfig, spec: PatchSpec) -> torch.nn.Module:
+    """The config's `model`, or `model_name` from the registry with `model_kwargs`; checked
+    against the patch shape before any data is read."""
+    shape = tuple(n for axis, n in enumerate(spec.input.shape) if axis != spec.plane_axis)
+    model = config.model
+    if model is None:
+        kwargs = dict(config.model_kwargs)
+        if config.model_name == "vitnet":
+            kwargs.setdefault("img_size", shape)
+        model = build_model(config.model_name, num_classes=len(config.classes), **kwargs)
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_input_shape(model, shape)
+    return model
+
+
+def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """`optimizer`: an instance (used as is), a class, or a name in OPTIMIZERS."""
+    choice = config.optimizer
+    if isinstance(choice, torch.optim.Optimizer):
+        return choice
+    if isinstance(choice, str):
+        choice = OPTIMIZERS[choice.lower()]
+    return choice(model.parameters(), lr=config.learning_rate)
+
+
+def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
+    """`scheduler`: None, an instance, a class (given `scheduler_kwargs`) or a name. Named
+    cosine and onecycle span the run's optimizer steps; plateau steps on the monitored score."""
+    choice, kwargs = config.scheduler, dict(config.scheduler_kwargs)
+    if choice is None or not isinstance(choice, str | type):
+        return choice
+    steps = config.epochs * math.ceil(
+        config.iterations_per_epoch / config.gradient_accumulation_steps
+    )
+    if isinstance(choice, str):
+        name = choice.lower()
+        choice = SCHEDULERS[name]
+        defaults = {
+            "cosine": {"T_max": steps},
+            "onecycle": {"max_lr": config.learning_rate, "total_steps": steps},
+            "plateau": {"mode": "min" if config.low_is_best else "max"},
+            "step": {"step_size": max(1, config.epochs // 3)},
+        }[name]
+        kwargs = {**defaults, **kwargs}
+    return choice(optimizer, **kwargs)
+
+
+def class_pos_weight(config: TrainConfig, loaders: Loaders) -> torch.Tensor:
+    """Per class (background / foreground) volume over the training crops that annotate it."""
+    crops = loaders.train.dataset.crops
+    foreground, total = np.zeros(len(config.classes)), np.zeros(len(config.classes))
+    for crop in crops:
+        for k, label in enumerate(crop.labels):
+            if label is not None and label.foreground is not None:
+                foreground[k] += label.foreground * math.prod(label.level.scale)  # nm^3
+                total[k] += crop.volume
+    return pos_weight_from_counts(foreground.tolist(), total.tolist())
+
+
+def resume(run: Run) -> int:
+    """Load what `load_model` asks for; the last finished epoch (0: start at epoch 1). Another
+    `model_to_load` than `model_name` is a fine-tune: its weights, from epoch 1."""
+    config = run.config
+    resumed = load_for_resume(config)
+    if resumed is None:
+        return 0
+    state = resumed.train_state
+    if config.model_to_load != config.model_name or state is None:
+        unwrap(run.model).load_state_dict(resumed.model_state)
+        print(f"loaded weights from {resumed.path} (epoch {resumed.epoch})")
+        return 0 if config.model_to_load != config.model_name else resumed.epoch
+    unwrap(run.model).load_state_dict(state.get("model") or resumed.model_state)
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scheduler is not None and state.get("scheduler") is not None:
+        run.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None and state.get("ema") is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.epoch, run.global_step = resumed.epoch, int(state["global_step"])
+    run.best_score, run.best_epoch = state.get("best_score"), state.get("best_epoch")
+    run.stale_epochs = int(state.get("stale_epochs", 0))
+    set_rng_state(state["rng"])
+    print(f"resumed from {resumed.path}: epoch {resumed.epoch}, step {run.global_step}")
+    return resumed.epoch
+
+
+# --- The loop ------------------------------------------------------------------------------
+
+
+def train_epoch(run: Run, epoch: int) -> list[float]:
+    """One epoch: exactly `iterations_per_epoch` batches. Logs `loss` every batch."""
+    config, model = run.config, run.model
+    model.train()
+    run.loaders.sampler.set_epoch(epoch)  # the epoch's patches: a function of (seed, epoch)
+    losses: list[float] = []
+    sampled = torch.zeros(2, len(config.classes), dtype=torch.float64)  # (foreground, annotated)
+    waited, started = 0.0, time.perf_counter()
+    bar = tqdm(total=config.iterations_per_epoch, desc=f"epoch {epoch}", unit="batch",
+               leave=False, disable=None)  # fmt: skip
+    batches = iter(run.loaders.train)
+    for index in range(config.iterations_per_epoch):
+        before = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - before
+        target = batch["output"]
+        sampled += torch.stack([(target == 1).sum((0, *range(2, target.ndim))),
+                                target.isfinite().sum((0, *range(2, target.ndim)))])  # fmt: skip
+        loss = train_step(run, batch, step_now=(index + 1) % config.gradient_accumulation_steps
+                          == 0 or index + 1 == config.iterations_per_epoch)  # fmt: skip
+        losses.append(loss)
+        run.global_step += 1
+        run.tracker.log({"loss": loss}, run.global_step)
+        rate = (index + 1) * config.batch_size / (time.perf_counter() - started)
+        bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:.1f}")
+        bar.update()
+    bar.close()
+    seconds = time.perf_counter() - started
+    shares = sampled[0] / sampled[1].clamp(min=1)
+    run.tracker.log({
+        "perf/samples_per_s": config.iterations_per_epoch * config.batch_size / seconds,
+        "perf/data_wait_fraction": waited / seconds,
+        **{f"sampling/{name}": float(s) for name, s in zip(config.classes, shares, strict=True)},
+    }, run.global_step)  # fmt: skip
+    return losses
+
+
+def train_step(run: Run, batch: Mapping[str, torch.Tensor], *, step_now: bool) -> float:
+    """Forward and backward of one batch; an optimizer step every
+    `gradient_accumulation_steps` batches (and at the end of the epoch)."""
+    config = run.config
+    inputs = batch["input"].to(run.device, non_blocking=True)
+    target = batch["output"].to(run.device, non_blocking=True)
+    with autocast(run):
+        loss = run.loss_fn(run.model(inputs).float(), target)
+    run.scaler.scale(loss / config.gradient_accumulation_steps).backward()
+    if step_now:
+        if config.max_grad_norm is not None:
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.max_grad_norm)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.update_parameters(run.model)
+        if isinstance(run.scheduler, PER_STEP_SCHEDULERS):
+            run.scheduler.step()
+    return float(loss.detach())
+
+
+def autocast(run: Run) -> contextlib.AbstractContextManager[Any]:
+    dtype = AUTOCAST_DTYPES[run.config.precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(run.device.type, dtype=dtype)
+
+
+def validate(run: Run, epoch: int) -> dict[str, Any] | None:
+    """Mean loss and metrics over the validation tiles (EMA weights when `ema_decay` is set),
+    limited by `validation_time_limit` (at least one batch) or the batch limit set in the
+    data; None without validation crops."""
+    loader, config = run.loaders.validate, run.config
+    if loader is None:
+        return None
+    model = run.ema.module if run.ema is not None else run.model
+    model.eval()
+    metrics = SegmentationMetrics(config.classes)
+    total, count, example = 0.0, 0, None
+    started = time.perf_counter()
+    with torch.no_grad():
+        for batch in loader:
+            inputs, target = batch["input"].to(run.device), batch["output"].to(run.device)
+            with autocast(run):
+                logits = model(inputs).float()
+            total += float(run.loss_fn(logits, target)) * len(inputs)
+            count += len(inputs)
+            metrics.update(logits, target)
+            if example is None:
+                example = (inputs[0].cpu(), target[0].cpu(), torch.sigmoid(logits[0]).cpu())
+            limit = config.validation_time_limit
+            if limit is not None and time.perf_counter() - started >= limit:
+                break
+    run.model.train()
+    scores = {"epoch": epoch, "loss": total / max(count, 1), "metrics": metrics.compute()}
+    log_validation(run, scores, example)
+    return scores
+
+
+def log_validation(run: Run, scores: dict[str, Any], example: tuple | None) -> None:
+    """TensorBoard: `validation`, `metrics/{name}/{class}` and per class an image of raw,
+    ground truth and prediction side by side (middle slice of a 3D patch)."""
+    values = {"validation": scores["loss"]}
+    for name, per_class in scores["metrics"].items():
+        if isinstance(per_class, Mapping):
+            values |= {f"metrics/{name}/{c}": v for c, v in per_class.items() if v is not None}
+    run.tracker.log(values, run.global_step)
+    if example is not None:
+        run.tracker.log_images(example_images(run.config.classes, *example), run.global_step)
+
+
+def example_images(classes: Sequence[str], raw: torch.Tensor, target: torch.Tensor,
+                   prediction: torch.Tensor) -> dict[str, np.ndarray]:  # fmt: skip
+    """Per class, (H, 3W) in [0, 1]: raw | ground truth (unannotated: grey) | prediction."""
+    if raw.ndim == 4:  # 3D (C, Z, Y, X): the middle z slice
+        middle = raw.shape[1] // 2
+        raw, target, prediction = raw[:, middle], target[:, middle], prediction[:, middle]
+    image = raw[0].float()
+    image = (image - image.min()) / (image.max() - image.min()).clamp(min=1e-6)
+    images = {}
+    for k, name in enumerate(classes):
+        truth = torch.nan_to_num(target[k].float(), nan=0.5)
+        images[f"images/{name}"] = torch.cat([image, truth, prediction[k]], dim=1).numpy()
+    return images
+
+
+def end_epoch(run: Run, epoch: int, scores: dict[str, Any] | None) -> bool:
+    """Log the epoch, step epoch schedulers, save checkpoints; True to stop early."""
+    config = run.config
+    run.epoch = epoch
+    score = None if scores is None else scores["loss"]
+    improved = score is not None and (
+        run.best_score is None
+        or (score < run.best_score if config.low_is_best else score > run.best_score)
+    )
+    if improved:
+        run.best_score, run.best_epoch, run.stale_epochs = score, epoch, 0
+    elif score is not None:
+        run.stale_epochs += 1
+    scheduler = run.scheduler
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(score if score is not None else float("nan"))
+    elif scheduler is not None and not isinstance(scheduler, PER_STEP_SCHEDULERS):
+        scheduler.step()
+    run.tracker.log({"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"]}, run.global_step)
+    save(run, epoch, improved=improved)
+    patience = config.early_stopping_patience
+    return patience is not None and run.stale_epochs >= patience
+
+
+def save(run: Run, epoch: int, *, improved: bool) -> None:
+    """The epoch's checkpoint (weights used for validation) and training state; the best copy
+    when the monitored score improved; older checkpoints pruned (never the best)."""
+    config = run.config
+    weights = unwrap(run.ema.module if run.ema is not None else run.model).state_dict()
+    state = {
+        "model": unwrap(run.model).state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": None if run.scheduler is None else to_safe(run.scheduler.state_dict()),
+        "scaler": run.scaler.state_dict(),
+        "ema": None if run.ema is None else run.ema.state_dict(),
+        "epoch": epoch,
+        "global_step": run.global_step,
+        "rng": rng_state(),
+        "best_score": run.best_score,
+        "best_epoch": run.best_epoch,
+        "stale_epochs": run.stale_epochs,
+        "config": to_safe(config),
+    }
+    names = {"template": config.model_save_path, "model_name": config.model_name}
+    save_checkpoint(weights, state, epoch=epoch, **names)
+    if improved:
+        save_best(weights, state, **names)
+    if config.keep_last_checkpoints is not None:
+        prune_checkpoints(keep_last=config.keep_last_checkpoints, best_epoch=run.best_epoch,
+                          **names)  # fmt: skip
+
+
+class _CallableModule(types.ModuleType):
+    """`from csc import train; train(path)`: this module, called, is `train`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> TrainResult:
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,140 @@
+"""Training end to end on synthetic data: TensorBoard tags read back, checkpoints that load with
+weights_only, exact resume, a SIGKILL mid-epoch, and the command line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from csc.cli import cli
+from csc.config import TrainConfig, build_config
+from csc.models import UNet
+from csc.synth import SynthSpec, write_synthetic
+from csc.train import train
+
+CLASSES = ("nuc", "mito", "er")
+# Crops of 16 x 64 x 64 label voxels at 4 nm: 8 x 32 x 32 at the patches' 8 nm.
+SPEC = SynthSpec(num_datasets=2, num_crops=2, shape=(16, 48, 48), crop_shape=(16, 64, 64),
+                 chunks=(16, 32, 32), missing_class_prob=0.0)  # fmt: skip
+SEARCH = "{dataset}/{dataset}.zarr/recon-1/{name}"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("train-data")
+    write_synthetic(out, SPEC)
+    return out
+
+
+def settings(data: Path, run: Path, **overrides: Any) -> dict[str, Any]:
+    """A tiny 2D run: (1, 32, 32) patches, a 2-level UNet 4 channels wide."""
+    info = {"shape": (1, 32, 32), "scale": (8, 8, 8)}
+    return {
+        "search_path": f"{data}/{SEARCH}", "datasplit_path": f"{run}/datasplit.csv",
+        "classes": CLASSES, "validation_prob": 0.5, "input_array_info": info,
+        "target_array_info": info, "model_name": "2d_unet", "model_to_load": "2d_unet",
+        "model_kwargs": {"num_levels": 2, "base_channels": 4}, "epochs": 2,
+        "iterations_per_epoch": 3, "batch_size": 2, "learning_rate": 1e-3,
+        "validation_batch_limit": 2, "device": "cpu",
+        "model_save_path": f"{run}/checkpoints/{{model_name}}_{{epoch}}.pth",
+        "logs_save_path": f"{run}/tensorboard/{{model_name}}", **overrides,
+    }  # fmt: skip
+
+
+def config_of(data: Path, run: Path, **overrides: Any) -> TrainConfig:
+    return build_config(settings(data, run, **overrides))
+
+
+def events(log_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_a_run_logs_every_tag_and_saves_loadable_checkpoints(data: Path, tmp_path: Path) -> None:
+    result = train(config_of(data, tmp_path))
+    assert (result.first_epoch, result.last_epoch) == (1, 2) and len(result.losses) == 6
+    log = events(tmp_path / "tensorboard/2d_unet")
+    scalars = set(log.Tags()["scalars"])
+    expected = {"loss", "validation", "lr", "epoch", "perf/samples_per_s",
+                "perf/data_wait_fraction"}  # fmt: skip
+    expected |= {f"sampling/{name}" for name in CLASSES}
+    for metric in ("iou", "dice", "precision", "recall", "accuracy", "boundary_f1"):
+        expected.add(f"metrics/{metric}/mean")
+    assert expected <= scalars, expected - scalars
+    assert any(tag.startswith("metrics/iou/") and tag != "metrics/iou/mean" for tag in scalars)
+    assert [e.step for e in log.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
+    assert [e.value for e in log.Scalars("epoch")] == [1, 2]
+    assert {f"images/{name}" for name in CLASSES} <= set(log.Tags()["images"])
+    assert "config/text_summary" in log.Tags()["tensors"]
+    folder = tmp_path / "checkpoints"
+    for epoch in (1, 2):
+        weights = torch.load(folder / f"2d_unet_{epoch}.pth", weights_only=True)
+        assert all(isinstance(v, torch.Tensor) for v in weights.values())
+        state = torch.load(folder / f"2d_unet_{epoch}.state.pth", weights_only=True)
+        assert state["epoch"] == epoch and state["global_step"] == 3 * epoch
+    assert (folder / "2d_unet_best.pth").is_file()
+    assert not list(folder.glob("*.tmp*"))
+
+
+def test_resumed_runs_equal_one_uninterrupted_run(data: Path, tmp_path: Path) -> None:
+    """2 epochs, then 2 more from the checkpoint, give the losses and weights of 4 epochs."""
+    whole = train(config_of(data, tmp_path / "whole", epochs=4))
+    first = train(config_of(data, tmp_path / "parts", epochs=2))
+    second = train(config_of(data, tmp_path / "parts", epochs=2))
+    assert (second.first_epoch, second.last_epoch) == (3, 4)
+    torch.testing.assert_close(
+        torch.tensor(first.losses + second.losses), torch.tensor(whole.losses)
+    )
+    for name, value in whole.model.state_dict().items():
+        torch.testing.assert_close(second.model.state_dict()[name], value, msg=name)
+    log = events(tmp_path / "parts/tensorboard/2d_unet")
+    assert [e.step for e in log.Scalars("loss")] == list(range(1, 13))
+
+
+def test_a_new_model_to_load_fine_tunes_from_epoch_1(data: Path, tmp_path: Path) -> None:
+    train(config_of(data, tmp_path, epochs=1))
+    model = UNet(2, 1, len(CLASSES), num_levels=2, base_channels=4)
+    tuned = train(config_of(data, tmp_path, epochs=1, model=model, model_name="tuned"))
+    assert (tuned.first_epoch, tuned.last_epoch) == (1, 1)
+    assert (tmp_path / "checkpoints/tuned_1.pth").is_file()
+
+
+def test_killed_run_resumes_from_its_last_whole_checkpoint(data: Path, tmp_path: Path) -> None:
+    """SIGKILL during epoch 2: every checkpoint file left loads, and the rerun starts at 2."""
+    config = settings(data, tmp_path, epochs=3, iterations_per_epoch=40)
+    script = f"from csc.train import train\nfrom csc.config import build_config\n" \
+             f"train(build_config({config!r}))\n"  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    first = tmp_path / "checkpoints/2d_unet_1.pth"
+    deadline = time.monotonic() + 120
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert first.exists()
+    assert not (tmp_path / "checkpoints/2d_unet_2.pth").exists()
+    for path in (tmp_path / "checkpoints").glob("*.pth"):
+        torch.load(path, weights_only=True)  # none half-written
+    resumed = train(config_of(data, tmp_path, epochs=1, iterations_per_epoch=40))
+    assert (resumed.first_epoch, resumed.last_epoch) == (2, 2)
+
+
+def test_csc_train_prints_iou_and_the_tensorboard_command(data: Path, tmp_path: Path) -> None:
+    lines = [f"{key} = {value!r}" for key, value in settings(data, tmp_path, epochs=1).items()]
+    path = tmp_path / "config.py"
+    path.write_text("\n".join(lines) + "\n")
+    outcome = CliRunner().invoke(cli, ["train", str(path)])
+    assert outcome.exit_code == 0, outcome.output
+    assert "IoU:" in outcome.output and "tensorboard --logdir" in outcome.output
