@@ -138,3 +138,65 @@ def test_csc_train_prints_iou_and_the_tensorboard_command(data: Path, tmp_path: 
     outcome = CliRunner().invoke(cli, ["train", str(path)])
     assert outcome.exit_code == 0, outcome.output
     assert "IoU:" in outcome.output and "tensorboard --logdir" in outcome.output
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"optimizer": "adamw", "scheduler": "cosine"},
+        {"optimizer": "sgd", "scheduler": "onecycle", "max_grad_norm": 0.5},
+        {"optimizer": torch.optim.Adam, "scheduler": "step", "scheduler_kwargs": {"step_size": 1}},
+        {"scheduler": "plateau", "gradient_accumulation_steps": 2},
+        {"precision": "bf16-mixed", "criterion": "dice_bce", "weight_loss": False},
+        {"criterion": torch.nn.BCEWithLogitsLoss, "validation_time_limit": 0.001},
+    ],
+    ids=[
+        "adamw-cosine",
+        "sgd-onecycle-clip",
+        "adam-class-step",
+        "plateau-accumulate",
+        "bf16-dice_bce",
+        "torch-loss-time-limit",
+    ],
+)
+def test_loop_options_train_and_change_the_learning_rate(
+    data: Path, tmp_path: Path, options: dict[str, Any]
+) -> None:
+    result = train(config_of(data, tmp_path, **options))
+    assert len(result.losses) == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+    log = events(tmp_path / "tensorboard/2d_unet")
+    rates = [e.value for e in log.Scalars("lr")]
+    if options.get("scheduler") in ("cosine", "onecycle", "step"):
+        assert rates[0] != rates[1] or rates[0] != 1e-3
+    if "validation_time_limit" in options:  # at least one batch, then time is up
+        assert len(result.validation) == 2
+
+
+def test_ema_weights_are_validated_and_saved(data: Path, tmp_path: Path) -> None:
+    train(config_of(data, tmp_path, ema_decay=0.9, epochs=1))
+    weights = torch.load(tmp_path / "checkpoints/2d_unet_1.pth", weights_only=True)
+    state = torch.load(tmp_path / "checkpoints/2d_unet_1.state.pth", weights_only=True)
+    name = next(k for k in weights if k.endswith("weight"))
+    assert not torch.equal(weights[name], state["model"][name])  # the average, not the last
+    assert state["ema"] is not None
+
+
+def test_early_stopping_and_pruning(data: Path, tmp_path: Path) -> None:
+    """Fixed weights (learning rate 0, no batch norm) never improve: patience 1 stops after
+    epoch 2, and keep_last_checkpoints=1 leaves the last epoch, the best one and its copy."""
+    model = UNet(2, 1, len(CLASSES), num_levels=2, base_channels=4, norm=None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    result = train(config_of(data, tmp_path, model=model, optimizer=optimizer, epochs=5,
+                             early_stopping_patience=1, keep_last_checkpoints=1))  # fmt: skip
+    assert result.last_epoch == 2 and result.best_epoch == 1
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pth"))
+    kept = ["2d_unet_1.pth", "2d_unet_1.state.pth", "2d_unet_2.pth", "2d_unet_2.state.pth"]
+    assert names == [*kept, "2d_unet_best.pth", "2d_unet_best.state.pth"]
+
+
+def test_without_validation_crops_it_says_so_and_trains(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = train(config_of(data, tmp_path, validation_prob=0.0, force_all_classes=None))
+    assert result.validation == [] and result.last_epoch == 2
+    assert capsys.readouterr().out.count("no validation crops") == 1

@@ -115,6 +115,7 @@ def train(config: TrainConfig | str | os.PathLike[str], overrides: Sequence[str]
             if scores is not None:
                 result.validation.append(scores)
             stop = end_epoch(run, epoch, scores)
+            print(epoch_line(epoch, result.losses[-config.iterations_per_epoch :], scores))
             result.last_epoch = epoch
             if stop:
                 print(f"early stopping: no improvement for {run.stale_epochs} epochs")
@@ -123,6 +124,15 @@ def train(config: TrainConfig | str | os.PathLike[str], overrides: Sequence[str]
         run.tracker.close()
     result.best_epoch, result.best_score = run.best_epoch, run.best_score
     return result
+
+
+def epoch_line(epoch: int, losses: Sequence[float], scores: dict[str, Any] | None) -> str:
+    line = f"epoch {epoch}: training loss {sum(losses) / max(len(losses), 1):.4f}"
+    if scores is not None:
+        mean_iou = scores["metrics"].get("iou", {}).get("mean")
+        line += f", validation loss {scores['loss']:.4f}"
+        line += "" if mean_iou is None else f", mean IoU {mean_iou:.3f}"
+    return line
 
 
 def seed_everything(seed: int) -> None:
