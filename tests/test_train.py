@@ -200,3 +200,29 @@ def test_without_validation_crops_it_says_so_and_trains(
     result = train(config_of(data, tmp_path, validation_prob=0.0, force_all_classes=None))
     assert result.validation == [] and result.last_epoch == 2
     assert capsys.readouterr().out.count("no validation crops") == 1
+
+
+def test_user_code_loads_the_latest_and_best_weights(data: Path, tmp_path: Path) -> None:
+    """`csc.models.load_latest` / `load_best_val` (the toolkit's names) on a csc run."""
+    from csc.models import load_best_val, load_latest
+
+    result = train(config_of(data, tmp_path))
+    model = UNet(2, 1, len(CLASSES), num_levels=2, base_channels=4)
+    template = f"{tmp_path}/checkpoints/2d_unet_{{epoch}}.pth"
+    assert load_latest(template, model) == 2
+    for name, value in result.model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, msg=name)
+    best = load_best_val(f"{tmp_path}/tensorboard/2d_unet", template, model)
+    assert best == result.best_epoch
+
+
+def test_a_config_file_run_as_a_script_trains(data: Path, tmp_path: Path) -> None:
+    """`python config.py` with the examples' closing lines: `from csc import train`."""
+    lines = [f"{key} = {value!r}" for key, value in settings(data, tmp_path, epochs=1).items()]
+    lines += ['if __name__ == "__main__":', "    from csc import train", "", "    train(__file__)"]
+    path = tmp_path / "config.py"
+    path.write_text("\n".join(lines) + "\n")
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "epoch 1: training loss" in done.stdout
+    assert (tmp_path / "checkpoints/2d_unet_1.pth").is_file()

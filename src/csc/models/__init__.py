@@ -2,8 +2,10 @@
 
 Every model returns raw logits with the input's spatial shape. `UNet_2D`, `UNet_3D`, `ResNet`
 and `ViTVNet` keep the CellMap challenge toolkit's constructor names and arguments.
+`load_latest` and `load_best_val` load csc checkpoints into a model (see docs/training.md).
 """
 
+from csc.models.loading import load_best_val, load_latest
 from csc.models.registry import MODELS, build_model, check_input_shape
 from csc.models.resnet import ResNet
 from csc.models.unet import UNet, UNet_2D, UNet_3D
@@ -18,4 +20,6 @@ __all__ = [
     "ViTVNet",
     "build_model",
     "check_input_shape",
+    "load_best_val",
+    "load_latest",
 ]
