@@ -226,3 +226,19 @@ def test_a_config_file_run_as_a_script_trains(data: Path, tmp_path: Path) -> Non
     assert done.returncode == 0, done.stderr
     assert "epoch 1: training loss" in done.stdout
     assert (tmp_path / "checkpoints/2d_unet_1.pth").is_file()
+
+
+@pytest.mark.parametrize("name", ["train_2D.py", "train_3D.py"])
+def test_example_configs_build_their_models(name: str) -> None:
+    """The examples resolve, and their models take their patch shapes (checked before data)."""
+    from csc.config import load_config
+    from csc.data import PatchSpec
+    from csc.train import make_model
+
+    config = load_config(Path(__file__).parents[1] / "examples" / name)
+    spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
+    model = make_model(config, spec)
+    shape = [n for axis, n in enumerate(spec.input.shape) if axis != spec.plane_axis]
+    with torch.no_grad():
+        out = model.eval()(torch.zeros(1, 1, *shape))
+    assert out.shape == (1, len(config.classes), *shape)
