@@ -13,6 +13,7 @@ false positives on top of the loss itself.
 
 from __future__ import annotations
 
+import abc
 import copy
 import inspect
 from collections.abc import Mapping, Sequence
@@ -66,7 +67,7 @@ def _check_pair(logits: Tensor, target: Tensor) -> None:
         )
 
 
-class SegmentationLoss(nn.Module):
+class SegmentationLoss(nn.Module, abc.ABC):
     """Base of csc's losses: NaN-masking, shape checks and the optional false-positive term."""
 
     def __init__(self, *, fp_weight: float = 0.0) -> None:
@@ -85,9 +86,9 @@ class SegmentationLoss(nn.Module):
             loss = loss + self.fp_weight * masked_mean(torch.sigmoid(logits), background)
         return loss
 
+    @abc.abstractmethod
     def masked_loss(self, logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         """The loss over voxels where `mask` is set; `target` has no NaN."""
-        raise NotImplementedError
 
 
 class BCELoss(SegmentationLoss):

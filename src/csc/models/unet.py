@@ -83,25 +83,26 @@ class UNet(nn.Module):
         return self.head(x)  # (B, out_channels, *spatial)
 
 
-class UNet_2D(UNet):  # noqa: N801 (the CellMap challenge toolkit's name)
-    """The toolkit's 2D U-Net: 4 poolings, 64 to 1024 channels, batch norm.
+class _ToolkitUNet(UNet):
+    """The toolkit's U-Net: 4 poolings, 64 to 1024 channels, batch norm. ``trilinear=True``
+    upsamples by interpolation instead of transposed convs."""
 
-    ``trilinear=True`` upsamples by interpolation instead of transposed convs.
-    """
-
-    def __init__(self, n_channels: int, n_classes: int, trilinear: bool = False) -> None:
-        upsample = "linear" if trilinear else "transposed"
-        super().__init__(2, n_channels, n_classes, base_channels=64, upsample=upsample)
-        self.n_channels, self.n_classes, self.trilinear = n_channels, n_classes, trilinear
-
-
-class UNet_3D(UNet):  # noqa: N801 (the CellMap challenge toolkit's name)
-    """The toolkit's 3D U-Net: 4 poolings, 64 to 1024 channels, batch norm.
-
-    ``trilinear=True`` upsamples by interpolation instead of transposed convs.
-    """
+    ndim_of_class = 2
 
     def __init__(self, n_channels: int, n_classes: int, trilinear: bool = False) -> None:
         upsample = "linear" if trilinear else "transposed"
-        super().__init__(3, n_channels, n_classes, base_channels=64, upsample=upsample)
+        super().__init__(self.ndim_of_class, n_channels, n_classes, base_channels=64,
+                         upsample=upsample)  # fmt: skip
         self.n_channels, self.n_classes, self.trilinear = n_channels, n_classes, trilinear
+
+
+class UNet_2D(_ToolkitUNet):  # noqa: N801 (the CellMap challenge toolkit's name)
+    """The toolkit's 2D U-Net (see `_ToolkitUNet`)."""
+
+    ndim_of_class = 2
+
+
+class UNet_3D(_ToolkitUNet):  # noqa: N801 (the CellMap challenge toolkit's name)
+    """The toolkit's 3D U-Net (see `_ToolkitUNet`)."""
+
+    ndim_of_class = 3
