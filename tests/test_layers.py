@@ -16,8 +16,8 @@ LAYERS = [
     {"synth", "datasplit"},
     {"data"},
     {"models", "losses", "metrics"},
-    {"checkpoints", "tracking"},
-    {"train", "predict", "evaluate"},
+    {"checkpoints", "tracking", "distributed"},
+    {"train", "predict", "evaluate", "launch"},
     {"cli", "__main__"},
 ]
 

@@ -172,6 +172,34 @@ def test_loop_options_train_and_change_the_learning_rate(
         assert len(result.validation) == 2
 
 
+@pytest.mark.parametrize("shape", [(1, 32, 32), (8, 16, 16)], ids=["2D", "3D"])
+def test_channels_last_and_compile_train_and_save_plain_weights(
+    data: Path, tmp_path: Path, shape: tuple[int, ...]
+) -> None:
+    """The GPU options on the CPU: channels_last inputs and model, torch.compile (aot_eager:
+    the graph capture and autograd of a real compile, without generating C++). The saved
+    weights load into a plain model that computes the same outputs."""
+    info = {"shape": shape, "scale": (8, 8, 8)}
+    ndim = 2 if shape[0] == 1 else 3
+    options = {"channels_last": True, "compile": {"backend": "aot_eager"}, "epochs": 1,
+               "input_array_info": info, "target_array_info": info,
+               "model_name": f"{ndim}d_unet", "model_to_load": f"{ndim}d_unet"}  # fmt: skip
+    result = train(config_of(data, tmp_path, **options))
+    assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    layout = torch.channels_last if ndim == 2 else torch.channels_last_3d
+    weight = next(p for p in result.model.parameters() if p.ndim == ndim + 2)
+    assert weight.is_contiguous(memory_format=layout)
+    plain = UNet(ndim, 1, len(CLASSES), num_levels=2, base_channels=4)
+    weights = torch.load(tmp_path / f"checkpoints/{ndim}d_unet_1.pth", weights_only=True)
+    plain.load_state_dict(weights)
+    batch = torch.rand(2, 1, *(shape[1:] if ndim == 2 else shape))
+    plain.eval(), result.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            plain(batch), result.model(batch.contiguous(memory_format=layout))
+        )
+
+
 def test_ema_weights_are_validated_and_saved(data: Path, tmp_path: Path) -> None:
     train(config_of(data, tmp_path, ema_decay=0.9, epochs=1))
     weights = torch.load(tmp_path / "checkpoints/2d_unet_1.pth", weights_only=True)

@@ -132,20 +132,31 @@ def config(config_file: str, overrides: tuple[str, ...], strict: bool) -> None:
 
 @cli.command()
 @_config_command
-def train(config_file: str, overrides: tuple[str, ...], strict: bool) -> None:
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Train in N processes on this machine (torchrun; one per GPU).")  # fmt: skip
+def train(config_file: str, overrides: tuple[str, ...], strict: bool, nproc: int | None) -> None:
     """Train the model CONFIG_FILE describes (resuming as its load_model says).
 
     Builds the datasplit CSV first if the config's datasplit_path does not exist. KEY=VALUE
-    pairs override the file, e.g. epochs=3 load_model=None.
+    pairs override the file, e.g. epochs=3 load_model=None. For several machines, start
+    `torchrun ... -m csc train CONFIG_FILE` on each.
     """
     from csc.config import load_config
 
+    if nproc is not None and nproc > 1:
+        from csc.launch import launch
+
+        with user_errors():
+            load_config(config_file, overrides, strict=strict)  # fail here, not in N processes
+        arguments = ["train", config_file, *overrides, *(["--strict"] if strict else [])]
+        raise SystemExit(launch(nproc, arguments))
     with user_errors():
         resolved = load_config(config_file, overrides, strict=strict)
         from csc.train import train as run
 
         result = run(resolved)
-    click.echo(summary(result, resolved.logs_save_path.format(model_name=resolved.model_name)))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 reports
+        click.echo(summary(result, resolved.logs_save_path.format(model_name=resolved.model_name)))
 
 
 def summary(result: Any, log_dir: str) -> str:

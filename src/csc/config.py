@@ -124,6 +124,10 @@ class TrainConfig:
     ema_decay: float | None = None
     random_seed: int = 42
     device: str | None = None
+    # torch.compile the model: True, or torch.compile's keyword arguments (e.g. {"mode":
+    # "max-autotune"}); the first batches are slow while it compiles.
+    compile: bool | dict[str, Any] = False
+    channels_last: bool | None = None  # None: on CUDA with bf16/fp16 autocast (tensor cores)
     # Validation, model selection and checkpoint housekeeping.
     validation_time_limit: float | None = None
     validation_batch_limit: int | None = None
@@ -437,6 +441,15 @@ def _check_choices(config: TrainConfig) -> None:
     for key in ("low_is_best", "use_s3", "weighted_sampler", "weight_loss"):
         if not isinstance(getattr(config, key), bool):
             raise ValueError(f"{key} must be True or False, got {getattr(config, key)!r}")
+    if not isinstance(config.compile, bool | dict):
+        raise ValueError(
+            "compile must be True, False or a dict of torch.compile arguments, e.g. "
+            f"{{'mode': 'max-autotune'}}, got {config.compile!r}"
+        )
+    if config.channels_last is not None and not isinstance(config.channels_last, bool):
+        raise ValueError(
+            f"channels_last must be None (automatic), True or False, got {config.channels_last!r}"
+        )
     if config.device is not None and not re.fullmatch(r"cpu|mps|cuda(:\d+)?", config.device):
         raise ValueError(
             f"device must be None, 'cpu', 'cuda', 'cuda:N' or 'mps', got {config.device!r}"

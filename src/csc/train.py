@@ -23,6 +23,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from csc import distributed
 from csc.checkpoints import (
     load_for_resume,
     prune_checkpoints,
@@ -36,6 +37,7 @@ from csc.checkpoints import (
 from csc.config import TrainConfig, format_config, load_config
 from csc.data import Loaders, PatchSpec, build_loaders
 from csc.datasplit import ensure_datasplit
+from csc.distributed import Dist
 from csc.losses import build_loss, pos_weight_from_counts
 from csc.metrics import SegmentationMetrics
 from csc.models import build_model, check_input_shape
@@ -58,6 +60,16 @@ PER_STEP_SCHEDULERS = (
     torch.optim.lr_scheduler.OneCycleLR,
 )
 AUTOCAST_DTYPES = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+DATA_BOUND_SHARE = 0.3  # of an epoch spent waiting for batches: warn that the run is data-bound
+
+
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+    """One epoch, over every rank: samples per second and the share of time spent waiting for
+    data (the mean over ranks)."""
+
+    samples_per_s: float
+    data_wait_fraction: float
 
 
 @dataclasses.dataclass
@@ -74,11 +86,15 @@ class Run:
     scheduler: Any
     scaler: torch.amp.GradScaler
     tracker: Tracker
+    place: Dist = dataclasses.field(default_factory=Dist)  # rank and world size (torchrun)
+    memory_format: torch.memory_format | None = None  # channels_last for inputs, when used
     epoch: int = 0  # the last finished epoch (epochs count from 1)
     global_step: int = 0  # training batches so far, over every run resumed into this one
     best_score: float | None = None  # monitored: mean validation loss (see low_is_best)
     best_epoch: int | None = None
     stale_epochs: int = 0  # epochs since the best one, for early stopping
+    throughput: Throughput | None = None  # the last epoch's
+    warned_data_bound: bool = False
 
 
 @dataclasses.dataclass
@@ -97,17 +113,24 @@ class TrainResult:
 def train(config: TrainConfig | str | os.PathLike[str], overrides: Sequence[str] = (), *,
           strict: bool = False) -> TrainResult:  # fmt: skip
     """Train from a config (a `TrainConfig`, or the path of a config file and KEY=VALUE
-    overrides); resume as `load_model` says; return what was done."""
+    overrides); resume as `load_model` says; return what was done. Under torchrun each rank
+    runs this; rank 0 prints, logs and saves."""
     if not isinstance(config, TrainConfig):
         config = load_config(config, overrides, strict=strict)
-    print(format_config(config))
+    place = distributed.from_env()
+    return distributed.report_failure(place)(run_epochs)(config, place)
+
+
+def run_epochs(config: TrainConfig, place: Dist) -> TrainResult:
+    """Set up, resume, then epochs of train -> validate -> log -> save."""
+    say = print if place.is_main else _silent
+    say(format_config(config))
     seed_everything(config.random_seed)
-    ensure_datasplit(config)
-    run = setup(config)
-    first = resume(run) + 1
+    run = setup(config, place)
+    first = resume(run, say=say) + 1
     if run.loaders.validate is None:
-        print("no validation crops in the datasplit: training without validation")
-    result = TrainResult(first, first - 1, [], [], run.best_epoch, run.best_score, run.model)
+        say("no validation crops in the datasplit: training without validation")
+    result = TrainResult(first, first - 1, [], [], None, None, unwrap(run.model))
     try:
         for epoch in range(first, first + config.epochs):
             result.losses += train_epoch(run, epoch)
@@ -115,24 +138,54 @@ def train(config: TrainConfig | str | os.PathLike[str], overrides: Sequence[str]
             if scores is not None:
                 result.validation.append(scores)
             stop = end_epoch(run, epoch, scores)
-            print(epoch_line(epoch, result.losses[-config.iterations_per_epoch :], scores))
+            say(epoch_line(epoch, result.losses[-config.iterations_per_epoch :], scores,
+                           run.throughput))  # fmt: skip
+            warn_if_data_bound(run, say)
             result.last_epoch = epoch
             if stop:
-                print(f"early stopping: no improvement for {run.stale_epochs} epochs")
+                say(f"early stopping: no improvement for {run.stale_epochs} epochs")
                 break
     finally:
         run.tracker.close()
     result.best_epoch, result.best_score = run.best_epoch, run.best_score
+    del run  # the DDP wrapper and optimizer go before the process group (distributed.shutdown)
+    distributed.shutdown(place)
     return result
 
 
-def epoch_line(epoch: int, losses: Sequence[float], scores: dict[str, Any] | None) -> str:
+def _silent(*_args: Any, **_kwargs: Any) -> None:
+    """`print` on ranks other than 0."""
+
+
+def epoch_line(epoch: int, losses: Sequence[float], scores: dict[str, Any] | None,
+               throughput: Throughput | None = None) -> str:  # fmt: skip
     line = f"epoch {epoch}: training loss {sum(losses) / max(len(losses), 1):.4f}"
     if scores is not None:
         mean_iou = scores["metrics"].get("iou", {}).get("mean")
         line += f", validation loss {scores['loss']:.4f}"
         line += "" if mean_iou is None else f", mean IoU {mean_iou:.3f}"
+    if throughput is not None:
+        line += (f"; {throughput.samples_per_s:.1f} samples/s, "
+                 f"{throughput.data_wait_fraction:.0%} waiting for data")  # fmt: skip
     return line
+
+
+def warn_if_data_bound(run: Run, say: Any) -> None:
+    """Once per run: say so when training waited on data for much of an epoch, and which
+    settings to change."""
+    throughput = run.throughput
+    if throughput is None or run.warned_data_bound:
+        return
+    if throughput.data_wait_fraction < DATA_BOUND_SHARE:
+        return
+    run.warned_data_bound = True
+    config, loader = run.config, run.loaders.train
+    cores = os.cpu_count() or 1
+    say(f"warning: training waited for data {throughput.data_wait_fraction:.0%} of the epoch "
+        f"(data-bound). Raise dataloader_kwargs num_workers (now {loader.num_workers}; "
+        f"{cores} cores for {run.place.local_world_size} training process(es) here) or "
+        f"chunk_cache_mb (now {config.chunk_cache_mb}), or use bigger crops per read",
+        file=sys.stderr)  # fmt: skip
 
 
 def seed_everything(seed: int) -> None:
@@ -155,19 +208,33 @@ def choose_device(name: str | None) -> torch.device:
 # --- Building the run ----------------------------------------------------------------------
 
 
-def setup(config: TrainConfig) -> Run:
-    """Model, loss, optimizer, scheduler and logging of a config; data comes after resume."""
-    device = choose_device(config.device)
+def setup(config: TrainConfig, place: Dist | None = None) -> Run:
+    """Process group, datasplit, model, loss, optimizer, scheduler, logging and data of a
+    config. Under torchrun the model is wrapped in DDP and only rank 0 logs."""
+    place = place or Dist()
+    device = distributed.rank_device(place, choose_device(config.device))
+    distributed.init(place, device)
+    distributed.main_first(place, lambda: ensure_datasplit(config))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # patch shapes are fixed: pick the fastest convs
     spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
     model = make_model(config, spec).to(device)
+    memory_format = channels_last_format(config, device, spec)
+    if memory_format is not None:
+        model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(config, model)
     ema = None
     if config.ema_decay is not None:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay),
                             use_buffers=True)  # fmt: skip
-    tracker = make_tracker(config.logs_save_path.format(model_name=config.model_name))
+    model = wrap_model(model, config, place, device)
+    log_dir = config.logs_save_path.format(model_name=config.model_name)
+    tracker = make_tracker(log_dir, enabled=place.is_main)
     tracker.log_text("config", "```\n" + format_config(config) + "\n```", 0)
-    loaders = build_loaders(config)  # its crops carry the foreground counts for pos_weight
+    loaders = build_loaders(  # its crops carry the foreground counts for pos_weight
+        config, rank=place.rank, world_size=place.world_size, device_type=device.type,
+        processes_per_machine=place.local_world_size,
+    )  # fmt: skip
     pos_weight = class_pos_weight(config, loaders) if config.weight_loss else None
     if pos_weight is not None:
         pos_weight = pos_weight.to(device)
@@ -177,7 +244,41 @@ def setup(config: TrainConfig) -> Run:
         config, device, loaders, model, ema, loss_fn.to(device), optimizer,
         make_scheduler(config, optimizer),
         torch.amp.GradScaler(device.type, enabled=config.precision == "16-mixed"), tracker,
+        place, memory_format,
     )  # fmt: skip
+
+
+def channels_last_format(config: TrainConfig, device: torch.device,
+                         spec: PatchSpec) -> torch.memory_format | None:  # fmt: skip
+    """channels_last (2D) or channels_last_3d when `channels_last` says so; by default on
+    CUDA with bf16/fp16 autocast, where tensor-core convolutions want channels innermost."""
+    use = config.channels_last
+    if use is None:
+        use = device.type == "cuda" and config.precision != "32"
+    if not use:
+        return None
+    return torch.channels_last if spec.plane_axis is not None else torch.channels_last_3d
+
+
+def wrap_model(model: torch.nn.Module, config: TrainConfig, place: Dist,
+               device: torch.device) -> torch.nn.Module:  # fmt: skip
+    """torch.compile (when `compile`), then DDP under torchrun (gradients averaged over
+    ranks at every backward; rank 0's initial weights are broadcast to the others)."""
+    if config.compile:
+        options = config.compile if isinstance(config.compile, dict) else {}
+        model = torch.compile(model, **options)  # type: ignore[assignment]
+    if place.enabled:
+        device_ids = [device] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return model
+
+
+def without_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP (compiled, if it was): for validation, which must not run DDP's
+    per-forward collectives when ranks validate different numbers of batches."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
 
 
 def make_model(config: TrainConfig, spec: PatchSpec) -> torch.nn.Module:
@@ -240,7 +341,7 @@ def class_pos_weight(config: TrainConfig, loaders: Loaders) -> torch.Tensor:
     return pos_weight_from_counts(foreground.tolist(), total.tolist())
 
 
-def resume(run: Run) -> int:
+def resume(run: Run, *, say: Any = print) -> int:
     """Load what `load_model` asks for; the last finished epoch (0: start at epoch 1). Another
     `model_to_load` than `model_name` is a fine-tune: its weights, from epoch 1."""
     config = run.config
@@ -250,7 +351,7 @@ def resume(run: Run) -> int:
     state = resumed.train_state
     if config.model_to_load != config.model_name or state is None:
         unwrap(run.model).load_state_dict(resumed.model_state)
-        print(f"loaded weights from {resumed.path} (epoch {resumed.epoch})")
+        say(f"loaded weights from {resumed.path} (epoch {resumed.epoch})")
         return 0 if config.model_to_load != config.model_name else resumed.epoch
     unwrap(run.model).load_state_dict(state.get("model") or resumed.model_state)
     run.optimizer.load_state_dict(state["optimizer"])
@@ -264,7 +365,7 @@ def resume(run: Run) -> int:
     run.best_score, run.best_epoch = state.get("best_score"), state.get("best_epoch")
     run.stale_epochs = int(state.get("stale_epochs", 0))
     set_rng_state(state["rng"])
-    print(f"resumed from {resumed.path}: epoch {resumed.epoch}, step {run.global_step}")
+    say(f"resumed from {resumed.path}: epoch {resumed.epoch}, step {run.global_step}")
     return resumed.epoch
 
 
@@ -280,7 +381,7 @@ def train_epoch(run: Run, epoch: int) -> list[float]:
     sampled = torch.zeros(2, len(config.classes), dtype=torch.float64)  # (foreground, annotated)
     waited, started = 0.0, time.perf_counter()
     bar = tqdm(total=config.iterations_per_epoch, desc=f"epoch {epoch}", unit="batch",
-               leave=False, disable=None)  # fmt: skip
+               leave=False, disable=None if run.place.is_main else True)  # fmt: skip
     batches = iter(run.loaders.train)
     for index in range(config.iterations_per_epoch):
         before = time.perf_counter()
@@ -298,22 +399,31 @@ def train_epoch(run: Run, epoch: int) -> list[float]:
         bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:.1f}")
         bar.update()
     bar.close()
-    seconds = time.perf_counter() - started
+    run.throughput = epoch_throughput(run, time.perf_counter() - started, waited)
+    sampled = distributed.reduce_sum(run.place, sampled)
     shares = sampled[0] / sampled[1].clamp(min=1)
     run.tracker.log({
-        "perf/samples_per_s": config.iterations_per_epoch * config.batch_size / seconds,
-        "perf/data_wait_fraction": waited / seconds,
+        "perf/samples_per_s": run.throughput.samples_per_s,
+        "perf/data_wait_fraction": run.throughput.data_wait_fraction,
         **{f"sampling/{name}": float(s) for name, s in zip(config.classes, shares, strict=True)},
     }, run.global_step)  # fmt: skip
     return losses
+
+
+def epoch_throughput(run: Run, seconds: float, waited: float) -> Throughput:
+    """Samples/s of all ranks together (the slowest rank's time) and the mean waiting share."""
+    place, config = run.place, run.config
+    slowest = distributed.reduce_max(place, seconds)
+    waiting = distributed.reduce_sum(place, torch.tensor([waited / seconds], dtype=torch.float64))
+    samples = config.iterations_per_epoch * config.batch_size * place.world_size
+    return Throughput(samples / slowest, float(waiting) / place.world_size)
 
 
 def train_step(run: Run, batch: Mapping[str, torch.Tensor], *, step_now: bool) -> float:
     """Forward and backward of one batch; an optimizer step every
     `gradient_accumulation_steps` batches (and at the end of the epoch)."""
     config = run.config
-    inputs = batch["input"].to(run.device, non_blocking=True)
-    target = batch["output"].to(run.device, non_blocking=True)
+    inputs, target = to_device(run, batch)
     with autocast(run):
         loss = run.loss_fn(run.model(inputs).float(), target)
     run.scaler.scale(loss / config.gradient_accumulation_steps).backward()
@@ -325,10 +435,19 @@ def train_step(run: Run, batch: Mapping[str, torch.Tensor], *, step_now: bool) -
         run.scaler.update()
         run.optimizer.zero_grad(set_to_none=True)
         if run.ema is not None:
-            run.ema.update_parameters(run.model)
+            run.ema.update_parameters(unwrap(run.model))
         if isinstance(run.scheduler, PER_STEP_SCHEDULERS):
             run.scheduler.step()
     return float(loss.detach())
+
+
+def to_device(run: Run, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input and target on the run's device: asynchronous copies from pinned memory; the input
+    in channels_last when the model is."""
+    inputs = batch["input"].to(run.device, non_blocking=True)
+    if run.memory_format is not None:
+        inputs = inputs.contiguous(memory_format=run.memory_format)
+    return inputs, batch["output"].to(run.device, non_blocking=True)
 
 
 def autocast(run: Run) -> contextlib.AbstractContextManager[Any]:
@@ -341,18 +460,19 @@ def autocast(run: Run) -> contextlib.AbstractContextManager[Any]:
 def validate(run: Run, epoch: int) -> dict[str, Any] | None:
     """Mean loss and metrics over the validation tiles (EMA weights when `ema_decay` is set),
     limited by `validation_time_limit` (at least one batch) or the batch limit set in the
-    data; None without validation crops."""
+    data; None without validation crops. Under torchrun each rank validates its share of the
+    tiles and the loss and metric counts are summed over ranks."""
     loader, config = run.loaders.validate, run.config
     if loader is None:
         return None
-    model = run.ema.module if run.ema is not None else run.model
+    model = run.ema.module if run.ema is not None else without_ddp(run.model)
     model.eval()
     metrics = SegmentationMetrics(config.classes)
     total, count, example = 0.0, 0, None
     started = time.perf_counter()
     with torch.no_grad():
         for batch in loader:
-            inputs, target = batch["input"].to(run.device), batch["output"].to(run.device)
+            inputs, target = to_device(run, batch)
             with autocast(run):
                 logits = model(inputs).float()
             total += float(run.loss_fn(logits, target)) * len(inputs)
@@ -364,7 +484,10 @@ def validate(run: Run, epoch: int) -> dict[str, Any] | None:
             if limit is not None and time.perf_counter() - started >= limit:
                 break
     run.model.train()
-    scores = {"epoch": epoch, "loss": total / max(count, 1), "metrics": metrics.compute()}
+    sums = distributed.reduce_sum(run.place, torch.tensor([total, count], dtype=torch.float64))
+    metrics.counts = distributed.reduce_sum(run.place, metrics.counts)
+    scores = {"epoch": epoch, "loss": float(sums[0] / sums[1].clamp(min=1)),
+              "metrics": metrics.compute()}  # fmt: skip
     log_validation(run, scores, example)
     return scores
 
@@ -415,7 +538,8 @@ def end_epoch(run: Run, epoch: int, scores: dict[str, Any] | None) -> bool:
     elif scheduler is not None and not isinstance(scheduler, PER_STEP_SCHEDULERS):
         scheduler.step()
     run.tracker.log({"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"]}, run.global_step)
-    save(run, epoch, improved=improved)
+    if run.place.is_main:  # every rank holds the same weights: one writer
+        save(run, epoch, improved=improved)
     patience = config.early_stopping_patience
     return patience is not None and run.stale_epochs >= patience
 

@@ -346,18 +346,21 @@ class TrainPatches(PatchDataset):
 
 class ValidationTiles(PatchDataset):
     """Non-overlapping target-sized tiles of every crop in a fixed order (all of them), or a
-    seeded random subset of `limit` of them that is the same every epoch."""
+    seeded random subset of `limit` of them that is the same every epoch. Under torchrun,
+    rank r of n takes tiles r, r + n, ... of that list: together the ranks see it once."""
 
     def __init__(self, crops: Sequence[Crop], spec: PatchSpec, *, limit: int | None = None,
-                 seed: int = 0, **kwargs: Any) -> None:  # fmt: skip
+                 seed: int = 0, rank: int = 0, world_size: int = 1,
+                 **kwargs: Any) -> None:  # fmt: skip
         super().__init__(crops, spec, **kwargs)
         tiles = [(i, centre) for i, crop in enumerate(self.crops) for centre in self._tiles(crop)]
-        self.crop_index = np.array([t[0] for t in tiles], dtype=np.int32)
-        self.centres = np.array([t[1] for t in tiles], dtype=np.float64).reshape(-1, 3)
-        self.num_tiles = len(tiles)  # before any limit
+        self.num_tiles = len(tiles)  # before any limit or sharding
+        order = np.arange(len(tiles))
         if limit is not None:
             order = np.random.default_rng(seed).permutation(len(tiles))[:limit]
-            self.crop_index, self.centres = self.crop_index[order], self.centres[order]
+        self.keys = order[rank::world_size]  # each tile's index in the full list: its seed
+        self.crop_index = np.array([tiles[k][0] for k in self.keys], dtype=np.int32)
+        self.centres = np.array([tiles[k][1] for k in self.keys], dtype=np.float64).reshape(-1, 3)
 
     def _tiles(self, crop: Crop) -> list[np.ndarray]:
         low, high = np.asarray(crop.low), np.asarray(crop.high)
@@ -373,9 +376,9 @@ class ValidationTiles(PatchDataset):
 
     def __getitems__(self, keys: Sequence[int]) -> list[dict[str, torch.Tensor]]:
         identity = np.eye(3)
-        return self.read(
-            [(int(self.crop_index[k]), self.centres[k], identity, int(k)) for k in keys]
-        )
+        return self.read([
+            (int(self.crop_index[k]), self.centres[k], identity, int(self.keys[k])) for k in keys
+        ])  # fmt: skip
 
     def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
         return self.__getitems__([key])[0]

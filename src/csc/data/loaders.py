@@ -144,9 +144,11 @@ class Loaders:
 
 
 def build_datasets(
-    config: TrainConfig, rows: Sequence[DatasplitRow] | None = None
-) -> tuple[TrainPatches, ValidationTiles | None]:
-    """The training and validation datasets of a config (rows default to its datasplit CSV)."""
+    config: TrainConfig, rows: Sequence[DatasplitRow] | None = None, *, rank: int = 0,
+    world_size: int = 1,
+) -> tuple[TrainPatches, ValidationTiles | None]:  # fmt: skip
+    """The training and validation datasets of a config (rows default to its datasplit CSV);
+    under torchrun, validation holds this rank's share of the tiles."""
     rows = read_datasplit(config.datasplit_path) if rows is None else rows
     spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
     crops = load_crops(rows, config.classes, spec)
@@ -180,8 +182,8 @@ def build_datasets(
         elif config.validation_batch_limit is not None:
             limit = config.validation_batch_limit * config.batch_size
         validate_set = ValidationTiles(
-            validate, spec, limit=limit, seed=config.random_seed,
-            raw_transform=config.val_raw_value_transforms, **common,
+            validate, spec, limit=limit, seed=config.random_seed, rank=rank,
+            world_size=world_size, raw_transform=config.val_raw_value_transforms, **common,
         )  # fmt: skip
     return train_set, validate_set
 
@@ -193,14 +195,19 @@ def build_loaders(
     start_epoch: int = 1,
     rank: int = 0,
     world_size: int = 1,
+    device_type: str = "cpu",
+    processes_per_machine: int = 1,
 ) -> Loaders:
     """DataLoaders for a config: an epoch of the training loader is exactly
-    `iterations_per_epoch` batches of `batch_size`; validation tiles come in a fixed order."""
-    train_set, validate_set = build_datasets(config, rows)
+    `iterations_per_epoch` batches of `batch_size` (per rank under torchrun); validation tiles
+    come in a fixed order. Worker defaults depend on the device the batches go to and on how
+    many training processes share this machine's cores."""
+    train_set, validate_set = build_datasets(config, rows, rank=rank, world_size=world_size)
     sampler = EpochSampler(
         train_set.num_samples, start_epoch=start_epoch, rank=rank, world_size=world_size
     )
-    kwargs = loader_kwargs(config.dataloader_kwargs)
+    defaults = default_loader_kwargs(device_type, processes_per_machine=processes_per_machine)
+    kwargs = loader_kwargs({**defaults, **config.dataloader_kwargs})
     train = torch.utils.data.DataLoader(
         train_set, batch_size=config.batch_size, sampler=sampler, collate_fn=collate, **kwargs
     )
@@ -210,6 +217,21 @@ def build_loaders(
             validate_set, batch_size=config.batch_size, shuffle=False, collate_fn=collate, **kwargs
         )
     return Loaders(train, validate, sampler)
+
+
+def default_loader_kwargs(device_type: str, *, processes_per_machine: int = 1,
+                          cpu_count: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Loader settings for a config that leaves them out. Feeding a GPU: worker processes (all
+    of this process's share of the cores but one, up to 8), 4 batches prefetched each, pinned
+    memory. Training on the CPU: the model step needs the cores itself, so patches are read in
+    the training process (tensorstore still reads on its own threads) unless there are 8+
+    cores per process to spare."""
+    cores = max(1, (cpu_count or os.cpu_count() or 1) // max(processes_per_machine, 1))
+    if device_type == "cuda":
+        workers = min(8, cores - 1)
+        extra = {"prefetch_factor": 4} if workers else {}
+        return {"num_workers": workers, "pin_memory": True, **extra}
+    return {"num_workers": 0 if cores < 8 else min(4, cores // 4)}
 
 
 def loader_kwargs(options: dict[str, Any]) -> dict[str, Any]:
