@@ -120,7 +120,7 @@ def test_killed_run_resumes_from_its_last_whole_checkpoint(data: Path, tmp_path:
     first = tmp_path / "checkpoints/2d_unet_1.pth"
     deadline = time.monotonic() + 120
     while not first.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.1)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert first.exists()
@@ -198,6 +198,27 @@ def test_channels_last_and_compile_train_and_save_plain_weights(
         torch.testing.assert_close(
             plain(batch), result.model(batch.contiguous(memory_format=layout))
         )
+
+
+def slow_normalize(raw: torch.Tensor) -> torch.Tensor:
+    """A raw value transform that makes the loader, not the model, the bottleneck."""
+    time.sleep(0.1)
+    return raw.float() / 255
+
+
+def test_a_data_bound_run_is_reported_with_the_settings_to_change(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train(config_of(data, tmp_path, epochs=2, train_raw_value_transforms=slow_normalize))
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 2 and all("samples/s" in line for line in lines)
+    waiting = [int(line.rsplit("% waiting", 1)[0].rsplit(" ", 1)[1]) for line in lines]
+    assert min(waiting) > 30, lines
+    assert captured.err.count("data-bound") == 1  # warned once per run
+    assert "num_workers (now 0" in captured.err and "chunk_cache_mb (now 256)" in captured.err
+    log = events(tmp_path / "tensorboard/2d_unet")
+    assert [e.value > 0.3 for e in log.Scalars("perf/data_wait_fraction")] == [True, True]
 
 
 def test_ema_weights_are_validated_and_saved(data: Path, tmp_path: Path) -> None:
