@@ -17,7 +17,7 @@ LAYERS = [
     {"data"},
     {"models", "losses", "metrics"},
     {"checkpoints", "tracking", "distributed"},
-    {"train", "predict", "evaluate", "launch"},
+    {"train", "predict", "evaluate", "process", "launch"},
     {"cli", "__main__"},
 ]
 

@@ -29,6 +29,7 @@ OPTIMIZER_NAMES = ("adam", "adamw", "radam", "sgd")
 SCHEDULER_NAMES = ("cosine", "onecycle", "plateau", "step")
 LOSS_NAMES = ("bce", "dice", "dice_bce", "focal")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+PREDICTION_ENCODINGS = ("uint8", "float16")
 LOAD_MODEL_CHOICES = ("latest", "best", None)
 FORCE_ALL_CLASSES_CHOICES = ("train", "validate", "both", None)
 AXES = ("z", "y", "x")
@@ -37,7 +38,8 @@ DEFAULT_SEARCH_PATH = "data/{dataset}/{dataset}.zarr/recon-1/{name}"  # next to 
 # Inside the bucket when use_s3 is set: the layout of the public CellMap bucket.
 DEFAULT_S3_SEARCH_PATH = "{dataset}/{dataset}.zarr/recon-1/{name}"
 # Keys whose values are paths: relative ones are resolved against the config file's folder.
-PATH_KEYS = ("model_save_path", "logs_save_path", "datasplit_path", "search_path")
+PATH_KEYS = ("model_save_path", "logs_save_path", "datasplit_path", "search_path",
+             "predictions_path", "processed_path")  # fmt: skip
 
 TRANSFORM_EXAMPLES = {
     "mirror": {"axes": {"x": 0.5, "y": 0.5}},  # probability of flipping each axis
@@ -135,6 +137,14 @@ class TrainConfig:
     smoothing_window: int = 1
     early_stopping_patience: int | None = None
     keep_last_checkpoints: int | None = None
+    # Prediction (csc predict) and post-processing (csc process); templates: {model_name}.
+    predictions_path: str = "predictions/{model_name}"
+    prediction_overlap: float = 0.25  # share of a window that overlaps its neighbour, per axis
+    prediction_block_shape: tuple[int, int, int] = (64, 256, 256)  # output voxels held at once
+    prediction_encoding: str = "uint8"  # probabilities as uint8 (p * 255) or float16
+    prediction_batch_size: int | None = None  # windows per forward pass; None: batch_size
+    process_func: Callable[..., Any] | None = None  # (probabilities block) -> array
+    processed_path: str = "predictions/{model_name}_processed"
     # Provenance: the file it came from and the public names csc does not read.
     config_path: str | None = None
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -301,6 +311,8 @@ def _normalise(known: Mapping[str, Any]) -> dict[str, Any]:
         kwargs["force_all_classes"] = None
     if isinstance(kwargs.get("precision"), int):
         kwargs["precision"] = str(kwargs["precision"])
+    if isinstance(kwargs.get("prediction_block_shape"), Sequence):
+        kwargs["prediction_block_shape"] = tuple(kwargs["prediction_block_shape"])
     if kwargs.get("device") is not None and not isinstance(kwargs["device"], str):
         kwargs["device"] = str(kwargs["device"])  # a torch.device
     for key in ("model_kwargs", "scheduler_kwargs", "criterion_kwargs", "dataloader_kwargs"):
@@ -375,6 +387,7 @@ def validate(config: TrainConfig) -> None:
     _check_templates(config)
     _check_spatial_transforms(config.spatial_transforms)
     _check_objects(config)
+    _check_prediction(config)
 
 
 def _check_counts(config: TrainConfig) -> None:
@@ -454,6 +467,25 @@ def _check_choices(config: TrainConfig) -> None:
         raise ValueError(
             f"device must be None, 'cpu', 'cuda', 'cuda:N' or 'mps', got {config.device!r}"
         )
+
+
+def _check_prediction(config: TrainConfig) -> None:
+    _require_choice("prediction_encoding", config.prediction_encoding, PREDICTION_ENCODINGS)
+    overlap = config.prediction_overlap
+    if not _is_number(overlap) or not 0 <= overlap < 1:
+        raise ValueError(f"prediction_overlap must be in [0, 1), e.g. 0.25, got {overlap!r}")
+    block = config.prediction_block_shape
+    if not (
+        isinstance(block, tuple)
+        and len(block) == 3
+        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in block)
+    ):
+        raise ValueError(
+            "prediction_block_shape must be 3 positive integers (z, y, x output voxels), e.g. "
+            f"(64, 256, 256), got {block!r}"
+        )  # fmt: skip
+    if config.prediction_batch_size is not None:
+        _require_int(config, "prediction_batch_size", minimum=1)
 
 
 def _require_choice(key: str, value: Any, choices: Sequence[Any], hint: str = "") -> None:
@@ -541,7 +573,8 @@ def _is_range(value: Any) -> bool:
 
 
 def _check_objects(config: TrainConfig) -> None:
-    keys = ("train_raw_value_transforms", "val_raw_value_transforms", "target_value_transforms")
+    keys = ("train_raw_value_transforms", "val_raw_value_transforms", "target_value_transforms",
+            "process_func")  # fmt: skip
     for key in keys:
         value = getattr(config, key)
         if value is not None and not callable(value):

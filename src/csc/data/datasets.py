@@ -147,6 +147,30 @@ class PatchDataset(torch.utils.data.Dataset):
         finally:
             torch.set_num_threads(threads)
 
+    def read_inputs(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, int]]
+                    ) -> list[torch.Tensor]:  # fmt: skip
+        """Only the model inputs ``[1, *shape]`` of requests (prediction: no labels read)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in `_read`
+        try:
+            reads = []
+            for crop_index, centre, matrix, _ in requests:
+                raw = self.crops[crop_index].raw
+                plan = _plan(self.spec.input, centre, matrix, raw, linear=True)
+                reads.append((plan, PendingRead(raw, plan.start, plan.stop,
+                                                cache_mb=self.chunk_cache_mb)))  # fmt: skip
+            raws = resample([(plan, read.result()[None]) for plan, read in reads])
+            images = []
+            for (values, _), (_, read), request in zip(raws, reads, requests, strict=True):
+                with sample_generator(request[3]):
+                    image = self._input(values, read.dtype)
+                if self.spec.plane_axis is not None:  # 2D: (1, 1, H, W) -> (1, H, W)
+                    image = image.squeeze(self.spec.plane_axis + 1)
+                images.append(image)
+            return images
+        finally:
+            torch.set_num_threads(threads)
+
     def _assemble(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, int]]) -> list[dict]:
         jobs = [self._start(*request) for request in requests]
         raws = resample([(job.raw_plan, job.raw.result()[None]) for job in jobs])

@@ -1,0 +1,526 @@
+"""Sliding-window prediction into OME-NGFF zarr (docs/prediction.md).
+
+A region (a crop's annotated extent, or a box in nm) gets an output grid at the target voxel
+size. Windows of the target patch shape tile that grid with `prediction_overlap`; each window's
+probabilities are weighted by a Gaussian that falls towards the window's edges, and every output
+voxel is the weighted mean of the windows over it, so tile seams do not show. The grid is
+computed block by block (`prediction_block_shape` output voxels at a time): a block takes every
+window that touches it, so memory is bounded by the block, not the volume, and the result does
+not depend on the block shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+import itertools
+import math
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from csc.checkpoints import load_for_resume
+from csc.config import TrainConfig
+from csc.data import Crop, MetadataReader, PatchDataset, PatchSpec, load_crops
+from csc.data.geometry import Grid
+from csc.datasplit import DatasplitRow, read_datasplit
+from csc.models.loading import strip_wrapper_prefixes
+from csc.storage import is_s3, make_compressor, multiscales_attrs
+from csc.train import AUTOCAST_DTYPES, channels_last_format, choose_device, make_model
+
+Vec3 = tuple[float, float, float]
+GAUSSIAN_SIGMA = 1 / 8  # of the window size: weights fall to ~0.0003 of the centre's at edges
+MIN_WEIGHT = 1e-3  # relative: edge voxels of a lone window still count
+CHUNK = 64  # output chunk edge (voxels), as neuroglancer likes them
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    """A box to predict in one dataset's raw: world edges in nm, (z, y, x)."""
+
+    dataset: str
+    name: str  # the crop's name, or bbox_z0_y0_x0_z1_y1_x1
+    raw_group: str  # the raw multiscale group
+    low: Vec3
+    high: Vec3
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputGrid:
+    """The voxels written for a region: shape (z, y, x), voxel size and voxel 0's centre, nm."""
+
+    shape: tuple[int, int, int]
+    scale: Vec3
+    translation: Vec3
+
+    @classmethod
+    def covering(cls, region: Region, scale: Vec3) -> OutputGrid:
+        low, high, size = (np.asarray(v, dtype=float) for v in (region.low, region.high, scale))
+        shape = np.maximum(1, np.ceil((high - low) / size - 1e-6)).astype(int)
+        return cls(_ints(shape), scale, _vec(low + size / 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class Written:
+    """One region's output: its group and grid."""
+
+    region: Region
+    path: Path
+    grid: OutputGrid
+
+
+@dataclasses.dataclass
+class Predictor:
+    """A model in eval mode and how to feed it: one patch spec per plane orientation (three
+    with --orthoplanes, whose probabilities are averaged), batches of `batch_size` windows."""
+
+    model: torch.nn.Module
+    device: torch.device
+    specs: list[PatchSpec]
+    classes: tuple[str, ...]
+    batch_size: int
+    overlap: float
+    block_shape: tuple[int, int, int]
+    precision: str = "32"
+    memory_format: torch.memory_format | None = None
+    raw_transform: Any = None
+    chunk_cache_mb: int = 256
+    progress: bool = True
+    checkpoint: str = ""  # where the weights came from
+
+
+# --- Model -----------------------------------------------------------------------------------
+
+
+def load_predictor(config: TrainConfig, *, checkpoint: str = "latest", orthoplanes: bool = False,
+                   overlap: float | None = None, progress: bool = True) -> Predictor:  # fmt: skip
+    """The config's model with the weights `checkpoint` names (latest, best, or a file), as
+    training resumes them."""
+    spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
+    specs = [spec]
+    if orthoplanes:
+        specs = orthoplane_specs(spec)
+    device = choose_device(config.device)
+    model = make_model(config, spec)
+    state, source = load_weights(config, checkpoint)
+    model.load_state_dict(state)
+    memory_format = channels_last_format(config, device, spec)
+    model = model.to(device).eval()
+    if memory_format is not None:
+        model = model.to(memory_format=memory_format)
+    return Predictor(
+        model, device, specs, config.classes,
+        batch_size=config.prediction_batch_size or config.batch_size,
+        overlap=config.prediction_overlap if overlap is None else overlap,
+        block_shape=config.prediction_block_shape, precision=config.precision,
+        memory_format=memory_format, raw_transform=config.val_raw_value_transforms,
+        chunk_cache_mb=config.chunk_cache_mb, progress=progress, checkpoint=source,
+    )  # fmt: skip
+
+
+def load_weights(config: TrainConfig, checkpoint: str) -> tuple[dict[str, Any], str]:
+    """The model weights of `checkpoint`: "latest" or "best" of `model_name` (as `load_model`
+    resumes them), or a .pth file; and where they came from."""
+    if checkpoint in ("latest", "best"):
+        wanted = dataclasses.replace(config, load_model=checkpoint,
+                                     model_to_load=config.model_name)  # fmt: skip
+        resumed = load_for_resume(wanted)
+        if resumed is None:
+            template = config.model_save_path.replace("{model_name}", config.model_name)
+            raise FileNotFoundError(
+                f"no {checkpoint} checkpoint of {config.model_name} matches {template}: train "
+                "first (csc train), or pass --checkpoint PATH"
+            )
+        return resumed.model_state, str(resumed.path)
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass latest, best or a file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a NAME_e.state.pth training state
+    return strip_wrapper_prefixes(state), str(path)
+
+
+def orthoplane_specs(spec: PatchSpec) -> list[PatchSpec]:
+    """A 2D patch spec in the three orientations: planes across z, then y, then x."""
+    if spec.plane_axis is None:
+        raise ValueError("--orthoplanes needs a 2D model (a singleton axis in the array shapes)")
+    grids = (spec.input, spec.target)
+    if any(len(set(grid.scale)) != 1 for grid in grids):
+        raise ValueError(
+            "--orthoplanes needs isotropic voxels: input_array_info and target_array_info "
+            f"scales are {spec.input.scale} and {spec.target.scale}"
+        )
+    specs = []
+    for axis in range(3):
+        moved = [_move_plane(grid, spec.plane_axis, axis) for grid in grids]
+        specs.append(PatchSpec(moved[0], moved[1], axis))
+    return specs
+
+
+def _move_plane(grid: Grid, source: int, axis: int) -> Grid:
+    """The grid with its singleton axis moved from `source` to `axis` (the plane's (H, W)
+    keep their order)."""
+    shape = [n for k, n in enumerate(grid.shape) if k != source]
+    shape.insert(axis, 1)
+    return Grid(_ints(shape), grid.scale)
+
+
+# --- Regions ---------------------------------------------------------------------------------
+
+
+def crop_regions(config: TrainConfig, *, crops: Sequence[str] = (),
+                 all_crops: bool = False) -> list[Region]:  # fmt: skip
+    """The annotated extents of datasplit crops: those named in `crops` (crop or dataset/crop,
+    globs allowed), all of them, or by default the validation crops."""
+    rows = read_datasplit(config.datasplit_path)
+    chosen = select_rows(rows, crops, all_crops=all_crops, source=str(config.datasplit_path))
+    spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
+    resolved = load_crops(chosen, config.classes, spec)
+    return [
+        Region(row.dataset, row.crop, f"{row.raw_root}/{row.raw_path}", crop.low, crop.high)
+        for row, crop in zip(chosen, resolved, strict=True)
+    ]
+
+
+def select_rows(rows: Sequence[DatasplitRow], patterns: Sequence[str], *, all_crops: bool,
+                source: str) -> list[DatasplitRow]:  # fmt: skip
+    if all_crops:
+        return list(rows)
+    if not patterns:
+        chosen = [row for row in rows if row.usage == "validate"]
+        if not chosen:
+            raise ValueError(f"{source} has no validation crops; name crops with --crops or --all")
+        return chosen
+    chosen = [row for row in rows if any(_matches(row, p) for p in patterns)]
+    if not chosen:
+        names = ", ".join(f"{row.dataset}/{row.crop}" for row in rows)
+        raise ValueError(f"no crop in {source} matches {', '.join(patterns)}; it has {names}")
+    return chosen
+
+
+def _matches(row: DatasplitRow, pattern: str) -> bool:
+    name = f"{row.dataset}/{row.crop}" if "/" in pattern else row.crop
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def box_region(config: TrainConfig, dataset: str, bbox: Sequence[float]) -> Region:
+    """A box (z0, y0, x0, z1, y1, x1 in world nm) in `dataset`'s raw, which must contain it."""
+    if len(bbox) != 6 or any(bbox[d + 3] <= bbox[d] for d in range(3)):
+        raise ValueError(
+            f"--bbox must be z0,y0,x0,z1,y1,x1 in nm with each end above its start, got {bbox}"
+        )
+    rows = [row for row in read_datasplit(config.datasplit_path) if row.dataset == dataset]
+    if not rows:
+        known = sorted({row.dataset for row in read_datasplit(config.datasplit_path)})
+        raise ValueError(
+            f"dataset {dataset!r} is not in {config.datasplit_path}; known: {', '.join(known)}"
+        )
+    group = f"{rows[0].raw_root}/{rows[0].raw_path}"
+    raw = raw_source(group, config)
+    low, high = (np.asarray(bbox[:3], dtype=float), np.asarray(bbox[3:], dtype=float))
+    raw_low, raw_high = raw.level.bounds()
+    if np.any(low < raw_low - 1e-6) or np.any(high > raw_high + 1e-6):
+        edges = zip("zyx", raw_low, raw_high, strict=True)
+        extent = ", ".join(f"{axis} {a:g} to {b:g}" for axis, a, b in edges)
+        raise ValueError(
+            f"--bbox {','.join(f'{v:g}' for v in bbox)} reaches outside the raw of {dataset} "
+            f"({raw.url}), which covers {extent} nm; choose a box inside it"
+        )
+    name = "bbox_" + "_".join(f"{v:g}" for v in bbox)
+    return Region(dataset, name, group, _vec(low), _vec(high))
+
+
+def raw_source(group: str, config: TrainConfig) -> Any:
+    reader = MetadataReader("s3://" if is_s3(group) else ".")
+    return reader.source(group, config.input_array_info.scale, label=False)
+
+
+# --- Windows and blending --------------------------------------------------------------------
+
+
+def window_starts(size: int, window: int, overlap: float) -> np.ndarray:
+    """First voxels of the windows along one axis of `size` voxels: a step of
+    window * (1 - overlap), the last window flush with the end; one centred window when the
+    axis is shorter than a window (it then reaches past both ends)."""
+    if size <= window:
+        return np.array([(size - window) // 2])
+    step = max(1, int(window * (1 - overlap)))
+    starts = list(range(0, size - window + 1, step))
+    if starts[-1] != size - window:
+        starts.append(size - window)
+    return np.array(starts)
+
+
+def gaussian_weights(shape: Sequence[int]) -> np.ndarray:
+    """Per-voxel weights of a window, (z, y, x): a Gaussian per axis (sigma = size / 8)
+    multiplied, highest at the centre, never below MIN_WEIGHT of it."""
+    weights = np.ones((), dtype=np.float32)
+    for n in shape:
+        offsets = np.arange(n, dtype=np.float64) - (n - 1) / 2
+        sigma = max(n * GAUSSIAN_SIGMA, 1e-6)
+        axis = np.exp(-0.5 * (offsets / sigma) ** 2).astype(np.float32)
+        weights = np.multiply.outer(weights, axis)
+    return np.maximum(weights / weights.max(), MIN_WEIGHT).astype(np.float32)
+
+
+def blocks(shape: Sequence[int], block: Sequence[int]) -> Iterator[tuple[slice, ...]]:
+    """Slices of the output grid, block by block in (z, y, x) order."""
+    ranges = [range(0, n, b) for n, b in zip(shape, block, strict=True)]
+    for corner in itertools.product(*ranges):
+        yield tuple(slice(c, min(c + b, n)) for c, b, n in zip(corner, block, shape, strict=True))
+
+
+def touching(starts: np.ndarray, window: int, part: slice) -> np.ndarray:
+    """The window starts whose windows overlap the voxels `part`."""
+    return starts[(starts < part.stop) & (starts + window > part.start)]
+
+
+# --- Prediction ------------------------------------------------------------------------------
+
+
+def predict_blocks(predictor: Predictor, region: Region, grid: OutputGrid,
+                   readers: Sequence[PatchDataset]
+                   ) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:  # fmt: skip
+    """Per block of the output grid: its slices and float32 probabilities (C, *block)."""
+    lattices = [
+        (reader, [window_starts(n, w, predictor.overlap) for n, w in
+                  zip(grid.shape, reader.spec.target.shape, strict=True)])
+        for reader in readers
+    ]  # fmt: skip
+    total = sum(
+        math.prod(len(touching(s, w, part)) for s, w, part in
+                  zip(starts, reader.spec.target.shape, box, strict=True))
+        for reader, starts in lattices for box in blocks(grid.shape, predictor.block_shape)
+    )  # fmt: skip
+    bar = tqdm(total=total, desc=f"{region.dataset}/{region.name}", unit="window",
+               disable=None if predictor.progress else True)  # fmt: skip
+    try:
+        for box in blocks(grid.shape, predictor.block_shape):
+            sums = [_blend(predictor, grid, reader, starts, box, bar)
+                    for reader, starts in lattices]  # fmt: skip
+            yield box, np.mean(sums, axis=0) if len(sums) > 1 else sums[0]
+    finally:
+        bar.close()
+
+
+def _blend(predictor: Predictor, grid: OutputGrid, reader: PatchDataset,
+           starts: list[np.ndarray], box: tuple[slice, ...], bar: Any) -> np.ndarray:  # fmt: skip
+    """The Gaussian-weighted mean probabilities (C, *block) of one orientation's windows over
+    the block `box`."""
+    window = reader.spec.target.shape
+    shape = tuple(part.stop - part.start for part in box)
+    total = np.zeros((len(predictor.classes), *shape), dtype=np.float32)
+    weight = np.zeros(shape, dtype=np.float32)
+    weights = gaussian_weights(window)
+    corners = list(itertools.product(*[touching(s, w, part) for s, w, part in
+                                       zip(starts, window, box, strict=True)]))  # fmt: skip
+    for first in range(0, len(corners), predictor.batch_size):
+        batch = corners[first : first + predictor.batch_size]
+        probabilities = _forward(predictor, grid, reader, batch)
+        for corner, values in zip(batch, probabilities, strict=True):
+            inside, there = _overlap(corner, window, box)
+            total[(slice(None), *inside)] += values[(slice(None), *there)] * weights[there]
+            weight[inside] += weights[there]
+        bar.update(len(batch))
+    return total / weight
+
+
+def _overlap(corner: Sequence[int], window: Sequence[int], box: tuple[slice, ...]
+             ) -> tuple[tuple[slice, ...], tuple[slice, ...]]:  # fmt: skip
+    """Where a window starting at `corner` meets the block: slices into the block and into
+    the window."""
+    inside, there = [], []
+    for c, w, part in zip(corner, window, box, strict=True):
+        low, high = max(c, part.start), min(c + w, part.stop)
+        inside.append(slice(low - part.start, high - part.start))
+        there.append(slice(low - c, high - c))
+    return tuple(inside), tuple(there)
+
+
+def _forward(predictor: Predictor, grid: OutputGrid, reader: PatchDataset,
+             corners: Sequence[tuple[int, ...]]) -> np.ndarray:  # fmt: skip
+    """Probabilities (B, C, *window) of windows starting at `corners` of the output grid."""
+    spec = reader.spec
+    window = np.asarray(spec.target.shape)
+    translation, scale = np.asarray(grid.translation), np.asarray(grid.scale)
+    identity = np.eye(3)
+    requests = [(0, translation + (np.asarray(c) + (window - 1) / 2) * scale, identity, 0)
+                for c in corners]  # fmt: skip
+    inputs = torch.stack(reader.read_inputs(requests)).to(predictor.device, non_blocking=True)
+    if predictor.memory_format is not None:
+        inputs = inputs.contiguous(memory_format=predictor.memory_format)
+    dtype = AUTOCAST_DTYPES[predictor.precision]
+    autocast = (torch.autocast(predictor.device.type, dtype=dtype) if dtype is not None
+                else contextlib.nullcontext())  # fmt: skip
+    with torch.no_grad(), autocast:
+        logits = predictor.model(inputs).float()
+    expected = (len(inputs), len(predictor.classes), *_squeezed(spec.target.shape, spec))
+    if tuple(logits.shape) != expected:
+        raise ValueError(
+            f"the model returned {tuple(logits.shape)} for input {tuple(inputs.shape)}; "
+            f"prediction needs {expected} (target_array_info shape, one channel per class)"
+        )
+    probabilities = torch.sigmoid(logits).cpu().numpy()
+    if spec.plane_axis is not None:  # 2D: (B, C, H, W) -> (B, C, *window) with the singleton
+        probabilities = np.expand_dims(probabilities, spec.plane_axis + 2)
+    return probabilities
+
+
+def _squeezed(shape: Sequence[int], spec: PatchSpec) -> tuple[int, ...]:
+    return tuple(n for k, n in enumerate(shape) if k != spec.plane_axis)
+
+
+def make_readers(predictor: Predictor, region: Region,
+                 config: TrainConfig) -> list[PatchDataset]:  # fmt: skip
+    """Per orientation, a reader of model inputs around any centre in the region's raw."""
+    raw = raw_source(region.raw_group, config)
+    crop = Crop(f"{region.dataset}/{region.name}", raw, (None,) * len(predictor.classes),
+                region.low, region.high)  # fmt: skip
+    return [
+        PatchDataset([crop], spec, raw_transform=predictor.raw_transform,
+                     chunk_cache_mb=predictor.chunk_cache_mb)
+        for spec in predictor.specs
+    ]  # fmt: skip
+
+
+def predict_volume(predictor: Predictor, region: Region, config: TrainConfig) -> np.ndarray:
+    """The whole region's probabilities (C, Z, Y, X) in memory (small regions, tests)."""
+    grid = OutputGrid.covering(region, config.target_array_info.scale)
+    out = np.zeros((len(predictor.classes), *grid.shape), dtype=np.float32)
+    readers = make_readers(predictor, region, config)
+    for box, values in predict_blocks(predictor, region, grid, readers):
+        out[(slice(None), *box)] = values
+    return out
+
+
+# --- Writing ---------------------------------------------------------------------------------
+
+
+def encode(probabilities: np.ndarray, encoding: str) -> np.ndarray:
+    """uint8: round(p * 255); float16: p."""
+    if encoding == "uint8":
+        return np.rint(np.clip(probabilities, 0, 1) * 255).astype(np.uint8)
+    return probabilities.astype(np.float16)
+
+
+def output_path(output: str | os.PathLike[str], region: Region) -> Path:
+    """{output}/{dataset}.zarr/{crop}: one group per class below it."""
+    return Path(output) / f"{region.dataset}.zarr" / region.name
+
+
+def predict(
+    config: TrainConfig, *, crops: Sequence[str] = (), all_crops: bool = False,
+    bbox: Sequence[float] | None = None, dataset: str | None = None,
+    output: str | os.PathLike[str] | None = None, checkpoint: str = "latest",
+    overwrite: bool = False, orthoplanes: bool = False, overlap: float | None = None,
+    encoding: str | None = None, progress: bool = True,
+) -> list[Written]:  # fmt: skip
+    """`csc predict`: the regions asked for (datasplit crops, by default the validation ones,
+    or a box in one dataset), predicted with the `checkpoint` weights into `output` (default:
+    `predictions_path`)."""
+    if bbox is not None:
+        if crops or all_crops or dataset is None:
+            raise ValueError("--bbox needs --dataset NAME and goes without --crops and --all")
+        regions = [box_region(config, dataset, bbox)]
+    else:
+        regions = crop_regions(config, crops=crops, all_crops=all_crops)
+    output = output or config.predictions_path.format(model_name=config.model_name)
+    check_free(output, regions, overwrite=overwrite)
+    predictor = load_predictor(config, checkpoint=checkpoint, orthoplanes=orthoplanes,
+                               overlap=overlap, progress=progress)  # fmt: skip
+    return write_predictions(config, regions, predictor, output=output, encoding=encoding)
+
+
+def check_free(output: str | os.PathLike[str], regions: Sequence[Region], *,
+               overwrite: bool) -> None:  # fmt: skip
+    """Refuse, before any work, to replace existing output without `overwrite`."""
+    if is_s3(str(output)):
+        raise ValueError(f"--output {output}: csc writes predictions to a local folder")
+    existing = [str(output_path(output, r)) for r in regions if output_path(output, r).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{', '.join(existing)} already exist; pass --overwrite to replace them"
+        )
+
+
+def write_predictions(config: TrainConfig, regions: Sequence[Region], predictor: Predictor, *,
+                      output: str | os.PathLike[str],
+                      encoding: str | None = None) -> list[Written]:  # fmt: skip
+    """Predict each region into `output` as OME-NGFF zarr. A region's group is written under a
+    temporary name and renamed when complete, replacing what was there only then."""
+    encoding = encoding or config.prediction_encoding
+    written = []
+    for region in regions:
+        grid = OutputGrid.covering(region, config.target_array_info.scale)
+        path = output_path(output, region)
+        write_region(predictor, region, grid, config, path, encoding=encoding)
+        written.append(Written(region, path, grid))
+    return written
+
+
+def write_region(predictor: Predictor, region: Region, grid: OutputGrid, config: TrainConfig,
+                 path: Path, *, encoding: str) -> None:  # fmt: skip
+    """Predict one region block by block into its group at `path`."""
+    with staged_group(path) as group:
+        arrays = _create_arrays(group, predictor, grid, encoding=encoding)
+        readers = make_readers(predictor, region, config)
+        for box, values in predict_blocks(predictor, region, grid, readers):
+            for array, probabilities in zip(arrays, values, strict=True):
+                array[box] = encode(probabilities, encoding)
+
+
+@contextlib.contextmanager
+def staged_group(path: Path) -> Iterator[Any]:
+    """A zarr group written under a temporary name next to `path` and renamed to `path` when
+    the block ends without error (replacing what was there only then); removed on error, so
+    a crash never leaves a half-written group under the real name."""
+    import zarr
+
+    root = zarr.open_group(str(path.parent), mode="a", zarr_format=2)
+    partial = path.parent / f".{path.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        yield root.require_group(partial.name)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(path)
+    partial.rename(path)
+
+
+def _create_arrays(group: Any, predictor: Predictor, grid: OutputGrid, *,
+                   encoding: str) -> list[Any]:  # fmt: skip
+    """One class group per class, OME-NGFF 0.4 with one level s0, and its empty array."""
+    chunks = tuple(min(CHUNK, n, b) for n, b in zip(grid.shape, predictor.block_shape,
+                                                     strict=True))  # fmt: skip
+    arrays = []
+    for name in predictor.classes:
+        child = group.require_group(name)
+        child.attrs.update(multiscales_attrs(name, [(grid.scale, grid.translation)]))
+        child.attrs["csc_prediction"] = {
+            "class": name, "encoding": encoding, "checkpoint": predictor.checkpoint,
+            "orthoplanes": len(predictor.specs) > 1, "overlap": predictor.overlap,
+        }  # fmt: skip
+        arrays.append(child.create_array(
+            "s0", shape=grid.shape, chunks=chunks, dtype=encoding, fill_value=0,
+            compressors=make_compressor("zstd"),
+            chunk_key_encoding={"name": "v2", "separator": "/"},
+        ))  # fmt: skip
+    return arrays
+
+
+def _ints(values: Sequence[Any]) -> tuple[int, int, int]:
+    return (int(values[0]), int(values[1]), int(values[2]))
+
+
+def _vec(values: Sequence[Any]) -> Vec3:
+    return (float(values[0]), float(values[1]), float(values[2]))
