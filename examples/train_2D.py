@@ -40,6 +40,7 @@ validation_batch_limit = 8
 # latest checkpoint and trains `epochs` more epochs (load_model = None starts afresh).
 model_save_path = "../checkpoints/{model_name}_{epoch}.pth"
 logs_save_path = "../tensorboard/{model_name}"
+predictions_path = "../predictions/{model_name}"  # csc predict writes here
 load_model = "latest"
 
 if __name__ == "__main__":

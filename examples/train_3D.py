@@ -44,6 +44,7 @@ validation_time_limit = 20
 # latest checkpoint and trains `epochs` more epochs (load_model = None starts afresh).
 model_save_path = "../checkpoints/{model_name}_{epoch}.pth"
 logs_save_path = "../tensorboard/{model_name}"
+predictions_path = "../predictions/{model_name}"  # csc predict writes here
 load_model = "latest"
 keep_last_checkpoints = 3  # older epochs are deleted, never the best
 

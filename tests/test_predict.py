@@ -281,3 +281,42 @@ def test_csc_predict_and_process_on_the_command_line(data: Path, tmp_path: Path)
     done = runner.invoke(cli, ["process", str(path)])
     assert done.exit_code == 0, done.output
     assert (tmp_path / "processed/jrc_synth1.zarr/crop1/nuc/s0").is_dir()
+
+
+def test_train_predict_evaluate_round_trip(data: Path, tmp_path: Path) -> None:
+    """A briefly trained model's predictions of the validation crops, scored by `evaluate` from
+    the zarr files, equal the metrics computed in memory on the same region: the in-memory
+    probabilities, each 8 nm voxel repeated over its 2 x 2 x 2 label voxels of 4 nm."""
+    from csc.evaluate import evaluate
+    from csc.metrics import SegmentationMetrics
+    from csc.predict import encode
+    from csc.train import train
+
+    config = config_of(data, tmp_path, epochs=2, iterations_per_epoch=4, learning_rate=3e-3,
+                       criterion="dice_bce", weight_loss=False, weighted_sampler=False)  # fmt: skip
+    train(config)
+    written = predict(config, checkpoint="best", progress=False)  # the validation crops
+    rows = [row for row in read_datasplit(config.datasplit_path) if row.usage == "validate"]
+    assert [item.region.name for item in written] == [row.crop for row in rows]
+    report = evaluate(tmp_path / "predictions", rows)
+    predictor = load_predictor(config, checkpoint="best", progress=False)
+    compared = 0
+    for item, row in zip(written, rows, strict=True):
+        probabilities = predict_volume(predictor, item.region, config)  # (C, Z, Y, X), 8 nm
+        predicted = encode(probabilities, "uint8") / 255 > 0.5  # as stored, as evaluated
+        for k, name in enumerate(CLASSES):
+            if name not in row.classes:
+                continue
+            truth = np.asarray(zarr.open_group(f"{row.gt_root}/{row.gt_path}/{name}",
+                                               mode="r")["s0"][...])  # fmt: skip
+            upsampled = predicted[k].repeat(2, 0).repeat(2, 1).repeat(2, 2)
+            assert upsampled.shape == truth.shape
+            metrics = SegmentationMetrics([name])
+            metrics.update(torch.from_numpy(np.where(upsampled, 1.0, -1.0))[None, None],
+                           torch.from_numpy(truth.astype(np.float32))[None, None])  # fmt: skip
+            expected = metrics.compute()
+            (result,) = [r for r in report.results if (r.crop, r.class_name) == (row.crop, name)]
+            for metric in ("iou", "dice", "precision", "recall", "accuracy", "boundary_f1"):
+                assert result.scores[metric] == pytest.approx(expected[metric][name]), metric
+                compared += 1
+    assert compared >= 12

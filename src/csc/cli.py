@@ -159,6 +159,107 @@ def train(config_file: str, overrides: tuple[str, ...], strict: bool, nproc: int
         click.echo(summary(result, resolved.logs_save_path.format(model_name=resolved.model_name)))
 
 
+@cli.command()
+@_config_command
+@click.option(
+    "--crops",
+    default=None,
+    help="Comma list of crops (crop or dataset/crop, globs); default: validation crops.",
+)
+@click.option("--all", "all_crops", is_flag=True, help="Every crop in the datasplit.")
+@click.option("--bbox", default=None, help="A box z0,y0,x0,z1,y1,x1 in nm; needs --dataset.")
+@click.option("--dataset", default=None, help="The dataset of --bbox.")
+@click.option(
+    "--output",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Output folder; default: the config's predictions_path.",
+)
+@click.option(
+    "--checkpoint",
+    default="latest",
+    show_default=True,
+    help="latest, best (by validation), or a .pth file.",
+)
+@click.option(
+    "--overlap",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=None,
+    help="Window overlap per axis; default: prediction_overlap.",
+)
+@click.option(
+    "--encoding",
+    type=click.Choice(["uint8", "float16"]),
+    default=None,
+    help="Stored probabilities; default: prediction_encoding.",
+)
+@click.option(
+    "--orthoplanes", is_flag=True, help="2D models: average predictions along z, y and x planes."
+)
+@click.option("--overwrite", is_flag=True, help="Replace existing predictions.")  # fmt: skip
+def predict(config_file: str, overrides: tuple[str, ...], strict: bool, crops: str | None,
+            all_crops: bool, bbox: str | None, dataset: str | None, output: str | None,
+            checkpoint: str, overlap: float | None, encoding: str | None, orthoplanes: bool,
+            overwrite: bool) -> None:  # fmt: skip
+    """Predict crops or a box with a trained model into OME-NGFF zarr.
+
+    Writes OUTPUT/{dataset}.zarr/{crop}/{class}/s0 per class: probabilities with the voxel
+    size and translation of the target grid, readable by neuroglancer.
+    """
+    from csc.config import load_config
+
+    box = None
+    if bbox is not None:
+        try:
+            box = tuple(float(v) for v in bbox.split(","))
+        except ValueError:
+            raise click.BadParameter(f"{bbox!r} is not z0,y0,x0,z1,y1,x1 in nm") from None
+    with user_errors():
+        resolved = load_config(config_file, overrides, strict=strict)
+        from csc.predict import predict as run
+
+        written = run(resolved, crops=_comma_list(crops), all_crops=all_crops, bbox=box,
+                      dataset=dataset, output=output, checkpoint=checkpoint,
+                      overwrite=overwrite, orthoplanes=orthoplanes, overlap=overlap,
+                      encoding=encoding)  # fmt: skip
+    for item in written:
+        grid = item.grid
+        click.echo(f"wrote {item.path}: {len(resolved.classes)} classes, {grid.shape} voxels of "
+                   f"{grid.scale} nm from {grid.translation} nm")  # fmt: skip
+
+
+@cli.command()
+@_config_command
+@click.option(
+    "--input",
+    "source",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Predictions to process; default: the config's predictions_path.",
+)
+@click.option(
+    "--output",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Output folder; default: the config's processed_path.",
+)
+@click.option("--crops", default=None, help="Comma list of crops (crop or dataset/crop, globs).")
+@click.option("--overwrite", is_flag=True, help="Replace existing output.")  # fmt: skip
+def process(config_file: str, overrides: tuple[str, ...], strict: bool, source: str | None,
+            output: str | None, crops: str | None, overwrite: bool) -> None:  # fmt: skip
+    """Apply the config's process_func to predictions, block by block."""
+    from csc.config import load_config
+
+    with user_errors():
+        resolved = load_config(config_file, overrides, strict=strict)
+        from csc.process import process as run
+
+        written = run(resolved, source=source, output=output, crops=_comma_list(crops),
+                      overwrite=overwrite)  # fmt: skip
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
 def summary(result: Any, log_dir: str) -> str:
     """The last validation's per-class IoU, and how to look at the logs."""
     lines = [f"trained epochs {result.first_epoch}-{result.last_epoch}"]
@@ -327,6 +428,72 @@ def counts(**options: Any) -> None:
     if options["csv_path"]:
         table.to_csv(options["csv_path"], index=False)
         click.echo(f"wrote {options['csv_path']}")
+
+
+@cli.command()
+@click.option(
+    "--predictions",
+    required=True,
+    type=click.Path(),
+    help="Folder csc predict wrote: {dataset}.zarr/{crop}/{class} groups.",
+)
+@click.option(
+    "--datasplit",
+    "datasplit_path",
+    default="datasplit.csv",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="CSV that locates the ground-truth crops.",
+)
+@click.option(
+    "--crops",
+    default=None,
+    help="Comma list of crops (crop or dataset/crop, globs); default: every crop of "
+    "the datasplit that has predictions.",
+)
+@click.option("--classes", default=None, help="Comma list; default: every predicted class.")
+@click.option(
+    "--threshold",
+    default=0.5,
+    show_default=True,
+    type=float,
+    help="A voxel is foreground where its probability is above this, in (0, 1).",
+)
+@click.option(
+    "--boundary-tolerance",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Boundary F1 tolerance in voxels (Chebyshev distance).",
+)
+@click.option(
+    "--json",
+    "json_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Also write the results to this JSON file.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")  # fmt: skip
+def evaluate(**options: Any) -> None:
+    """Score predictions against ground-truth crops: IoU, Dice, ..., Hausdorff95 (nm)."""
+    from csc.datasplit import read_datasplit
+    from csc.evaluate import check_json_path, format_table, select_crops, write_json
+    from csc.evaluate import evaluate as run
+
+    json_path = options["json_path"]
+    with user_errors():
+        if json_path:
+            check_json_path(json_path, overwrite=options["overwrite"])  # before the work
+        rows = read_datasplit(options["datasplit_path"])
+        rows = select_crops(rows, _comma_list(options["crops"]))
+        report = run(options["predictions"], rows, classes=_comma_list(options["classes"]) or None,
+                     threshold=options["threshold"],
+                     boundary_tolerance=options["boundary_tolerance"])  # fmt: skip
+        if json_path:
+            write_json(report, json_path, overwrite=options["overwrite"])
+    click.echo(format_table(report))
+    if json_path:
+        click.echo(f"wrote {json_path}")
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "batch_counts",
     "boundary",
     "dilate",
+    "scores_from_counts",
 ]
 
 # Rows of `SegmentationMetrics.counts`, shape (len(COUNT_NAMES), C).
@@ -135,8 +136,7 @@ class SegmentationMetrics:
 
         Also ``"num_scored_boundary"``: the classes averaged into ``boundary_f1["mean"]``.
         """
-        columns = self.counts.T.tolist()  # one list of counts per class, COUNT_NAMES order
-        per_class = [_class_scores(**dict(zip(COUNT_NAMES, c, strict=True))) for c in columns]
+        per_class = scores_from_counts(self.counts)
         result: dict[str, dict[str, float | None] | int] = {}
         for metric in METRIC_NAMES:
             values = dict(zip(self.classes, (s[metric] for s in per_class), strict=True))
@@ -144,6 +144,13 @@ class SegmentationMetrics:
         result["num_scored"] = sum(scores["iou"] is not None for scores in per_class)
         result["num_scored_boundary"] = sum(s["boundary_f1"] is not None for s in per_class)
         return result
+
+
+def scores_from_counts(counts: Tensor) -> list[dict[str, float | None]]:
+    """Per class, ``{metric: value or None}`` (METRIC_NAMES) from counts
+    ``(len(COUNT_NAMES), C)``, with the empty-class rules of docs/metrics.md."""
+    columns = counts.T.tolist()  # one list of counts per class, COUNT_NAMES order
+    return [_class_scores(**dict(zip(COUNT_NAMES, c, strict=True))) for c in columns]
 
 
 def _class_scores(
