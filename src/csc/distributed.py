@@ -112,6 +112,16 @@ def reduce_max(place: Dist, value: float) -> float:
     return float(work)
 
 
+def broadcast_buffers(place: Dist, module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank. DDP sends them only at
+    the start of each training forward, so after an epoch's last batch each rank holds its
+    own; validating with those would score a slightly different model on every rank."""
+    if not place.enabled:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
 def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

@@ -466,6 +466,7 @@ def validate(run: Run, epoch: int) -> dict[str, Any] | None:
     if loader is None:
         return None
     model = run.ema.module if run.ema is not None else without_ddp(run.model)
+    distributed.broadcast_buffers(run.place, model)  # every rank validates rank 0's model
     model.eval()
     metrics = SegmentationMetrics(config.classes)
     total, count, example = 0.0, 0, None
