@@ -9,10 +9,14 @@ env:
 
 # Synthetic data (kept if already there), then a few minutes of training of the 2D example on
 # CPU; it prints per-class validation IoU and the TensorBoard command. Run again, it resumes.
+# Then the best epoch predicts the validation crops into predictions/ (the demo's own output,
+# replaced on each run) and csc evaluate scores them against the ground truth.
 demo: env
 	@if [ -d data/jrc_synth1 ]; then echo "data/ already holds the synthetic datasets; keeping them"; \
 	else $(BIN)/csc synth data; fi
 	$(BIN)/csc train examples/train_2D.py
+	$(BIN)/csc predict examples/train_2D.py --checkpoint best --overwrite
+	$(BIN)/csc evaluate --predictions predictions/2d_unet --datasplit datasplit.csv
 
 # Lint, format check and the test suite, exactly as CI runs them.
 test: env

@@ -231,6 +231,9 @@ def test_existing_output_is_kept_without_overwrite(data: Path, tmp_path: Path) -
     np.testing.assert_array_equal(read_output(again.path, "er")[0], before)
     leftovers = [p.name for p in again.path.parent.iterdir() if "partial" in p.name]
     assert leftovers == []
+    other = config_of(data, tmp_path / "wider", model_kwargs={"num_levels": 2, "base_channels": 8})
+    with pytest.raises(ValueError, match=r"the weights in .*2d_unet_1.pth do not fit the model"):
+        predict(other, crops=["crop2"], checkpoint=str(save_weights(config)), progress=False)
     with pytest.raises(FileNotFoundError, match="no latest checkpoint of 2d_unet"):
         predict(config_of(data, tmp_path / "untrained"), crops=["crop2"], progress=False)
 

@@ -31,7 +31,7 @@ from csc.config import TrainConfig
 from csc.data import Crop, MetadataReader, PatchDataset, PatchSpec, load_crops
 from csc.data.geometry import Grid
 from csc.datasplit import DatasplitRow, read_datasplit
-from csc.models.loading import strip_wrapper_prefixes
+from csc.models.loading import load_weights, strip_wrapper_prefixes
 from csc.storage import is_s3, make_compressor, multiscales_attrs
 from csc.train import AUTOCAST_DTYPES, channels_last_format, choose_device, make_model
 
@@ -109,8 +109,8 @@ def load_predictor(config: TrainConfig, *, checkpoint: str = "latest", orthoplan
         specs = orthoplane_specs(spec)
     device = choose_device(config.device)
     model = make_model(config, spec)
-    state, source = load_weights(config, checkpoint)
-    model.load_state_dict(state)
+    state, source = checkpoint_weights(config, checkpoint)
+    load_weights(model, state, source=source)
     memory_format = channels_last_format(config, device, spec)
     model = model.to(device).eval()
     if memory_format is not None:
@@ -125,7 +125,7 @@ def load_predictor(config: TrainConfig, *, checkpoint: str = "latest", orthoplan
     )  # fmt: skip
 
 
-def load_weights(config: TrainConfig, checkpoint: str) -> tuple[dict[str, Any], str]:
+def checkpoint_weights(config: TrainConfig, checkpoint: str) -> tuple[dict[str, Any], str]:
     """The model weights of `checkpoint`: "latest" or "best" of `model_name` (as `load_model`
     resumes them), or a .pth file; and where they came from."""
     if checkpoint in ("latest", "best"):

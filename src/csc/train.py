@@ -41,6 +41,7 @@ from csc.distributed import Dist
 from csc.losses import build_loss, pos_weight_from_counts
 from csc.metrics import SegmentationMetrics
 from csc.models import build_model, check_input_shape
+from csc.models.loading import load_weights
 from csc.tracking import Tracker, make_tracker
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -350,10 +351,10 @@ def resume(run: Run, *, say: Any = print) -> int:
         return 0
     state = resumed.train_state
     if config.model_to_load != config.model_name or state is None:
-        unwrap(run.model).load_state_dict(resumed.model_state)
+        load_weights(run.model, resumed.model_state, source=str(resumed.path))
         say(f"loaded weights from {resumed.path} (epoch {resumed.epoch})")
         return 0 if config.model_to_load != config.model_name else resumed.epoch
-    unwrap(run.model).load_state_dict(state.get("model") or resumed.model_state)
+    load_weights(run.model, state.get("model") or resumed.model_state, source=str(resumed.path))
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scheduler is not None and state.get("scheduler") is not None:
         run.scheduler.load_state_dict(state["scheduler"])

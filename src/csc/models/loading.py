@@ -152,9 +152,24 @@ def read_epoch(search_path: str, epoch: int, *, with_state: bool = False) -> Che
     return read_checkpoint(path, epoch=epoch, with_state=with_state)
 
 
-def load_weights(model: nn.Module, model_state: Mapping[str, torch.Tensor]) -> None:
-    """Copy weights into `model`, whether it or the saved one was wrapped by DDP/compile."""
-    unwrap(model).load_state_dict(strip_wrapper_prefixes(model_state))
+def load_weights(model: nn.Module, model_state: Mapping[str, torch.Tensor], *,
+                 source: str = "the checkpoint") -> None:  # fmt: skip
+    """Copy weights into `model`, whether it or the saved one was wrapped by DDP/compile. Weights
+    of another architecture are a ValueError naming `source` and the first mismatches."""
+    try:
+        unwrap(model).load_state_dict(strip_wrapper_prefixes(model_state))
+    except RuntimeError as error:
+        lines = [_shorten(line.strip()) for line in str(error).splitlines()[1:] if line.strip()]
+        shown = "; ".join(lines[:3]) + (f"; and {len(lines) - 3} more" if len(lines) > 3 else "")
+        raise ValueError(
+            f"the weights in {source} do not fit the model this config builds ({shown}); check "
+            "model_name and model_kwargs against the run that saved them, or load another "
+            "checkpoint"
+        ) from None
+
+
+def _shorten(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_latest(search_path: str, model: nn.Module) -> int | None:
