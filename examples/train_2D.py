@@ -41,6 +41,7 @@ validation_batch_limit = 8
 model_save_path = "../checkpoints/{model_name}_{epoch}.pth"
 logs_save_path = "../tensorboard/{model_name}"
 predictions_path = "../predictions/{model_name}"  # csc predict writes here
+processed_path = "../predictions/{model_name}_processed"  # csc process writes here
 load_model = "latest"
 
 if __name__ == "__main__":

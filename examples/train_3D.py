@@ -45,6 +45,7 @@ validation_time_limit = 20
 model_save_path = "../checkpoints/{model_name}_{epoch}.pth"
 logs_save_path = "../tensorboard/{model_name}"
 predictions_path = "../predictions/{model_name}"  # csc predict writes here
+processed_path = "../predictions/{model_name}_processed"  # csc process writes here
 load_model = "latest"
 keep_last_checkpoints = 3  # older epochs are deleted, never the best
 
