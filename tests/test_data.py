@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from csc.config import TrainConfig, build_config
+from csc.config import ArrayInfo, TrainConfig, build_config
 from csc.data import (
     Compose,
     EpochSampler,
@@ -24,6 +24,7 @@ from csc.data import (
     GaussianNoise,
     Normalize,
     PatchDataset,
+    PatchSpec,
     RandomContrast,
     RandomGamma,
     TrainPatches,
@@ -446,6 +447,56 @@ def test_an_epoch_is_iterations_per_epoch_batches(aligned: Path, tmp_path: Path)
     tiles = epoch(loaders.validate)
     assert [b["input"].shape[0] for b in tiles] == [4]  # validation_batch_limit 1 x batch 4
     assert_samples_equal(tiles, epoch(build_loaders(config).validate))
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (4, 8, 8)], ids=["2D", "3D"])
+def test_crop_regions_in_memory_give_the_same_batches(
+    aligned: Path, tmp_path: Path, shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Patches cut from crop regions held in memory equal patches read by tensorstore, bit for
+    bit, over epochs (regions admitted, then widened): coordinate values, rotations, edges."""
+    from csc.data import datasets
+
+    info = {"shape": shape, "scale": (8, 8, 8)}
+    base = loader_config(aligned, tmp_path / "split.csv", iterations_per_epoch=6,
+                         input_array_info=info, target_array_info=info,
+                         validation_batch_limit=None)  # fmt: skip
+    settings = {"off": 0, "on": 256, "too big": 256}
+    runs = {}
+    for name, megabytes in settings.items():
+        if name == "too big":  # every region over its share of the cache: read patch by patch
+            monkeypatch.setattr(datasets, "REGION_MAX_SHARE", 1e-9)
+        loaders = build_loaders(dataclasses.replace(base, crop_cache_mb=megabytes))
+        assert loaders.validate is not None
+        runs[name] = [epoch(loaders.train) for _ in range(3)] + [epoch(loaders.validate)] * 2
+        regions = loaders.train.dataset._regions
+        held = [state.box for state in regions.values() if state.box is not None]
+        assert bool(held) == (name == "on"), name
+    for name in ("on", "too big"):
+        for got, expected in zip(runs[name], runs["off"], strict=True):
+            assert_samples_equal(got, expected)
+
+
+def test_the_region_cache_keeps_the_most_recent_within_its_limit(aligned: Path) -> None:
+    from csc.data.sources import PendingRead, RegionCache, RegionRead
+
+    crops = load_crops(rows_for(aligned, {"crop1": CLASSES}), CLASSES,
+                       PatchSpec.from_arrays(ArrayInfo((1, 8, 8), (8, 8, 8)),
+                                             ArrayInfo((1, 8, 8), (8, 8, 8))))  # fmt: skip
+    raw = crops[0].raw
+    itemsize = PendingRead(raw, (0, 0, 0), (1, 1, 1), cache_mb=16).dtype.itemsize
+    cache = RegionCache(3 * 4**3 * itemsize)  # room for three regions of 4^3 voxels
+    boxes = [((0, 0, i), (4, 4, 4 + i)) for i in range(4)]
+    for box in boxes:
+        cache.get(raw, box, cache_mb=16)
+    assert [key[1] for key in cache.entries] == boxes[1:]  # the oldest went first
+    region = cache.get(raw, boxes[1], cache_mb=16)  # a hit: now the most recent
+    assert [key[1] for key in cache.entries] == [boxes[2], boxes[3], boxes[1]]
+    assert not region.flags.writeable
+    direct = PendingRead(raw, (-2, 0, 1), (2, 4, 5), cache_mb=16).result()
+    served = RegionRead(region, boxes[1][0], (-2, 0, 1), (2, 4, 5), raw.level.shape).result()
+    np.testing.assert_array_equal(served, direct)  # zeros outside the array, as tensorstore's
+    assert (served[:2] == 0).all()
 
 
 def test_workers_give_the_same_batches_and_no_duplicates(aligned: Path, tmp_path: Path) -> None:

@@ -103,6 +103,7 @@ class TrainConfig:
     target_value_transforms: Callable[..., Any] | None = None
     dataloader_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     chunk_cache_mb: int = 256  # tensorstore's decoded-chunk cache, per loader process
+    crop_cache_mb: int = 256  # crop regions held decoded in memory, per loader process
     # Model.
     model_name: str = "2d_unet"
     model_to_load: str = "2d_unet"
@@ -400,6 +401,7 @@ def _check_counts(config: TrainConfig) -> None:
             _require_int(config, key, minimum=1)
     _require_int(config, "random_seed", minimum=0)
     _require_int(config, "chunk_cache_mb", minimum=0)
+    _require_int(config, "crop_cache_mb", minimum=0)
     for key in ("learning_rate", "max_grad_norm", "validation_time_limit"):
         value = getattr(config, key)
         if value is None and key != "learning_rate":

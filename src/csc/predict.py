@@ -380,13 +380,15 @@ def _squeezed(shape: Sequence[int], spec: PatchSpec) -> tuple[int, ...]:
 
 def make_readers(predictor: Predictor, region: Region,
                  config: TrainConfig) -> list[PatchDataset]:  # fmt: skip
-    """Per orientation, a reader of model inputs around any centre in the region's raw."""
+    """Per orientation, a reader of model inputs around any centre in the region's raw. No
+    crop cache: windows read each raw voxel a few times, all close together in time, which
+    tensorstore's chunk cache serves, and the region may be far bigger than a crop."""
     raw = raw_source(region.raw_group, config)
     crop = Crop(f"{region.dataset}/{region.name}", raw, (None,) * len(predictor.classes),
                 region.low, region.high)  # fmt: skip
     return [
         PatchDataset([crop], spec, raw_transform=predictor.raw_transform,
-                     chunk_cache_mb=predictor.chunk_cache_mb)
+                     chunk_cache_mb=predictor.chunk_cache_mb, crop_cache_mb=0)
         for spec in predictor.specs
     ]  # fmt: skip
 

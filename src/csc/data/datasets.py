@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,15 @@ import torch
 
 from csc.config import ArrayInfo
 from csc.data.geometry import Grid, Plan, plan_read, resample, shift_plan, source_map
-from csc.data.sources import DEFAULT_CHUNK_CACHE_MB, ArraySource, PendingRead
+from csc.data.sources import (
+    DEFAULT_CHUNK_CACHE_MB,
+    ArraySource,
+    Box,
+    PendingRead,
+    RegionRead,
+    open_array,
+    region_cache,
+)
 from csc.data.transforms import Draws, Normalize, sample_generator, spatial_matrix, uniforms
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -40,6 +49,25 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
     if pool is None or pool._max_workers < workers:
         pool = _POOLS[os.getpid()] = ThreadPoolExecutor(workers, thread_name_prefix="csc-read")
     return pool
+
+
+DEFAULT_CROP_CACHE_MB = 256
+# A crop's region is held in memory from its second read on (a crop drawn once, as in a
+# datasplit of thousands, is not worth a whole-region read), if it takes at most this share of
+# the crop cache.
+REGION_ADMIT_READS = 2
+REGION_MAX_SHARE = 0.25
+_REGION_LOCK = threading.RLock()  # reads of big patches run in several threads
+
+
+@dataclasses.dataclass
+class _RegionState:
+    """What a dataset knows about one crop's region of one array."""
+
+    reads: int = 0
+    box: Box | None = None  # the region held in memory, voxels of the array's level
+    half: tuple[int, ...] = (0, 0, 0)  # its margin around the crop: half the widest request
+    too_big: bool = False
 
 
 NUM_SPATIAL_DRAWS = 12  # mirror: 1 per axis, transpose: 1 per axis, rotate: 1 per axis
@@ -102,6 +130,7 @@ class PatchDataset(torch.utils.data.Dataset):
         raw_transform: Transform | None = None,
         target_transform: Transform | None = None,
         chunk_cache_mb: int = DEFAULT_CHUNK_CACHE_MB,
+        crop_cache_mb: int = DEFAULT_CROP_CACHE_MB,
     ) -> None:
         if not crops:
             raise ValueError("no crops to sample from")
@@ -110,6 +139,8 @@ class PatchDataset(torch.utils.data.Dataset):
         self.raw_transform = raw_transform
         self.target_transform = target_transform
         self.chunk_cache_mb = chunk_cache_mb
+        self.crop_cache_mb = crop_cache_mb
+        self._regions: dict[tuple[int, str], _RegionState] = {}
 
     @property
     def num_classes(self) -> int:
@@ -157,8 +188,7 @@ class PatchDataset(torch.utils.data.Dataset):
             for crop_index, centre, matrix, _ in requests:
                 raw = self.crops[crop_index].raw
                 plan = _plan(self.spec.input, centre, matrix, raw, linear=True)
-                reads.append((plan, PendingRead(raw, plan.start, plan.stop,
-                                                cache_mb=self.chunk_cache_mb)))  # fmt: skip
+                reads.append((plan, self._box(crop_index, raw, plan.start, plan.stop)))
             raws = resample([(plan, read.result()[None]) for plan, read in reads])
             images = []
             for (values, _), (_, read), request in zip(raws, reads, requests, strict=True):
@@ -194,7 +224,7 @@ class PatchDataset(torch.utils.data.Dataset):
     def _start(self, crop_index: int, centre: np.ndarray, matrix: np.ndarray, seed: int) -> _Job:
         crop = self.crops[crop_index]
         raw_plan = _plan(self.spec.input, centre, matrix, crop.raw, linear=True)
-        raw = PendingRead(crop.raw, raw_plan.start, raw_plan.stop, cache_mb=self.chunk_cache_mb)
+        raw = self._box(crop_index, crop.raw, raw_plan.start, raw_plan.stop)
         groups: dict[tuple, list[int]] = {}  # classes whose label levels share a voxel grid
         for k, label in enumerate(crop.labels):
             if label is not None:
@@ -207,12 +237,51 @@ class PatchDataset(torch.utils.data.Dataset):
                 plan = _plan(
                     self.spec.target, centre, matrix, crop.labels[classes[0]], linear=False
                 )
-            reads = [
-                PendingRead(crop.labels[k], plan.start, plan.stop, cache_mb=self.chunk_cache_mb)
-                for k in classes
-            ]
+            reads = [self._box(crop_index, crop.labels[k], plan.start, plan.stop) for k in classes]
             label_reads.append((classes, plan, reads))
         return _Job(crop, raw_plan, raw, label_reads, seed)
+
+    def _box(self, crop_index: int, source: ArraySource | None, start: Sequence[int],
+             stop: Sequence[int]) -> PendingRead | RegionRead:  # fmt: skip
+        """The voxels [start, stop) of `source` for a sample of crop `crop_index`: from the
+        crop's region held in memory (`crop_cache_mb`), else read by tensorstore."""
+        assert source is not None
+        if self.crop_cache_mb <= 0:
+            return PendingRead(source, start, stop, cache_mb=self.chunk_cache_mb)
+        shape = source.level.shape
+        with _REGION_LOCK:
+            state = self._regions.setdefault((crop_index, source.url), _RegionState())
+            state.reads += 1
+            if state.box is None or not _holds(state.box, start, stop, shape):
+                if state.too_big or state.reads < REGION_ADMIT_READS:
+                    return PendingRead(source, start, stop, cache_mb=self.chunk_cache_mb)
+                self._grow(state, crop_index, source, start, stop)
+                if state.box is None:
+                    return PendingRead(source, start, stop, cache_mb=self.chunk_cache_mb)
+            cache = region_cache(self.crop_cache_mb)
+            region = cache.get(source, state.box, cache_mb=self.chunk_cache_mb)
+            return RegionRead(region, state.box[0], start, stop, shape)
+
+    def _grow(self, state: _RegionState, crop_index: int, source: ArraySource,
+              start: Sequence[int], stop: Sequence[int]) -> None:  # fmt: skip
+        """Hold the crop's annotated region widened on every side by half the widest request
+        so far: every later request of that size centred in the crop then fits."""
+        crop, level = self.crops[crop_index], source.level
+        low = (np.asarray(crop.low) - level.translation) / level.scale  # voxels of this level
+        high = (np.asarray(crop.high) - level.translation) / level.scale
+        state.half = tuple(max(h, (b - a + 1) // 2 + 1)
+                           for h, a, b in zip(state.half, start, stop, strict=True))  # fmt: skip
+        if state.box is not None:
+            region_cache(self.crop_cache_mb).drop(source, state.box)
+        first = [max(0, int(np.floor(a)) - h) for a, h in zip(low, state.half, strict=True)]
+        last = [min(n, int(np.ceil(b)) + 1 + h)
+                for b, h, n in zip(high, state.half, level.shape, strict=True)]  # fmt: skip
+        size = math.prod(max(0, b - a) for a, b in zip(first, last, strict=True))
+        itemsize = open_array(source, cache_mb=self.chunk_cache_mb).dtype.numpy_dtype.itemsize
+        if size * itemsize > REGION_MAX_SHARE * self.crop_cache_mb * 2**20:
+            state.box, state.too_big = None, True
+            return
+        state.box = ((first[0], first[1], first[2]), (last[0], last[1], last[2]))
 
     def _input(self, values: np.ndarray, dtype: np.dtype) -> torch.Tensor:
         """Raw values to the model's input: the config's transform, else scaled to [0, 1]."""
@@ -272,6 +341,15 @@ class _Job:
     raw: PendingRead
     label_reads: list[tuple[list[int], Plan, list[PendingRead]]]
     seed: int
+
+
+def _holds(box: Box, start: Sequence[int], stop: Sequence[int], shape: Sequence[int]) -> bool:
+    """Whether the region `box` holds every voxel of [start, stop) that lies in the array."""
+    for a, b, n, first, last in zip(start, stop, shape, *box, strict=True):
+        lo, hi = max(a, 0), min(b, n)
+        if hi > lo and (lo < first or hi > last):
+            return False
+    return True
 
 
 def _plan(grid: Grid, centre: np.ndarray, matrix: np.ndarray, source: ArraySource, *,

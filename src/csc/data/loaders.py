@@ -161,8 +161,8 @@ def build_datasets(
         )
     if config.weighted_sampler:
         train = fill_foreground(train)
-    common = {"chunk_cache_mb": config.chunk_cache_mb, "target_transform":
-              config.target_value_transforms}  # fmt: skip
+    common = {"chunk_cache_mb": config.chunk_cache_mb, "crop_cache_mb": config.crop_cache_mb,
+              "target_transform": config.target_value_transforms}  # fmt: skip
     train_set = TrainPatches(
         train, spec,
         num_samples=config.iterations_per_epoch * config.batch_size,

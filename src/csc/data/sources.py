@@ -11,6 +11,7 @@ its voxel 0, so voxel ``i`` covers ``translation + (i - 1/2) * scale`` to ``... 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -270,4 +271,77 @@ class PendingRead:
                     _read_error(f"{self.url} (voxels {self.box[0]} to {self.box[1]})", error)
                 ) from None
             self.future = None
+        return self.out
+
+
+# --- Crop regions held decoded in memory ---------------------------------------------------
+
+Box = tuple[tuple[int, int, int], tuple[int, int, int]]  # voxel (start, stop), (z, y, x)
+
+
+class RegionCache:
+    """Regions of arrays held decoded in this process as numpy, the least recently used
+    dropped first, `limit_bytes` in all. A cached tensorstore read costs about 150 µs here
+    against a few µs for a numpy slice, and a crop's region is read over and over."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.entries: collections.OrderedDict[tuple[str, Box], np.ndarray] = (
+            collections.OrderedDict()
+        )
+        self.num_bytes = 0
+
+    def get(self, source: ArraySource, box: Box, *, cache_mb: int) -> np.ndarray:
+        """The region `box` of `source` (inside the array), read once and then kept."""
+        key = (source.url, box)
+        array = self.entries.get(key)
+        if array is not None:
+            self.entries.move_to_end(key)
+            return array
+        array = PendingRead(source, box[0], box[1], cache_mb=cache_mb).result()
+        array.flags.writeable = False  # shared by every sample that reads it
+        self.entries[key] = array
+        self.num_bytes += array.nbytes
+        while self.num_bytes > self.limit_bytes and len(self.entries) > 1:
+            _, dropped = self.entries.popitem(last=False)
+            self.num_bytes -= dropped.nbytes
+        return array
+
+    def drop(self, source: ArraySource, box: Box) -> None:
+        dropped = self.entries.pop((source.url, box), None)
+        if dropped is not None:
+            self.num_bytes -= dropped.nbytes
+
+
+_REGIONS: dict[int, RegionCache] = {}  # per process id: a worker starts with its own
+
+
+def region_cache(limit_mb: int) -> RegionCache:
+    """This process's `RegionCache` (the largest limit asked for wins)."""
+    cache = _REGIONS.get(os.getpid())
+    if cache is None:
+        cache = _REGIONS[os.getpid()] = RegionCache(limit_mb * 2**20)
+    cache.limit_bytes = max(cache.limit_bytes, limit_mb * 2**20)
+    return cache
+
+
+class RegionRead:
+    """A box served from a region held in memory; `result()` as `PendingRead`'s: zero outside
+    the array."""
+
+    def __init__(self, region: np.ndarray, origin: Sequence[int], start: Sequence[int],
+                 stop: Sequence[int], shape: Sequence[int]) -> None:  # fmt: skip
+        self.dtype = region.dtype
+        lo = [max(a, 0) for a in start]
+        hi = [min(b, n) for b, n in zip(stop, shape, strict=True)]
+        inner = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin, strict=True))
+        if lo == list(start) and hi == list(stop):
+            self.out = region[inner]  # a view: the usual case
+            return
+        self.out = np.zeros([b - a for a, b in zip(start, stop, strict=True)], dtype=self.dtype)
+        if all(b > a for a, b in zip(lo, hi, strict=True)):
+            target = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start, strict=True))
+            self.out[target] = region[inner]
+
+    def result(self) -> np.ndarray:
         return self.out
