@@ -22,6 +22,7 @@ from csc.datasplit import (
     DatasplitRow,
     SplitOptions,
     make_datasplit,
+    select_crops,
     write_datasplit,
 )
 from csc.evaluate import (
@@ -32,7 +33,6 @@ from csc.evaluate import (
     evaluate,
     format_table,
     nearest_indices,
-    select_crops,
     write_json,
 )
 from csc.metrics import COUNT_NAMES, batch_counts

@@ -476,8 +476,8 @@ def counts(**options: Any) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")  # fmt: skip
 def evaluate(**options: Any) -> None:
     """Score predictions against ground-truth crops: IoU, Dice, ..., Hausdorff95 (nm)."""
-    from csc.datasplit import read_datasplit
-    from csc.evaluate import check_json_path, format_table, select_crops, write_json
+    from csc.datasplit import read_datasplit, select_crops
+    from csc.evaluate import check_json_path, format_table, write_json
     from csc.evaluate import evaluate as run
 
     json_path = options["json_path"]

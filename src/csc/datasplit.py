@@ -639,3 +639,25 @@ def count_nonzero(array_url: str, *, endpoint_url: str | None = None) -> int:
     array = open_zarr(array_url, endpoint_url=endpoint_url)
     step = array.chunks[0]
     return sum(int(np.count_nonzero(array[z : z + step])) for z in range(0, array.shape[0], step))
+
+
+def crop_matches(dataset: str, crop: str, patterns: Sequence[str]) -> bool:
+    """Whether a crop matches a glob of `patterns`: its name, or dataset/crop for a pattern
+    with '/'."""
+    return any(fnmatch.fnmatchcase(f"{dataset}/{crop}" if "/" in p else crop, p) for p in patterns)
+
+
+def select_crops(rows: Sequence[DatasplitRow], patterns: Sequence[str]) -> list[DatasplitRow]:
+    """The rows whose crop (or dataset/crop, for a pattern with '/') matches a glob of
+    `patterns`; every row when there are none."""
+    if not patterns:
+        return list(rows)
+
+    unmatched = [p for p in patterns if not any(crop_matches(r.dataset, r.crop, [p]) for r in rows)]
+    if unmatched:
+        names = ", ".join(f"{row.dataset}/{row.crop}" for row in rows[:20])
+        raise ValueError(
+            f"--crops {','.join(unmatched)} matches no crop of the datasplit; give crop names or "
+            f"dataset/crop, globs allowed. Its crops: {names or 'none'}"
+        )
+    return [row for row in rows if crop_matches(row.dataset, row.crop, patterns)]

@@ -11,7 +11,6 @@ rules are in docs/evaluation.md.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import json
 import math
 import os
@@ -75,26 +74,6 @@ class EvaluationReport:
 
 
 # --- Choosing crops and classes ------------------------------------------------------------
-
-
-def select_crops(rows: Sequence[DatasplitRow], patterns: Sequence[str]) -> list[DatasplitRow]:
-    """The rows whose crop (or dataset/crop, for a pattern with '/') matches a glob of
-    `patterns`; every row when there are none."""
-    if not patterns:
-        return list(rows)
-
-    def matches(row: DatasplitRow, pattern: str) -> bool:
-        name = f"{row.dataset}/{row.crop}" if "/" in pattern else row.crop
-        return fnmatch.fnmatchcase(name, pattern)
-
-    unmatched = [p for p in patterns if not any(matches(row, p) for row in rows)]
-    if unmatched:
-        names = ", ".join(f"{row.dataset}/{row.crop}" for row in rows[:20])
-        raise ValueError(
-            f"--crops {','.join(unmatched)} matches no crop of the datasplit; give crop names or "
-            f"dataset/crop, globs allowed. Its crops: {names or 'none'}"
-        )
-    return [row for row in rows if any(matches(row, p) for p in patterns)]
 
 
 def _crop_dir(root: str, row: DatasplitRow) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fnmatch
 import itertools
 import math
 import os
@@ -30,7 +29,7 @@ from csc.checkpoints import load_for_resume
 from csc.config import TrainConfig
 from csc.data import Crop, MetadataReader, PatchDataset, PatchSpec, load_crops
 from csc.data.geometry import Grid
-from csc.datasplit import DatasplitRow, read_datasplit
+from csc.datasplit import DatasplitRow, read_datasplit, select_crops
 from csc.models.loading import load_weights, strip_wrapper_prefixes
 from csc.storage import is_s3, make_compressor, multiscales_attrs
 from csc.train import AUTOCAST_DTYPES, channels_last_format, choose_device, make_model
@@ -199,16 +198,7 @@ def select_rows(rows: Sequence[DatasplitRow], patterns: Sequence[str], *, all_cr
         if not chosen:
             raise ValueError(f"{source} has no validation crops; name crops with --crops or --all")
         return chosen
-    chosen = [row for row in rows if any(_matches(row, p) for p in patterns)]
-    if not chosen:
-        names = ", ".join(f"{row.dataset}/{row.crop}" for row in rows)
-        raise ValueError(f"no crop in {source} matches {', '.join(patterns)}; it has {names}")
-    return chosen
-
-
-def _matches(row: DatasplitRow, pattern: str) -> bool:
-    name = f"{row.dataset}/{row.crop}" if "/" in pattern else row.crop
-    return fnmatch.fnmatchcase(name, pattern)
+    return select_crops(rows, patterns)
 
 
 def box_region(config: TrainConfig, dataset: str, bbox: Sequence[float]) -> Region:

@@ -9,7 +9,6 @@ shape (any numeric or bool dtype; bool is stored as uint8).
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from csc.config import TrainConfig
+from csc.datasplit import crop_matches
 from csc.predict import blocks, staged_group
 from csc.storage import make_compressor
 
@@ -86,10 +86,7 @@ def process(config: TrainConfig, *, source: str | os.PathLike[str] | None = None
 def _wanted(crop: PredictedCrop, patterns: tuple[str, ...]) -> bool:
     if not patterns:
         return True
-    return any(
-        fnmatch.fnmatchcase(f"{crop.dataset}/{crop.crop}" if "/" in p else crop.crop, p)
-        for p in patterns
-    )
+    return crop_matches(crop.dataset, crop.crop, patterns)
 
 
 def process_array(source: Path, group: Any, name: str, function: Callable[..., Any], *,
