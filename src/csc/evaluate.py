@@ -25,7 +25,14 @@ from scipy.ndimage import distance_transform_edt
 
 from csc.data.sources import ArraySource, Level, MetadataReader
 from csc.datasplit import DatasplitRow, open_zarr
-from csc.metrics import COUNT_NAMES, METRIC_NAMES, batch_counts, boundary, scores_from_counts
+from csc.metrics import (
+    COUNT_NAMES,
+    METRIC_NAMES,
+    batch_counts,
+    boundary,
+    check_scoring,
+    scores_from_counts,
+)
 from csc.storage import filesystem_for, is_s3
 
 METRICS = (*METRIC_NAMES, "hausdorff95_nm")
@@ -114,15 +121,6 @@ def _nothing_found(fs: Any, root: str, rows: Sequence[DatasplitRow]) -> str:
     )
 
 
-def _check_options(threshold: float, boundary_tolerance: int) -> None:
-    if not 0 < threshold < 1:
-        raise ValueError(f"threshold is a probability in (0, 1), got {threshold}")
-    if isinstance(boundary_tolerance, bool) or not isinstance(boundary_tolerance, int):
-        raise ValueError(f"boundary tolerance must be an integer, got {boundary_tolerance!r}")
-    if boundary_tolerance < 0:
-        raise ValueError(f"boundary tolerance must be >= 0 voxels, got {boundary_tolerance}")
-
-
 def _wanted_classes(
     classes: Sequence[str] | None, predicted: dict[tuple[str, str], set[str]], root: str
 ) -> list[str]:
@@ -158,7 +156,7 @@ def evaluate(
     `classes` defaults to every class predicted for some crop. Each (crop, class) pair gives a
     `ClassResult` or a `Skipped` entry.
     """
-    _check_options(threshold, boundary_tolerance)
+    check_scoring(threshold, boundary_tolerance)
     fs, root = _prediction_root(predictions)
     predicted = {(row.dataset, row.crop): _predicted_classes(fs, root, row) for row in rows}
     if not any(predicted.values()):

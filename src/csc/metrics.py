@@ -59,6 +59,17 @@ def boundary(mask: Tensor) -> Tensor:
     return mask & (_max_pool(background, 3) > 0)  # a set voxel next to an unset one
 
 
+def check_scoring(threshold: float, boundary_tolerance: int) -> None:
+    """`ValueError` unless threshold is a probability in (0, 1) and the boundary tolerance a
+    whole number of voxels >= 0."""
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold is a probability in (0, 1), got {threshold}")
+    if isinstance(boundary_tolerance, bool) or not isinstance(boundary_tolerance, int):
+        raise ValueError(f"boundary_tolerance must be an integer, got {boundary_tolerance!r}")
+    if boundary_tolerance < 0:
+        raise ValueError(f"boundary_tolerance must be >= 0 voxels, got {boundary_tolerance}")
+
+
 def batch_counts(pred: Tensor, truth: Tensor, annotated: Tensor, *, tolerance: int) -> Tensor:
     """The int64 counts ``(len(COUNT_NAMES), C)`` of bool masks ``(B, C, *spatial)``.
 
@@ -93,12 +104,7 @@ class SegmentationMetrics:
     ) -> None:
         if isinstance(classes, str) or not classes:
             raise ValueError(f"classes must be a non-empty list of names, got {classes!r}")
-        if not 0 < threshold < 1:
-            raise ValueError(f"threshold is a probability in (0, 1), got {threshold}")
-        if isinstance(boundary_tolerance, bool) or not isinstance(boundary_tolerance, int):
-            raise ValueError(f"boundary_tolerance must be an integer, got {boundary_tolerance!r}")
-        if boundary_tolerance < 0:
-            raise ValueError(f"boundary_tolerance must be >= 0 voxels, got {boundary_tolerance}")
+        check_scoring(threshold, boundary_tolerance)
         self.classes = list(classes)
         self.threshold = threshold
         self.boundary_tolerance = boundary_tolerance
