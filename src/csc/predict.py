@@ -344,7 +344,7 @@ def _forward(predictor: Predictor, grid: OutputGrid, reader: PatchDataset,
     identity = np.eye(3)
     requests = [(0, translation + (np.asarray(c) + (window - 1) / 2) * scale, identity, 0)
                 for c in corners]  # fmt: skip
-    inputs = torch.stack(reader.read_inputs(requests)).to(predictor.device, non_blocking=True)
+    inputs = reader.read_inputs(requests).to(predictor.device, non_blocking=True)
     if predictor.memory_format is not None:
         inputs = inputs.contiguous(memory_format=predictor.memory_format)
     dtype = AUTOCAST_DTYPES[predictor.precision]

@@ -152,35 +152,48 @@ class PatchDataset(torch.utils.data.Dataset):
         matrix = np.eye(3) if matrix is None else matrix
         return self.read([(crop, np.asarray(centre, dtype=float), matrix, seed)])[0]
 
-    def read(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, int]]) -> list[dict]:
-        """Samples for (crop, centre, matrix, seed) requests. Big patches are split over a
-        thread per core: their numpy and torch work releases the GIL (3D 64^3 patches: about
-        1.5x on 2 cores); small ones stay in one thread, where Python overhead dominates."""
-        workers = min(len(requests), os.cpu_count() or 1)
+    def read(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, int]]) -> Batch:
+        """The batch of samples for (crop, centre, matrix, seed) requests, written in place.
+        Big patches are split over a thread per core: their numpy work releases the GIL
+        (3D 64^3 patches: about 1.5x on 2 cores); small ones stay in one thread, where Python
+        overhead dominates."""
+        num = len(requests)
+        inputs = np.empty((num, 1, *self.spec.input.shape), dtype=np.float32)
+        targets = np.empty((num, self.num_classes, *self.spec.target.shape), dtype=np.float32)
+        workers = min(num, os.cpu_count() or 1)
         if torch.utils.data.get_worker_info() is not None:
             workers = 1  # a DataLoader worker: the workers already share the cores
         if workers < 2 or math.prod(self.spec.target.shape) < BIG_PATCH_VOXELS:
-            return self._read(requests)
-        parts = [requests[i::workers] for i in range(workers)]
-        done = list(_thread_pool(workers).map(self._read, parts))
-        return [done[i % workers][i // workers] for i in range(len(requests))]
+            self._read(requests, inputs, targets)
+        else:  # thread i fills rows i, i + workers, ... (strided views of the batch)
+            parts = [(requests[i::workers], inputs[i::workers], targets[i::workers])
+                     for i in range(workers)]  # fmt: skip
+            list(_thread_pool(workers).map(lambda part: self._read(*part), parts))
+        return Batch({"input": self._squeeze(torch.from_numpy(inputs)),
+                      "output": self._squeeze(torch.from_numpy(targets))})  # fmt: skip
 
-    def _read(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, int]]) -> list[dict]:
-        """Samples for requests, in one thread. Every read is issued first, so tensorstore
-        fetches and decodes them concurrently; rotated patches are then resampled together."""
+    def _squeeze(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, C, Z, Y, X) -> (N, C, H, W) for a 2D patch (its singleton axis dropped)."""
+        return batch if self.spec.plane_axis is None else batch.squeeze(2 + self.spec.plane_axis)
+
+    def _read(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, int]],
+              inputs: np.ndarray, targets: np.ndarray) -> None:  # fmt: skip
+        """Fill batch rows for requests, in one thread. Every read is issued first, so
+        tensorstore fetches and decodes them concurrently."""
         # One torch thread: for patches this size, waking torch's thread pool costs more than
         # it saves, and tensorstore decodes on the other cores meanwhile. (The setting is per
         # thread; it is put back for the training code that runs in this thread.)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return self._assemble(requests)
+            self._assemble(requests, inputs, targets)
         finally:
             torch.set_num_threads(threads)
 
     def read_inputs(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, int]]
-                    ) -> list[torch.Tensor]:  # fmt: skip
-        """Only the model inputs ``[1, *shape]`` of requests (prediction: no labels read)."""
+                    ) -> torch.Tensor:  # fmt: skip
+        """Only the model inputs ``[N, 1, *shape]`` of requests (prediction: no labels read)."""
+        inputs = np.empty((len(requests), 1, *self.spec.input.shape), dtype=np.float32)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as in `_read`
         try:
@@ -189,37 +202,27 @@ class PatchDataset(torch.utils.data.Dataset):
                 raw = self.crops[crop_index].raw
                 plan = _plan(self.spec.input, centre, matrix, raw, linear=True)
                 reads.append((plan, self._box(crop_index, raw, plan.start, plan.stop)))
-            raws = resample([(plan, read.result()[None]) for plan, read in reads])
-            images = []
-            for (values, _), (_, read), request in zip(raws, reads, requests, strict=True):
+            raws = resample([(plan, [read.data()]) for plan, read in reads])
+            for n, ((values, _), (_, read), request) in enumerate(zip(raws, reads, requests,
+                                                                      strict=True)):  # fmt: skip
                 with sample_generator(request[3]):
-                    image = self._input(values, read.dtype)
-                if self.spec.plane_axis is not None:  # 2D: (1, 1, H, W) -> (1, H, W)
-                    image = image.squeeze(self.spec.plane_axis + 1)
-                images.append(image)
-            return images
+                    self._input(values, read.dtype, out=inputs[n])
         finally:
             torch.set_num_threads(threads)
+        return self._squeeze(torch.from_numpy(inputs))
 
-    def _assemble(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, int]]) -> list[dict]:
+    def _assemble(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, int]],
+                  inputs: np.ndarray, targets: np.ndarray) -> None:  # fmt: skip
         jobs = [self._start(*request) for request in requests]
-        raws = resample([(job.raw_plan, job.raw.result()[None]) for job in jobs])
-        label_items = []
-        for job in jobs:
-            for _, plan, reads in job.label_reads:
-                boxes = np.stack([r.result() for r in reads])  # (K, Z, Y, X) stored values
-                label_items.append((plan, boxes))
-        labels = iter(resample(label_items))
-        samples = []
-        for job, (values, _) in zip(jobs, raws, strict=True):
+        raws = resample([(job.raw_plan, [job.raw.data()]) for job in jobs])
+        labels = iter(resample([
+            (plan, [read.data() for read in reads])
+            for job in jobs for _, plan, reads in job.label_reads
+        ]))  # fmt: skip
+        for n, (job, (values, _)) in enumerate(zip(jobs, raws, strict=True)):
             with sample_generator(job.seed):
-                image = self._input(values, job.raw.dtype)
-            target = self._targets(job, labels)
-            if self.spec.plane_axis is not None:  # 2D: (C, 1, H, W) -> (C, H, W)
-                image = image.squeeze(self.spec.plane_axis + 1)
-                target = target.squeeze(self.spec.plane_axis + 1)
-            samples.append({"input": image, "output": torch.from_numpy(target)})
-        return samples
+                self._input(values, job.raw.dtype, out=inputs[n])
+            self._targets(job, labels, out=targets[n])
 
     def _start(self, crop_index: int, centre: np.ndarray, matrix: np.ndarray, seed: int) -> _Job:
         crop = self.crops[crop_index]
@@ -283,53 +286,47 @@ class PatchDataset(torch.utils.data.Dataset):
             return
         state.box = ((first[0], first[1], first[2]), (last[0], last[1], last[2]))
 
-    def _input(self, values: np.ndarray, dtype: np.dtype) -> torch.Tensor:
-        """Raw values to the model's input: the config's transform, else scaled to [0, 1]."""
+    def _input(self, values: np.ndarray, dtype: np.dtype, *, out: np.ndarray) -> None:
+        """Raw values (1, Z, Y, X) to the model's input in `out`: the config's transform, else
+        scaled to [0, 1]."""
         if self.raw_transform is None and np.issubdtype(dtype, np.integer):
-            maximum = np.float32(np.iinfo(dtype).max)  # the default, Normalize, done in numpy
-            return torch.from_numpy(values.astype(np.float32) / maximum)
+            np.divide(values, np.float32(np.iinfo(dtype).max), out=out, dtype=np.float32)
+            return  # the default, Normalize, done in numpy
         if values.dtype != dtype and np.issubdtype(dtype, np.integer):
             info = np.iinfo(dtype)  # interpolated: back to the stored type the transform expects
             values = np.clip(np.rint(values), info.min, info.max).astype(dtype)
         tensor = torch.from_numpy(np.ascontiguousarray(values))
         transform = self.raw_transform or Normalize()
-        return transform(tensor).to(torch.float32)
+        out[...] = transform(tensor).to(torch.float32).numpy()
 
-    def _targets(self, job: _Job, labels: Iterator[tuple[np.ndarray, Any]]) -> np.ndarray:
-        """(C, Z, Y, X) float32 targets of one sample: NaN for classes it does not annotate."""
-        groups = []
+    def _targets(self, job: _Job, labels: Iterator[tuple[np.ndarray, Any]], *,
+                 out: np.ndarray) -> None:  # fmt: skip
+        """(C, Z, Y, X) float32 targets of one sample in `out`: NaN for classes it does not
+        annotate."""
+        missing = set(range(self.num_classes))
         for classes, _, _ in job.label_reads:
             stored, valid = next(labels)
-            sources = [job.crop.labels[k] for k in classes]
-            groups.append((classes, self._target(stored, sources, valid)))
-        if len(groups) == 1 and groups[0][0] == list(range(self.num_classes)):
-            return groups[0][1]  # every class on one grid: no extra copy
-        target = np.full((self.num_classes, *self.spec.target.shape), np.nan, dtype=np.float32)
-        for classes, values in groups:
-            target[classes] = values
-        return target
+            outside = None if valid is None else ~valid  # once for the classes of a grid
+            for k, values in zip(classes, stored, strict=True):
+                self._target(values, job.crop.labels[k], outside, out=out[k])
+            missing -= set(classes)
+        for k in missing:
+            out[k] = np.nan
 
-    def _target(self, values: np.ndarray, sources: Sequence[ArraySource | None],
-                valid: np.ndarray | None) -> np.ndarray:  # fmt: skip
-        """Stored label values (K, Z, Y, X) of K classes to 1/0 (or the config's transform),
-        NaN where not annotated ("unknown" values, outside the array)."""
-        view = (-1, 1, 1, 1)
-        known = [s for s in sources if s is not None]
+    def _target(self, values: np.ndarray, source: ArraySource | None,
+                outside: np.ndarray | None, *, out: np.ndarray) -> None:  # fmt: skip
+        """Stored label values (Z, Y, X) of one class to 1/0 (or the config's transform) in
+        `out`, NaN where not annotated ("unknown" values, outside the array)."""
+        assert source is not None
         if self.target_transform is not None:
-            out = np.stack([
-                self.target_transform(torch.from_numpy(v.astype(np.float32))).numpy()
-                for v in values
-            ]).astype(np.float32, copy=False)  # fmt: skip
+            tensor = torch.from_numpy(values.astype(np.float32))
+            out[...] = self.target_transform(tensor).numpy()
         else:
-            absent = np.array([s.absent for s in known], dtype=values.dtype).reshape(view)
-            out = (values != absent).astype(np.float32)
-        unknown = [s.unknown for s in known]
-        if any(u is not None for u in unknown):
-            marker = np.array([np.nan if u is None else u for u in unknown]).reshape(view)
-            out[values == marker] = np.nan
-        if valid is not None:
-            np.copyto(out, np.float32(np.nan), where=~valid[None])
-        return out
+            np.not_equal(values, values.dtype.type(source.absent), out=out, casting="unsafe")
+        if source.unknown is not None:
+            out[values == source.unknown] = np.nan
+        if outside is not None:
+            np.copyto(out, np.float32(np.nan), where=outside)
 
 
 @dataclasses.dataclass
@@ -439,7 +436,7 @@ class TrainPatches(PatchDataset):
             draws.append((crop_index, centre, matrix, int(row[4] * 2**62)))
         return draws
 
-    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> Batch:
         return self.read(self.draw_many(keys))
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -476,7 +473,7 @@ class ValidationTiles(PatchDataset):
     def __len__(self) -> int:
         return len(self.crop_index)
 
-    def __getitems__(self, keys: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+    def __getitems__(self, keys: Sequence[int]) -> Batch:
         identity = np.eye(3)
         return self.read([
             (int(self.crop_index[k]), self.centres[k], identity, int(self.keys[k])) for k in keys
@@ -510,10 +507,23 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.num_samples
 
 
+class Batch(list):
+    """Samples (dicts of tensors) that are the rows of one batch, `tensors`: datasets write a
+    batch in place, so `collate` hands it on without a copy (torch's default_collate, given
+    a Batch, still sees a list of samples)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        num = len(next(iter(tensors.values())))
+        super().__init__({key: value[n] for key, value in tensors.items()} for n in range(num))
+        self.tensors = tensors
+
+
 def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack samples into a batch with numpy in the main process: torch.stack runs on the
-    intra-op thread pool, which costs far more than the copy itself for batches this small.
-    In a worker (one torch thread), torch's collate puts the batch in shared memory."""
+    """A batch from samples: a `Batch` as it is; else stacked with numpy in the main process
+    (torch.stack runs on the intra-op thread pool, which costs far more than the copy for
+    batches this small) or by torch's collate in a worker (into shared memory)."""
+    if isinstance(samples, Batch):
+        return dict(samples.tensors)
     if torch.utils.data.get_worker_info() is not None:
         return torch.utils.data.default_collate(samples)
     return {

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -232,13 +233,15 @@ def _aligned_axis(
 def _positions(maps: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Positions (N, k, voxels) of N affine maps (N, k, k + 1) over an output grid of `shape`
     (k axes): row p is maps[:, p, :k] @ i + maps[:, p, k] at every output index i, row-major.
-    float32: the positions are box-relative (hundreds of voxels), and numpy's batched matmul
-    is over ten times faster in float32 than in float64."""
+    Summed as broadcast ramps, one per axis (a (2, 3) @ (3, voxels) matmul is far slower);
+    float32: the positions are box-relative (hundreds of voxels)."""
     maps = maps.astype(np.float32)
-    ramps = np.indices(shape, dtype=np.float32).reshape(len(shape), -1)
-    positions = maps[:, :, :-1] @ ramps
-    positions += maps[:, :, -1:]
-    return positions
+    num, rows, k = len(maps), maps.shape[1], len(shape)
+    positions = maps[:, :, k].reshape(num, rows, *[1] * k)
+    for axis, n in enumerate(shape):
+        ramp = np.arange(n, dtype=np.float32).reshape([n if a == axis else 1 for a in range(k)])
+        positions = positions + maps[:, :, axis].reshape(num, rows, *[1] * k) * ramp
+    return np.broadcast_to(positions, (num, rows, *shape)).reshape(num, rows, -1)
 
 
 def _grid_points(maps: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -250,26 +253,58 @@ def _grid_points(maps: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return points.reshape(len(maps), *shape, len(shape))
 
 
-def resample(
-    items: Sequence[tuple[Plan, np.ndarray]],
-) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """Sample each (plan, boxes (C, Z, Y, X)) pair: (C, *out_shape) values and the mask of
-    output voxels inside the array (None: all are). Nearest (labels) and exact values keep the
-    boxes' dtype, bit for bit; interpolated ones are float32. Rotated linear items with the same
-    box and grid shapes are sampled together, in one grid_sample call."""
-    results: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(items)
+Data = tuple[np.ndarray, Sequence[int]]  # an array holding a plan's box, and the level voxel
+# index of its first voxel (z, y, x): a crop region held in memory, or the box itself
+
+
+def resample(items: Sequence[tuple[Plan, Sequence[Data]]]) -> list[tuple[np.ndarray, Any]]:
+    """Sample each (plan, K arrays) item: (K, *out_shape) values and the mask of output voxels
+    inside the array (None: all are). Nearest (labels) and exact values keep the arrays' dtype,
+    bit for bit; interpolated ones are float32. Every array must hold the plan's box (zeros
+    where it leaves the level). Values may be views into the arrays: copy before writing."""
+    results: list[tuple[np.ndarray, Any] | None] = [None] * len(items)
     batches: dict[tuple, list[int]] = {}
-    for i, (plan, boxes) in enumerate(items):
+    for i, (plan, arrays) in enumerate(items):
         if plan.grid is None:
-            results[i] = _apply_axes(plan, boxes)
-        else:
-            key = (boxes.shape, plan.grid_shape, plan.grid_axes, plan.aligned, plan.linear)
+            results[i] = _apply_axes(plan, _boxes(plan, arrays))
+        else:  # rotated: items sharing box and grid shapes are planned (and sampled) together
+            size = tuple(b - a for a, b in zip(plan.start, plan.stop, strict=True))
+            key = (size, len(arrays), plan.grid_shape, plan.aligned, plan.linear)
             batches.setdefault(key, []).append(i)
     for key, members in batches.items():
-        sample = _sample_linear if key[-1] else _sample_nearest
-        for i, result in zip(members, sample([items[i] for i in members]), strict=True):
+        if key[3] is not None and not key[-1]:  # nearest slices: straight out of the arrays
+            done = _sample_nearest_slices([items[i] for i in members])
+        else:  # out of the boxes: grid_sample (linear), or a 3D grid of nearest positions
+            sample = _sample_linear if key[-1] else _sample_nearest
+            done = sample([(items[i][0], _boxes(*items[i])) for i in members])
+        for i, result in zip(members, done, strict=True):
             results[i] = result
     return results  # type: ignore[return-value]
+
+
+def _box(plan: Plan, data: Data) -> np.ndarray:
+    """The plan's box [start, stop) out of an array: a view when the array holds it, else a
+    copy with zeros where the array does not reach (outside the level)."""
+    array, origin = data
+    first = [a - o for a, o in zip(plan.start, origin, strict=True)]  # in the array's voxels
+    last = [b - o for b, o in zip(plan.stop, origin, strict=True)]
+    inner = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(first, last, array.shape,
+                                                                  strict=True))  # fmt: skip
+    if all(a >= 0 and b <= n for a, b, n in zip(first, last, array.shape, strict=True)):
+        return array[inner]
+    box = np.zeros([b - a for a, b in zip(first, last, strict=True)], dtype=array.dtype)
+    if all(s.stop > s.start for s in inner):
+        box[tuple(slice(s.start - a, s.stop - a) for s, a in zip(inner, first, strict=True))] = (
+            array[inner]
+        )
+    return box
+
+
+def _boxes(plan: Plan, arrays: Sequence[Data]) -> np.ndarray:
+    """(K, Z, Y, X): the plan's box of each array."""
+    if len(arrays) == 1:
+        return _box(plan, arrays[0])[None]
+    return np.stack([_box(plan, data) for data in arrays])
 
 
 def _apply_axes(plan: Plan, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -319,73 +354,151 @@ def _indices(index: np.ndarray | slice) -> np.ndarray:
     return index
 
 
-def _sample_nearest(
-    items: Sequence[tuple[Plan, np.ndarray]],
+def _sample_nearest_slices(
+    items: Sequence[tuple[Plan, Sequence[Data]]],
 ) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """Rotated plans sharing box and grid shapes, sampled nearest (ties round up) by indexing
-    the boxes: stored values, no float round trip, so label values and codes stay as they are.
-    Positions are computed for all items at once, in the box's own voxels."""
-    first, boxes = items[0]
-    box_shape, k = boxes.shape[1:], len(first.grid_axes)
+    """Nearest plans with an aligned axis p (`_aligned_axis`) sharing box and grid shapes:
+    each output is a stack of slices along source axis p, all read at the same 2D positions
+    through one flat index. Positions are computed for all items at once; values come
+    straight out of the arrays (a crop region in memory needs no box copy) when p is z."""
+    first = items[0][0]
     positions = _positions(np.stack([plan.grid for plan, _ in items]), first.grid_shape)
-    # Nearest, ties up: floor(x + 0.5), as truncation of values clipped to >= 0 (the box holds
-    # every position, so clipping only catches rounding at its edges).
-    positions += np.float32(0.5)
-    np.maximum(positions, 0, out=positions)
-    index = positions.astype(np.int32)
-    sizes = [box_shape[p] for p in first.grid_axes]  # box extent along each grid axis
-    for r, size in enumerate(sizes):
-        np.minimum(index[:, r], size - 1, out=index[:, r])
-    flat = index[:, 0]
-    for r in range(1, k):  # row-major position in the box's grid axes
-        flat = flat * sizes[r] + index[:, r]
-    return [
-        _take(plan, boxes, flat[n], _inside(plan, index[n]))
-        for n, (plan, boxes) in enumerate(items)
-    ]
+    # Nearest, ties up: floor(x + 0.5) as truncation, exact for x > -0.5; the box holds every
+    # position with at least half a voxel to spare, so no index leaves it.
+    index = (positions + np.float32(0.5)).astype(np.int32)  # (N, 2, count) box voxels
+    return [_slices(plan, arrays, index[n]) for n, (plan, arrays) in enumerate(items)]
 
 
-def _inside(plan: Plan, index: np.ndarray) -> np.ndarray | None:
+def _slices(plan: Plan, arrays: Sequence[Data],
+            index: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+    """One item of `_sample_nearest_slices`: (K, *out_shape) values and the inside mask."""
+    p = plan.aligned[0]  # type: ignore[index]
+    num_slices, count = plan.stop[p] - plan.start[p], index.shape[1]
+    reach = _index_reach(plan)
+    values = None
+    flats: dict[tuple, np.ndarray] = {}
+    for k, data in enumerate(arrays):
+        slab, shift = _slab(plan, data)  # (S, R, C) array; box voxel i is its voxel i + shift
+        if values is None:
+            values = np.empty((len(arrays), num_slices, count), dtype=slab.dtype)
+        key = (shift, slab.shape)
+        if key not in flats:
+            flats[key] = _flat_index(index, shift[1:], slab.shape[2])
+        low, high = max(0, -shift[0]), min(num_slices, slab.shape[0] - shift[0])
+        values[k, :low], values[k, high:] = 0, 0  # slices beyond the array: outside the level
+        if high > low:
+            plane = slab[low + shift[0] : high + shift[0]].reshape(high - low, -1)
+            # Clip mode: no index error for masked positions, and `out` written unbuffered.
+            np.take(plane, flats[key], axis=1, out=values[k, low:high], mode="clip")
+    assert values is not None
+    return _slices_to_output(plan, values), _slices_mask(plan, index, reach)
+
+
+def _index_reach(plan: Plan) -> list[tuple[int, int]]:
+    """Per plane axis, the lowest and highest nearest box voxel the plan's positions round to
+    (from the grid's corners, widened by a rounding margin): cheap bounds that spare the
+    mask when the positions stay inside the array."""
+    bounds = []
+    for row in plan.grid.tolist():  # type: ignore[union-attr]
+        steps, offset = row[:-1], row[-1]
+        low = offset + sum(min(0.0, a * (n - 1)) for a, n in zip(steps, plan.grid_shape,
+                                                                   strict=True))  # fmt: skip
+        high = offset + sum(max(0.0, a * (n - 1)) for a, n in zip(steps, plan.grid_shape,
+                                                                    strict=True))  # fmt: skip
+        bounds.append((math.floor(low + 0.5 - 1e-3), math.floor(high + 0.5 + 1e-3)))
+    return bounds
+
+
+def _slab(plan: Plan, data: Data) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The array with axis p first, and the shift from box voxels to its voxels along
+    (p, *grid axes): the array itself when p is z, else the box moved (a copy)."""
+    p = plan.aligned[0]  # type: ignore[index]
+    array, origin = data
+    if p == 0:  # (Z, Y, X) regions are C-ordered: a z range is one contiguous block
+        shift = (plan.start[0] - origin[0], plan.start[1] - origin[1], plan.start[2] - origin[2])
+        return array, shift
+    return np.ascontiguousarray(np.moveaxis(_box(plan, data), p, 0)), (0, 0, 0)
+
+
+def _flat_index(index: np.ndarray, shift: Sequence[int], width: int) -> np.ndarray:
+    """Row-major plane index of box voxels `index` (2, count) in an array plane `width`
+    voxels wide, box voxel i being array voxel i + shift. Positions outside the level (and so
+    perhaps outside the array) get some index or other: they are masked, and `take` clips."""
+    flat = index[0] * width
+    flat += index[1]
+    flat += shift[0] * width + shift[1]
+    return flat
+
+
+def _slices_mask(plan: Plan, index: np.ndarray,
+                 reach: Sequence[tuple[int, int]]) -> np.ndarray | None:  # fmt: skip
+    """(*out_shape) mask of output voxels inside the array, None when all are (the usual
+    case): slices along p beyond it, and plane positions outside it."""
+    p = plan.aligned[0]  # type: ignore[index]
+    along = np.arange(plan.start[p], plan.stop[p])
+    inside = _inside(plan, index, reach)
+    if inside is None and along[0] >= 0 and along[-1] < plan.src_shape[p]:
+        return None
+    mask = ((along >= 0) & (along < plan.src_shape[p]))[:, None]  # (slices, count)
+    if inside is not None:
+        mask = mask & inside
+    mask = np.broadcast_to(mask, (len(along), index.shape[1]))
+    return _slices_to_output(plan, mask[None])[0]
+
+
+def _slices_to_output(plan: Plan, values: np.ndarray) -> np.ndarray:
+    """(K, slices, count) in the order of the source axis p to (K, *out_shape): a view."""
+    _, j, sign = plan.aligned  # type: ignore[misc]
+    values = values.reshape(len(values), values.shape[1], *plan.grid_shape)[:, ::sign]
+    return np.moveaxis(values, 1, 1 + j)  # the slices are output axis j: (K, Z, Y, X)
+
+
+def _nearest_index(positions: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
+    """Nearest voxel (ties up) of box positions (..., k, count) float32, clipped to the box:
+    the box holds every position, so clipping only catches rounding at its edges."""
+    index = positions + np.float32(0.5)
+    np.maximum(index, 0, out=index)
+    index = index.astype(np.intp)  # truncation of values >= 0: floor
+    np.minimum(index, np.asarray(sizes)[:, None] - 1, out=index)
+    return index
+
+
+def _inside(plan: Plan, index: np.ndarray,
+            reach: Sequence[tuple[int, int]] | None = None) -> np.ndarray | None:  # fmt: skip
     """Mask (voxels,) of box positions `index` (k, voxels) along the plan's grid axes that lie
-    inside the array; None when the whole box does along them (the usual case)."""
+    inside the array; None when they all do (by the box, or by `reach`: `_index_reach`)."""
     mask = None
     for r, p in enumerate(plan.grid_axes):
-        if plan.start[p] < 0 or plan.stop[p] > plan.src_shape[p]:
-            low, high = -plan.start[p], plan.src_shape[p] - plan.start[p]  # in box voxels
+        low, high = -plan.start[p], plan.src_shape[p] - plan.start[p]  # in box voxels
+        first, last = reach[r] if reach is not None else (0, plan.stop[p] - plan.start[p] - 1)
+        if first < low or last >= high:
             axis = (index[r] >= low) & (index[r] < high)
             mask = axis if mask is None else mask & axis
     return mask
 
 
-def _take(plan: Plan, boxes: np.ndarray, flat: np.ndarray,
-          inside: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
-    """One item of `_sample_nearest`: the boxes (C, Z, Y, X) at flat grid positions."""
-    num = len(boxes)
-    if plan.aligned is None:  # a 3D grid over the whole box
-        values = np.take(boxes.reshape(num, -1), flat, axis=1).reshape(num, *plan.out_shape)
-        return values, None if inside is None else inside.reshape(plan.out_shape)
-    p, j, sign = plan.aligned
-    # Slices along p (read whole), each indexed by the same 2D positions: (C, P, *grid_shape).
-    stack = np.moveaxis(boxes, 1 + p, 1)
-    stack = stack.reshape(num, stack.shape[1], -1)
-    values = np.take(stack, flat, axis=2).reshape(num, stack.shape[1], *plan.grid_shape)
-    values = np.ascontiguousarray(np.moveaxis(values[:, ::sign], 1, 1 + j))  # (C, Z, Y, X)
-    if inside is None and plan.start[p] >= 0 and plan.stop[p] <= plan.src_shape[p]:
-        return values, None
-    along = np.arange(plan.start[p], plan.stop[p])
-    mask = ((along >= 0) & (along < plan.src_shape[p]))[:, None]  # (P, voxels)
-    if inside is not None:
-        mask = mask & inside[None, :]
-    mask = np.broadcast_to(mask, (len(along), inside.size if inside is not None else flat.size))
-    mask = mask[::sign].reshape(-1, *plan.grid_shape)
-    return values, np.ascontiguousarray(np.moveaxis(mask, 0, j))
+def _sample_nearest(items: Sequence[tuple[Plan, np.ndarray]]) -> list[tuple[np.ndarray, Any]]:
+    """Plans on a 3D grid sharing box and grid shapes, sampled nearest (ties up) by indexing
+    the boxes (K, Z, Y, X): stored values, no float round trip, so label values stay as they
+    are. Positions are computed for all items at once."""
+    first, boxes = items[0]
+    sizes = boxes.shape[1:]
+    positions = _positions(np.stack([plan.grid for plan, _ in items]), first.grid_shape)
+    results = []
+    for (plan, boxes), points in zip(items, positions, strict=True):
+        index = _nearest_index(points, sizes)
+        flat = (index[0] * sizes[1] + index[1]) * sizes[2] + index[2]
+        values = np.take(boxes.reshape(len(boxes), -1), flat, axis=1)
+        inside = _inside(plan, index)
+        results.append((values.reshape(len(boxes), *plan.out_shape),
+                        None if inside is None else inside.reshape(plan.out_shape)))  # fmt: skip
+    return results
 
 
-def _sample_linear(
-    items: Sequence[tuple[Plan, np.ndarray]],
-) -> list[tuple[np.ndarray, np.ndarray | None]]:
+def _sample_linear(items: Sequence[tuple[Plan, np.ndarray]]) -> list[tuple[np.ndarray, None]]:
     """Rotated plans sharing box and grid shapes, sampled (bi/tri)linearly in one grid_sample
-    call; float32, zero outside the array."""
+    call; float32, zero outside the array. Slices along an aligned axis are the channels of
+    a 2D grid (4 taps, not 8)."""
     import torch
     import torch.nn.functional as F  # noqa: N812
 
@@ -413,8 +526,5 @@ def _sample_linear(
     if first.aligned is not None:
         _, j, sign = first.aligned
         out = out.reshape(num, channels, num_slices, *first.grid_shape)  # (N, C, P, h, w)
-        if sign < 0:
-            out = out[:, :, ::-1]
-        out = np.moveaxis(out, 2, 2 + j)  # the slices are output axis j: (N, C, Z, Y, X)
-    out = np.ascontiguousarray(out).reshape(num, -1, *first.out_shape)
-    return [(values, None) for values in out]
+        out = np.moveaxis(out[:, :, ::sign], 2, 2 + j)  # the slices are output axis j
+    return [(values.reshape(channels, *first.out_shape), None) for values in out]

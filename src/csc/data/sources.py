@@ -273,6 +273,10 @@ class PendingRead:
             self.future = None
         return self.out
 
+    def data(self) -> tuple[np.ndarray, tuple[int, ...]]:
+        """`result()` and the voxel index of its first voxel (the box's start)."""
+        return self.result(), self.box[0]
+
 
 # --- Crop regions held decoded in memory ---------------------------------------------------
 
@@ -332,16 +336,29 @@ class RegionRead:
     def __init__(self, region: np.ndarray, origin: Sequence[int], start: Sequence[int],
                  stop: Sequence[int], shape: Sequence[int]) -> None:  # fmt: skip
         self.dtype = region.dtype
-        lo = [max(a, 0) for a in start]
-        hi = [min(b, n) for b, n in zip(stop, shape, strict=True)]
-        inner = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin, strict=True))
-        if lo == list(start) and hi == list(stop):
-            self.out = region[inner]  # a view: the usual case
-            return
-        self.out = np.zeros([b - a for a, b in zip(start, stop, strict=True)], dtype=self.dtype)
-        if all(b > a for a, b in zip(lo, hi, strict=True)):
-            target = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start, strict=True))
-            self.out[target] = region[inner]
+        self.region, self.origin = region, tuple(origin)
+        self.start, self.stop, self.shape = tuple(start), tuple(stop), tuple(shape)
+        self.out: np.ndarray | None = None
+
+    def data(self) -> tuple[np.ndarray, tuple[int, ...]]:
+        """The region and the voxel index of its first voxel: it holds every voxel of the box
+        that lies inside the array (no copy)."""
+        return self.region, self.origin
 
     def result(self) -> np.ndarray:
+        if self.out is None:
+            self.out = self._box()
         return self.out
+
+    def _box(self) -> np.ndarray:
+        start, stop, origin = self.start, self.stop, self.origin
+        lo = [max(a, 0) for a in start]
+        hi = [min(b, n) for b, n in zip(stop, self.shape, strict=True)]
+        inner = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin, strict=True))
+        if lo == list(start) and hi == list(stop):
+            return self.region[inner]  # a view: the usual case
+        out = np.zeros([b - a for a, b in zip(start, stop, strict=True)], dtype=self.dtype)
+        if all(b > a for a, b in zip(lo, hi, strict=True)):
+            target = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start, strict=True))
+            out[target] = self.region[inner]
+        return out
