@@ -15,6 +15,7 @@ workers repeat each other. `EpochSampler` hands out those keys in order.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import threading
@@ -220,8 +221,11 @@ class PatchDataset(torch.utils.data.Dataset):
             for job in jobs for _, plan, reads in job.label_reads
         ]))  # fmt: skip
         for n, (job, (values, _)) in enumerate(zip(jobs, raws, strict=True)):
-            with sample_generator(job.seed):
+            if self.raw_transform is None:  # nothing random to seed
                 self._input(values, job.raw.dtype, out=inputs[n])
+            else:
+                with sample_generator(job.seed):
+                    self._input(values, job.raw.dtype, out=inputs[n])
             self._targets(job, labels, out=targets[n])
 
     def _start(self, crop_index: int, centre: np.ndarray, matrix: np.ndarray, seed: int) -> _Job:
@@ -353,10 +357,17 @@ def _plan(grid: Grid, centre: np.ndarray, matrix: np.ndarray, source: ArraySourc
           linear: bool) -> Any:  # fmt: skip
     level = source.level
     a, b = source_map(grid, centre, matrix, level.scale, level.translation)
-    # Half the patch diagonal in source voxels: a bound on a rotated patch's reach.
-    half = (np.asarray(grid.shape) - 1) / 2 * np.asarray(grid.scale)
-    radius = float(np.linalg.norm(half)) / np.asarray(level.scale)
+    radius = _reach(grid, level.scale)
     return plan_read(a, b, grid.shape, level.shape, linear=linear, radius=radius)
+
+
+@functools.lru_cache(maxsize=64)
+def _reach(grid: Grid, scale: tuple[float, float, float]) -> np.ndarray:
+    """Half the patch diagonal in a level's voxels: a bound on a rotated patch's reach."""
+    half = (np.asarray(grid.shape) - 1) / 2 * np.asarray(grid.scale)
+    reach = float(np.linalg.norm(half)) / np.asarray(scale)
+    reach.flags.writeable = False  # shared by every call
+    return reach
 
 
 def shifted_plan(raw_plan: Plan, raw: ArraySource, label: ArraySource | None,
@@ -369,12 +380,12 @@ def shifted_plan(raw_plan: Plan, raw: ArraySource, label: ArraySource | None,
         return None
     if raw_plan.upper is not None:  # raw interpolated between voxels: labels need their own
         return None
-    shift = (np.asarray(raw.level.translation) - np.asarray(label.level.translation)) / np.asarray(
-        label.level.scale
-    )  # label voxel index = raw voxel index + shift
-    if np.any(np.abs(shift - np.rint(shift)) > 1e-6):
+    # Label voxel index = raw voxel index + shift (plain floats: this runs for every sample).
+    shift = [(a - b) / n for a, b, n in zip(raw.level.translation, label.level.translation,
+                                            label.level.scale, strict=True)]  # fmt: skip
+    if any(abs(d - round(d)) > 1e-6 for d in shift):
         return None
-    return shift_plan(raw_plan, [int(v) for v in np.rint(shift)], label.level.shape)
+    return shift_plan(raw_plan, [round(d) for d in shift], label.level.shape)
 
 
 def snap(centre: np.ndarray, grid: Grid, source: ArraySource) -> np.ndarray:

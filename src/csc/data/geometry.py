@@ -230,27 +230,26 @@ def _aligned_axis(
     return None
 
 
-def _positions(maps: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+def _positions(maps: np.ndarray, shape: Sequence[int], *, points: bool = False) -> np.ndarray:
     """Positions (N, k, voxels) of N affine maps (N, k, k + 1) over an output grid of `shape`
     (k axes): row p is maps[:, p, :k] @ i + maps[:, p, k] at every output index i, row-major.
+    With `points`, laid out point by point instead, (N, *shape, k): grid_sample's grid.
     Summed as broadcast ramps, one per axis (a (2, 3) @ (3, voxels) matmul is far slower);
     float32: the positions are box-relative (hundreds of voxels)."""
     maps = maps.astype(np.float32)
     num, rows, k = len(maps), maps.shape[1], len(shape)
-    positions = maps[:, :, k].reshape(num, rows, *[1] * k)
-    for axis, n in enumerate(shape):
-        ramp = np.arange(n, dtype=np.float32).reshape([n if a == axis else 1 for a in range(k)])
-        positions = positions + maps[:, :, axis].reshape(num, rows, *[1] * k) * ramp
-    return np.broadcast_to(positions, (num, rows, *shape)).reshape(num, rows, -1)
-
-
-def _grid_points(maps: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """`_positions` laid out point by point, (N, *shape, k) float32: grid_sample's grid."""
-    positions = _positions(maps, shape)  # (N, k, voxels)
-    points = np.empty((len(maps), positions.shape[2], len(shape)), dtype=np.float32)
-    for r in range(len(shape)):  # strided writes: far cheaper than (N, voxels, k) arithmetic
-        points[:, :, r] = positions[:, r]
-    return points.reshape(len(maps), *shape, len(shape))
+    ones = [1] * k
+    out = np.empty((num, *shape, rows) if points else (num, rows, *shape), dtype=np.float32)
+    for r in range(rows):
+        partial = maps[:, r, k].reshape(num, *ones)  # (N, 1, ..., 1), summed up to (N, *shape)
+        for axis, n in enumerate(shape):
+            ramp = np.arange(n, dtype=np.float32).reshape([n if a == axis else 1 for a in range(k)])
+            term = maps[:, r, axis].reshape(num, *ones) * ramp
+            if axis < k - 1:
+                partial = partial + term
+            else:  # the last, full-size sum goes straight into place
+                np.add(partial, term, out=out[..., r] if points else out[:, r])
+    return out if points else out.reshape(num, rows, -1)
 
 
 Data = tuple[np.ndarray, Sequence[int]]  # an array holding a plan's box, and the level voxel
@@ -450,7 +449,7 @@ def _slices_to_output(plan: Plan, values: np.ndarray) -> np.ndarray:
     """(K, slices, count) in the order of the source axis p to (K, *out_shape): a view."""
     _, j, sign = plan.aligned  # type: ignore[misc]
     values = values.reshape(len(values), values.shape[1], *plan.grid_shape)[:, ::sign]
-    return np.moveaxis(values, 1, 1 + j)  # the slices are output axis j: (K, Z, Y, X)
+    return values if j == 0 else np.moveaxis(values, 1, 1 + j)  # slices: output axis j
 
 
 def _nearest_index(positions: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
@@ -518,7 +517,7 @@ def _sample_linear(items: Sequence[tuple[Plan, np.ndarray]]) -> list[tuple[np.nd
     norm = np.array([2 / (n - 1) if n > 1 else 0.0 for n in sizes])[:, None]
     maps = np.stack([plan.grid[::-1] * norm[::-1] for plan, _ in items])  # rows x first
     maps[:, :, -1] -= np.array([1.0 if n > 1 else 0.0 for n in sizes[::-1]])
-    grid = _grid_points(maps, first.grid_shape)
+    grid = _positions(maps, first.grid_shape, points=True)
     out = F.grid_sample(
         torch.from_numpy(source), torch.from_numpy(grid), mode="bilinear", padding_mode="zeros",
         align_corners=True,
