@@ -306,31 +306,41 @@ class PatchDataset(torch.utils.data.Dataset):
     def _targets(self, job: _Job, labels: Iterator[tuple[np.ndarray, Any]], *,
                  out: np.ndarray) -> None:  # fmt: skip
         """(C, Z, Y, X) float32 targets of one sample in `out`: NaN for classes it does not
-        annotate."""
+        annotate. The classes of one voxel grid are converted together."""
         missing = set(range(self.num_classes))
         for classes, _, _ in job.label_reads:
             stored, valid = next(labels)
-            outside = None if valid is None else ~valid  # once for the classes of a grid
-            for k, values in zip(classes, stored, strict=True):
-                self._target(values, job.crop.labels[k], outside, out=out[k])
+            sources = [job.crop.labels[k] for k in classes]
+            outside = None if valid is None else ~valid  # (Z, Y, X), for every class
+            if classes == list(range(classes[0], classes[-1] + 1)):  # a view: written in place
+                self._target(stored, sources, outside, out=out[classes[0] : classes[-1] + 1])
+            else:
+                out[classes] = self._target(stored, sources, outside)
             missing -= set(classes)
         for k in missing:
             out[k] = np.nan
 
-    def _target(self, values: np.ndarray, source: ArraySource | None,
-                outside: np.ndarray | None, *, out: np.ndarray) -> None:  # fmt: skip
-        """Stored label values (Z, Y, X) of one class to 1/0 (or the config's transform) in
-        `out`, NaN where not annotated ("unknown" values, outside the array)."""
-        assert source is not None
+    def _target(
+        self, values: np.ndarray, sources: Sequence[ArraySource | None],
+        outside: np.ndarray | None, *, out: np.ndarray | None = None,
+    ) -> np.ndarray:  # fmt: skip
+        """Stored label values (K, Z, Y, X) of K classes to 1/0 (or the config's transform)
+        in `out`, NaN where not annotated ("unknown" values, outside the array)."""
+        known = [source for source in sources if source is not None]
+        if out is None:
+            out = np.empty(values.shape, dtype=np.float32)
         if self.target_transform is not None:
-            tensor = torch.from_numpy(values.astype(np.float32))
-            out[...] = self.target_transform(tensor).numpy()
+            for k, v in enumerate(values):
+                out[k] = self.target_transform(torch.from_numpy(v.astype(np.float32))).numpy()
         else:
-            np.not_equal(values, values.dtype.type(source.absent), out=out, casting="unsafe")
-        if source.unknown is not None:
-            out[values == source.unknown] = np.nan
+            absent = np.array([s.absent for s in known], dtype=values.dtype)
+            np.not_equal(values, absent.reshape(-1, 1, 1, 1), out=out, casting="unsafe")
+        for k, source in enumerate(known):
+            if source.unknown is not None:
+                out[k][values[k] == source.unknown] = np.nan
         if outside is not None:
             np.copyto(out, np.float32(np.nan), where=outside)
+        return out
 
 
 @dataclasses.dataclass
