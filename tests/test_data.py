@@ -808,23 +808,32 @@ def test_noisy_training_samples_are_reproducible_by_key(aligned: Path) -> None:
     assert 0.5 < float((first[0]["input"] - clean[0]["input"]).std()) < 2.5
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2], ids=["about z", "about y", "about x"])
+@pytest.mark.parametrize("where", ["middle", "corner"])
 def test_rotated_3d_patch_as_2d_slices_equals_the_3d_resampling(
-    aligned: Path, monkeypatch: pytest.MonkeyPatch
+    aligned: Path, monkeypatch: pytest.MonkeyPatch, axis: int, where: str
 ) -> None:
-    """Rotations about z (and z flips) resample slice by slice; a full 3D grid agrees. Raw on
-    its voxel centres in z; labels 1 nm off them (nearest-voxel ties round differently)."""
+    """Rotations about one axis (and flips of it) resample slice by slice (labels straight out
+    of the crop regions held in memory, also where the patch leaves the labels: NaN there); a
+    full 3D grid over padded boxes agrees. Raw on its voxel centres along the axis; labels
+    1 nm off them (nearest-voxel ties round differently)."""
     from csc.data import geometry
 
     spec = patch_spec((4, 6, 5), (8, 8, 8))
     dataset = stored(aligned, spec)
     crop = dataset.crops[0]
-    centre = raw_centre((np.asarray(crop.low) + np.asarray(crop.high)) / 2 // 8)
+    low, high = np.asarray(crop.low), np.asarray(crop.high)
+    centre = raw_centre(((low + high) / 2 if where == "middle" else low) // 8)
+    nudge, flip = np.zeros(3), np.ones(3)
+    nudge[axis] = 1.0
     requests = [
-        (0, centre + shift + 8 * k, rotation(0, 25 + 40 * k) @ np.diag([(-1) ** k, 1, 1]), k)
+        (0, centre + shift + 8 * k, rotation(axis, 25 + 40 * k) @ np.diag(flip * [1, -1][k % 2]), k)
         for k in range(3)
-        for shift in (np.zeros(3), np.array([1.0, 0, 0]))
-    ]
-    sliced = dataset.read(requests)
+        for shift in (np.zeros(3), nudge)
+    ]  # fmt: skip
+    for _ in range(3):  # from the second read on, crop regions are held in memory
+        sliced = dataset.read(requests)
+    assert any(state.box is not None for state in dataset._regions.values())
     monkeypatch.setattr(geometry, "_aligned_axis", lambda *args, **kwargs: None)
     full = dataset.read(requests)
     assert sliced[0]["input"].shape == (1, 4, 6, 5)
@@ -832,3 +841,24 @@ def test_rotated_3d_patch_as_2d_slices_equals_the_3d_resampling(
         assert torch.allclose(one["input"], other["input"], rtol=1e-6)
     for one, other in zip(sliced[1::2], full[1::2], strict=True):
         assert_same(one["output"], other["output"])
+    if where == "corner":  # the patch leaves the labels: NaN there, numbers elsewhere
+        outputs = torch.stack([sample["output"] for sample in sliced])
+        assert outputs.isnan().any() and not outputs.isnan().all()
+
+
+def test_a_batch_is_written_once_and_handed_on_as_it_is(aligned: Path, tmp_path: Path) -> None:
+    """Datasets fill a batch in place: csc's collate passes it on without a copy, and torch's
+    default_collate, given the same batch, sees its samples."""
+    from csc.data.datasets import Batch, collate
+
+    loaders = build_loaders(loader_config(aligned, tmp_path / "split.csv"))
+    train = loaders.train.dataset
+    batch = train.__getitems__([(1, i) for i in range(4)])
+    assert isinstance(batch, Batch) and len(batch) == 4
+    tensors = collate(batch)
+    assert tensors["input"] is batch.tensors["input"]
+    assert tensors["input"].shape == (4, 1, 8, 8) and tensors["output"].shape == (4, 2, 8, 8)
+    stacked = torch.utils.data.default_collate(batch)
+    for key in ("input", "output"):
+        assert_same(stacked[key], tensors[key])
+        assert_same(batch[2][key], tensors[key][2])
