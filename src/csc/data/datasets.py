@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from csc.config import ArrayInfo
-from csc.data.geometry import Grid, Plan, plan_read, resample, shift_plan, source_map
+from csc.data.geometry import Grid, Inside, Plan, plan_read, resample, shift_plan, source_map
 from csc.data.sources import (
     DEFAULT_CHUNK_CACHE_MB,
     ArraySource,
@@ -303,26 +303,25 @@ class PatchDataset(torch.utils.data.Dataset):
         transform = self.raw_transform or Normalize()
         out[...] = transform(tensor).to(torch.float32).numpy()
 
-    def _targets(self, job: _Job, labels: Iterator[tuple[np.ndarray, Any]], *,
+    def _targets(self, job: _Job, labels: Iterator[tuple[np.ndarray, Inside | None]], *,
                  out: np.ndarray) -> None:  # fmt: skip
         """(C, Z, Y, X) float32 targets of one sample in `out`: NaN for classes it does not
         annotate. The classes of one voxel grid are converted together."""
         missing = set(range(self.num_classes))
         for classes, _, _ in job.label_reads:
-            stored, valid = next(labels)
+            stored, inside = next(labels)
             sources = [job.crop.labels[k] for k in classes]
-            outside = None if valid is None else ~valid  # (Z, Y, X), for every class
             if classes == list(range(classes[0], classes[-1] + 1)):  # a view: written in place
-                self._target(stored, sources, outside, out=out[classes[0] : classes[-1] + 1])
+                self._target(stored, sources, inside, out=out[classes[0] : classes[-1] + 1])
             else:
-                out[classes] = self._target(stored, sources, outside)
+                out[classes] = self._target(stored, sources, inside)
             missing -= set(classes)
         for k in missing:
             out[k] = np.nan
 
     def _target(
-        self, values: np.ndarray, sources: Sequence[ArraySource | None],
-        outside: np.ndarray | None, *, out: np.ndarray | None = None,
+        self, values: np.ndarray, sources: Sequence[ArraySource | None], inside: Inside | None,
+        *, out: np.ndarray | None = None,
     ) -> np.ndarray:  # fmt: skip
         """Stored label values (K, Z, Y, X) of K classes to 1/0 (or the config's transform)
         in `out`, NaN where not annotated ("unknown" values, outside the array)."""
@@ -338,8 +337,8 @@ class PatchDataset(torch.utils.data.Dataset):
         for k, source in enumerate(known):
             if source.unknown is not None:
                 out[k][values[k] == source.unknown] = np.nan
-        if outside is not None:
-            np.copyto(out, np.float32(np.nan), where=outside)
+        if inside is not None:
+            inside.fill_outside(out, np.nan)
         return out
 
 

@@ -37,6 +37,36 @@ class Grid:
         return np.asarray(self.shape) * np.asarray(self.scale)
 
 
+@dataclasses.dataclass(frozen=True)
+class Inside:
+    """Which output voxels lie inside the array: those within `box` (per output axis (z, y,
+    x), a range [low, high) of indices) where `mask` (broadcastable to the output shape) is
+    true. Patches leaving a crop's labels are cut off by whole slabs: filling those is far
+    cheaper than a voxel-by-voxel mask over the whole patch."""
+
+    box: tuple[tuple[int, int], ...]
+    mask: np.ndarray | None = None
+
+    def fill_outside(self, out: np.ndarray, value: float) -> None:
+        """Set the voxels of `out` (..., Z, Y, X) outside the array to `value`."""
+        inner = []
+        for axis, (low, high) in enumerate(self.box):  # axes before this one: cut to the box
+            tail = [slice(None)] * (2 - axis)
+            out[(Ellipsis, *inner, slice(None, low), *tail)] = value
+            out[(Ellipsis, *inner, slice(high, None), *tail)] = value
+            inner.append(slice(low, high))
+        if self.mask is not None:
+            cut = tuple(s if n > 1 else slice(None) for s, n in zip(inner, self.mask.shape,
+                                                                     strict=True))  # fmt: skip
+            np.copyto(out[(Ellipsis, *inner)], value, where=~self.mask[cut])
+
+
+def _run(inside: np.ndarray) -> tuple[int, int]:
+    """[low, high) of the true run in a 1D mask whose true values are contiguous."""
+    where = np.flatnonzero(inside)
+    return (int(where[0]), int(where[-1]) + 1) if len(where) else (0, 0)
+
+
 def source_map(
     grid: Grid, centre: np.ndarray, matrix: np.ndarray, scale: Sequence[float],
     translation: Sequence[float],
@@ -55,7 +85,7 @@ class Plan:
 
     start: tuple[int, int, int]  # box in source voxels, (z, y, x), may exceed the array
     stop: tuple[int, int, int]
-    valid: np.ndarray | None  # bool, output shape: inside the array (None: everywhere)
+    valid: Inside | None  # output voxels inside the array (None: everywhere)
     perm: tuple[int, int, int] | None = None  # exact path: output axis j reads source perm[j]
     index: list[np.ndarray | slice] | None = None  # per output axis, into the permuted box
     upper: list[np.ndarray] | None = None  # linear: second index and weight per output axis
@@ -125,12 +155,12 @@ def _is_int(value: float) -> bool:
 
 
 def _valid(positions: list[np.ndarray], perm: Sequence[int], start: Sequence[int],
-           stop: Sequence[int], src_shape: Sequence[int]) -> np.ndarray | None:  # fmt: skip
-    """Output mask of positions inside the array; None (cheaply) when the box is inside."""
+           stop: Sequence[int], src_shape: Sequence[int]) -> Inside | None:  # fmt: skip
+    """Output voxels at positions inside the array; None (cheaply) when the box is inside.
+    Positions run monotonically along each axis, so each axis's inside part is one run."""
     if all(start[p] >= 0 and stop[p] <= src_shape[p] for p in range(3)):
         return None
-    axes = [(x >= 0) & (x < src_shape[perm[j]]) for j, x in enumerate(positions)]
-    return axes[0][:, None, None] & axes[1][None, :, None] & axes[2]
+    return Inside(tuple(_run((x >= 0) & (x < src_shape[perm[j]])) for j, x in enumerate(positions)))
 
 
 def _plan_rounded(perm: tuple[int, int, int], steps: list[float], firsts: list[float],
@@ -257,10 +287,11 @@ Data = tuple[np.ndarray, Sequence[int]]  # an array holding a plan's box, and th
 
 
 def resample(items: Sequence[tuple[Plan, Sequence[Data]]]) -> list[tuple[np.ndarray, Any]]:
-    """Sample each (plan, K arrays) item: (K, *out_shape) values and the mask of output voxels
-    inside the array (None: all are). Nearest (labels) and exact values keep the arrays' dtype,
-    bit for bit; interpolated ones are float32. Every array must hold the plan's box (zeros
-    where it leaves the level). Values may be views into the arrays: copy before writing."""
+    """Sample each (plan, K arrays) item: (K, *out_shape) values and the `Inside` of output
+    voxels inside the array (None: all are). Nearest (labels) and exact values keep the
+    arrays' dtype, bit for bit; interpolated ones are float32. An array holds every voxel of
+    the plan's box that lies inside the level (a crop region), or the whole box with zeros
+    beyond the level. Values may be views into the arrays: copy before writing."""
     results: list[tuple[np.ndarray, Any] | None] = [None] * len(items)
     batches: dict[tuple, list[int]] = {}
     for i, (plan, arrays) in enumerate(items):
@@ -361,10 +392,10 @@ def _sample_nearest_slices(
     through one flat index. Positions are computed for all items at once; values come
     straight out of the arrays (a crop region in memory needs no box copy) when p is z."""
     first = items[0][0]
-    positions = _positions(np.stack([plan.grid for plan, _ in items]), first.grid_shape)
-    # Nearest, ties up: floor(x + 0.5) as truncation, exact for x > -0.5; the box holds every
-    # position with at least half a voxel to spare, so no index leaves it.
-    index = (positions + np.float32(0.5)).astype(np.int32)  # (N, 2, count) box voxels
+    maps = np.stack([plan.grid for plan, _ in items])
+    maps[:, :, -1] += 0.5  # nearest, ties up: floor(x + 0.5), as truncation (exact for
+    # x > -0.5: the box holds every position with at least half a voxel to spare)
+    index = _positions(maps, first.grid_shape).astype(np.int32)  # (N, 2, count) box voxels
     return [_slices(plan, arrays, index[n]) for n, (plan, arrays) in enumerate(items)]
 
 
@@ -384,7 +415,8 @@ def _slices(plan: Plan, arrays: Sequence[Data],
         if key not in flats:
             flats[key] = _flat_index(index, shift[1:], slab.shape[2])
         low, high = max(0, -shift[0]), min(num_slices, slab.shape[0] - shift[0])
-        values[k, :low], values[k, high:] = 0, 0  # slices beyond the array: outside the level
+        if low > 0 or high < num_slices:  # slices beyond the array: outside the level
+            values[k, :low], values[k, high:] = 0, 0
         if high > low:
             plane = slab[low + shift[0] : high + shift[0]].reshape(high - low, -1)
             # Clip mode: no index error for masked positions, and `out` written unbuffered.
@@ -430,19 +462,21 @@ def _flat_index(index: np.ndarray, shift: Sequence[int], width: int) -> np.ndarr
 
 
 def _slices_mask(plan: Plan, index: np.ndarray,
-                 reach: Sequence[tuple[int, int]]) -> np.ndarray | None:  # fmt: skip
-    """(*out_shape) mask of output voxels inside the array, None when all are (the usual
-    case): slices along p beyond it, and plane positions outside it."""
-    p = plan.aligned[0]  # type: ignore[index]
+                 reach: Sequence[tuple[int, int]]) -> Inside | None:  # fmt: skip
+    """Output voxels inside the array, None when all are (the usual case): a run of slices
+    along p, and the plane positions inside it."""
+    p, j, sign = plan.aligned  # type: ignore[misc]
     along = np.arange(plan.start[p], plan.stop[p])
     inside = _inside(plan, index, reach)
     if inside is None and along[0] >= 0 and along[-1] < plan.src_shape[p]:
         return None
-    mask = ((along >= 0) & (along < plan.src_shape[p]))[:, None]  # (slices, count)
-    if inside is not None:
-        mask = mask & inside
-    mask = np.broadcast_to(mask, (len(along), index.shape[1]))
-    return _slices_to_output(plan, mask[None])[0]
+    low, high = _run((along >= 0) & (along < plan.src_shape[p]))
+    if sign < 0:  # the slices are output axis j, in reverse
+        low, high = len(along) - high, len(along) - low
+    box = [(0, n) for n in plan.out_shape]
+    box[j] = (low, high)
+    mask = None if inside is None else np.expand_dims(inside.reshape(plan.grid_shape), j)
+    return Inside(tuple(box), mask)
 
 
 def _slices_to_output(plan: Plan, values: np.ndarray) -> np.ndarray:
@@ -490,8 +524,13 @@ def _sample_nearest(items: Sequence[tuple[Plan, np.ndarray]]) -> list[tuple[np.n
         values = np.take(boxes.reshape(len(boxes), -1), flat, axis=1)
         inside = _inside(plan, index)
         results.append((values.reshape(len(boxes), *plan.out_shape),
-                        None if inside is None else inside.reshape(plan.out_shape)))  # fmt: skip
+                        None if inside is None else _everywhere(plan, inside)))  # fmt: skip
     return results
+
+
+def _everywhere(plan: Plan, inside: np.ndarray) -> Inside:
+    """`Inside` of a voxel-by-voxel mask over the whole output."""
+    return Inside(tuple((0, n) for n in plan.out_shape), inside.reshape(plan.out_shape))
 
 
 def _sample_linear(items: Sequence[tuple[Plan, np.ndarray]]) -> list[tuple[np.ndarray, None]]:
