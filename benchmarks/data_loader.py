@@ -6,8 +6,9 @@ datasplit (every crop trains but one), then, each in a fresh process:
 
 (a) samples/s of `build_loaders(config).train`, median of whole epochs after a warm-up epoch: 2D
     (1, 128, 128) patches, batch 8, and 3D (64, 64, 64), batch 2, both at 8 nm with mirror,
-    transpose and rotation about z; in one process and with num_workers=2 (persistent, csc's
-    default, and restarted every epoch);
+    transpose and rotation about z, and the same 3D patches with no spatial transforms ("3D
+    plain"); in one process and with num_workers=2 (persistent, csc's default, and restarted
+    every epoch);
     data compressed with zstd and with blosc-lz4;
 (b) next to each one-process run, the read limit: the same (crop, centre) patches read axis
     aligned by plain tensorstore, one batch of reads issued at once, no transforms; and the
@@ -75,6 +76,8 @@ PATCHES = {
         "transpose": {"axes": ["x", "y"]},
         "rotate": {"axes": {"z": [-180, 180]}},
     }},
+    # The issue's 3D case names no transforms: patches read as they lie.
+    "3D plain": {"shape": (64, 64, 64), "batch_size": 2, "spatial_transforms": {}},
 }  # fmt: skip
 WORKERS = {
     "1 process": {},

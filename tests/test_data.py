@@ -862,3 +862,21 @@ def test_a_batch_is_written_once_and_handed_on_as_it_is(aligned: Path, tmp_path:
     for key in ("input", "output"):
         assert_same(stacked[key], tensors[key])
         assert_same(batch[2][key], tensors[key][2])
+
+
+def test_inside_fills_exactly_the_voxels_outside() -> None:
+    """`Inside` (runs per axis and a broadcast mask) marks the same voxels as the whole mask."""
+    from csc.data.geometry import Inside
+
+    rng = np.random.default_rng(3)
+    plane = rng.random((1, 5, 6)) > 0.3  # (1, Y, X): a plane mask shared by every slice
+    inside = Inside(((1, 3), (0, 4), (2, 6)), plane)
+    whole = np.zeros((4, 5, 6), dtype=bool)
+    whole[1:3, 0:4, 2:6] = True
+    whole &= plane
+    out = np.zeros((2, 4, 5, 6), dtype=np.float32)  # two classes
+    inside.fill_outside(out, np.nan)
+    assert np.array_equal(np.isnan(out), np.broadcast_to(~whole, out.shape))
+    runs_only = np.zeros((4, 5, 6), dtype=np.float32)
+    Inside(((0, 4), (5, 5), (0, 6))).fill_outside(runs_only, np.nan)  # an empty run: all out
+    assert np.isnan(runs_only).all()

@@ -158,12 +158,10 @@ class PatchDataset(torch.utils.data.Dataset):
         Big patches are split over a thread per core: their numpy work releases the GIL
         (3D 64^3 patches: about 1.5x on 2 cores); small ones stay in one thread, where Python
         overhead dominates."""
-        num = len(requests)
-        inputs = np.empty((num, 1, *self.spec.input.shape), dtype=np.float32)
-        targets = np.empty((num, self.num_classes, *self.spec.target.shape), dtype=np.float32)
-        workers = min(num, os.cpu_count() or 1)
-        if torch.utils.data.get_worker_info() is not None:
-            workers = 1  # a DataLoader worker: the workers already share the cores
+        num, in_worker = len(requests), torch.utils.data.get_worker_info() is not None
+        inputs = _batch_array((num, 1, *self.spec.input.shape), shared=in_worker)
+        targets = _batch_array((num, self.num_classes, *self.spec.target.shape), shared=in_worker)
+        workers = 1 if in_worker else min(num, os.cpu_count() or 1)  # workers share the cores
         if workers < 2 or math.prod(self.spec.target.shape) < BIG_PATCH_VOXELS:
             self._read(requests, inputs, targets)
         else:  # thread i fills rows i, i + workers, ... (strided views of the batch)
@@ -351,6 +349,16 @@ class _Job:
     raw: PendingRead
     label_reads: list[tuple[list[int], Plan, list[PendingRead]]]
     seed: int
+
+
+def _batch_array(shape: tuple[int, ...], *, shared: bool) -> np.ndarray:
+    """An empty float32 batch array; `shared`: in shared memory, as torch's collate allocates
+    it in a DataLoader worker, so the batch reaches the main process without a copy (moving
+    a 3D batch there afterwards took longer than assembling it)."""
+    if not shared:
+        return np.empty(shape, dtype=np.float32)
+    storage = torch.empty(0)._typed_storage()._new_shared(math.prod(shape))
+    return torch.empty(0).new(storage).view(shape).numpy()
 
 
 def _holds(box: Box, start: Sequence[int], stop: Sequence[int], shape: Sequence[int]) -> bool:
