@@ -296,7 +296,7 @@ def resample(items: Sequence[tuple[Plan, Sequence[Data]]]) -> list[tuple[np.ndar
     batches: dict[tuple, list[int]] = {}
     for i, (plan, arrays) in enumerate(items):
         if plan.grid is None:
-            results[i] = _apply_axes(plan, _boxes(plan, arrays))
+            results[i] = _apply_axes(plan, arrays)
         else:  # rotated: items sharing box and grid shapes are planned (and sampled) together
             size = tuple(b - a for a, b in zip(plan.start, plan.stop, strict=True))
             key = (size, len(arrays), plan.grid_shape, plan.aligned, plan.linear)
@@ -314,7 +314,8 @@ def resample(items: Sequence[tuple[Plan, Sequence[Data]]]) -> list[tuple[np.ndar
 
 def _box(plan: Plan, data: Data) -> np.ndarray:
     """The plan's box [start, stop) out of an array: a view when the array holds it, else a
-    copy with zeros where the array does not reach (outside the level)."""
+    copy with zeros where the array does not reach (outside the level; for nearest plans,
+    whose voxels there are masked, left unset)."""
     array, origin = data
     first = [a - o for a, o in zip(plan.start, origin, strict=True)]  # in the array's voxels
     last = [b - o for b, o in zip(plan.stop, origin, strict=True)]
@@ -322,7 +323,8 @@ def _box(plan: Plan, data: Data) -> np.ndarray:
                                                                   strict=True))  # fmt: skip
     if all(a >= 0 and b <= n for a, b, n in zip(first, last, array.shape, strict=True)):
         return array[inner]
-    box = np.zeros([b - a for a, b in zip(first, last, strict=True)], dtype=array.dtype)
+    make = np.zeros if plan.linear else np.empty
+    box = make([b - a for a, b in zip(first, last, strict=True)], dtype=array.dtype)
     if all(s.stop > s.start for s in inner):
         box[tuple(slice(s.start - a, s.stop - a) for s, a in zip(inner, first, strict=True))] = (
             array[inner]
@@ -337,27 +339,64 @@ def _boxes(plan: Plan, arrays: Sequence[Data]) -> np.ndarray:
     return np.stack([_box(plan, data) for data in arrays])
 
 
-def _apply_axes(plan: Plan, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+def _apply_axes(plan: Plan, arrays: Sequence[Data]) -> tuple[np.ndarray, Inside | None]:
+    """The exact (or axis by axis linear) path: each output axis samples one source axis."""
     assert plan.perm is not None
     assert plan.index is not None
-    # (C, Z, Y, X) source order -> output order: output axis j is source axis perm[j].
-    out = boxes.transpose(0, *(p + 1 for p in plan.perm))
-    if plan.upper is None:
-        for j, index in enumerate(plan.index):
-            if isinstance(index, slice):
-                out = out[(slice(None),) * (j + 1) + (index,)]
-            else:
-                out = np.take(out, index, axis=j + 1)
-        return np.ascontiguousarray(out), plan.valid
-    out = out.astype(np.float32, copy=False)
+    if plan.upper is not None:
+        return _interpolate_axes(plan, _boxes(plan, arrays)), plan.valid
+    values = np.empty((len(arrays), *_axes_shape(plan)), dtype=arrays[0][0].dtype)
+    for k, data in enumerate(arrays):
+        if plan.valid is not None and not plan.linear and not _holds_box(plan, data):
+            # Labels leaving the level: only the voxels inside it, straight from the region
+            # (the others are masked).
+            array, origin = data
+            runs = plan.valid.box
+            index = [
+                _as_slice(_indices(plan.index[j])[low:high] + plan.start[p] - origin[p])
+                for j, (p, (low, high)) in enumerate(zip(plan.perm, runs, strict=True))
+            ]
+            if all(high > low for low, high in runs):
+                inside = tuple(slice(low, high) for low, high in runs)
+                values[k][inside] = _index_axes(array.transpose(plan.perm), index)
+            continue
+        # (Z, Y, X) source order -> output order: output axis j is source axis perm[j].
+        values[k] = _index_axes(_box(plan, data).transpose(plan.perm), plan.index)
+    return values, plan.valid
+
+
+def _index_axes(array: np.ndarray, index: Sequence[np.ndarray | slice]) -> np.ndarray:
+    """`array` indexed axis by axis (slices: views; index arrays: np.take)."""
+    for j, axis_index in enumerate(index):
+        if isinstance(axis_index, slice):
+            array = array[(slice(None),) * j + (axis_index,)]
+        else:
+            array = np.take(array, axis_index, axis=j)
+    return array
+
+
+def _axes_shape(plan: Plan) -> tuple[int, ...]:
+    """The output shape of an exact plan: the length of each axis's index."""
+    return tuple(len(_indices(index)) for index in plan.index)  # type: ignore[union-attr]
+
+
+def _holds_box(plan: Plan, data: Data) -> bool:
+    array, origin = data
+    return all(a >= o and b <= o + n for a, b, o, n in zip(plan.start, plan.stop, origin,
+                                                           array.shape, strict=True))  # fmt: skip
+
+
+def _interpolate_axes(plan: Plan, boxes: np.ndarray) -> np.ndarray:
+    """Linear along each axis, of boxes (K, Z, Y, X): a coarser grid than the level's."""
+    out = boxes.transpose(0, *(p + 1 for p in plan.perm)).astype(np.float32, copy=False)  # type: ignore[union-attr]
     for j in range(3):
-        lower = np.take(out, _indices(plan.index[j]), axis=j + 1)
+        lower = np.take(out, _indices(plan.index[j]), axis=j + 1)  # type: ignore[index]
         upper = np.take(out, plan.upper[j], axis=j + 1)  # type: ignore[index]
         shape = [1, 1, 1, 1]
         shape[j + 1] = -1
         w = plan.weight[j].reshape(shape)  # type: ignore[index]
         out = lower * (1 - w) + upper * w
-    return out, plan.valid
+    return out
 
 
 def shift_plan(plan: Plan, shift: Sequence[int], src_shape: Sequence[int]) -> Plan:
