@@ -342,6 +342,19 @@ def test_a_batch_equals_its_samples_read_one_by_one(tmp_path: Path) -> None:
 # --- 4. NaN semantics -------------------------------------------------------------------------
 
 
+def test_raw_beyond_its_array_is_zero_from_tensorstore_and_from_memory(aligned: Path) -> None:
+    """A patch over the raw's corner: zeros outside the raw, stored values inside; the same
+    once the crop's region is held in memory."""
+    dataset = stored(aligned, patch_spec((4, 6, 6), RAW_SCALE))
+    centre = centre_for((-2, -3, -1), (4, 6, 6))  # voxel 0 of the patch: raw voxel (-2, -3, -1)
+    reads = [dataset.sample(0, centre)["input"][0] for _ in range(3)]
+    assert any(state.box is not None for state in dataset._regions.values())
+    expected = torch.zeros((4, 6, 6))
+    expected[2:, 3:, 1:] = box(RAW, (0, 0, 0), (2, 3, 5))
+    for image in reads:
+        assert_same(image, expected)
+
+
 def test_class_not_annotated_in_the_crop_is_all_nan(aligned: Path) -> None:
     spec = patch_spec((4, 6, 6), RAW_SCALE, (8, 12, 12), (4, 4, 4))
     for classes in (("ids", "mask"), ("mask", "ids")):

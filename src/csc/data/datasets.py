@@ -261,7 +261,9 @@ class PatchDataset(torch.utils.data.Dataset):
                 if state.too_big or state.reads < REGION_ADMIT_READS:
                     return PendingRead(source, start, stop, cache_mb=self.chunk_cache_mb)
                 self._grow(state, crop_index, source, start, stop)
-                if state.box is None:
+                if state.box is None or not _holds(state.box, start, stop, shape):
+                    # Too big to hold, or a patch away from the crop (`sample` and prediction
+                    # place patches anywhere): read as it is.
                     return PendingRead(source, start, stop, cache_mb=self.chunk_cache_mb)
             cache = region_cache(self.crop_cache_mb)
             region = cache.get(source, state.box, cache_mb=self.chunk_cache_mb)
@@ -276,11 +278,13 @@ class PatchDataset(torch.utils.data.Dataset):
         high = (np.asarray(crop.high) - level.translation) / level.scale
         state.half = tuple(max(h, (b - a + 1) // 2 + 1)
                            for h, a, b in zip(state.half, start, stop, strict=True))  # fmt: skip
-        if state.box is not None:
-            region_cache(self.crop_cache_mb).drop(source, state.box)
         first = [max(0, int(np.floor(a)) - h) for a, h in zip(low, state.half, strict=True)]
         last = [min(n, int(np.ceil(b)) + 1 + h)
                 for b, h, n in zip(high, state.half, level.shape, strict=True)]  # fmt: skip
+        if state.box == (tuple(first), tuple(last)):
+            return  # no wider: the request lies away from the crop
+        if state.box is not None:
+            region_cache(self.crop_cache_mb).drop(source, state.box)
         size = math.prod(max(0, b - a) for a, b in zip(first, last, strict=True))
         itemsize = open_array(source, cache_mb=self.chunk_cache_mb).dtype.numpy_dtype.itemsize
         if size * itemsize > REGION_MAX_SHARE * self.crop_cache_mb * 2**20:
@@ -288,9 +292,11 @@ class PatchDataset(torch.utils.data.Dataset):
             return
         state.box = ((first[0], first[1], first[2]), (last[0], last[1], last[2]))
 
-    def _input(self, values: np.ndarray, dtype: np.dtype, *, out: np.ndarray) -> None:
+    def _input(self, values: np.ndarray | list, dtype: np.dtype, *, out: np.ndarray) -> None:
         """Raw values (1, Z, Y, X) to the model's input in `out`: the config's transform, else
         scaled to [0, 1]."""
+        if isinstance(values, list):  # a view into a crop region, read as it lies
+            values = values[0][None]
         if self.raw_transform is None and np.issubdtype(dtype, np.integer):
             np.divide(values, np.float32(np.iinfo(dtype).max), out=out, dtype=np.float32)
             return  # the default, Normalize, done in numpy
@@ -318,26 +324,39 @@ class PatchDataset(torch.utils.data.Dataset):
             out[k] = np.nan
 
     def _target(
-        self, values: np.ndarray, sources: Sequence[ArraySource | None], inside: Inside | None,
-        *, out: np.ndarray | None = None,
+        self, values: np.ndarray | list, sources: Sequence[ArraySource | None],
+        inside: Inside | None, *, out: np.ndarray | None = None,
     ) -> np.ndarray:  # fmt: skip
-        """Stored label values (K, Z, Y, X) of K classes to 1/0 (or the config's transform)
-        in `out`, NaN where not annotated ("unknown" values, outside the array)."""
+        """Stored label values of K classes, (K, Z, Y, X) or a list of K views (each the whole
+        patch, or the part inside the array: `inside.cut`), to 1/0 (or the config's transform)
+        in `out` (K, Z, Y, X), NaN where not annotated ("unknown" values, outside the array)."""
         known = [source for source in sources if source is not None]
         if out is None:
-            out = np.empty(values.shape, dtype=np.float32)
-        if self.target_transform is not None:
-            for k, v in enumerate(values):
-                out[k] = self.target_transform(torch.from_numpy(v.astype(np.float32))).numpy()
-        else:
+            out = np.empty((len(known), *self.spec.target.shape), dtype=np.float32)
+        if isinstance(values, np.ndarray) and self.target_transform is None:
             absent = np.array([s.absent for s in known], dtype=values.dtype)
             np.not_equal(values, absent.reshape(-1, 1, 1, 1), out=out, casting="unsafe")
-        for k, source in enumerate(known):
-            if source.unknown is not None:
-                out[k][values[k] == source.unknown] = np.nan
+            self._unknown(values, known, out)
+        else:  # class by class, each in one pass
+            for k, (v, source) in enumerate(zip(values, known, strict=True)):
+                target = out[k] if v.shape == out.shape[1:] else out[k][inside.cut]  # type: ignore[union-attr]
+                if self.target_transform is not None:
+                    tensor = torch.from_numpy(v.astype(np.float32))
+                    target[...] = self.target_transform(tensor).numpy()
+                else:
+                    np.not_equal(v, v.dtype.type(source.absent), out=target, casting="unsafe")
+                self._unknown([v], [source], target[None])
         if inside is not None:
             inside.fill_outside(out, np.nan)
         return out
+
+    @staticmethod
+    def _unknown(values: Sequence[np.ndarray], sources: Sequence[ArraySource],
+                 out: np.ndarray) -> None:  # fmt: skip
+        """NaN in `out` where a class's label says "unknown"."""
+        for k, source in enumerate(sources):
+            if source.unknown is not None:
+                out[k][values[k] == source.unknown] = np.nan
 
 
 @dataclasses.dataclass

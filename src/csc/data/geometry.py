@@ -47,6 +47,11 @@ class Inside:
     box: tuple[tuple[int, int], ...]
     mask: np.ndarray | None = None
 
+    @property
+    def cut(self) -> tuple[slice, ...]:
+        """The box as slices of the output."""
+        return tuple(slice(low, high) for low, high in self.box)
+
     def fill_outside(self, out: np.ndarray, value: float) -> None:
         """Set the voxels of `out` (..., Z, Y, X) outside the array to `value`."""
         inner = []
@@ -147,7 +152,14 @@ def _plan_axes(
     if any(start[p] < 0 or stop[p] > src_shape[p] for p in range(3)):
         positions = [np.arange(out_shape[j]) * round(steps[j]) + round(firsts[j]) for j in range(3)]
         valid = _valid(positions, perm, start, stop, src_shape)
-    return Plan(tuple(start), tuple(stop), valid, perm=perm, index=index)  # type: ignore[arg-type]
+    return Plan(
+        tuple(start),
+        tuple(stop),
+        valid,
+        perm=perm,
+        index=index,  # type: ignore[arg-type]
+        linear=linear,
+    )  # raw (zeros beyond the level) or labels (masked there)
 
 
 def _is_int(value: float) -> bool:
@@ -287,8 +299,9 @@ Data = tuple[np.ndarray, Sequence[int]]  # an array holding a plan's box, and th
 
 
 def resample(items: Sequence[tuple[Plan, Sequence[Data]]]) -> list[tuple[np.ndarray, Any]]:
-    """Sample each (plan, K arrays) item: (K, *out_shape) values and the `Inside` of output
-    voxels inside the array (None: all are). Nearest (labels) and exact values keep the
+    """Sample each (plan, K arrays) item: (K, *out_shape) values (or a list of K views, when
+    the exact path reads them as they lie) and the `Inside` of output voxels inside the array
+    (None: all are). Nearest (labels) and exact values keep the
     arrays' dtype, bit for bit; interpolated ones are float32. An array holds every voxel of
     the plan's box that lies inside the level (a crop region), or the whole box with zeros
     beyond the level. Values may be views into the arrays: copy before writing."""
@@ -339,30 +352,30 @@ def _boxes(plan: Plan, arrays: Sequence[Data]) -> np.ndarray:
     return np.stack([_box(plan, data) for data in arrays])
 
 
-def _apply_axes(plan: Plan, arrays: Sequence[Data]) -> tuple[np.ndarray, Inside | None]:
-    """The exact (or axis by axis linear) path: each output axis samples one source axis."""
+def _apply_axes(plan: Plan, arrays: Sequence[Data]) -> tuple[Any, Inside | None]:
+    """The exact (or axis by axis linear) path: each output axis samples one source axis.
+    Exact values come as a list of views into the arrays (the consumer's one pass copies
+    them); where a label patch leaves the level, a view of the part inside it (`Inside.box`)."""
     assert plan.perm is not None
     assert plan.index is not None
     if plan.upper is not None:
         return _interpolate_axes(plan, _boxes(plan, arrays)), plan.valid
-    values = np.empty((len(arrays), *_axes_shape(plan)), dtype=arrays[0][0].dtype)
-    for k, data in enumerate(arrays):
-        if plan.valid is not None and not plan.linear and not _holds_box(plan, data):
-            # Labels leaving the level: only the voxels inside it, straight from the region
-            # (the others are masked).
-            array, origin = data
-            runs = plan.valid.box
+    views = []
+    for array, origin in arrays:
+        if plan.valid is not None and not plan.linear and not _holds_box(plan, (array, origin)):
+            runs = plan.valid.box  # the others are masked
+            if any(high <= low for low, high in runs):
+                views.append(np.empty([max(0, high - low) for low, high in runs], array.dtype))
+                continue
             index = [
                 _as_slice(_indices(plan.index[j])[low:high] + plan.start[p] - origin[p])
                 for j, (p, (low, high)) in enumerate(zip(plan.perm, runs, strict=True))
             ]
-            if all(high > low for low, high in runs):
-                inside = tuple(slice(low, high) for low, high in runs)
-                values[k][inside] = _index_axes(array.transpose(plan.perm), index)
-            continue
-        # (Z, Y, X) source order -> output order: output axis j is source axis perm[j].
-        values[k] = _index_axes(_box(plan, data).transpose(plan.perm), plan.index)
-    return values, plan.valid
+            views.append(_index_axes(array.transpose(plan.perm), index))
+        else:  # (Z, Y, X) source order -> output order: output axis j is source axis perm[j]
+            box = _box(plan, (array, origin))  # raw beyond the level: zeros there
+            views.append(_index_axes(box.transpose(plan.perm), plan.index))
+    return views, plan.valid
 
 
 def _index_axes(array: np.ndarray, index: Sequence[np.ndarray | slice]) -> np.ndarray:
