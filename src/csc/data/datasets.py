@@ -142,6 +142,7 @@ class PatchDataset(torch.utils.data.Dataset):
         self.chunk_cache_mb = chunk_cache_mb
         self.crop_cache_mb = crop_cache_mb
         self._regions: dict[tuple[int, str], _RegionState] = {}
+        self._groups: dict[int, list[list[int]]] = {}  # per crop: `_label_groups`
 
     @property
     def num_classes(self) -> int:
@@ -230,13 +231,10 @@ class PatchDataset(torch.utils.data.Dataset):
         crop = self.crops[crop_index]
         raw_plan = _plan(self.spec.input, centre, matrix, crop.raw, linear=True)
         raw = self._box(crop_index, crop.raw, raw_plan.start, raw_plan.stop)
-        groups: dict[tuple, list[int]] = {}  # classes whose label levels share a voxel grid
-        for k, label in enumerate(crop.labels):
-            if label is not None:
-                key = (label.level.scale, label.level.translation, label.level.shape)
-                groups.setdefault(key, []).append(k)
         label_reads = []
-        for classes in groups.values():
+        if crop_index not in self._groups:
+            self._groups[crop_index] = _label_groups(crop)
+        for classes in self._groups[crop_index]:
             plan = shifted_plan(raw_plan, crop.raw, crop.labels[classes[0]], self.spec)
             if plan is None:
                 plan = _plan(
@@ -368,6 +366,16 @@ class _Job:
     raw: PendingRead
     label_reads: list[tuple[list[int], Plan, list[PendingRead]]]
     seed: int
+
+
+def _label_groups(crop: Crop) -> list[list[int]]:
+    """The crop's annotated classes, grouped by label level voxel grid (shared by a group)."""
+    groups: dict[tuple, list[int]] = {}
+    for k, label in enumerate(crop.labels):
+        if label is not None:
+            key = (label.level.scale, label.level.translation, label.level.shape)
+            groups.setdefault(key, []).append(k)
+    return list(groups.values())
 
 
 def _batch_array(shape: tuple[int, ...], *, shared: bool) -> np.ndarray:

@@ -58,8 +58,10 @@ class Inside:
         inner = []
         for axis, (low, high) in enumerate(self.box):  # axes before this one: cut to the box
             tail = [slice(None)] * (2 - axis)
-            out[(Ellipsis, *inner, slice(None, low), *tail)] = value
-            out[(Ellipsis, *inner, slice(high, None), *tail)] = value
+            if low > 0:
+                out[(Ellipsis, *inner, slice(None, low), *tail)] = value
+            if high < out.shape[out.ndim - 3 + axis]:
+                out[(Ellipsis, *inner, slice(high, None), *tail)] = value
             inner.append(slice(low, high))
         if self.mask is not None:
             cut = tuple(s if n > 1 else slice(None) for s, n in zip(inner, self.mask.shape,
@@ -507,7 +509,8 @@ def _flat_index(index: np.ndarray, shift: Sequence[int], width: int) -> np.ndarr
     """Row-major plane index of box voxels `index` (2, count) in an array plane `width`
     voxels wide, box voxel i being array voxel i + shift. Positions outside the level (and so
     perhaps outside the array) get some index or other: they are masked, and `take` clips."""
-    flat = index[0] * width
+    flat = index[0].astype(np.intp)  # take's own index type: converted once, not per class
+    flat *= width
     flat += index[1]
     flat += shift[0] * width + shift[1]
     return flat
