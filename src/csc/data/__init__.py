@@ -1,8 +1,9 @@
 """Patch sampling from local and S3 zarr crops, built on tensorstore (see docs/data.md).
 
 Modules, in the order data flows: `sources` (metadata and tensorstore reads), `geometry`
-(world coordinates to voxels, resampling), `transforms` (augmentations), `datasets` (samples,
-tiles, sampler) and `loaders` (from a config to DataLoaders).
+(world coordinates to voxels: planning reads), `sampling` (carrying the plans out),
+`transforms` (augmentations), `datasets` (samples, tiles, sampler) and `loaders` (from a config
+to DataLoaders).
 """
 
 from csc.data.datasets import (

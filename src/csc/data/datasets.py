@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from csc.config import ArrayInfo
-from csc.data.geometry import Grid, Inside, Plan, plan_read, resample, shift_plan, source_map
+from csc.data.geometry import Grid, Inside, Plan, plan_read, shift_plan, source_map
+from csc.data.sampling import resample
 from csc.data.sources import (
     DEFAULT_CHUNK_CACHE_MB,
     ArraySource,
