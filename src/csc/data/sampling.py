@@ -25,10 +25,10 @@ Data = tuple[np.ndarray, Sequence[int]]  # an array holding a plan's box, and th
 def resample(items: Sequence[tuple[Plan, Sequence[Data]]]) -> list[tuple[np.ndarray, Any]]:
     """Sample each (plan, K arrays) item: (K, *out_shape) values (or a list of K views, when
     the exact path reads them as they lie) and the `Inside` of output voxels inside the array
-    (None: all are). Nearest (labels) and exact values keep the
-    arrays' dtype, bit for bit; interpolated ones are float32. An array holds every voxel of
-    the plan's box that lies inside the level (a crop region), or the whole box with zeros
-    beyond the level. Values may be views into the arrays: copy before writing."""
+    (None: all are). Nearest (labels) and exact values keep the arrays' dtype, bit for bit;
+    interpolated ones are float32. An array holds every voxel of the plan's box that lies
+    inside the level (a crop region), or the whole box with zeros beyond the level. Values
+    may be views into the arrays: copy before writing."""
     results: list[tuple[np.ndarray, Any] | None] = [None] * len(items)
     batches: dict[tuple, list[int]] = {}
     for i, (plan, arrays) in enumerate(items):
@@ -134,6 +134,7 @@ def _index_axes(array: np.ndarray, index: Sequence[np.ndarray | slice]) -> np.nd
 
 
 def _holds_box(plan: Plan, data: Data) -> bool:
+    """Whether the array holds the plan's whole box."""
     array, origin = data
     return all(a >= o and b <= o + n for a, b, o, n in zip(plan.start, plan.stop, origin,
                                                            array.shape, strict=True))  # fmt: skip
