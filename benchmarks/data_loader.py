@@ -17,7 +17,10 @@ datasplit (every crop trains but one), then, each in a fresh process:
     2D batches, with a datasplit of 10 crops and of 1,000 crops; growth per crop.
 
 A fresh process per measurement: a fork of a process that has used tensorstore aborts, and no
-run inherits another's chunk cache. Targets (issue: data loading) are printed next to results.
+run inherits another's chunk cache. This machine's speed moves by up to 40 % from one process
+to the next, steady within each: every one-process case runs in --repeats processes, and its
+figure is the median of their medians (each process's figures are printed too). Targets (issue:
+data loading) are printed next to results.
 """
 
 from __future__ import annotations
@@ -273,23 +276,30 @@ def loader_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     return cases
 
 
-def report_loader(case: dict[str, Any], result: dict[str, Any]) -> list[str]:
-    """A summary row; prints the per-epoch figures as they come."""
-    rate = statistics.median(result["rates"])
+def report_loader(case: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
+    """A summary row: medians over processes of each process's median epoch (the ratio is
+    the median of each process's ratio); prints every process's figures."""
     name = f"{case['patch']} {case['data']}, {case['workers']}"
-    print(f"{name}: {rate:8.1f} samples/s (median of {len(result['rates'])} epochs of "
-          f"{case['iterations']} batches; epochs: {_list(result['rates'])})")  # fmt: skip
-    limit, ratio = "", ""
-    if "limit_rates" in result:
-        limit_rate = statistics.median(result["limit_rates"])
-        print(f"  read limit: {limit_rate:8.1f} samples/s (epochs: {_list(result['limit_rates'])})")
-        limit, ratio = f"{limit_rate:.0f}", f"{rate / limit_rate:.2f}"
+    print(f"{name} ({len(results)} processes, epochs of {case['iterations']} batches):")
+    rates, limits, ratios = [], [], []
+    for result in results:
+        rates.append(statistics.median(result["rates"]))
+        line = f"  {rates[-1]:8.1f} samples/s (epochs: {_list(result['rates'])})"
+        if "limit_rates" in result:
+            limits.append(statistics.median(result["limit_rates"]))
+            ratios.append(rates[-1] / limits[-1])
+            line += f"; read limit {limits[-1]:.1f} (epochs: {_list(result['limit_rates'])})"
+            line += f"; ratio {ratios[-1]:.2f}"
+        print(line)
+    limit = f"{statistics.median(limits):.0f}" if limits else ""
+    ratio = f"{statistics.median(ratios):.2f}" if ratios else ""
     target = ""
     if case["workers"] == "1 process":
         target = f"ratio >= {TARGET_RATIO}"
         if case["patch"] == "2D":
             target = f">= {TARGET_2D_RATE:.0f}/s, " + target
-    return [name, f"{rate:.0f}", str(len(result["rates"])), limit, ratio, target]
+    spread = f"{min(rates):.0f}-{max(rates):.0f}" if len(rates) > 1 else ""
+    return [name, f"{statistics.median(rates):.0f}", spread, limit, ratio, target]
 
 
 def _list(values: list[float]) -> str:
@@ -331,8 +341,10 @@ def run(args: argparse.Namespace, folder: Path) -> None:
         print(f"\n(a, b) training loader and read limit, {args.epochs} timed epochs after one "
               "warm-up epoch")  # fmt: skip
         for case in loader_cases(args):
-            result = run_child({**case, "folder": str(folder / case["data"])}, cache_dir)
-            loader_rows.append(report_loader(case, result))
+            repeats = args.repeats if case["workers"] == "1 process" else 1
+            job = {**case, "folder": str(folder / case["data"])}
+            results = [run_child(job, cache_dir) for _ in range(repeats)]
+            loader_rows.append(report_loader(case, results))
     if not args.skip_rss:
         print(f"\n(c) peak RSS, 2D loader in one process, {args.rss_batches} batches of 8")
         for name in ("rss-10", "rss-1000"):
@@ -341,7 +353,8 @@ def run(args: argparse.Namespace, folder: Path) -> None:
             rss[name] = run_child(job, cache_dir)
     print(f"\nsummary (chunk cache {args.cache_mb} MB per process, {os.cpu_count()} CPUs)")
     if loader_rows:
-        print_table(["case", "samples/s", "epochs", "limit/s", "ratio", "target"], loader_rows)
+        print_table(["case", "samples/s", "range over processes", "limit/s", "ratio", "target"],
+                    loader_rows)  # fmt: skip
     if rss:
         print()
         print_table(["memory", "imports MB", "built MB", "drawn MB"], report_rss(rss))
@@ -354,6 +367,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="folder to write data into, or reuse from")
     parser.add_argument("--quick", action="store_true", help="2 epochs, fewer batches (smoke)")
     parser.add_argument("--epochs", type=int, default=5, help="timed epochs, after a warm-up")
+    parser.add_argument("--repeats", type=int, default=3, help="processes per one-process case")
     parser.add_argument("--iterations-2d", type=int, default=50, help="batches per 2D epoch")
     parser.add_argument("--iterations-3d", type=int, default=20, help="batches per 3D epoch")
     parser.add_argument("--rss-batches", type=int, default=100)
@@ -369,6 +383,7 @@ def main() -> None:
         return
     if args.quick:
         args.epochs, args.iterations_2d, args.iterations_3d, args.rss_batches = 2, 10, 5, 20
+        args.repeats = 1
     if args.data:
         args.data.mkdir(parents=True, exist_ok=True)
         run(args, args.data.resolve())
