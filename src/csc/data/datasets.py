@@ -165,13 +165,11 @@ class PatchDataset(torch.utils.data.Dataset):
         targets = _batch_array((num, self.num_classes, *self.spec.target.shape), shared=in_worker)
         workers = 1 if in_worker else min(num, os.cpu_count() or 1)  # workers share the cores
         if workers < 2 or math.prod(self.spec.target.shape) < BIG_PATCH_VOXELS:
-            # One thread; torch's own threads (one in a DataLoader worker) run the batch's
-            # one grid_sample call: 2D 128^2, batch 8, 1.9x faster on 2 cores than one.
-            self._assemble(requests, inputs, targets)
+            self._read(requests, inputs, targets)
         else:  # thread i fills rows i, i + workers, ... (strided views of the batch)
             parts = [(requests[i::workers], inputs[i::workers], targets[i::workers])
                      for i in range(workers)]  # fmt: skip
-            list(_thread_pool(workers).map(lambda part: self._read_part(*part), parts))
+            list(_thread_pool(workers).map(lambda part: self._read(*part), parts))
         return Batch({"input": self._squeeze(torch.from_numpy(inputs)),
                       "output": self._squeeze(torch.from_numpy(targets))})  # fmt: skip
 
@@ -179,10 +177,13 @@ class PatchDataset(torch.utils.data.Dataset):
         """(N, C, Z, Y, X) -> (N, C, H, W) for a 2D patch (its singleton axis dropped)."""
         return batch if self.spec.plane_axis is None else batch.squeeze(2 + self.spec.plane_axis)
 
-    def _read_part(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, int]],
-                   inputs: np.ndarray, targets: np.ndarray) -> None:  # fmt: skip
-        """Fill batch rows for requests in one of `read`'s threads, with one torch thread:
-        the other cores run the other parts. (The setting is per thread.)"""
+    def _read(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, int]],
+              inputs: np.ndarray, targets: np.ndarray) -> None:  # fmt: skip
+        """Fill batch rows for requests, in one thread with one torch thread: for patches
+        this size, waking torch's thread pool costs more than it saves (2D: grid_sample
+        alone runs 1.9x faster on two threads, but value transforms' small ops can run far
+        slower), and tensorstore decodes on the other cores meanwhile. (The setting is per
+        thread; it is put back for the training code that runs in this thread.)"""
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -194,16 +195,21 @@ class PatchDataset(torch.utils.data.Dataset):
                     ) -> torch.Tensor:  # fmt: skip
         """Only the model inputs ``[N, 1, *shape]`` of requests (prediction: no labels read)."""
         inputs = np.empty((len(requests), 1, *self.spec.input.shape), dtype=np.float32)
-        reads = []
-        for crop_index, centre, matrix, _ in requests:
-            raw = self.crops[crop_index].raw
-            plan = _plan(self.spec.input, centre, matrix, raw, linear=True)
-            reads.append((plan, self._box(crop_index, raw, plan.start, plan.stop)))
-        raws = resample([(plan, [read.data()]) for plan, read in reads])
-        for n, ((values, _), (_, read), request) in enumerate(zip(raws, reads, requests,
-                                                                  strict=True)):  # fmt: skip
-            with sample_generator(request[3]):
-                self._input(values, read.dtype, out=inputs[n])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in `_read`
+        try:
+            reads = []
+            for crop_index, centre, matrix, _ in requests:
+                raw = self.crops[crop_index].raw
+                plan = _plan(self.spec.input, centre, matrix, raw, linear=True)
+                reads.append((plan, self._box(crop_index, raw, plan.start, plan.stop)))
+            raws = resample([(plan, [read.data()]) for plan, read in reads])
+            for n, ((values, _), (_, read), request) in enumerate(zip(raws, reads, requests,
+                                                                      strict=True)):  # fmt: skip
+                with sample_generator(request[3]):
+                    self._input(values, read.dtype, out=inputs[n])
+        finally:
+            torch.set_num_threads(threads)
         return self._squeeze(torch.from_numpy(inputs))
 
     def _assemble(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, int]],
