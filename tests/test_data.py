@@ -893,3 +893,30 @@ def test_inside_fills_exactly_the_voxels_outside() -> None:
     runs_only = np.zeros((4, 5, 6), dtype=np.float32)
     Inside(((0, 4), (5, 5), (0, 6))).fill_outside(runs_only, np.nan)  # an empty run: all out
     assert np.isnan(runs_only).all()
+
+
+def test_runs_and_sub_indices_of_slices_match_their_positions() -> None:
+    """The arithmetic on slices (runs of output indices inside an array, parts of an axis
+    index) agrees with the same computed from the positions themselves."""
+    from csc.data.geometry import _run, as_slice, index_array, true_run
+    from csc.data.sampling import _sub_index
+
+    rng = np.random.default_rng(5)
+    for _ in range(2000):
+        step, count = int(rng.choice([-3, -2, -1, 1, 2, 3])), int(rng.integers(1, 12))
+        start = int(rng.integers(0, 20)) if step > 0 else int(rng.integers(count * -step, 40))
+        index = as_slice(np.arange(count) * step + start)
+        if not isinstance(index, slice):  # one voxel, or steps of 2 and 3: make the slice
+            stop = start + count * step
+            index = slice(start, stop if stop >= 0 else None, step)
+        positions = index_array(index)
+        assert len(positions) == count
+        offset, size = int(rng.integers(-30, 30)), int(rng.integers(1, 25))
+        x = positions + offset
+        assert _run(index, offset, size) == true_run((x >= 0) & (x < size))
+        low = int(rng.integers(0, count))
+        high = int(rng.integers(low + 1, count + 1))
+        shift = int(rng.integers(0, 10))
+        part = _sub_index(index, low, high, shift)
+        source = np.arange(80)
+        assert np.array_equal(source[part], source[positions[low:high] + shift])

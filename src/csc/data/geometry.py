@@ -150,10 +150,7 @@ def _plan_axes(
         else:  # unit steps (or one voxel) are slices: views, no copy
             end = last - start[p] + (step or 1)
             index.append(slice(first - start[p], end if end >= 0 else None, step or 1))
-    valid = None
-    if any(start[p] < 0 or stop[p] > src_shape[p] for p in range(3)):
-        positions = [np.arange(out_shape[j]) * round(steps[j]) + round(firsts[j]) for j in range(3)]
-        valid = _valid(positions, perm, start, stop, src_shape)
+    valid = _valid(index, perm, start, stop, src_shape)
     return Plan(
         tuple(start),
         tuple(stop),
@@ -168,15 +165,32 @@ def _is_int(value: float) -> bool:
     return abs(value - round(value)) < EPS
 
 
-def _valid(positions: list[np.ndarray], perm: Sequence[int], start: Sequence[int],
+def _valid(index: Sequence[np.ndarray | slice], perm: Sequence[int], start: Sequence[int],
            stop: Sequence[int], src_shape: Sequence[int]) -> Inside | None:  # fmt: skip
-    """Output voxels at positions inside the array; None (cheaply) when the box is inside.
-    Positions run monotonically along each axis, so each axis's inside part is one run."""
+    """Output voxels whose positions (output axis j: start[perm[j]] + index[j]) lie inside
+    the array; None (cheaply) when the box does. Positions run monotonically along each
+    axis, so each axis's inside part is one run."""
     if all(start[p] >= 0 and stop[p] <= src_shape[p] for p in range(3)):
         return None
-    return Inside(
-        tuple(true_run((x >= 0) & (x < src_shape[perm[j]])) for j, x in enumerate(positions))
-    )
+    return Inside(tuple(_run(index[j], start[p], src_shape[p]) for j, p in enumerate(perm)))
+
+
+def _run(index: np.ndarray | slice, offset: int, size: int) -> tuple[int, int]:
+    """[low, high) of the output indices i whose position offset + index[i] lies in
+    [0, size): by arithmetic for a slice (plain ints: this runs for every patch that leaves
+    its crop), else from the positions."""
+    if isinstance(index, np.ndarray):
+        x = index + offset
+        return true_run((x >= 0) & (x < size))
+    step = index.step or 1
+    count = len(range(index.start, -1 if index.stop is None else index.stop, step))
+    first = offset + index.start  # position of output index 0; index i is first + step * i
+    if step > 0:  # first + step * i in [0, size)
+        low, high = -(first // step), -((first - size) // step)  # ceil(-first / step), ...
+    else:
+        low, high = (first - size) // -step + 1, first // -step + 1
+    low, high = max(low, 0), min(high, count)
+    return (low, high) if high > low else (0, 0)
 
 
 def _plan_rounded(perm: tuple[int, int, int], steps: list[float], firsts: list[float],
@@ -189,7 +203,7 @@ def _plan_rounded(perm: tuple[int, int, int], steps: list[float], firsts: list[f
     for j, x in enumerate(positions):
         start[perm[j]], stop[perm[j]] = int(x.min()), int(x.max()) + 1
     index = [as_slice(x - start[perm[j]]) for j, x in enumerate(positions)]
-    return Plan(tuple(start), tuple(stop), _valid(positions, perm, start, stop, src_shape),
+    return Plan(tuple(start), tuple(stop), _valid(index, perm, start, stop, src_shape),
                 perm=perm, index=index)  # type: ignore[arg-type]  # fmt: skip
 
 
@@ -285,8 +299,7 @@ def shift_plan(plan: Plan, shift: Sequence[int], src_shape: Sequence[int]) -> Pl
     if plan.grid is None:  # exact: the mask of output voxels inside the other array
         assert plan.perm is not None
         assert plan.index is not None
-        positions = [index_array(plan.index[j]) + start[plan.perm[j]] for j in range(3)]
-        valid = _valid(positions, plan.perm, start, stop, src_shape)
+        valid = _valid(plan.index, plan.perm, start, stop, src_shape)
     return dataclasses.replace(
         plan, start=start, stop=stop, valid=valid, linear=False, src_shape=tuple(src_shape)
     )

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from csc.data.geometry import Inside, Plan, as_slice, index_array, true_run
+from csc.data.geometry import Inside, Plan, index_array, true_run
 
 Data = tuple[np.ndarray, Sequence[int]]  # an array holding a plan's box, and the level voxel
 # index of its first voxel (z, y, x): a crop region held in memory, or the box itself
@@ -113,7 +113,7 @@ def _apply_axes(plan: Plan, arrays: Sequence[Data]) -> tuple[Any, Inside | None]
                 views.append(np.empty([max(0, high - low) for low, high in runs], array.dtype))
                 continue
             index = [
-                as_slice(index_array(plan.index[j])[low:high] + plan.start[p] - origin[p])
+                _sub_index(plan.index[j], low, high, plan.start[p] - origin[p])
                 for j, (p, (low, high)) in enumerate(zip(plan.perm, runs, strict=True))
             ]
             views.append(_index_axes(array.transpose(plan.perm), index))
@@ -121,6 +121,17 @@ def _apply_axes(plan: Plan, arrays: Sequence[Data]) -> tuple[Any, Inside | None]
             box = _box(plan, (array, origin))  # raw beyond the level: zeros there
             views.append(_index_axes(box.transpose(plan.perm), plan.index))
     return views, plan.valid
+
+
+def _sub_index(index: np.ndarray | slice, low: int, high: int,
+               offset: int) -> np.ndarray | slice:  # fmt: skip
+    """Entries [low, high) of an axis index, plus `offset`; a slice stays a slice (a view)."""
+    if isinstance(index, np.ndarray):
+        return index[low:high] + offset
+    step = index.step or 1
+    first = index.start + low * step + offset
+    stop = first + (high - low) * step
+    return slice(first, stop if stop >= 0 else None, step)
 
 
 def _index_axes(array: np.ndarray, index: Sequence[np.ndarray | slice]) -> np.ndarray:
