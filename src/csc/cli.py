@@ -196,7 +196,11 @@ def train(config_file: str, overrides: tuple[str, ...], strict: bool, nproc: int
 @click.option(
     "--orthoplanes", is_flag=True, help="2D models: average predictions along z, y and x planes."
 )
-@click.option("--overwrite", is_flag=True, help="Replace existing predictions.")  # fmt: skip
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace crop groups an earlier csc predict wrote (nothing else).",
+)
 def predict(config_file: str, overrides: tuple[str, ...], strict: bool, crops: str | None,
             all_crops: bool, bbox: str | None, dataset: str | None, output: str | None,
             checkpoint: str, overlap: float | None, encoding: str | None, orthoplanes: bool,
@@ -244,7 +248,11 @@ def predict(config_file: str, overrides: tuple[str, ...], strict: bool, crops: s
     help="Output folder; default: the config's processed_path.",
 )
 @click.option("--crops", default=None, help="Comma list of crops (crop or dataset/crop, globs).")
-@click.option("--overwrite", is_flag=True, help="Replace existing output.")  # fmt: skip
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace crop groups an earlier csc process wrote (nothing else).",
+)
 def process(config_file: str, overrides: tuple[str, ...], strict: bool, source: str | None,
             output: str | None, crops: str | None, overwrite: bool) -> None:  # fmt: skip
     """Apply the config's process_func to predictions, block by block."""
@@ -356,7 +364,9 @@ def _crawl_options(options: dict[str, Any]) -> Any:
 @click.option("--csv-path", default="datasplit.csv", show_default=True, type=click.Path())
 @click.option("--relative", is_flag=True, help="Write local roots relative to the CSV's folder.")
 @click.option("--dry-run", is_flag=True, help="Print the table; write nothing.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing CSV.")  # fmt: skip
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an existing datasplit CSV (no other file)."
+)
 def datasplit(**options: Any) -> None:
     """Crawl zarr stores for crops of the requested classes into a datasplit CSV."""
     from csc.datasplit import (
@@ -374,7 +384,7 @@ def datasplit(**options: Any) -> None:
     )
     with user_errors():
         if not options["dry_run"]:
-            check_writable(options["csv_path"], overwrite=options["overwrite"])
+            check_writable(options["csv_path"], overwrite=options["overwrite"], kind="datasplit")
         rows, left_out = make_datasplit(crawl_options, split_options)
         for line in left_out:
             click.echo(f"skipped {line}", err=True)

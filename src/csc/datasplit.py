@@ -34,6 +34,7 @@ from csc.storage import (
     s3_endpoint,
     s3_errors,
     split_store_path,
+    write_text_atomic,
 )
 
 USAGES = ("train", "validate")
@@ -441,24 +442,98 @@ def write_datasplit(
     relative: bool = False,
     overwrite: bool = False,
 ) -> Path:
-    """Write the CSV (atomically); an existing file is only replaced with `overwrite`."""
-    path = check_writable(csv_path, overwrite=overwrite)
+    """Write the CSV atomically (a temporary file in its folder, renamed over it, removed on
+    failure); an existing file is replaced only with `overwrite`, and only if it is a
+    datasplit CSV."""
+    path = check_writable(csv_path, overwrite=overwrite, kind="datasplit")
     path.parent.mkdir(parents=True, exist_ok=True)
     text = format_rows(rows, relative_to=path.parent if relative else None)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
+    write_text_atomic(path, text)
     return path
 
 
-def check_writable(csv_path: str | Path, *, overwrite: bool) -> Path:
-    """Refuse to replace an existing CSV unless asked to: it may be hand-edited."""
+def check_writable(
+    csv_path: str | Path,
+    *,
+    overwrite: bool,
+    kind: str | None = None,
+) -> Path:
+    """Refuse, before any work, a CSV path csc cannot or must not write: a folder, a path
+    below a file, or an existing file unless `overwrite` is given and it reads as a CSV of
+    `kind` ("datasplit" or "counts"; default: either), the only files csc replaces."""
     path = Path(csv_path)
-    if path.exists() and not overwrite:
+    if path.is_dir():
+        raise ValueError(
+            f"{path} is a folder; give the CSV file's path, e.g. {path / 'datasplit.csv'}"
+        )
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"{path} cannot be written: {blocking} is a file, not a folder")
+    if not (path.exists() or path.is_symlink()):
+        return path
+    if not overwrite:
         raise FileExistsError(
             f"{path} already exists; pass --overwrite to replace it, or --dry-run to preview"
         )
+    kinds = [kind] if kind else list(CSV_KINDS)
+    if not (path.is_file() and any(CSV_KINDS[k](path) for k in kinds)):
+        raise FileExistsError(
+            f"{path} does not read as a {' or '.join(kinds)} CSV, so --overwrite will not "
+            "replace it (it replaces only CSVs csc writes): choose another path, or move the "
+            "file away yourself"
+        )
     return path
+
+
+# A datasplit CSV is a few hundred bytes per crop: anything far larger is something else.
+MAX_CSV_BYTES = 64 * 2**20
+COUNTS_HEADER = "dataset,class,crops,foreground_voxels"
+
+
+def is_datasplit_csv(path: Path) -> bool:
+    """Whether `path` is a datasplit CSV, as csc writes it or a person edited it: every line
+    blank, a # comment or a row `read_datasplit` reads; one with no rows (empty, or only
+    comments) only if its name ends in .csv, so an empty .zattrs or .zgroup never counts."""
+    lines = _text_lines(path)
+    if lines is None:
+        return False
+    rows = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    for line in rows:
+        try:
+            _parse_row([f.strip() for f in next(csv.reader([line]))], path.parent)
+        except (ValueError, csv.Error):
+            return False
+    return bool(rows) or path.suffix == ".csv"
+
+
+def is_counts_csv(path: Path) -> bool:
+    """Whether `path` is a table `csc counts --csv` wrote: its header, then dataset, class
+    and two counts per line."""
+    lines = _text_lines(path)
+    if not lines or lines[0] != COUNTS_HEADER:
+        return False
+    try:
+        fields = list(csv.reader(lines[1:]))
+    except csv.Error:
+        return False
+    return all(len(f) == 4 and f[2].isdigit() and f[3].isdigit() for f in fields)
+
+
+# The CSVs csc writes, each recognised by its content: what --overwrite may replace.
+CSV_KINDS: dict[str, Callable[[Path], bool]] = {
+    "datasplit": is_datasplit_csv,
+    "counts": is_counts_csv,
+}
+
+
+def _text_lines(path: Path) -> list[str] | None:
+    """The lines of a regular, not too large UTF-8 text file, or None."""
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_CSV_BYTES:
+            return None
+        return path.read_bytes().decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def read_datasplit(csv_path: str | Path) -> list[DatasplitRow]:

@@ -16,7 +16,7 @@ import dataclasses
 import itertools
 import math
 import os
-import shutil
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,13 +31,21 @@ from csc.data import Crop, MetadataReader, PatchDataset, PatchSpec, load_crops
 from csc.data.geometry import Grid
 from csc.datasplit import DatasplitRow, read_datasplit, select_crops
 from csc.models.loading import load_weights, strip_wrapper_prefixes
-from csc.storage import is_s3, make_compressor, multiscales_attrs
+from csc.storage import (
+    STORE_SUFFIXES,
+    check_replaceable,
+    is_s3,
+    make_compressor,
+    multiscales_attrs,
+    staged_group,
+)
 from csc.train import AUTOCAST_DTYPES, channels_last_format, choose_device, make_model
 
 Vec3 = tuple[float, float, float]
 GAUSSIAN_SIGMA = 1 / 8  # of the window size: weights fall to ~0.0003 of the centre's at edges
 MIN_WEIGHT = 1e-3  # relative: edge voxels of a lone window still count
 CHUNK = 64  # output chunk edge (voxels), as neuroglancer likes them
+PREDICT = "predict"  # the command named in the csc marker of its output groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,68 +433,158 @@ def predict(
     else:
         regions = crop_regions(config, crops=crops, all_crops=all_crops)
     output = output or config.predictions_path.format(model_name=config.model_name)
-    check_free(output, regions, overwrite=overwrite)
+    check_free(output, regions, overwrite=overwrite, inputs=InputStores.of(config))
     predictor = load_predictor(config, checkpoint=checkpoint, orthoplanes=orthoplanes,
                                overlap=overlap, progress=progress)  # fmt: skip
-    return write_predictions(config, regions, predictor, output=output, encoding=encoding)
+    return write_predictions(
+        config, regions, predictor, output=output, encoding=encoding, overwrite=overwrite
+    )
 
 
-def check_free(output: str | os.PathLike[str], regions: Sequence[Region], *,
-               overwrite: bool) -> None:  # fmt: skip
-    """Refuse, before any work, to replace existing output without `overwrite`."""
+def check_free(
+    output: str | os.PathLike[str],
+    regions: Sequence[Region],
+    *,
+    overwrite: bool,
+    inputs: InputStores | None = None,
+) -> None:
+    """Refuse, before any work, output on S3 or inside an input store, and existing output
+    unless `overwrite` is given and csc predict wrote it."""
     if is_s3(str(output)):
         raise ValueError(f"--output {output}: csc writes predictions to a local folder")
-    existing = [str(output_path(output, r)) for r in regions if output_path(output, r).exists()]
+    targets = [output_path(output, region) for region in regions]
+    if inputs is not None:
+        inputs.check_outside(targets)
+    check_targets(targets, PREDICT, overwrite=overwrite)
+
+
+def check_targets(targets: Sequence[Path], command: str, *, overwrite: bool) -> None:
+    """Every existing target may be replaced: `overwrite` is given and `csc {command}` wrote
+    it (its marker); one error names them all otherwise."""
+    existing = [t for t in targets if t.exists() or t.is_symlink()]
     if existing and not overwrite:
         raise FileExistsError(
-            f"{', '.join(existing)} already exist; pass --overwrite to replace them"
+            f"{', '.join(map(str, existing))} already exist; pass --overwrite to replace them"
         )
+    for target in existing:
+        check_replaceable(target, command, overwrite=overwrite)
 
 
-def write_predictions(config: TrainConfig, regions: Sequence[Region], predictor: Predictor, *,
-                      output: str | os.PathLike[str],
-                      encoding: str | None = None) -> list[Written]:  # fmt: skip
+@dataclasses.dataclass(frozen=True)
+class InputStores:
+    """The local zarr/n5 stores a config reads, which csc never writes into: the raw and
+    ground-truth roots of its datasplit CSV, and every store its search_path can name."""
+
+    roots: dict[str, str]  # absolute store root -> where it comes from
+    patterns: tuple[tuple[re.Pattern[str], str], ...]  # store roots of search_path
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> InputStores:
+        roots: dict[str, str] = {}
+        csv = Path(config.datasplit_path)
+        for row in read_datasplit(csv) if csv.is_file() else ():
+            for root, kind in ((row.raw_root, "raw"), (row.gt_root, "ground truth")):
+                for form in _path_forms(root) if not is_s3(root) else ():
+                    roots.setdefault(form, f"the {kind} store of {row.dataset} in {csv}")
+        patterns = ()
+        if not (config.use_s3 or is_s3(config.search_path)):
+            why = f"a store of search_path {config.search_path}"
+            patterns = tuple((p, why) for p in _store_patterns(config.search_path))
+        return cls(roots, patterns)
+
+    def find(self, path: Path) -> tuple[str, str] | None:
+        """The input store `path` lies inside (or is) and where it comes from, or None."""
+        for form in _path_forms(path):
+            for folder in (form, *map(str, Path(form).parents)):
+                if folder in self.roots:
+                    return folder, self.roots[folder]
+                for pattern, why in self.patterns:
+                    if pattern.fullmatch(folder):
+                        return folder, why
+        return None
+
+    def check_outside(self, targets: Sequence[Path]) -> None:
+        """Refuse targets inside an input store, whether or not --overwrite is given."""
+        for target in targets:
+            found = self.find(target)
+            if found is not None:
+                raise ValueError(
+                    f"{target} lies inside {found[0]}, {found[1]}: csc never writes into its "
+                    "input data; choose an --output outside it"
+                )
+
+
+def _path_forms(path: str | os.PathLike[str]) -> list[str]:
+    """`path` absolute, as given and with links resolved (either may be how it is named)."""
+    return list(dict.fromkeys([os.path.abspath(path), os.path.realpath(path)]))
+
+
+def _store_patterns(search_path: str) -> list[re.Pattern[str]]:
+    """Patterns of the store roots search_path names: its components up to the first that
+    ends in .zarr or .n5 (a .zarr may also be the .n5 the crawl falls back to), {fields} as
+    names (one field used twice must match the same name twice); none without such a part."""
+    parts = os.path.abspath(search_path).split("/")
+    end = next((i for i, part in enumerate(parts) if part.endswith(STORE_SUFFIXES)), None)
+    if end is None:
+        return []
+    first = min(end + 1, next((i for i, part in enumerate(parts) if "{" in part), end + 1))
+    base, rest = "/".join(parts[:first]) or "/", "/".join(parts[first : end + 1])
+    return [
+        _template_pattern(os.path.join(form, rest) if rest else form) for form in _path_forms(base)
+    ]
+
+
+def _template_pattern(template: str) -> re.Pattern[str]:
+    pattern, seen = "", set()
+    for literal, field in re.findall(r"([^{]*)(?:\{(\w+)\})?", template):
+        pattern += re.escape(literal)
+        if field:
+            pattern += f"(?P={field})" if field in seen else f"(?P<{field}>[^/]+)"
+            seen.add(field)
+    if pattern.endswith(r"\.zarr"):
+        pattern = pattern.removesuffix(r"\.zarr") + r"\.(?:zarr|n5)"
+    return re.compile(pattern)
+
+
+def write_predictions(
+    config: TrainConfig,
+    regions: Sequence[Region],
+    predictor: Predictor,
+    *,
+    output: str | os.PathLike[str],
+    encoding: str | None = None,
+    overwrite: bool = False,
+) -> list[Written]:
     """Predict each region into `output` as OME-NGFF zarr. A region's group is written under a
-    temporary name and renamed when complete, replacing what was there only then."""
+    temporary name and swapped in when complete, replacing (with `overwrite`) only output csc
+    predict wrote, and only then."""
     encoding = encoding or config.prediction_encoding
     written = []
     for region in regions:
         grid = OutputGrid.covering(region, config.target_array_info.scale)
         path = output_path(output, region)
-        write_region(predictor, region, grid, config, path, encoding=encoding)
+        write_region(predictor, region, grid, config, path, encoding=encoding, overwrite=overwrite)
         written.append(Written(region, path, grid))
     return written
 
 
-def write_region(predictor: Predictor, region: Region, grid: OutputGrid, config: TrainConfig,
-                 path: Path, *, encoding: str) -> None:  # fmt: skip
+def write_region(
+    predictor: Predictor,
+    region: Region,
+    grid: OutputGrid,
+    config: TrainConfig,
+    path: Path,
+    *,
+    encoding: str,
+    overwrite: bool = False,
+) -> None:
     """Predict one region block by block into its group at `path`."""
-    with staged_group(path) as group:
+    with staged_group(path, command=PREDICT, overwrite=overwrite) as group:
         arrays = _create_arrays(group, predictor, grid, encoding=encoding)
         readers = make_readers(predictor, region, config)
         for box, values in predict_blocks(predictor, region, grid, readers):
             for array, probabilities in zip(arrays, values, strict=True):
                 array[box] = encode(probabilities, encoding)
-
-
-@contextlib.contextmanager
-def staged_group(path: Path) -> Iterator[Any]:
-    """A zarr group written under a temporary name next to `path` and renamed to `path` when
-    the block ends without error (replacing what was there only then); removed on error, so
-    a crash never leaves a half-written group under the real name."""
-    import zarr
-
-    root = zarr.open_group(str(path.parent), mode="a", zarr_format=2)
-    partial = path.parent / f".{path.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        yield root.require_group(partial.name)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if path.exists():
-        shutil.rmtree(path)
-    partial.rename(path)
 
 
 def _create_arrays(group: Any, predictor: Predictor, grid: OutputGrid, *,

@@ -19,14 +19,15 @@ from tqdm import tqdm
 
 from csc.config import TrainConfig
 from csc.datasplit import crop_matches
-from csc.predict import blocks, staged_group
-from csc.storage import make_compressor
+from csc.predict import InputStores, blocks, check_targets
+from csc.storage import make_compressor, staged_group
 
 PROCESS_FUNC_HINT = (
     "set process_func in the config: a function of one class's probabilities (float32 in "
     "[0, 1], (Z, Y, X)) returning an array of the same shape, e.g. "
     "process_func = lambda p: (p > 0.5).astype('uint8')"
 )
+PROCESS = "process"  # the command named in the csc marker of its output groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,20 +68,35 @@ def process(config: TrainConfig, *, source: str | os.PathLike[str] | None = None
     names = {"model_name": config.model_name}
     source = source or config.predictions_path.format(**names)
     output = Path(output or config.processed_path.format(**names))
-    chosen = [c for c in find_predictions(source) if _wanted(c, crops)]
+    found = find_predictions(source)
+    chosen = [c for c in found if _wanted(c, crops)]
     if not chosen:
         raise ValueError(f"no predicted crop in {source} matches {', '.join(crops)}")
     targets = [output / f"{c.dataset}.zarr" / c.crop for c in chosen]
-    existing = [str(t) for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} already exist; pass --overwrite to replace")
+    InputStores.of(config).check_outside(targets)
+    check_not_source(targets, found, output=output)
+    check_targets(targets, PROCESS, overwrite=overwrite)
     for crop, target in zip(chosen, targets, strict=True):
-        with staged_group(target) as group:
+        with staged_group(target, command=PROCESS, overwrite=overwrite) as group:
             for name in crop.classes:
                 process_array(crop.path / name, group, name, config.process_func,
                               block_shape=config.prediction_block_shape,
                               progress=progress)  # fmt: skip
     return targets
+
+
+def check_not_source(
+    targets: list[Path], sources: list[PredictedCrop], *, output: str | os.PathLike[str]
+) -> None:
+    """Refuse an output whose groups would be, hold or lie inside the predictions read."""
+    for target in targets:
+        for source in sources:
+            written, read = Path(os.path.realpath(target)), Path(os.path.realpath(source.path))
+            if written == read or read in written.parents or written in read.parents:
+                raise ValueError(
+                    f"--output {output} would write {target} over the predictions it reads "
+                    f"({source.path}): choose another --output (or processed_path)"
+                )
 
 
 def _wanted(crop: PredictedCrop, patterns: tuple[str, ...]) -> bool:

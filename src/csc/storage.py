@@ -8,8 +8,11 @@ the world position of the centre of its voxel 0, so voxel ``i`` is centred at
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 AXES = ("z", "y", "x")
@@ -205,3 +208,168 @@ def describe_s3_error(error: BaseException, url: str, endpoint_url: str | None =
         f"cannot read {url} from {endpoint} ({text.splitlines()[0]}): check the endpoint "
         "(--endpoint-url or AWS_ENDPOINT_URL) and that it is reachable"
     )
+
+
+# --- What csc wrote (what --overwrite may replace) -----------------------------------------
+
+# The key csc puts in the .zattrs of every group it writes as a whole (a predicted or processed
+# crop): {"csc": {"command": "predict", "version": "0.1.0"}}. --overwrite replaces a group only
+# if it carries this key for the same command, so it never deletes data csc did not write.
+CSC_MARKER = "csc"
+
+
+def mark_csc_output(group: str | os.PathLike[str], command: str) -> None:
+    """Mark the local zarr group `group` as written by `csc {command}` (in its .zattrs)."""
+    import json
+
+    from csc import __version__
+
+    attrs_path = os.path.join(group, ".zattrs")
+    attrs = _read_attrs(attrs_path) or {}
+    attrs[CSC_MARKER] = {"command": command, "version": __version__}
+    write_text_atomic(attrs_path, json.dumps(attrs, indent=2))
+
+
+def csc_output_command(group: str | os.PathLike[str]) -> str | None:
+    """The csc command that wrote the local group `group` (its marker), or None if not csc."""
+    attrs = _read_attrs(os.path.join(group, ".zattrs"))
+    marker = attrs.get(CSC_MARKER) if attrs else None
+    command = marker.get("command") if isinstance(marker, dict) else None
+    return command if isinstance(command, str) else None
+
+
+def is_csc_output(group: str | os.PathLike[str], command: str) -> bool:
+    """Whether `group` is a real folder (not a link) that `csc {command}` wrote."""
+    return not os.path.islink(group) and csc_output_command(group) == command
+
+
+def check_replaceable(path: str | os.PathLike[str], command: str, *, overwrite: bool) -> None:
+    """Refuse to replace the existing `path` unless `overwrite` is given and `csc {command}`
+    wrote it; anything else (ground truth, raw, a user's files) is never replaced."""
+    if not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+    if is_csc_output(path, command):
+        return
+    found = csc_output_command(path)
+    what = f"was written by csc {found}" if found else "has no csc marker in its .zattrs"
+    raise FileExistsError(
+        f"{path} {what}, so csc {command} --overwrite will not replace it (it replaces only "
+        f"its own output): choose another --output, or move {path} away yourself (output of "
+        "csc before markers has none either)"
+    )
+
+
+@contextmanager
+def staged_group(path: Path, *, command: str, overwrite: bool = False) -> Iterator[Any]:
+    """A zarr group written under a temporary name next to `path`, marked as `csc {command}`'s
+    output and swapped in for `path` when the block ends without error; removed on error, so
+    a crash never leaves a half-written group under the real name. What was at `path` is
+    replaced only if `overwrite` is given and `csc {command}` wrote it."""
+    import zarr
+
+    clean_stale(path)
+    root = zarr.open_group(str(path.parent), mode="a", zarr_format=2)
+    partial = _beside(path, "partial", os.getpid())
+    try:
+        yield root.require_group(partial.name)
+        mark_csc_output(partial, command)
+        swap_in(partial, path, command=command, overwrite=overwrite)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # still there only if something failed
+
+
+def swap_in(partial: Path, path: Path, *, command: str, overwrite: bool) -> None:
+    """Rename the complete group `partial` to `path`. An existing `path` (csc's own, checked
+    again now) is first moved aside and removed once the new group is in place; if the swap
+    fails, it is put back."""
+    if not (path.exists() or path.is_symlink()):
+        partial.rename(path)
+        return
+    check_replaceable(path, command, overwrite=overwrite)
+    aside = _beside(path, "replaced", os.getpid())
+    path.rename(aside)
+    try:
+        partial.rename(path)
+    except BaseException:
+        aside.rename(path)
+        raise
+    shutil.rmtree(aside)
+
+
+def clean_stale(path: Path) -> None:
+    """Tidy what runs killed while writing `path` left beside it (their process is gone): a
+    .partial-PID group is csc's own half-written output and is removed; a .replaced-PID group
+    is csc output moved aside during a swap: put back if `path` is missing, else removed."""
+    if not path.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(partial|replaced)-(\d+)")
+    for entry in sorted(path.parent.iterdir()):
+        found = pattern.fullmatch(entry.name)
+        if found is None or entry.is_symlink() or _running(int(found.group(2))):
+            continue
+        if found.group(1) == "partial":
+            shutil.rmtree(entry, ignore_errors=True)
+        elif csc_output_command(entry) is not None:
+            if path.exists() or path.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.rename(path)
+
+
+def _beside(path: Path, what: str, pid: int) -> Path:
+    return path.parent / f".{path.name}.{what}-{pid}"
+
+
+def _running(pid: int) -> bool:
+    """Whether another process with this id runs on this machine (it may be writing)."""
+    if pid == os.getpid():
+        return False  # this process: anything of ours there is left from an earlier failure
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _read_attrs(path: str) -> dict[str, Any] | None:
+    """A .zattrs file's JSON object, or None if it is missing or not a JSON object."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as file:
+            attrs = json.load(file)
+    except (OSError, ValueError):
+        return None
+    return attrs if isinstance(attrs, dict) else None
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write `text` to a temporary file in `path`'s folder and rename it over `path`, so
+    readers see the old or the new file, never half of one; the temporary file is removed on
+    any failure. A failed write raises StorageError naming `path`."""
+    import tempfile
+
+    folder, name = os.path.split(os.fspath(path))
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder or ".")
+    except OSError as error:
+        raise StorageError(f"cannot write {path}: {error.strerror}; check the folder") from None
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0o600; be an ordinary file
+        os.replace(temporary, path)
+    except BaseException as error:
+        with suppress(FileNotFoundError):
+            os.unlink(temporary)
+        if isinstance(error, OSError):
+            raise StorageError(f"cannot write {path}: {error.strerror or error}") from None
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
