@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from csc.cli import cli
 from csc.config import TrainConfig, build_config
 from csc.datasplit import check_writable, read_datasplit, write_datasplit
+from csc.evaluate import EvaluationReport, check_json_path, write_json
 from csc.predict import predict
 from csc.process import process
 from csc.storage import (
@@ -348,9 +349,7 @@ def test_datasplit_overwrite_refuses_a_label_zattrs_and_a_folder(
     counts = runner.invoke(
         cli, ["counts", "--search-path", f"{copy}/{SEARCH}", "--csv", str(zattrs), "--overwrite"]
     )
-    assert counts.exit_code == 1 and f"{zattrs} does not read as a datasplit or counts CSV" in (
-        counts.output
-    )
+    assert counts.exit_code == 1 and f"{zattrs} does not read as a counts CSV" in counts.output
     assert_unchanged(before, copy)
     assert snapshot(copy) == before and temporaries(tmp_path) == []
 
@@ -405,3 +404,44 @@ def test_marker_round_trip_keeps_other_attributes(tmp_path: Path) -> None:
     assert is_csc_output(tmp_path / "g", "predict") and not is_csc_output(tmp_path / "g", "process")
     (tmp_path / "link").symlink_to(tmp_path / "g")
     assert not is_csc_output(tmp_path / "link", "predict")  # a link is never replaced
+
+
+def test_counts_and_evaluate_overwrite_only_their_own_files(data: Path, tmp_path: Path) -> None:
+    """`counts --csv` replaces only a counts table and `evaluate --json` only a report csc
+    wrote; neither replaces a label .zattrs, a datasplit CSV or a folder."""
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)
+    split = tmp_path / "split.csv"
+    write_datasplit(read_datasplit_rows(copy), split)
+    zattrs = store(copy) / "recon-1/labels/groundtruth/crop1/nuc/.zattrs"
+    before = {**snapshot(copy), "split": split.read_text()}
+    runner = CliRunner()
+    counts = ["counts", "--search-path", f"{copy}/{SEARCH}", "--overwrite", "--csv"]
+    evaluate = ["evaluate", "--predictions", str(tmp_path / "none"), "--datasplit", str(split)]
+    refused = {
+        (*counts, str(split)): f"{split} does not read as a counts CSV",
+        (*evaluate, "--json", str(zattrs), "--overwrite"): f"{zattrs} is not an evaluation report",
+        (*evaluate, "--json", str(split), "--overwrite"): f"{split} is not an evaluation report",
+        (*evaluate, "--json", str(copy), "--overwrite"): f"'{copy}' is a directory",
+    }
+    for args, expected in refused.items():
+        done = runner.invoke(cli, list(args))  # exit 2: click's own check of a folder
+        assert done.exit_code in (1, 2) and expected in done.output, done.output
+    assert_unchanged({k: v for k, v in before.items() if k != "split"}, copy)
+    assert split.read_text() == before["split"] and temporaries(tmp_path) == []
+    table = tmp_path / "counts.csv"
+    for _ in range(2):  # written, then replaced: it is a counts table csc wrote
+        done = runner.invoke(cli, [*counts, str(table)])
+        assert done.exit_code == 0 and f"wrote {table}" in done.output, done.output
+    assert table.read_text().startswith("dataset,class,crops,foreground_voxels\n")
+    report = tmp_path / "report.json"
+    empty = EvaluationReport(str(tmp_path), 0.5, 1, [], [], {})
+    write_json(empty, report, overwrite=False)
+    assert check_json_path(report, overwrite=True) == report  # csc's own report: replaceable
+
+
+def read_datasplit_rows(root: Path) -> list:
+    from csc.datasplit import CrawlOptions, SplitOptions, make_datasplit
+
+    crawl = CrawlOptions(search_path=f"{root}/{SEARCH}", classes=("nuc", "mito"))
+    return make_datasplit(crawl, SplitOptions(0.5, 0, None))[0]

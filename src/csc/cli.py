@@ -429,14 +429,17 @@ def counts(**options: Any) -> None:
     crawl_options = _crawl_options(options)
     with user_errors():
         if options["csv_path"]:
-            check_writable(options["csv_path"], overwrite=options["overwrite"])
+            check_writable(options["csv_path"], overwrite=options["overwrite"], kind="counts")
         counted, skipped = count_classes(crawl_options)
         for line in skipped:
             click.echo(f"skipped {line}", err=True)
         table = pd.DataFrame(counted, columns=["dataset", "class", "crops", "foreground_voxels"])
     click.echo(table.to_string(index=False) if len(table) else "no annotated crops found")
     if options["csv_path"]:
-        table.to_csv(options["csv_path"], index=False)
+        from csc.storage import write_text_atomic
+
+        with user_errors():
+            write_text_atomic(options["csv_path"], table.to_csv(index=False))
         click.echo(f"wrote {options['csv_path']}")
 
 

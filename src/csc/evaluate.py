@@ -33,7 +33,7 @@ from csc.metrics import (
     check_scoring,
     scores_from_counts,
 )
-from csc.storage import filesystem_for, is_s3
+from csc.storage import filesystem_for, is_s3, write_text_atomic
 
 METRICS = (*METRIC_NAMES, "hausdorff95_nm")
 ENCODINGS = {"uint8": 255.0, "float16": 1.0}  # probability = stored value / divisor
@@ -438,12 +438,34 @@ def _finite(value: Any) -> Any:
     return value
 
 
+# Top-level keys of the JSON report `write_json` writes: what marks a file as csc's own.
+REPORT_KEYS = frozenset({"predictions", "threshold", "metrics", "results"})
+
+
 def check_json_path(path: str | Path, *, overwrite: bool) -> Path:
-    """Refuse an existing output file unless `overwrite`: it may hold earlier results."""
+    """Refuse, before the work, a path the report cannot or must not be written to: a folder,
+    or an existing file unless `overwrite` is given and it is a report csc wrote."""
     path = Path(path)
-    if path.exists() and not overwrite:
+    if path.is_dir():
+        raise ValueError(f"--json {path} is a folder; give the JSON file's path")
+    if not (path.exists() or path.is_symlink()):
+        return path
+    if not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+    if not (path.is_file() and not path.is_symlink() and _is_report(path)):
+        raise FileExistsError(
+            f"{path} is not an evaluation report csc wrote, so --overwrite will not replace it: "
+            "choose another --json path, or move the file away yourself"
+        )
     return path
+
+
+def _is_report(path: Path) -> bool:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(value, dict) and value.keys() >= REPORT_KEYS
 
 
 def write_json(report: EvaluationReport, path: str | Path, *, overwrite: bool) -> Path:
@@ -452,7 +474,5 @@ def write_json(report: EvaluationReport, path: str | Path, *, overwrite: bool) -
     path = check_json_path(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report_dict(report), indent=2, allow_nan=False)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text + "\n")
-    temporary.replace(path)
+    write_text_atomic(path, text + "\n")
     return path
