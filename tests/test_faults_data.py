@@ -12,15 +12,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import zarr
 from click.testing import CliRunner
 
 from csc.cli import cli
 from csc.config import TrainConfig, build_config
 from csc.data import PatchDataset, build_datasets, load_crops
 from csc.data.loaders import check_crops
-from csc.data.sources import DataWarning
+from csc.data.sources import Chunking, DataWarning, MetadataReader, any_chunk_stored
 from csc.data.transforms import rotation
 from csc.datasplit import DatasplitRow, write_datasplit
+from csc.storage import multiscales_attrs
 from tests.faults import assert_unchanged, snapshot
 from tests.s3server import upload_tree
 from tests.volumes import (
@@ -143,6 +145,37 @@ def test_csc_train_refuses_missing_raw_in_one_line_before_training(
     assert "no raw chunk is stored where the patches of crop ds/crop1" in outcome.output
     assert f"{root}/{RAW_PATH}/s0" in outcome.output
     assert not list((tmp_path / "run").glob("*.pth"))  # refused before any training
+    assert_unchanged(before, tmp_path)
+
+
+@pytest.mark.parametrize("separator", ["/", "."])
+def test_stored_chunks_are_found_by_their_keys_with_either_separator(
+    tmp_path: Path, separator: str
+) -> None:
+    """Only chunk (1, 2, 3) of a (4, 4, 4)-chunk grid is kept: boxes over it find it, boxes
+    beside it, or outside the array, do not."""
+    group = zarr.open_group(str(tmp_path / "raw"), mode="w", zarr_format=2)
+    group.attrs.update(multiscales_attrs("raw", [(RAW_SCALE, RAW_ORIGIN)]))
+    keys = {"name": "v2", "separator": separator}
+    array = group.create_array(
+        "s0", shape=(16, 16, 16), chunks=(4, 4, 4), dtype=np.uint8, chunk_key_encoding=keys
+    )
+    array[...] = 1
+    array = tmp_path / "raw/s0"
+    names = [p for p in array.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    kept = array / separator.join("123") if separator == "." else array / "1/2/3"
+    for path in names:
+        if path != kept:
+            path.unlink()
+    before = snapshot(tmp_path)
+    reader = MetadataReader(".")
+    source = reader.source(str(tmp_path / "raw"), RAW_SCALE, label=False)
+    assert source.chunking == Chunking((4, 4, 4), separator, 0.0)
+    assert any_chunk_stored(reader, source, (0, 0, 0), (16, 16, 16))
+    assert any_chunk_stored(reader, source, (7, 11, 15), (8, 12, 16))  # its last voxel
+    assert not any_chunk_stored(reader, source, (0, 0, 0), (4, 8, 12))  # beside it
+    assert not any_chunk_stored(reader, source, (8, 0, 0), (16, 16, 16))
+    assert not any_chunk_stored(reader, source, (16, 0, 0), (20, 4, 4))  # outside the array
     assert_unchanged(before, tmp_path)
 
 
@@ -350,9 +383,13 @@ def test_non_finite_raw_values_are_reported_once_per_crop(
     assert message.startswith(f"crop ds/crop1: its raw {nan_raw}/{RAW_PATH}/s0 holds 2 non-finite")
     assert "the first at voxel (8, 12, 14)" in message
     assert not torch.isfinite(batches[0][0]["input"]).all()  # the values themselves are kept
-    # Another dataset (a new training run, a worker) reports the crop again.
+    # Another dataset (a new training run, a worker) reports the crop again; so does
+    # prediction, which reads inputs only.
     with pytest.warns(DataWarning, match="crop ds/crop1"):
         PatchDataset(crops, spec, crop_cache_mb=crop_cache_mb).read(on_nan)
+    with pytest.warns(DataWarning, match="crop ds/crop1"):
+        inputs = PatchDataset(crops, spec, crop_cache_mb=crop_cache_mb).read_inputs(on_nan)
+    assert inputs.shape == (3, 1, 6, 6)
     assert_unchanged(before, nan_raw)
 
 

@@ -669,7 +669,7 @@ def crop_probabilities(crops: Sequence[Crop], *, weighted: bool,
     if absent:
         warnings.warn(
             f"classes {', '.join(absent)} have no foreground voxels in any training crop; the "
-            "model will never see them", stacklevel=2,
+            "model will never see them", DataWarning, stacklevel=2,
         )  # fmt: skip
     if not present.any():
         return volumes / volumes.sum()
