@@ -17,7 +17,7 @@ from csc.data.datasets import (
 )
 from csc.data.geometry import Grid
 from csc.data.loaders import Loaders, build_datasets, build_loaders, load_crops
-from csc.data.sources import ArraySource, Level, MetadataReader
+from csc.data.sources import ArraySource, DataWarning, Level, MetadataReader
 from csc.data.transforms import (
     Compose,
     GaussianBlur,
@@ -31,6 +31,7 @@ __all__ = [
     "ArraySource",
     "Compose",
     "Crop",
+    "DataWarning",
     "EpochSampler",
     "GaussianBlur",
     "GaussianNoise",

@@ -34,6 +34,7 @@ from csc.data.sources import (
     DEFAULT_CHUNK_CACHE_MB,
     ArraySource,
     Box,
+    DataWarning,
     PendingRead,
     RegionRead,
     open_array,
@@ -144,6 +145,10 @@ class PatchDataset(torch.utils.data.Dataset):
         self.crop_cache_mb = crop_cache_mb
         self._regions: dict[tuple[int, str], _RegionState] = {}
         self._groups: dict[int, list[list[int]]] = {}  # per crop: `_label_groups`
+        # Float raws only (integers cannot hold NaN): crops reported as holding non-finite
+        # values, and (crop, region box) pairs of crop regions in memory found finite.
+        self._nonfinite: set[int] = set()
+        self._finite_regions: set[tuple[int, Box]] = set()
 
     @property
     def num_classes(self) -> int:
@@ -203,9 +208,13 @@ class PatchDataset(torch.utils.data.Dataset):
                 raw = self.crops[crop_index].raw
                 plan = _plan(self.spec.input, centre, matrix, raw, linear=True)
                 reads.append((plan, self._box(crop_index, raw, plan.start, plan.stop)))
+            checks = [self._check_raw(request[0], read) for request, (_, read) in
+                      zip(requests, reads, strict=True)]  # fmt: skip
             raws = resample([(plan, [read.data()]) for plan, read in reads])
             for n, ((values, _), (_, read), request) in enumerate(zip(raws, reads, requests,
                                                                       strict=True)):  # fmt: skip
+                if checks[n]:
+                    self._check_box(request[0], read)
                 with sample_generator(request[3]):
                     self._input(values, read.dtype, out=inputs[n])
         finally:
@@ -223,6 +232,8 @@ class PatchDataset(torch.utils.data.Dataset):
             for job in jobs for _, plan, reads in job.label_reads
         ]))  # fmt: skip
         for n, (job, (values, _)) in enumerate(zip(jobs, raws, strict=True)):
+            if job.check_raw:
+                self._check_box(job.crop_index, job.raw)
             if self.raw_transform is None:  # nothing random to seed
                 self._input(values, job.raw.dtype, out=inputs[n])
             else:
@@ -245,7 +256,49 @@ class PatchDataset(torch.utils.data.Dataset):
                 )
             reads = [self._box(crop_index, crop.labels[k], plan.start, plan.stop) for k in classes]
             label_reads.append((classes, plan, reads))
-        return _Job(crop, raw_plan, raw, label_reads, seed)
+        check = self._check_raw(crop_index, raw)
+        return _Job(crop, raw_plan, raw, label_reads, seed, crop_index, check)
+
+    def _check_raw(self, crop_index: int, read: PendingRead | RegionRead) -> bool:
+        """Whether a raw read of crop `crop_index` is to be checked for non-finite values once
+        it has arrived (`_check_box`). Only float raws are, until the crop is reported; a crop
+        region in memory is checked whole, once, here (it has been read already)."""
+        if read.dtype.kind != "f" or crop_index in self._nonfinite:
+            return False  # the common path: integer raw
+        if isinstance(read, RegionRead):
+            key = (crop_index, (read.origin, read.region.shape))
+            if key not in self._finite_regions:
+                if np.isfinite(read.region).all():
+                    self._finite_regions.add(key)  # type: ignore[arg-type]
+                else:
+                    self._report_nonfinite(crop_index, read.region, read.origin)
+            return False
+        return True
+
+    def _check_box(self, crop_index: int, read: PendingRead | RegionRead) -> None:
+        """Report crop `crop_index` if the box `read` (arrived) holds non-finite raw values."""
+        box = read.result()
+        if crop_index not in self._nonfinite and not np.isfinite(box).all():
+            self._report_nonfinite(crop_index, box, read.box[0])  # type: ignore[union-attr]
+
+    def _report_nonfinite(self, crop_index: int, values: np.ndarray,
+                          origin: Sequence[int]) -> None:  # fmt: skip
+        """Warn, once per crop (and process), that its float raw holds NaN or inf: `values`
+        read from voxel `origin` (z, y, x) of the raw's level on."""
+        with _REGION_LOCK:  # big patches are read in several threads
+            if crop_index in self._nonfinite:
+                return
+            self._nonfinite.add(crop_index)
+        crop, bad = self.crops[crop_index], ~np.isfinite(values)
+        first = tuple(int(i) + o for i, o in zip(np.argwhere(bad)[0], origin, strict=True))
+        stop = tuple(o + n for o, n in zip(origin, values.shape, strict=True))
+        warnings.warn(
+            f"crop {crop.name}: its raw {crop.raw.url} holds {np.count_nonzero(bad)} non-finite "
+            f"values (NaN or inf) in voxels {tuple(origin)} to {stop}, the first at voxel "
+            f"{first}; a batch holding them makes the loss non-finite. Replace them in the "
+            "raw, or remove the crop from the datasplit",
+            DataWarning, stacklevel=2,
+        )  # fmt: skip
 
     def _box(self, crop_index: int, source: ArraySource | None, start: Sequence[int],
              stop: Sequence[int]) -> PendingRead | RegionRead:  # fmt: skip
@@ -368,17 +421,21 @@ class _Job:
 
     crop: Crop
     raw_plan: Plan
-    raw: PendingRead
-    label_reads: list[tuple[list[int], Plan, list[PendingRead]]]
+    raw: PendingRead | RegionRead
+    label_reads: list[tuple[list[int], Plan, list[PendingRead | RegionRead]]]
     seed: int
+    crop_index: int = 0
+    check_raw: bool = False  # float raw not yet known finite: check it once read
 
 
 def _label_groups(crop: Crop) -> list[list[int]]:
-    """The crop's annotated classes, grouped by label level voxel grid (shared by a group)."""
+    """The crop's annotated classes, grouped by label level voxel grid (shared by a group) and
+    stored type: a group's values are sampled together into one array of one dtype (uint64
+    ids beside uint8 masks would not fit one, and stacking them would round large ids)."""
     groups: dict[tuple, list[int]] = {}
     for k, label in enumerate(crop.labels):
         if label is not None:
-            key = (label.level.scale, label.level.translation, label.level.shape)
+            key = (label.level.scale, label.level.translation, label.level.shape, label.dtype)
             groups.setdefault(key, []).append(k)
     return list(groups.values())
 
@@ -612,7 +669,7 @@ def crop_probabilities(crops: Sequence[Crop], *, weighted: bool,
     if absent:
         warnings.warn(
             f"classes {', '.join(absent)} have no foreground voxels in any training crop; the "
-            "model will never see them", stacklevel=2,
+            "model will never see them", DataWarning, stacklevel=2,
         )  # fmt: skip
     if not present.any():
         return volumes / volumes.sum()

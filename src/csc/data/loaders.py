@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,13 @@ from csc.data.datasets import (
     collate,
     crop_probabilities,
 )
-from csc.data.sources import ArraySource, MetadataReader, tensorstore_used_here
+from csc.data.sources import (
+    ArraySource,
+    DataWarning,
+    MetadataReader,
+    any_chunk_stored,
+    tensorstore_used_here,
+)
 from csc.datasplit import DatasplitRow, open_zarr, read_datasplit, thread_map
 from csc.storage import is_s3
 
@@ -41,10 +49,8 @@ def load_crops(
     endpoint_url: str | None = None,
 ) -> list[Crop]:  # fmt: skip
     """Resolve rows into crops from metadata only (no array data), reading concurrently."""
-    readers = {  # one per kind of location: raw and labels may live in different ones
-        s3: MetadataReader("s3://" if s3 else ".", endpoint_url=endpoint_url)
-        for s3 in {is_s3(root) for row in rows for root in (row.raw_root, row.gt_root)}
-    }
+    roots = [root for row in rows for root in (row.raw_root, row.gt_root)]
+    readers = _readers(roots, endpoint_url=endpoint_url)
     raw_scale, label_scale = spec.input.scale, spec.target.scale
 
     def source(group: str, scale: tuple[float, float, float], *, label: bool) -> ArraySource:
@@ -70,8 +76,96 @@ def load_crops(
     return thread_map(resolve, list(rows))
 
 
+def _readers(urls: Sequence[str], *, endpoint_url: str | None) -> dict[bool, MetadataReader]:
+    """One metadata reader per kind of location (S3 or not): raw and labels may differ."""
+    return {
+        s3: MetadataReader("s3://" if s3 else ".", endpoint_url=endpoint_url)
+        for s3 in {is_s3(url) for url in urls}
+    }
+
+
 def _vec(values: np.ndarray) -> tuple[float, float, float]:
     return (float(values[0]), float(values[1]), float(values[2]))
+
+
+# --- Chunks missing where data should be ---------------------------------------------------
+
+MAX_NAMED_CROPS = 5  # crops spelled out in one refusal
+
+
+def check_crops(
+    crops: Sequence[Crop], spec: PatchSpec, *, datasplit: str, labels: bool = True,
+    endpoint_url: str | None = None,
+) -> None:  # fmt: skip
+    """Before any voxel is read: refuse crops whose raw stores no chunk where their patches
+    read (they would train on the fill value, zeros), and warn once per label array whose
+    CellMap metadata counts foreground that its missing chunks cannot hold. Chunk keys are
+    asked for, not data (`any_chunk_stored`): about one request per crop."""
+    urls = [source.url for crop in crops for source in (crop.raw, *crop.labels) if source]
+    readers = _readers(urls, endpoint_url=endpoint_url)
+
+    def raw_stored(crop: Crop) -> bool:
+        start, stop = raw_box(crop, spec)
+        return any_chunk_stored(readers[is_s3(crop.raw.url)], crop.raw, start, stop)
+
+    empty = [crop for crop, ok in zip(crops, thread_map(raw_stored, list(crops)), strict=True)
+             if not ok]  # fmt: skip
+    if empty:
+        raise ValueError(_empty_raw_message(empty, spec, datasplit))
+    if labels:
+        unique = {label.url: label for crop in crops for label in crop.labels if label}
+        for label in thread_map(lambda lab: _label_disagrees(readers[is_s3(lab.url)], lab),
+                                list(unique.values())):  # fmt: skip
+            if label is not None:
+                warnings.warn(_missing_labels_message(label), DataWarning, stacklevel=2)
+
+
+def raw_box(crop: Crop, spec: PatchSpec) -> tuple[list[int], list[int]]:
+    """The raw voxels (start, stop; (z, y, x), of the raw's level) that a patch centred in
+    `crop` can read: its annotated region widened by half the input patch's diagonal (any
+    rotation), and a voxel more for interpolation."""
+    level = crop.raw.level
+    scale, origin = np.asarray(level.scale), np.asarray(level.translation)
+    half = (np.asarray(spec.input.shape) - 1) / 2 * np.asarray(spec.input.scale)  # nm
+    reach = float(np.linalg.norm(half)) / scale  # raw voxels
+    low = np.floor((np.asarray(crop.low) - origin) / scale + 0.5 - reach) - 1
+    high = np.ceil((np.asarray(crop.high) - origin) / scale - 0.5 + reach) + 2
+    return [int(v) for v in low], [int(v) for v in high]
+
+
+def _empty_raw_message(crops: Sequence[Crop], spec: PatchSpec, datasplit: str) -> str:
+    named = []
+    for crop in crops[:MAX_NAMED_CROPS]:
+        start, stop = raw_box(crop, spec)
+        named.append(f"{crop.name} (raw {crop.raw.url}, voxels {tuple(start)} to {tuple(stop)})")
+    more = f" and {len(crops) - MAX_NAMED_CROPS} more" if len(crops) > MAX_NAMED_CROPS else ""
+    return (
+        f"no raw chunk is stored where the patches of crop {', '.join(named)}{more} read, so "
+        "they would train on the fill value (zeros): check that the raw was copied completely "
+        f"and the datasplit points at the right array, or remove those rows from {datasplit}"
+    )
+
+
+def _label_disagrees(reader: MetadataReader, label: ArraySource) -> ArraySource | None:
+    """`label` when its CellMap metadata counts foreground voxels but no chunk of it is
+    stored, so that it reads as its fill value everywhere, which says otherwise."""
+    assert label.chunking is not None
+    fill = label.chunking.fill_value
+    implied = 0 if fill in (label.absent, label.unknown) else math.prod(label.level.shape)
+    if label.foreground is None or label.foreground == implied:
+        return None  # no count to hold it against, or the count agrees with a missing array
+    return None if any_chunk_stored(reader, label, (0, 0, 0), label.level.shape) else label
+
+
+def _missing_labels_message(label: ArraySource) -> str:
+    assert label.chunking is not None
+    fill = label.chunking.fill_value
+    reads = {label.absent: "background", label.unknown: "not annotated"}.get(fill, "foreground")
+    return (
+        f"{label.url}: its CellMap metadata (complement_counts) counts {label.foreground} "
+        f"foreground voxels, but no chunk of it is stored, so it reads as {fill:g} ({reads}) "
+        "everywhere; check that the labels were copied completely (csc trains on what it reads)"
+    )
 
 
 # --- Foreground counts for the weighted sampler --------------------------------------------
@@ -152,6 +246,8 @@ def build_datasets(
     rows = read_datasplit(config.datasplit_path) if rows is None else rows
     spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
     crops = load_crops(rows, config.classes, spec)
+    # Every rank refuses alike; label warnings come once, from rank 0.
+    check_crops(crops, spec, datasplit=str(config.datasplit_path), labels=rank == 0)
     train = [c for c, r in zip(crops, rows, strict=True) if r.usage == "train"]
     validate = [c for c, r in zip(crops, rows, strict=True) if r.usage == "validate"]
     if not train:

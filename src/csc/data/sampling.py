@@ -73,7 +73,8 @@ def _positions(maps: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 def _box(plan: Plan, data: Data) -> np.ndarray:
     """The plan's box [start, stop) out of an array: a view when the array holds it, else a
     copy with zeros where the array does not reach (outside the level; for nearest plans,
-    whose voxels there are masked, left unset)."""
+    whose voxels there are masked, left unset, but for float labels: stray float bits would
+    make a target transform's cast to float32 warn of overflow before they are masked)."""
     array, origin = data
     first = [a - o for a, o in zip(plan.start, origin, strict=True)]  # in the array's voxels
     last = [b - o for b, o in zip(plan.stop, origin, strict=True)]
@@ -81,7 +82,7 @@ def _box(plan: Plan, data: Data) -> np.ndarray:
                                                                   strict=True))  # fmt: skip
     if all(a >= 0 and b <= n for a, b, n in zip(first, last, array.shape, strict=True)):
         return array[inner]
-    make = np.zeros if plan.linear else np.empty
+    make = np.zeros if plan.linear or array.dtype.kind == "f" else np.empty
     box = make([b - a for a, b in zip(first, last, strict=True)], dtype=array.dtype)
     if all(s.stop > s.start for s in inner):
         box[tuple(slice(s.start - a, s.stop - a) for s, a in zip(inner, first, strict=True))] = (
@@ -160,7 +161,10 @@ def _interpolate_axes(plan: Plan, boxes: np.ndarray) -> np.ndarray:
         shape = [1, 1, 1, 1]
         shape[j + 1] = -1
         w = plan.weight[j].reshape(shape)  # type: ignore[index]
-        out = lower * (1 - w) + upper * w
+        # inf * 0 in a raw holding inf is NaN, as grid_sample gives it: the dataset reports
+        # non-finite raw with its crop, so numpy's own warning would only repeat it.
+        with np.errstate(invalid="ignore"):
+            out = lower * (1 - w) + upper * w
     return out
 
 

@@ -36,6 +36,11 @@ DEFAULT_CHUNK_CACHE_MB = 256
 S3_RETRIES = {"max_retries": 5, "initial_delay": "0.2s", "max_delay": "5s"}
 
 
+class DataWarning(UserWarning):
+    """Something in the data that training would otherwise take in silently (a label array
+    whose chunks disagree with its metadata, non-finite raw values); it names the array."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Level:
     """One scale level of a multiscale group: its array path, voxel size and placement."""
@@ -52,6 +57,15 @@ class Level:
 
 
 @dataclasses.dataclass(frozen=True)
+class Chunking:
+    """How a zarr v2 array stores its chunks, from its ``.zarray``."""
+
+    chunks: tuple[int, int, int]  # voxels per chunk, (z, y, x)
+    separator: str  # between a chunk key's indices: "/" (nested, z/y/x) or "." (z.y.x)
+    fill_value: float  # what a missing chunk reads as
+
+
+@dataclasses.dataclass(frozen=True)
 class ArraySource:
     """One array to read patches from: a multiscale group and the level chosen for a scale."""
 
@@ -60,6 +74,8 @@ class ArraySource:
     absent: int | None = None  # label encoding: the value for background (None: raw data)
     unknown: int | None = None  # label encoding: the value for "not annotated here"
     foreground: int | None = None  # label voxels that are present, from complement_counts
+    dtype: str | None = None  # numpy type of the stored values, native byte order ("uint8")
+    chunking: Chunking | None = None
 
     @property
     def url(self) -> str:
@@ -142,9 +158,11 @@ class MetadataReader:
             )
         level = choose_level(parse_multiscales(self.json(f"{group}/.zattrs"), group), scale)
         array = self.json(f"{group}/{level.path}/.zarray")
-        level = dataclasses.replace(level, shape=_vec3i(array["shape"], f"{group}/{level.path}"))
+        where = f"{group}/{level.path}"
+        level = dataclasses.replace(level, shape=_vec3i(array["shape"], where))
+        stored = {"dtype": _dtype(array, where), "chunking": _chunking(array, where)}
         if not label:
-            return ArraySource(group, level)
+            return ArraySource(group, level, **stored)
         attrs = self.json(f"{group}/{level.path}/.zattrs", missing_ok=True)
         annotation = attrs.get("cellmap", {}).get("annotation", {})
         encoding = annotation.get("annotation_type", {}).get("encoding", {})
@@ -153,14 +171,96 @@ class MetadataReader:
         if isinstance(counts, dict):
             foreground = math.prod(level.shape) - int(sum(counts.values()))
         return ArraySource(
-            group, level, encoding.get("absent", 0), encoding.get("unknown"), foreground
+            group, level, encoding.get("absent", 0), encoding.get("unknown"), foreground, **stored
         )
+
+
+def _dtype(array: dict[str, Any], where: str) -> str:
+    """The numpy type name of a ``.zarray``'s dtype ("<u8" -> "uint64"): byte order aside,
+    which tensorstore converts to native on reading."""
+    try:
+        return np.dtype(array["dtype"]).newbyteorder("=").name
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"{where}/.zarray has no dtype csc can read ({array.get('dtype')!r}); csc reads "
+            "integer, bool and float arrays"
+        ) from None
+
+
+def _chunking(array: dict[str, Any], where: str) -> Chunking:
+    chunks = _vec3i(array.get("chunks", array["shape"]), where)
+    try:  # a number, "NaN"/"Infinity", or false for bool; null reads as zeros
+        fill_value = float(array.get("fill_value") or 0)
+    except (TypeError, ValueError):
+        fill_value = 0.0
+    return Chunking(chunks, array.get("dimension_separator") or ".", fill_value)
 
 
 def _vec3i(values: Sequence[int], where: str) -> tuple[int, int, int]:
     if len(values) != 3:
         raise ValueError(f"{where} has {len(values)} dimensions; csc reads 3D (z, y, x) arrays")
     return (int(values[0]), int(values[1]), int(values[2]))
+
+
+# --- Which chunks are stored: keys, not voxels ---------------------------------------------
+
+
+def chunk_ranges(source: ArraySource, start: Sequence[int], stop: Sequence[int]) -> list[range]:
+    """Per axis (z, y, x), the chunk indices of `source`'s level that voxels [start, stop)
+    overlap, within the array (an empty range: the box lies outside it)."""
+    assert source.chunking is not None
+    return [
+        range(max(0, a // c), min(-(-n // c), -(-b // c)))
+        for a, b, c, n in zip(start, stop, source.chunking.chunks, source.level.shape,
+                              strict=True)
+    ]  # fmt: skip
+
+
+def any_chunk_stored(reader: MetadataReader, source: ArraySource, start: Sequence[int],
+                     stop: Sequence[int]) -> bool:  # fmt: skip
+    """Whether any chunk of `source`'s level overlapping voxels [start, stop) is stored (a
+    missing chunk reads as the fill value), through `reader`'s filesystem. Asks for keys,
+    never data: the middle chunk first (one request when it is there, the usual case), then
+    listings that descend the nested keys z/y/x only where indices in range exist (one
+    listing when none is stored)."""
+    assert source.chunking is not None
+    ranges = chunk_ranges(source, start, stop)
+    if any(len(r) == 0 for r in ranges):
+        return False
+    fs, path = reader.fs, source.url.removeprefix("s3://")
+    separator = source.chunking.separator
+    middle = separator.join(str(r[len(r) // 2]) for r in ranges)
+    with s3_errors(source.url, reader.endpoint_url):
+        try:
+            if fs.exists(f"{path}/{middle}"):
+                return True
+            if separator == "/":
+                return _nested_stored(fs, path, ranges)
+            return any(_in_ranges(name.split("."), ranges) for name in _listing(fs, path))
+        except PermissionError:  # listing refused (a bucket that allows reads only): can't tell
+            return True
+
+
+def _nested_stored(fs: Any, path: str, ranges: Sequence[range]) -> bool:
+    """Whether a nested key ``path/i/j/k`` exists with each index in its range."""
+    inside = [name for name in _listing(fs, path) if name.isdigit() and int(name) in ranges[0]]
+    if len(ranges) == 1:
+        return bool(inside)
+    return any(_nested_stored(fs, f"{path}/{name}", ranges[1:]) for name in inside)
+
+
+def _in_ranges(indices: Sequence[str], ranges: Sequence[range]) -> bool:
+    return len(indices) == len(ranges) and all(
+        i.isdigit() and int(i) in r for i, r in zip(indices, ranges, strict=True)
+    )
+
+
+def _listing(fs: Any, path: str) -> list[str]:
+    """The names directly under `path` (none when it does not exist)."""
+    try:
+        return [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 # --- Reading array data with tensorstore, per process -------------------------------------
