@@ -455,13 +455,16 @@ def _refuse_existing_run(config: TrainConfig, resumed: Resumed | None) -> None:
 
 def _check_resume_point(config: TrainConfig, resumed: Resumed) -> None:
     """`FileExistsError` when resuming an earlier epoch (``load_model = "best"``) would
-    overwrite the run's later epochs."""
+    overwrite the run's later epochs. ("latest" falls back past a damaged latest epoch only:
+    that epoch is redone and its damaged files replaced.)"""
+    if config.load_model != "best":
+        return
     later = [e for e in find_checkpoints(config.model_save_path, config.model_name)
              if e > resumed.epoch]  # fmt: skip
     if not later:
         return
     raise FileExistsError(
-        f"load_model={config.load_model!r} resumes {config.model_name} at epoch "
+        f"load_model='best' resumes {config.model_name} at epoch "
         f"{resumed.epoch}, but {resumed.path.parent} holds its epochs up to {later[-1]}, which "
         "this run would overwrite: resume from the last epoch with load_model='latest', or "
         "start a new run from these weights with model_name=NEW "

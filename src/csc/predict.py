@@ -30,7 +30,7 @@ from csc.config import TrainConfig
 from csc.data import Crop, MetadataReader, PatchDataset, PatchSpec, load_crops
 from csc.data.geometry import Grid
 from csc.datasplit import DatasplitRow, read_datasplit, select_crops
-from csc.models.loading import load_weights, strip_wrapper_prefixes
+from csc.models.loading import load_weights, model_path, strip_wrapper_prefixes
 from csc.storage import is_s3, make_compressor, multiscales_attrs
 from csc.train import AUTOCAST_DTYPES, channels_last_format, choose_device, make_model
 
@@ -144,6 +144,9 @@ def checkpoint_weights(config: TrainConfig, checkpoint: str) -> tuple[dict[str, 
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a NAME_e.state.pth training state
+    elif isinstance(state, dict) and "model" in state and "optimizer" in state:
+        path = model_path(path)  # a training state whose weights are the model file's
+        state = torch.load(path, map_location="cpu", weights_only=True)
     return strip_wrapper_prefixes(state), str(path)
 
 

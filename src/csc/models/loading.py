@@ -56,6 +56,16 @@ def state_path(model_path: Path) -> Path:
     return model_path.with_name(model_path.name + STATE_SUFFIX)
 
 
+def model_path(state_file: Path) -> Path:
+    """The model file of a training state (`state_path` inverted): ``x_3.state.pth`` ->
+    ``x_3.pth``; the path unchanged when it is no state file's name."""
+    state_file = Path(state_file)
+    for suffix, model_suffix in ((STATE_SUFFIX + ".pth", ".pth"), (STATE_SUFFIX, "")):
+        if state_file.name.endswith(suffix):
+            return state_file.with_name(state_file.name[: -len(suffix)] + model_suffix)
+    return state_file
+
+
 def find_checkpoints(template: str, model_name: str) -> dict[int, Path]:
     """Model files of `model_name` with an integer epoch, by epoch, in ascending order.
 
