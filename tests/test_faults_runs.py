@@ -34,8 +34,14 @@ from csc.train import train
 from tests.faults import assert_unchanged, snapshot
 
 CLASSES = ("nuc", "mito")
-SPEC = SynthSpec(num_datasets=2, num_crops=2, shape=(16, 48, 48), crop_shape=(16, 64, 64),
-                 chunks=(16, 32, 32), missing_class_prob=0.0)  # fmt: skip
+SPEC = SynthSpec(
+    num_datasets=2,
+    num_crops=2,
+    shape=(16, 48, 48),
+    crop_shape=(16, 64, 64),
+    chunks=(16, 32, 32),
+    missing_class_prob=0.0,
+)
 SEARCH = "{dataset}/{dataset}.zarr/recon-1/{name}"
 ITERATIONS = 2  # batches per epoch: epoch e ends at step 2e
 
@@ -51,15 +57,25 @@ def settings(data: Path, run: Path, **overrides: Any) -> dict[str, Any]:
     """A tiny 2D run: (1, 32, 32) patches, a 2-level UNet 8 channels wide."""
     info = {"shape": (1, 32, 32), "scale": (8, 8, 8)}
     return {
-        "search_path": f"{data}/{SEARCH}", "datasplit_path": f"{run}/datasplit.csv",
-        "classes": CLASSES, "validation_prob": 0.5, "input_array_info": info,
-        "target_array_info": info, "model_name": "2d_unet", "model_to_load": "2d_unet",
-        "model_kwargs": {"num_levels": 2, "base_channels": 8}, "epochs": 3,
-        "iterations_per_epoch": ITERATIONS, "batch_size": 2, "learning_rate": 1e-3,
-        "validation_batch_limit": 1, "device": "cpu",
+        "search_path": f"{data}/{SEARCH}",
+        "datasplit_path": f"{run}/datasplit.csv",
+        "classes": CLASSES,
+        "validation_prob": 0.5,
+        "input_array_info": info,
+        "target_array_info": info,
+        "model_name": "2d_unet",
+        "model_to_load": "2d_unet",
+        "model_kwargs": {"num_levels": 2, "base_channels": 8},
+        "epochs": 3,
+        "iterations_per_epoch": ITERATIONS,
+        "batch_size": 2,
+        "learning_rate": 1e-3,
+        "validation_batch_limit": 1,
+        "device": "cpu",
         "model_save_path": f"{run}/checkpoints/{{model_name}}_{{epoch}}.pth",
-        "logs_save_path": f"{run}/tensorboard/{{model_name}}", **overrides,
-    }  # fmt: skip
+        "logs_save_path": f"{run}/tensorboard/{{model_name}}",
+        **overrides,
+    }
 
 
 def write_config(data: Path, run: Path, **overrides: Any) -> Path:
@@ -157,8 +173,9 @@ def test_a_fresh_start_can_move_the_old_run_aside_whole(data: Path, run: Path) -
     """existing_run='move': the old checkpoints and logs keep their bytes in *.moved-* folders;
     the new run's latest, best and logs are its own."""
     before = snapshot(run)
-    result = csc_train(write_config(data, run), "epochs=1", "load_model=None",
-                       "existing_run='move'")  # fmt: skip
+    result = csc_train(
+        write_config(data, run), "epochs=1", "load_model=None", "existing_run='move'"
+    )
     assert result.exit_code == 0, result.output
     assert "moved the previous run of 2d_unet aside" in result.output
     [moved_checkpoints] = (run / "checkpoints").glob("2d_unet.moved-*")
@@ -203,8 +220,9 @@ def test_a_stale_best_is_repaired_from_the_states_best_epoch(data: Path, run: Pa
     before = snapshot(run)
     start = start_run(build_config(settings(data, run)))
     assert start.resumed is not None and start.resumed.epoch == 3
-    assert any(f"{folder / '2d_unet_best.pth'} did not hold the best epoch" in n
-               for n in start.notes), start.notes  # fmt: skip
+    assert any(
+        f"{folder / '2d_unet_best.pth'} did not hold the best epoch" in n for n in start.notes
+    ), start.notes
     assert digest(folder / "2d_unet_best.pth") == digest(folder / f"2d_unet_{best}.pth")
     assert_unchanged({k: v for k, v in before.items() if k != "checkpoints/2d_unet_best.pth"}, run)
 
@@ -213,8 +231,11 @@ def test_orphan_temporary_files_of_the_run_are_removed_at_the_next_start(
     data: Path, run: Path
 ) -> None:
     folder = run / "checkpoints"
-    orphans = [".2d_unet_4.pth.1a2b3c4d.tmp", ".2d_unet_4.state.pth.deadbeef.tmp",
-               ".2d_unet_best.pth.0badf00d.tmp"]  # fmt: skip
+    orphans = [
+        ".2d_unet_4.pth.1a2b3c4d.tmp",
+        ".2d_unet_4.state.pth.deadbeef.tmp",
+        ".2d_unet_best.pth.0badf00d.tmp",
+    ]
     kept = [
         ".other_4.pth.1a2b3c4d.tmp",
         ".2d_unet_4.pth.notcsc.tmp",
@@ -258,6 +279,25 @@ def test_a_resumed_run_hides_the_steps_the_killed_run_logged_after_its_checkpoin
     board = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     board.Reload()
     assert [event.step for event in board.Scalars("loss")] == list(range(1, 9))
+
+
+def test_a_toolkit_checkpoint_without_state_resumes_its_weights_and_numbering(
+    data: Path, tmp_path: Path
+) -> None:
+    """A plain state_dict at epoch 5 (the existing toolkit's layout, no state, no logs): its
+    weights, then epoch 6, logged from step 5 * iterations + 1."""
+    from csc.models import UNet
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    toolkit = UNet(2, 1, len(CLASSES), num_levels=2, base_channels=8)
+    torch.save(toolkit.state_dict(), folder / "2d_unet_5.pth")
+    before = snapshot(tmp_path)
+    result = train(build_config(settings(data, tmp_path, epochs=1)))
+    assert (result.first_epoch, result.last_epoch) == (6, 6)
+    steps = [step for step, _ in read_scalars(tmp_path / "tensorboard/2d_unet", "loss")]
+    assert steps == [5 * ITERATIONS + 1, 5 * ITERATIONS + 2]
+    assert_unchanged(before, tmp_path)
 
 
 # --- 5. Disk: full training states only where resume and best need them -------------------
@@ -346,8 +386,10 @@ def test_a_destination_that_cannot_be_a_folder_is_refused_before_training(
 ) -> None:
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a folder should be")
-    target = {"model_save_path": f"{blocker}/ckpt/{{model_name}}_{{epoch}}.pth",
-              "logs_save_path": f"{blocker}/tb/{{model_name}}"}[key]  # fmt: skip
+    target = {
+        "model_save_path": f"{blocker}/ckpt/{{model_name}}_{{epoch}}.pth",
+        "logs_save_path": f"{blocker}/tb/{{model_name}}",
+    }[key]
     config = write_config(data, tmp_path, **{key: target})
     before = snapshot(tmp_path)
     line = error_line(csc_train(config))

@@ -240,8 +240,9 @@ def repair_best(template: str, model_name: str, best_epoch: int | None) -> Path 
     best = format_checkpoint_path(template, model_name=model_name, epoch="best")
     if not source.is_file():
         return None  # nothing to agree with (deleted by hand); `best` is left as it is
-    if best.is_file() and (os.path.samefile(best, source)
-                           or filecmp.cmp(best, source, shallow=False)):  # fmt: skip
+    if best.is_file() and (
+        os.path.samefile(best, source) or filecmp.cmp(best, source, shallow=False)
+    ):
         return None
     return link_best(template=template, model_name=model_name, epoch=best_epoch)
 
@@ -336,28 +337,32 @@ def start_run(config: TrainConfig, *, is_main: bool = True) -> RunStart:
     """
     check_destinations(config)
     resumed = load_for_resume(config)
-    own = resumed is not None and config.model_to_load == config.model_name
-    notes = []
-    if own:
-        assert resumed is not None
-        _check_resume_point(config, resumed)
+    # The run's own checkpoint, when it resumes one (not a fine-tune from another model).
+    own = resumed if resumed is not None and config.model_to_load == config.model_name else None
+    if own is not None:
+        _check_resume_point(config, own)
     elif config.existing_run != "move":
         _refuse_existing_run(config, resumed)
+    notes: list[str] = []
     if not is_main:
         return RunStart(resumed, notes)
     names = {"template": config.model_save_path, "model_name": config.model_name}
     removed = remove_temporary_files(**names)
     if removed:
-        notes.append(f"removed {len(removed)} temporary file(s) of an interrupted write: "
-                     + ", ".join(str(path) for path in removed))  # fmt: skip
-    if not own and any(_existing_files(config)):
+        notes.append(
+            f"removed {len(removed)} temporary file(s) of an interrupted write: "
+            + ", ".join(str(path) for path in removed)
+        )
+    if own is None and any(_existing_files(config)):
         notes.append(move_run_aside(config))
-    if own and resumed is not None and resumed.train_state is not None:
-        repaired = repair_best(best_epoch=resumed.train_state.get("best_epoch"), **names)
+    if own is not None and own.train_state is not None:
+        best_epoch = own.train_state.get("best_epoch")
+        repaired = repair_best(best_epoch=best_epoch, **names)
         if repaired is not None:
-            best_epoch = resumed.train_state["best_epoch"]
-            notes.append(f"{repaired} did not hold the best epoch {best_epoch} (interrupted "
-                         f"run): it is the model file of epoch {best_epoch} again")  # fmt: skip
+            notes.append(
+                f"{repaired} did not hold the best epoch {best_epoch} (interrupted "
+                f"run): it is the model file of epoch {best_epoch} again"
+            )
     return RunStart(resumed, notes)
 
 
@@ -398,10 +403,13 @@ def remove_temporary_files(template: str, model_name: str) -> list[Path]:
 def check_destinations(config: TrainConfig) -> None:
     """`RunWriteError` when the checkpoint or log folder cannot be created or written: the
     nearest existing folder is a file, or is read-only."""
-    checkpoint = format_checkpoint_path(config.model_save_path, model_name=config.model_name,
-                                        epoch=1)  # fmt: skip
-    for what, folder, key in (("checkpoints", checkpoint.parent, "model_save_path"),
-                              ("TensorBoard logs", log_dir(config), "logs_save_path")):  # fmt: skip
+    checkpoint = format_checkpoint_path(
+        config.model_save_path, model_name=config.model_name, epoch=1
+    )
+    for what, folder, key in (
+        ("checkpoints", checkpoint.parent, "model_save_path"),
+        ("TensorBoard logs", log_dir(config), "logs_save_path"),
+    ):
         existing = folder.absolute()
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
@@ -411,16 +419,18 @@ def check_destinations(config: TrainConfig) -> None:
             problem = f"{existing} is not writable (read-only or no permission)"
         else:
             continue
-        raise RunWriteError(f"cannot write {what} into {folder}: {problem}; fix it or set "
-                            f"{key} to another folder")  # fmt: skip
+        raise RunWriteError(
+            f"cannot write {what} into {folder}: {problem}; fix it or set {key} to another folder"
+        )
 
 
 def _existing_files(config: TrainConfig) -> tuple[list[Path], list[Path]]:
     """The files of another run of `model_name`: its checkpoint files, its TensorBoard files."""
     folder = log_dir(config)
     logs = sorted(path for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else []
-    checkpoints = [path for path in run_files(config.model_save_path, config.model_name)
-                   if path not in logs]  # fmt: skip
+    checkpoints = [
+        path for path in run_files(config.model_save_path, config.model_name) if path not in logs
+    ]
     return checkpoints, logs
 
 
@@ -459,8 +469,9 @@ def _check_resume_point(config: TrainConfig, resumed: Resumed) -> None:
     that epoch is redone and its damaged files replaced.)"""
     if config.load_model != "best":
         return
-    later = [e for e in find_checkpoints(config.model_save_path, config.model_name)
-             if e > resumed.epoch]  # fmt: skip
+    later = [
+        e for e in find_checkpoints(config.model_save_path, config.model_name) if e > resumed.epoch
+    ]
     if not later:
         return
     raise FileExistsError(

@@ -366,8 +366,10 @@ def resume(run: Run, *, say: Any = print, start: RunStart | None = None) -> int:
         load_weights(run.model, resumed.model_state, source=str(resumed.path))
         run.epoch, run.global_step = resumed.epoch, resumed.epoch * config.iterations_per_epoch
         run.tracker.restart_at(run.global_step + 1)
-        say(f"loaded weights from {resumed.path} (epoch {resumed.epoch}; no training state "
-            "beside it: optimizer, scheduler and random state start afresh)")  # fmt: skip
+        say(
+            f"loaded weights from {resumed.path} (epoch {resumed.epoch}; no training state "
+            "beside it: optimizer, scheduler and random state start afresh)"
+        )
         return resumed.epoch
     # The model file holds the trained weights, unless it holds the EMA's: then the state does.
     load_weights(run.model, state.get("model") or resumed.model_state, source=str(resumed.path))

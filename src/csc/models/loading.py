@@ -83,8 +83,9 @@ def epoch_files(search_path: str) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def template_files(template: str, patterns: Mapping[str, str] | None = None
-                   ) -> list[tuple[dict[str, str], Path]]:  # fmt: skip
+def template_files(
+    template: str, patterns: Mapping[str, str] | None = None
+) -> list[tuple[dict[str, str], Path]]:
     """The files that match `template`: each with the values of its placeholders.
 
     `patterns` maps a placeholder (``epoch`` for ``{epoch}``) to the regular expression its
