@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from csc.checkpoints import load_for_resume
+from csc.checkpoints import load_for_resume, model_path
 from csc.config import TrainConfig
 from csc.data import Crop, MetadataReader, PatchDataset, PatchSpec, load_crops
 from csc.data.geometry import Grid
 from csc.datasplit import DatasplitRow, read_datasplit, select_crops
-from csc.models.loading import load_weights, model_path, strip_wrapper_prefixes
+from csc.models.loading import load_weights, strip_wrapper_prefixes
 from csc.storage import is_s3, make_compressor, multiscales_attrs
 from csc.train import AUTOCAST_DTYPES, channels_last_format, choose_device, make_model
 
