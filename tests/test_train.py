@@ -232,7 +232,8 @@ def test_ema_weights_are_validated_and_saved(data: Path, tmp_path: Path) -> None
 
 def test_early_stopping_and_pruning(data: Path, tmp_path: Path) -> None:
     """Fixed weights (learning rate 0, no batch norm) never improve: patience 1 stops after
-    epoch 2, and keep_last_checkpoints=1 leaves the last epoch, the best one and its copy."""
+    epoch 2, and keep_last_checkpoints=1 leaves the last epoch, the best one and `best`, a
+    link to the best epoch's model file."""
     model = UNet(2, 1, len(CLASSES), num_levels=2, base_channels=4, norm=None)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     result = train(config_of(data, tmp_path, model=model, optimizer=optimizer, epochs=5,
@@ -240,7 +241,9 @@ def test_early_stopping_and_pruning(data: Path, tmp_path: Path) -> None:
     assert result.last_epoch == 2 and result.best_epoch == 1
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pth"))
     kept = ["2d_unet_1.pth", "2d_unet_1.state.pth", "2d_unet_2.pth", "2d_unet_2.state.pth"]
-    assert names == [*kept, "2d_unet_best.pth", "2d_unet_best.state.pth"]
+    assert names == [*kept, "2d_unet_best.pth"]
+    folder = tmp_path / "checkpoints"
+    assert (folder / "2d_unet_best.pth").samefile(folder / "2d_unet_1.pth")
 
 
 def test_without_validation_crops_it_says_so_and_trains(

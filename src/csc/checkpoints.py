@@ -1,4 +1,5 @@
-"""Save checkpoints atomically, prune old ones, and read them back to resume a run.
+"""Save checkpoints atomically, prune old ones, read them back to resume a run, and keep one
+run's files apart from another's (`start_run`).
 
 Each epoch writes two files from ``model_save_path``: the training state
 (``2d_unet_3.state.pth``: optimizer, scheduler, scaler, EMA, epoch, step, RNG states, best
@@ -6,13 +7,18 @@ score, config) and then the model's plain ``state_dict`` (``2d_unet_3.pth``), wh
 epoch as complete. Each file is written under a temporary name in the same folder and renamed,
 so a crash never leaves a half-written file under a checkpoint's name. Everything stored is
 plain data (`to_safe`), so ``torch.load(path, weights_only=True)`` reads every file.
+Training states are kept for the last two epochs and the best one (`drop_old_states`); the
+``best`` file is a hard link to the best epoch's model file (`link_best`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import os
 import random
+import shutil
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path, PurePath
@@ -26,28 +32,44 @@ from csc.models.loading import (
     Checkpoint,
     find_checkpoints,
     format_checkpoint_path,
+    model_path,
     read_epoch,
     read_latest,
     state_path,
+    template_files,
     unwrap,
 )
 from csc.models.loading import best_epoch as best_validation_epoch
+from csc.storage import StorageError
 
 __all__ = [
     "Resumed",
+    "RunStart",
+    "RunWriteError",
+    "drop_old_states",
+    "link_best",
     "load_for_resume",
+    "model_path",
     "prune_checkpoints",
     "rng_state",
     "save_best",
     "save_checkpoint",
     "set_rng_state",
+    "start_run",
     "to_safe",
     "unwrap",
 ]
 
+TEMPORARY = ".{name}.{hex}.tmp"  # what `atomic_save` writes first, beside the file `name`
+MOVED = "{name}.moved-{stamp}"  # where existing_run = "move" puts an old run's files
+
 # What `load_for_resume` returns: epoch, path (the model file), model_state and train_state
 # (None when the checkpoint has no training state file, e.g. one from the existing toolkit).
 Resumed = Checkpoint
+
+
+class RunWriteError(StorageError, OSError):
+    """A checkpoint or log file cannot be written; the message names the path (one line)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -150,19 +172,101 @@ def atomic_save(value: Any, path: Path) -> None:
     """`torch.save` to a temporary file beside `path`, then rename it to `path`.
 
     The temporary name starts with a dot and ends in ``.tmp``, so it never matches a
-    checkpoint template; it is removed when writing fails.
+    checkpoint template; it is removed when writing fails. A failed write (disk full, file
+    too large, read-only) is a `RunWriteError` naming `path`; `path` itself is untouched.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    temporary = _temporary(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(temporary, "xb") as file:
             torch.save(value, file)
             file.flush()
             os.fsync(file.fileno())  # the bytes are on disk before the name points at them
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        _raise_write_error(error, path)
         raise
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(TEMPORARY.format(name=path.name, hex=uuid.uuid4().hex[:8]))
+
+
+def _raise_write_error(error: BaseException, path: Path) -> None:
+    """Raise `RunWriteError` for `path` when `error` comes from the file system."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, OSError):
+        # torch.save reports a failed write as a RuntimeError; the OSError is its context.
+        cause = cause.__cause__ or cause.__context__
+    if cause is None or isinstance(cause, RunWriteError):
+        return
+    reason = cause.strerror or str(cause)
+    raise RunWriteError(
+        f"cannot write {path}: {reason} (the partial file was removed; earlier checkpoints "
+        "are kept): free disk space or make the folder writable, then run again to resume, "
+        "or set model_save_path to another folder"
+    ) from cause
+
+
+def link_best(*, template: str, model_name: str, epoch: int) -> Path:
+    """Make ``best`` (``2d_unet_best.pth``) the model file of `epoch`: a hard link (no extra
+    bytes), else a copy; replaced atomically. Return its path."""
+    source = format_checkpoint_path(template, model_name=model_name, epoch=epoch)
+    best = format_checkpoint_path(template, model_name=model_name, epoch="best")
+    temporary = _temporary(best)
+    try:
+        try:
+            os.link(source, temporary)
+        except OSError:  # a file system without hard links: copy the bytes
+            with open(source, "rb") as reader, open(temporary, "xb") as writer:
+                shutil.copyfileobj(reader, writer)
+                writer.flush()
+                os.fsync(writer.fileno())
+        os.replace(temporary, best)
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        _raise_write_error(error, best)
+        raise
+    # Earlier csc versions copied the training state too; that copy would disagree with `best`.
+    state_path(best).unlink(missing_ok=True)
+    return best
+
+
+def repair_best(template: str, model_name: str, best_epoch: int | None) -> Path | None:
+    """Point ``best`` at `best_epoch`'s model file when it does not (a kill between the epoch's
+    checkpoint and its best link); the repaired path, or None when it already agreed."""
+    if best_epoch is None:
+        return None
+    source = format_checkpoint_path(template, model_name=model_name, epoch=best_epoch)
+    best = format_checkpoint_path(template, model_name=model_name, epoch="best")
+    if not source.is_file():
+        return None  # nothing to agree with (deleted by hand); `best` is left as it is
+    if best.is_file() and (
+        os.path.samefile(best, source) or filecmp.cmp(best, source, shallow=False)
+    ):
+        return None
+    return link_best(template=template, model_name=model_name, epoch=best_epoch)
+
+
+def drop_old_states(
+    template: str, model_name: str, *, best_epoch: int | None, keep: int = 2
+) -> list[Path]:
+    """Delete the training states of all but the last `keep` epochs and `best_epoch`.
+
+    Resume needs the latest state, and the one before it when the latest file is damaged;
+    ``load_model = "best"`` needs the best epoch's. Older epochs keep their model files
+    (weights only). Returns the deleted files.
+    """
+    checkpoints = find_checkpoints(template, model_name)
+    needed = set(list(checkpoints)[-keep:]) | {best_epoch}
+    removed = []
+    for epoch, path in checkpoints.items():
+        state = state_path(path)
+        if epoch not in needed and state.is_file():
+            state.unlink()
+            removed.append(state)
+    return removed
 
 
 def prune_checkpoints(
@@ -208,3 +312,207 @@ def load_for_resume(config: TrainConfig) -> Resumed | None:
     if epoch is None:
         return None
     return read_epoch(search_path, epoch, with_state=True)
+
+
+# --- One run's files, kept apart from another's ------------------------------------------
+
+
+@dataclasses.dataclass
+class RunStart:
+    """What `start_run` found and did: the checkpoint to resume from (None: start fresh) and a
+    line for each thing it changed on disk."""
+
+    resumed: Resumed | None
+    notes: list[str]
+
+
+def start_run(config: TrainConfig, *, is_main: bool = True) -> RunStart:
+    """Before any data is read: check that checkpoints and logs can be written, read the
+    checkpoint to resume from, and keep this run's files apart from another run's.
+
+    A run that does not resume its own checkpoints (``load_model = None``, nothing found to
+    load, or a fine-tune from another ``model_to_load``) refuses with `FileExistsError` when
+    its checkpoint files or TensorBoard folder hold files already, unless ``existing_run =
+    "move"``: then the old run is moved aside whole. A resume from ``"best"`` that would
+    overwrite later epochs refuses too. Rank 0 (`is_main`) then removes temporary files of
+    killed writes and, on a resume, points ``best`` at the state's best epoch.
+    """
+    check_destinations(config)
+    resumed = load_for_resume(config)
+    # The run's own checkpoint, when it resumes one (not a fine-tune from another model).
+    own = resumed if resumed is not None and config.model_to_load == config.model_name else None
+    if own is not None:
+        _check_resume_point(config, own)
+    elif config.existing_run != "move":
+        _refuse_existing_run(config, resumed)
+    notes: list[str] = []
+    if not is_main:
+        return RunStart(resumed, notes)
+    names = {"template": config.model_save_path, "model_name": config.model_name}
+    removed = remove_temporary_files(**names)
+    if removed:
+        notes.append(
+            f"removed {len(removed)} temporary file(s) of an interrupted write: "
+            + ", ".join(str(path) for path in removed)
+        )
+    if own is None and any(_existing_files(config)):
+        notes.append(move_run_aside(config))
+    if own is not None and own.train_state is not None:
+        best_epoch = own.train_state.get("best_epoch")
+        repaired = repair_best(best_epoch=best_epoch, **names)
+        if repaired is not None:
+            notes.append(
+                f"{repaired} did not hold the best epoch {best_epoch} (interrupted "
+                f"run): it is the model file of epoch {best_epoch} again"
+            )
+    return RunStart(resumed, notes)
+
+
+def log_dir(config: TrainConfig) -> Path:
+    """The run's TensorBoard folder: ``logs_save_path`` with ``{model_name}`` filled."""
+    return Path(config.logs_save_path.replace("{model_name}", config.model_name))
+
+
+def run_files(template: str, model_name: str) -> list[Path]:
+    """The checkpoint files of `model_name`: epoch and ``best`` model files, and their training
+    states (also those of an epoch whose model file was never written)."""
+    search = template.replace("{model_name}", model_name)
+    epochs = {"epoch": "[0-9]+|best"}
+    found = template_files(search, epochs) + template_files(str(state_path(Path(search))), epochs)
+    return sorted({path for _, path in found})
+
+
+def temporary_files(template: str, model_name: str) -> list[Path]:
+    """The temporary files `atomic_save` leaves when killed while writing a file of
+    `run_files` (``.2d_unet_3.pth.1a2b3c4d.tmp``)."""
+    search = Path(template.replace("{model_name}", model_name))
+    found = []
+    for model_file in (search, state_path(search)):
+        temporary = model_file.with_name(TEMPORARY.format(name=model_file.name, hex="{hex}"))
+        patterns = {"epoch": "[0-9]+|best", "hex": "[0-9a-f]{8}"}
+        found += [path for _, path in template_files(str(temporary), patterns)]
+    return sorted(set(found))
+
+
+def remove_temporary_files(template: str, model_name: str) -> list[Path]:
+    """Delete the temporary files of killed writes (`temporary_files`); return them."""
+    removed = temporary_files(template, model_name)
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def check_destinations(config: TrainConfig) -> None:
+    """`RunWriteError` when the checkpoint or log folder cannot be created or written: the
+    nearest existing folder is a file, or is read-only."""
+    checkpoint = format_checkpoint_path(
+        config.model_save_path, model_name=config.model_name, epoch=1
+    )
+    for what, folder, key in (
+        ("checkpoints", checkpoint.parent, "model_save_path"),
+        ("TensorBoard logs", log_dir(config), "logs_save_path"),
+    ):
+        existing = folder.absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            problem = f"{existing} is a file, not a folder"
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            problem = f"{existing} is not writable (read-only or no permission)"
+        else:
+            continue
+        raise RunWriteError(
+            f"cannot write {what} into {folder}: {problem}; fix it or set {key} to another folder"
+        )
+
+
+def _existing_files(config: TrainConfig) -> tuple[list[Path], list[Path]]:
+    """The files of another run of `model_name`: its checkpoint files, its TensorBoard files."""
+    folder = log_dir(config)
+    logs = sorted(path for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else []
+    checkpoints = [
+        path for path in run_files(config.model_save_path, config.model_name) if path not in logs
+    ]
+    return checkpoints, logs
+
+
+def _refuse_existing_run(config: TrainConfig, resumed: Resumed | None) -> None:
+    """`FileExistsError` naming the folders when a fresh run would mix with an old one."""
+    checkpoints, logs = _existing_files(config)
+    if not checkpoints and not logs:
+        return
+    folders = sorted({str(path.parent) for path in checkpoints})
+    folders += [str(log_dir(config))] if logs else []
+    files = checkpoints + logs
+    shown = ", ".join(path.name for path in files[:3])
+    shown += f" and {len(files) - 3} more" if len(files) > 3 else ""
+    if config.load_model is None:
+        why = "starts fresh (load_model=None)"
+    elif resumed is None:
+        why = f"finds nothing of {config.model_to_load} to resume"
+        why += f" (load_model={config.load_model!r})"
+    else:
+        why = f"starts from the weights of {config.model_to_load} (a fine-tune, from epoch 1)"
+    ways = []
+    if find_checkpoints(config.model_save_path, config.model_name):
+        ways.append(f"resume it with load_model='latest' model_to_load={config.model_name!r}")
+    ways.append("give this run another model_name, model_save_path or logs_save_path")
+    moved = MOVED.format(name=config.model_name, stamp="DATE-TIME")
+    ways.append(f"set existing_run='move' to move the old run aside (into {moved} folders)")
+    raise FileExistsError(
+        f"{' and '.join(folders)} already hold a run of {config.model_name} ({shown}) that "
+        f"this run would mix with: it {why}. To go on, " + "; or ".join(ways)
+    )
+
+
+def _check_resume_point(config: TrainConfig, resumed: Resumed) -> None:
+    """`FileExistsError` when resuming an earlier epoch (``load_model = "best"``) would
+    overwrite the run's later epochs. ("latest" falls back past a damaged latest epoch only:
+    that epoch is redone and its damaged files replaced.)"""
+    if config.load_model != "best":
+        return
+    later = [
+        e for e in find_checkpoints(config.model_save_path, config.model_name) if e > resumed.epoch
+    ]
+    if not later:
+        return
+    raise FileExistsError(
+        f"load_model='best' resumes {config.model_name} at epoch "
+        f"{resumed.epoch}, but {resumed.path.parent} holds its epochs up to {later[-1]}, which "
+        "this run would overwrite: resume from the last epoch with load_model='latest', or "
+        "start a new run from these weights with model_name=NEW "
+        f"model_to_load={config.model_name!r} load_model={config.load_model!r}"
+    )
+
+
+def move_run_aside(config: TrainConfig) -> str:
+    """Move the TensorBoard folder and checkpoint files of `model_name` into new folders named
+    ``{name}.moved-{date}-{time}`` beside them; nothing is overwritten. A line saying where."""
+    logs, template = log_dir(config), config.model_save_path
+    # The fixed folder of the template, before its first placeholder: files keep their paths
+    # relative to it (a template with {epoch} in a folder name keeps those folders).
+    base = Path(os.path.dirname(os.path.normpath(template.split("{", 1)[0] + "x")))
+    stamp, count = time.strftime("%Y%m%d-%H%M%S"), 1
+    while True:  # a second move within the same second gets "-2"
+        suffix = stamp if count == 1 else f"{stamp}-{count}"
+        moved_logs = logs.with_name(MOVED.format(name=logs.name, stamp=suffix))
+        moved_checkpoints = base / MOVED.format(name=config.model_name, stamp=suffix)
+        if not moved_logs.exists() and not moved_checkpoints.exists():
+            break
+        count += 1
+    lines = []
+    if logs.is_dir() and any(path.is_file() for path in logs.rglob("*")):
+        os.rename(logs, moved_logs)
+        lines.append(f"logs {logs} -> {moved_logs}")
+    files = run_files(template, config.model_name)  # those not inside the logs folder
+    for path in files:
+        target = moved_checkpoints / os.path.relpath(path, base)
+        if target.exists():  # only where logs and checkpoints share a folder
+            raise FileExistsError(f"cannot move {path} aside: {target} exists; move it by hand")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(path, target)
+    if files:
+        lines.append(f"{len(files)} checkpoint file(s) -> {moved_checkpoints}")
+    return f"existing_run='move': moved the previous run of {config.model_name} aside: " + (
+        "; ".join(lines)
+    )

@@ -31,6 +31,7 @@ LOSS_NAMES = ("bce", "dice", "dice_bce", "focal")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 PREDICTION_ENCODINGS = ("uint8", "float16")
 LOAD_MODEL_CHOICES = ("latest", "best", None)
+EXISTING_RUN_CHOICES = ("refuse", "move")  # a fresh run meeting another run's files
 FORCE_ALL_CLASSES_CHOICES = ("train", "validate", "both", None)
 AXES = ("z", "y", "x")
 SPATIAL_TRANSFORM_NAMES = ("mirror", "transpose", "rotate")
@@ -138,6 +139,7 @@ class TrainConfig:
     smoothing_window: int = 1
     early_stopping_patience: int | None = None
     keep_last_checkpoints: int | None = None
+    existing_run: str = "refuse"  # or "move": a fresh run moves an old run's files aside
     # Prediction (csc predict) and post-processing (csc process); templates: {model_name}.
     predictions_path: str = "predictions/{model_name}"
     prediction_overlap: float = 0.25  # share of a window that overlaps its neighbour, per axis
@@ -447,6 +449,7 @@ def _check_choices(config: TrainConfig) -> None:
     if not isinstance(config.model_to_load, str) or not config.model_to_load:
         raise ValueError(f"model_to_load must be a non-empty string, got {config.model_to_load!r}")
     _require_choice("load_model", config.load_model, LOAD_MODEL_CHOICES)
+    _require_choice("existing_run", config.existing_run, EXISTING_RUN_CHOICES)
     _require_choice("precision", config.precision, PRECISIONS)
     _require_choice("force_all_classes", config.force_all_classes, FORCE_ALL_CLASSES_CHOICES)
     for key, names in (("optimizer", OPTIMIZER_NAMES), ("scheduler", SCHEDULER_NAMES),

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from csc.checkpoints import load_for_resume
+from csc.checkpoints import load_for_resume, model_path
 from csc.config import TrainConfig
 from csc.data import Crop, MetadataReader, PatchDataset, PatchSpec, load_crops
 from csc.data.geometry import Grid
@@ -152,6 +152,9 @@ def checkpoint_weights(config: TrainConfig, checkpoint: str) -> tuple[dict[str, 
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a NAME_e.state.pth training state
+    elif isinstance(state, dict) and "model" in state and "optimizer" in state:
+        path = model_path(path)  # a training state whose weights are the model file's
+        state = torch.load(path, map_location="cpu", weights_only=True)
     return strip_wrapper_prefixes(state), str(path)
 
 

@@ -25,6 +25,10 @@ class Tracker(Protocol):
     def log_text(self, tag: str, text: str, step: int) -> None:
         """Record a note (Markdown) at `step`."""
 
+    def restart_at(self, step: int) -> None:
+        """Hide what an interrupted run recorded at `step` and later: a resumed run records
+        those steps anew, so no step shows twice."""
+
     def close(self) -> None:
         """Write everything out; the records are readable once this returns."""
 
@@ -39,6 +43,9 @@ class NullTracker:
         pass
 
     def log_text(self, tag: str, text: str, step: int) -> None:
+        pass
+
+    def restart_at(self, step: int) -> None:
         pass
 
     def close(self) -> None:
@@ -73,6 +80,14 @@ class TensorBoardTracker:
 
     def log_text(self, tag: str, text: str, step: int) -> None:
         self.writer.add_text(tag, text, global_step=step)
+
+    def restart_at(self, step: int) -> None:
+        """A restart marker, as ``SummaryWriter(purge_step=step)`` writes: TensorBoard and
+        `csc.models.loading.read_scalars` drop the steps >= `step` of earlier event files."""
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        start = SessionLog(status=SessionLog.START)
+        self.writer._get_file_writer().add_event(Event(step=step, session_log=start))
 
     def close(self) -> None:
         self.writer.flush()

@@ -25,12 +25,15 @@ from tqdm import tqdm
 
 from csc import distributed
 from csc.checkpoints import (
+    RunStart,
+    drop_old_states,
+    link_best,
     load_for_resume,
     prune_checkpoints,
     rng_state,
-    save_best,
     save_checkpoint,
     set_rng_state,
+    start_run,
     to_safe,
     unwrap,
 )
@@ -126,9 +129,12 @@ def run_epochs(config: TrainConfig, place: Dist) -> TrainResult:
     """Set up, resume, then epochs of train -> validate -> log -> save."""
     say = print if place.is_main else _silent
     say(format_config(config))
+    start = start_run(config, is_main=place.is_main)  # before any data is read
+    for note in start.notes:
+        say(note)
     seed_everything(config.random_seed)
     run = setup(config, place)
-    first = resume(run, say=say) + 1
+    first = resume(run, say=say, start=start) + 1
     if run.loaders.validate is None:
         say("no validation crops in the datasplit: training without validation")
     result = TrainResult(first, first - 1, [], [], None, None, unwrap(run.model))
@@ -342,18 +348,30 @@ def class_pos_weight(config: TrainConfig, loaders: Loaders) -> torch.Tensor:
     return pos_weight_from_counts(foreground.tolist(), total.tolist())
 
 
-def resume(run: Run, *, say: Any = print) -> int:
-    """Load what `load_model` asks for; the last finished epoch (0: start at epoch 1). Another
-    `model_to_load` than `model_name` is a fine-tune: its weights, from epoch 1."""
+def resume(run: Run, *, say: Any = print, start: RunStart | None = None) -> int:
+    """Load what `load_model` asks for (as `start_run` read it, else read now); the last
+    finished epoch (0: start at epoch 1). Another `model_to_load` than `model_name` is a
+    fine-tune: its weights, from epoch 1. The tracker hides what an interrupted run logged
+    after the resumed step."""
     config = run.config
-    resumed = load_for_resume(config)
+    resumed = load_for_resume(config) if start is None else start.resumed
     if resumed is None:
         return 0
     state = resumed.train_state
-    if config.model_to_load != config.model_name or state is None:
+    if config.model_to_load != config.model_name:
         load_weights(run.model, resumed.model_state, source=str(resumed.path))
         say(f"loaded weights from {resumed.path} (epoch {resumed.epoch})")
-        return 0 if config.model_to_load != config.model_name else resumed.epoch
+        return 0
+    if state is None:  # weights only (the existing toolkit's, or a hand-saved file)
+        load_weights(run.model, resumed.model_state, source=str(resumed.path))
+        run.epoch, run.global_step = resumed.epoch, resumed.epoch * config.iterations_per_epoch
+        run.tracker.restart_at(run.global_step + 1)
+        say(
+            f"loaded weights from {resumed.path} (epoch {resumed.epoch}; no training state "
+            "beside it: optimizer, scheduler and random state start afresh)"
+        )
+        return resumed.epoch
+    # The model file holds the trained weights, unless it holds the EMA's: then the state does.
     load_weights(run.model, state.get("model") or resumed.model_state, source=str(resumed.path))
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scheduler is not None and state.get("scheduler") is not None:
@@ -366,6 +384,7 @@ def resume(run: Run, *, say: Any = print) -> int:
     run.best_score, run.best_epoch = state.get("best_score"), state.get("best_epoch")
     run.stale_epochs = int(state.get("stale_epochs", 0))
     set_rng_state(state["rng"])
+    run.tracker.restart_at(run.global_step + 1)  # the killed run's later steps are redone
     say(f"resumed from {resumed.path}: epoch {resumed.epoch}, step {run.global_step}")
     return resumed.epoch
 
@@ -547,12 +566,14 @@ def end_epoch(run: Run, epoch: int, scores: dict[str, Any] | None) -> bool:
 
 
 def save(run: Run, epoch: int, *, improved: bool) -> None:
-    """The epoch's checkpoint (weights used for validation) and training state; the best copy
-    when the monitored score improved; older checkpoints pruned (never the best)."""
+    """The epoch's checkpoint (weights used for validation) and training state; ``best``
+    linked to it when the monitored score improved; training states kept only for the last
+    two epochs and the best; older checkpoints pruned (never the best)."""
     config = run.config
     weights = unwrap(run.ema.module if run.ema is not None else run.model).state_dict()
     state = {
-        "model": unwrap(run.model).state_dict(),
+        # The model file holds the trained weights unless they are the EMA's: not stored twice.
+        "model": None if run.ema is None else unwrap(run.model).state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": None if run.scheduler is None else to_safe(run.scheduler.state_dict()),
         "scaler": run.scaler.state_dict(),
@@ -567,8 +588,9 @@ def save(run: Run, epoch: int, *, improved: bool) -> None:
     }
     names = {"template": config.model_save_path, "model_name": config.model_name}
     save_checkpoint(weights, state, epoch=epoch, **names)
-    if improved:
-        save_best(weights, state, **names)
+    if improved:  # a kill before this line leaves `best` behind: `start_run` repairs it
+        link_best(epoch=epoch, **names)
+    drop_old_states(best_epoch=run.best_epoch, **names)
     if config.keep_last_checkpoints is not None:
         prune_checkpoints(keep_last=config.keep_last_checkpoints, best_epoch=run.best_epoch,
                           **names)  # fmt: skip

@@ -26,6 +26,7 @@ STATE_SUFFIX = ".state"  # the training state of "x_3.pth" is "x_3.state.pth"
 VALIDATION_TAG = "validation"  # the scalar the training loop logs once per epoch
 EPOCH_TAG = "epoch"  # logged at the same step as VALIDATION_TAG, value = epoch number
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DDP/DataParallel and torch.compile
+START = 1  # tensorboard's SessionLog.START: a (re)started run; steps from here on are new
 
 
 class CheckpointWarning(UserWarning):
@@ -55,6 +56,16 @@ def state_path(model_path: Path) -> Path:
     return model_path.with_name(model_path.name + STATE_SUFFIX)
 
 
+def model_path(state_file: Path) -> Path:
+    """The model file of a training state (`state_path` inverted): ``x_3.state.pth`` ->
+    ``x_3.pth``; the path unchanged when it is no state file's name."""
+    state_file = Path(state_file)
+    for suffix, model_suffix in ((STATE_SUFFIX + ".pth", ".pth"), (STATE_SUFFIX, "")):
+        if state_file.name.endswith(suffix):
+            return state_file.with_name(state_file.name[: -len(suffix)] + model_suffix)
+    return state_file
+
+
 def find_checkpoints(template: str, model_name: str) -> dict[int, Path]:
     """Model files of `model_name` with an integer epoch, by epoch, in ascending order.
 
@@ -66,18 +77,41 @@ def find_checkpoints(template: str, model_name: str) -> dict[int, Path]:
 
 def epoch_files(search_path: str) -> dict[int, Path]:
     """`find_checkpoints` for a template whose ``{model_name}`` is filled already."""
-    parts = os.path.normpath(search_path).split("{epoch}")
-    if len(parts) < 2:
+    if "{epoch}" not in search_path:
         raise ValueError(f"checkpoint path {search_path!r} must contain {{epoch}}")
-    # Every {epoch} in the template must hold the same number: a group, then back-references.
-    escaped = [re.escape(part) for part in parts]
-    regex = escaped[0] + "(?P<epoch>[0-9]+)" + "(?P=epoch)".join(escaped[1:])
-    found = {}
-    for name in glob.glob("*".join(glob.escape(part) for part in parts)):
+    found = {int(fields["epoch"]): path for fields, path in template_files(search_path)}
+    return dict(sorted(found.items()))
+
+
+def template_files(
+    template: str, patterns: Mapping[str, str] | None = None
+) -> list[tuple[dict[str, str], Path]]:
+    """The files that match `template`: each with the values of its placeholders.
+
+    `patterns` maps a placeholder (``epoch`` for ``{epoch}``) to the regular expression its
+    value matches; by default ``{epoch}`` is an integer. A placeholder that occurs several times
+    must hold the same value each time.
+    """
+    patterns = {"epoch": "[0-9]+", **(patterns or {})}
+    template = os.path.normpath(template)
+    placeholders = "|".join(re.escape("{" + name + "}") for name in patterns)
+    pieces = re.split(f"({placeholders})", template)
+    wildcard, regex, seen = "", "", set()
+    for index, piece in enumerate(pieces):
+        if index % 2 == 0:  # the text between placeholders
+            wildcard += glob.escape(piece)
+            regex += re.escape(piece)
+            continue
+        name = piece[1:-1]
+        wildcard += "*"
+        regex += f"(?P={name})" if name in seen else f"(?P<{name}>{patterns[name]})"
+        seen.add(name)
+    found = []
+    for name in sorted(glob.glob(wildcard)):
         match = re.fullmatch(regex, os.path.normpath(name))
         if match and os.path.isfile(name):
-            found[int(match["epoch"])] = Path(name)
-    return dict(sorted(found.items()))
+            found.append((match.groupdict(), Path(name)))
+    return found
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -208,24 +242,43 @@ def load_best_val(
 def read_scalars(log_dir: str | Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) of a scalar from every event file under `log_dir`, sorted by step.
 
-    When several runs wrote the same step (a resumed run), the latest written wins.
+    Files are read in the order they were created. When several runs wrote the same step (a
+    resumed run), the latest written wins; a restart marker (``SummaryWriter(purge_step=S)``,
+    written when a run resumes at step S) hides every step >= S written before it, as
+    TensorBoard does, so the steps an interrupted run logged after its last checkpoint are gone.
     """
-    # Imported here: tensorboard takes half a second to import and only this function needs it.
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    latest: dict[int, float] = {}
+    for events in _event_files(Path(log_dir)):
+        for event in events:
+            if event.HasField("session_log") and event.session_log.status == START:
+                latest = {step: value for step, value in latest.items() if step < event.step}
+            for value in event.summary.value:
+                if value.tag == tag:
+                    latest[event.step] = _scalar(value)
+    return sorted(latest.items())
 
-    latest: dict[int, tuple[float, float]] = {}  # step -> (wall_time, value)
-    for path in sorted(Path(log_dir).rglob("*tfevents*")):
-        # All events are kept (no purge of out-of-order steps): duplicates are resolved here.
-        events = EventAccumulator(
-            str(path), size_guidance={"scalars": 0}, purge_orphaned_data=False
-        )
-        events.Reload()
-        if tag not in events.Tags()["scalars"]:
-            continue
-        for event in events.Scalars(tag):
-            if event.step not in latest or event.wall_time >= latest[event.step][0]:
-                latest[event.step] = (event.wall_time, event.value)
-    return [(step, value) for step, (_, value) in sorted(latest.items())]
+
+def _event_files(log_dir: Path) -> list[list[Any]]:
+    """The events of each event file under `log_dir`, files by creation (first wall time)."""
+    # Imported here: tensorboard takes half a second to import and only this function needs it.
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    files = []
+    for path in sorted(log_dir.rglob("*tfevents*")):
+        if path.is_file():
+            events = list(LegacyEventFileLoader(str(path)).Load())
+            if events:
+                files.append((events[0].wall_time, str(path), events))
+    return [events for _, _, events in sorted(files, key=lambda item: item[:2])]
+
+
+def _scalar(value: Any) -> float:
+    """A summary value's number: ``simple_value`` (torch's writer) or a scalar tensor."""
+    if value.HasField("simple_value"):
+        return float(value.simple_value)
+    from tensorboard.util.tensor_util import make_ndarray
+
+    return float(make_ndarray(value.tensor))
 
 
 def validation_by_epoch(log_dir: str | Path) -> dict[int, float]:
