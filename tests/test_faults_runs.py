@@ -148,10 +148,9 @@ def without_logs(run: Path) -> list[str]:
             "load_model=None",
         ),
         (fine_tune_source, ("checkpoints", "tensorboard/2d_unet"), "weights of source"),
-        (without_checkpoints, ("tensorboard/2d_unet",), "nothing of 2d_unet to resume"),
         (without_logs, ("checkpoints",), "nothing of 2d_unet to resume (load_model='best')"),
     ],
-    ids=["load_model-None", "fine-tune", "latest-finds-nothing", "best-finds-nothing"],
+    ids=["load_model-None", "fine-tune", "best-finds-nothing"],
 )
 def test_a_fresh_start_beside_another_run_refuses_before_reading_data(
     data: Path, run: Path, prepare: Any, folders: tuple[str, ...], reason: str
@@ -191,6 +190,25 @@ def test_a_fresh_start_can_move_the_old_run_aside_whole(data: Path, run: Path) -
     assert names == ["2d_unet_1.pth", "2d_unet_1.state.pth", "2d_unet_best.pth"]
     assert (run / "checkpoints/2d_unet_best.pth").samefile(run / "checkpoints/2d_unet_1.pth")
     assert len(list((run / "tensorboard/2d_unet").iterdir())) == 1
+    assert [step for step, _ in read_scalars(run / "tensorboard/2d_unet", "loss")] == [1, 2]
+
+
+def test_logs_without_checkpoints_are_moved_aside_whole(data: Path, run: Path) -> None:
+    """A run stopped before its first epoch ended leaves logs only: rerunning moves them into a
+    *.moved-* folder with a notice (bytes unchanged) instead of refusing or mixing with them."""
+    without_checkpoints(run)
+    before = snapshot(run)
+    result = csc_train(write_config(data, run), "epochs=1")
+    assert result.exit_code == 0, result.output
+    assert "only its logs" in result.output and "moved the previous run of 2d_unet aside" in (
+        result.output
+    )
+    [moved_logs] = (run / "tensorboard").glob("2d_unet.moved-*")
+    for name, sha in before.items():
+        if name.startswith("tensorboard/2d_unet/"):
+            assert digest(moved_logs / name.split("/", 2)[2]) == sha, name
+        else:
+            assert digest(run / name) == sha, name
     assert [step for step, _ in read_scalars(run / "tensorboard/2d_unet", "loss")] == [1, 2]
 
 

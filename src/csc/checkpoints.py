@@ -343,7 +343,7 @@ def start_run(config: TrainConfig, *, is_main: bool = True) -> RunStart:
     own = resumed if resumed is not None and config.model_to_load == config.model_name else None
     if own is not None:
         _check_resume_point(config, own)
-    elif config.existing_run != "move":
+    elif config.existing_run != "move" and not _logs_only(config):
         _refuse_existing_run(config, resumed)
     notes: list[str] = []
     if not is_main:
@@ -356,7 +356,7 @@ def start_run(config: TrainConfig, *, is_main: bool = True) -> RunStart:
             + ", ".join(str(path) for path in removed)
         )
     if own is None and any(_existing_files(config)):
-        notes.append(move_run_aside(config))
+        notes.append(move_run_aside(config, reason=_move_reason(config)))
     if own is not None and own.train_state is not None:
         best_epoch = own.train_state.get("best_epoch")
         repaired = repair_best(best_epoch=best_epoch, **names)
@@ -436,6 +436,14 @@ def _existing_files(config: TrainConfig) -> tuple[list[Path], list[Path]]:
     return checkpoints, logs
 
 
+def _logs_only(config: TrainConfig) -> bool:
+    """Whether the run's folders hold TensorBoard files but no checkpoint: a run stopped
+    before its first epoch ended. Its logs are moved aside (kept whole), not refused, so that
+    rerunning after a Ctrl-C in epoch 1 just works."""
+    checkpoints, logs = _existing_files(config)
+    return bool(logs) and not checkpoints
+
+
 def _refuse_existing_run(config: TrainConfig, resumed: Resumed | None) -> None:
     """`FileExistsError` naming the folders when a fresh run would mix with an old one."""
     checkpoints, logs = _existing_files(config)
@@ -485,7 +493,13 @@ def _check_resume_point(config: TrainConfig, resumed: Resumed) -> None:
     )
 
 
-def move_run_aside(config: TrainConfig) -> str:
+def _move_reason(config: TrainConfig) -> str:
+    if config.existing_run == "move":
+        return "existing_run='move'"
+    return "no checkpoint of an earlier run, only its logs (stopped before epoch 1 ended)"
+
+
+def move_run_aside(config: TrainConfig, *, reason: str = "existing_run='move'") -> str:
     """Move the TensorBoard folder and checkpoint files of `model_name` into new folders named
     ``{name}.moved-{date}-{time}`` beside them; nothing is overwritten. A line saying where."""
     logs, template = log_dir(config), config.model_save_path
@@ -513,6 +527,4 @@ def move_run_aside(config: TrainConfig) -> str:
         os.rename(path, target)
     if files:
         lines.append(f"{len(files)} checkpoint file(s) -> {moved_checkpoints}")
-    return f"existing_run='move': moved the previous run of {config.model_name} aside: " + (
-        "; ".join(lines)
-    )
+    return f"{reason}: moved the previous run of {config.model_name} aside: " + ("; ".join(lines))
