@@ -38,12 +38,15 @@ def _shape(
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn bad-input errors into one-line messages (no traceback) and warnings into lines."""
+    """Turn bad-input errors into one-line messages (no traceback), and print each warning as
+    a `warning: ...` line on stderr the moment it is raised (each distinct one once), so a
+    run that is killed later has shown them, and config warnings come before any data."""
     from csc.config import ConfigFileError
     from csc.storage import StorageError
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = _show_warning
         try:
             yield
         except (
@@ -54,9 +57,11 @@ def user_errors() -> Iterator[None]:
             StorageError,
         ) as error:
             raise click.ClickException(str(error)) from None
-        finally:
-            for warning in caught:
-                click.echo(f"warning: {warning.message}", err=True)
+
+
+def _show_warning(message: Warning | str, *_args: Any, **_kwargs: Any) -> None:
+    """`warnings.showwarning` for the command line: one line on stderr, flushed at once."""
+    click.echo(f"warning: {message}", err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import inspect
 import os
 import re
 import runpy
@@ -124,6 +125,8 @@ class TrainConfig:
     weight_loss: bool = True
     gradient_accumulation_steps: int = 1
     max_grad_norm: float | None = None
+    # Optimizer steps in a row skipped for a non-finite loss or gradients before the run stops.
+    max_nonfinite_steps: int = 10
     precision: str = "32"
     ema_decay: float | None = None
     random_seed: int = 42
@@ -394,8 +397,14 @@ def validate(config: TrainConfig) -> None:
 
 
 def _check_counts(config: TrainConfig) -> None:
-    positive_ints = ("batch_size", "epochs", "iterations_per_epoch", "gradient_accumulation_steps",
-                     "smoothing_window")  # fmt: skip
+    positive_ints = (
+        "batch_size",
+        "epochs",
+        "iterations_per_epoch",
+        "gradient_accumulation_steps",
+        "smoothing_window",
+        "max_nonfinite_steps",
+    )
     for key in positive_ints:
         _require_int(config, key, minimum=1)
     for key in ("validation_batch_limit", "early_stopping_patience", "keep_last_checkpoints"):
@@ -588,6 +597,34 @@ def _check_objects(config: TrainConfig) -> None:
         raise ValueError(
             f"model must be a torch.nn.Module (or None to build model_name), got {config.model!r}"
         )
+
+
+def check_keywords(
+    function: Callable[..., Any], kwargs: Mapping[str, Any], *, key: str, num_positional: int = 0
+) -> None:
+    """Raise `ValueError` naming `key` when `function` (a class or callable, called with
+    `num_positional` positional arguments and `kwargs`) takes no argument of a name in `kwargs`,
+    or needs one that neither gives. Reads no data; builds nothing."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature: nothing to check
+        return
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    given = [p for p in parameters if p.kind in positional][:num_positional]
+    takes = [p.name for p in parameters if p.kind in named and p not in given]
+    label = getattr(function, "__qualname__", repr(function))
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    unknown = [name for name in kwargs if name not in takes]
+    if unknown and not takes_any:
+        raise ValueError(
+            f"{key}: {label} takes no argument {unknown[0]!r}; it takes "
+            f"{', '.join(takes) or 'none'}"
+        )
+    required = [p for p in parameters if p.kind in named and p.default is p.empty]
+    missing = [p.name for p in required if p not in given and p.name not in kwargs]
+    if missing:
+        raise ValueError(f"{label} needs {', '.join(missing)}: set it in {key}")
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:

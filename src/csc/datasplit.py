@@ -612,17 +612,72 @@ def options_from_config(config: TrainConfig) -> tuple[CrawlOptions, SplitOptions
 
 
 def ensure_datasplit(config: TrainConfig, *, echo: Callable[[str], None] = print) -> Path:
-    """The config's datasplit CSV, built from its search path first if it does not exist."""
+    """The config's datasplit CSV, built from its search path first if it does not exist.
+    Either way every class of the config must be annotated by some crop of it, and every crop
+    must annotate one of the config's classes (`check_classes`); a CSV listing more classes
+    than the config is fine."""
     path = Path(config.datasplit_path)
     if path.exists():
+        check_classes(read_datasplit(path), config, source=path)
         return path
     crawl_options, split_options = options_from_config(config)
     rows, report = make_datasplit(crawl_options, split_options)
+    check_classes(rows, config, source=None)
     write_datasplit(rows, path)
     echo(f"wrote datasplit {path} ({summarise(rows)}) from {crawl_options.search_path}")
     for line in report:
         echo(f"skipped {line}")
     return path
+
+
+def check_classes(
+    rows: Sequence[DatasplitRow], config: TrainConfig, *, source: Path | None
+) -> None:
+    """Raise `ValueError` when a class of the config is annotated by no crop of `rows`, or a
+    crop annotates none of them: a CSV made for other classes (`source`), or, freshly
+    crawled (`source` None), classes the data does not have."""
+    listed = {name for row in rows for name in row.classes}
+    unlisted = [name for name in config.classes if name not in listed]
+    unused = [row for row in rows if not set(row.classes) & set(config.classes)]
+    if not unlisted and not unused:
+        return
+    if unused:
+        example = f"{unused[0].dataset}/{unused[0].crop} [{','.join(unused[0].classes)}]"
+        problem = f"{len(unused)} of its {len(rows)} crops annotate none of them, e.g. {example}"
+    else:
+        problem = f"no crop of it annotates {', '.join(unlisted)}"
+    wanted = f"the config's classes are {', '.join(config.classes)}"
+    if source is None:
+        raise ValueError(
+            f"the crawl of {config.search_path} found crops for classes "
+            f"{', '.join(sorted(listed)) or 'none'}, but {wanted}: {problem}; check classes and "
+            "crop_name, or drop the classes the data does not have"
+        )
+    raise ValueError(
+        f"datasplit {source} lists classes {', '.join(sorted(listed)) or 'none'}, but {wanted}: "
+        f"{problem}. It was made for other classes: rebuild it with "
+        f"`{rebuild_command(config)}` (or delete it and csc train rebuilds it), or change "
+        "classes (or datasplit_path)"
+    )
+
+
+def rebuild_command(config: TrainConfig) -> str:
+    """The `csc datasplit` command that writes the config's datasplit CSV as `csc train`
+    would build it."""
+    crawl_options, split_options = options_from_config(config)
+    parts = ["csc datasplit", f"--search-path '{crawl_options.search_path}'"]
+    if crawl_options.raw_name != CrawlOptions.raw_name:
+        parts.append(f"--raw-name '{crawl_options.raw_name}'")
+    if crawl_options.crop_name != CrawlOptions.crop_name:
+        parts.append(f"--crop-name '{crawl_options.crop_name}'")
+    parts.append(f"--classes {','.join(config.classes)}")
+    if crawl_options.scale:
+        parts.append(f"--scale {','.join(f'{s:g}' for s in crawl_options.scale)}")
+    parts.append(f"--validate-ratio {split_options.validate_ratio:g}")
+    parts.append(f"--force-all-classes {split_options.force_all_classes or 'none'}")
+    parts.append(f"--seed {split_options.seed}")
+    parts.append(f"--csv-path '{config.datasplit_path}' --overwrite")
+    return " ".join(parts)
 
 
 def make_datasplit(

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from csc.config import check_keywords
+
 __all__ = [
     "LOSSES",
     "BCELoss",
@@ -32,6 +34,7 @@ __all__ = [
     "MaskedLoss",
     "SegmentationLoss",
     "build_loss",
+    "check_criterion",
     "pos_weight_from_counts",
 ]
 
@@ -247,6 +250,22 @@ def build_loss(
     wrapped), without `criterion_kwargs` or `pos_weight`.
     """
     kwargs = dict(criterion_kwargs or {})
+    criterion = check_criterion(criterion, kwargs)
+    if isinstance(criterion, nn.Module):
+        return criterion if isinstance(criterion, SegmentationLoss) else MaskedLoss(criterion)
+    if pos_weight is not None and "pos_weight" in inspect.signature(criterion).parameters:
+        kwargs = {"pos_weight": pos_weight, **kwargs}
+    if issubclass(criterion, SegmentationLoss):
+        return criterion(**kwargs)
+    return MaskedLoss(criterion, **kwargs)
+
+
+def check_criterion(
+    criterion: str | type | nn.Module, criterion_kwargs: Mapping[str, Any] | None = None
+) -> type[nn.Module] | nn.Module:
+    """The loss class (or instance) `criterion` names, checked with its `criterion_kwargs`
+    before anything is built: `ValueError` naming the key for an unknown name or argument."""
+    kwargs = dict(criterion_kwargs or {})
     if isinstance(criterion, str):
         criterion = _registered(criterion)
     if isinstance(criterion, nn.Module):
@@ -255,17 +274,19 @@ def build_loss(
                 "criterion_kwargs need a loss name or class; the criterion is already an "
                 f"instance of {type(criterion).__name__}"
             )
-        return criterion if isinstance(criterion, SegmentationLoss) else MaskedLoss(criterion)
+        return criterion
     if not (isinstance(criterion, type) and issubclass(criterion, nn.Module)):
         raise ValueError(
             f"criterion must be a loss name ({', '.join(sorted(LOSSES))}), a torch loss class "
             f"or a loss instance, got {criterion!r}"
         )
-    if pos_weight is not None and "pos_weight" in inspect.signature(criterion).parameters:
-        kwargs = {"pos_weight": pos_weight, **kwargs}
-    if issubclass(criterion, SegmentationLoss):
-        return criterion(**kwargs)
-    return MaskedLoss(criterion, **kwargs)
+    if not issubclass(criterion, SegmentationLoss) and "reduction" in kwargs:
+        raise ValueError(
+            "criterion_kwargs: csc sets 'reduction' of a torch loss itself ('none', then the "
+            "mean over annotated voxels); leave it out"
+        )
+    check_keywords(criterion, kwargs, key="criterion_kwargs")
+    return criterion
 
 
 def _registered(name: str) -> type[SegmentationLoss]:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import random
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,14 +40,14 @@ from csc.checkpoints import (
     to_safe,
     unwrap,
 )
-from csc.config import TrainConfig, format_config, load_config
+from csc.config import TrainConfig, check_keywords, format_config, load_config
 from csc.data import Loaders, PatchSpec, build_loaders
 from csc.datasplit import ensure_datasplit
 from csc.distributed import Dist
-from csc.losses import build_loss, pos_weight_from_counts
+from csc.losses import build_loss, check_criterion, pos_weight_from_counts
 from csc.metrics import SegmentationMetrics
 from csc.models import build_model, check_input_shape
-from csc.models.loading import load_weights
+from csc.models.loading import format_checkpoint_path, load_weights
 from csc.tracking import Tracker, make_tracker
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -77,6 +80,20 @@ class Throughput:
 
 
 @dataclasses.dataclass
+class SkippedSteps:
+    """Optimizer steps skipped because a loss or the gradients were not finite."""
+
+    in_epoch: int = 0
+    in_a_row: int = 0  # across epochs; `max_nonfinite_steps` of them stop the run
+    pending: bool = False  # a loss since the last step was not finite (gradient accumulation)
+    buffers: list[torch.Tensor] | None = None  # the model's buffers after the last update
+
+
+class NonFiniteTrainingError(ValueError):
+    """Too many optimizer steps in a row had a non-finite loss or gradients."""
+
+
+@dataclasses.dataclass
 class Run:
     """Everything one training run holds; the loop reads and updates it."""
 
@@ -99,6 +116,7 @@ class Run:
     stale_epochs: int = 0  # epochs since the best one, for early stopping
     throughput: Throughput | None = None  # the last epoch's
     warned_data_bound: bool = False
+    skipped: SkippedSteps = dataclasses.field(default_factory=SkippedSteps)
 
 
 @dataclasses.dataclass
@@ -145,8 +163,9 @@ def run_epochs(config: TrainConfig, place: Dist) -> TrainResult:
             if scores is not None:
                 result.validation.append(scores)
             stop = end_epoch(run, epoch, scores)
-            say(epoch_line(epoch, result.losses[-config.iterations_per_epoch :], scores,
-                           run.throughput))  # fmt: skip
+            losses = result.losses[-config.iterations_per_epoch :]
+            skipped = run.skipped.in_epoch
+            say(epoch_line(epoch, losses, scores, run.throughput, skipped_steps=skipped))
             warn_if_data_bound(run, say)
             result.last_epoch = epoch
             if stop:
@@ -164,16 +183,30 @@ def _silent(*_args: Any, **_kwargs: Any) -> None:
     """`print` on ranks other than 0."""
 
 
-def epoch_line(epoch: int, losses: Sequence[float], scores: dict[str, Any] | None,
-               throughput: Throughput | None = None) -> str:  # fmt: skip
-    line = f"epoch {epoch}: training loss {sum(losses) / max(len(losses), 1):.4f}"
+def epoch_line(
+    epoch: int,
+    losses: Sequence[float],
+    scores: dict[str, Any] | None,
+    throughput: Throughput | None = None,
+    *,
+    skipped_steps: int = 0,
+) -> str:
+    """The epoch's summary; the training loss is the mean over the batches whose loss was
+    finite, and skipped optimizer steps are counted beside it."""
+    finite = [loss for loss in losses if math.isfinite(loss)]
+    mean = sum(finite) / len(finite) if finite else math.nan
+    line = f"epoch {epoch}: training loss {mean:.4f}"
+    if skipped_steps:
+        line += f" ({skipped_steps} steps skipped: non-finite loss or gradients)"
     if scores is not None:
         mean_iou = scores["metrics"].get("iou", {}).get("mean")
         line += f", validation loss {scores['loss']:.4f}"
         line += "" if mean_iou is None else f", mean IoU {mean_iou:.3f}"
     if throughput is not None:
-        line += (f"; {throughput.samples_per_s:.1f} samples/s, "
-                 f"{throughput.data_wait_fraction:.0%} waiting for data")  # fmt: skip
+        line += (
+            f"; {throughput.samples_per_s:.1f} samples/s, "
+            f"{throughput.data_wait_fraction:.0%} waiting for data"
+        )
     return line
 
 
@@ -202,57 +235,113 @@ def seed_everything(seed: int) -> None:
 
 
 def choose_device(name: str | None) -> torch.device:
-    """The config's device, else cuda, then mps, then cpu."""
-    if name is not None:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """The config's device, else cuda, then mps, then cpu. A `device` this machine lacks is a
+    `ValueError` naming the key."""
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        missing = f"torch {torch.__version__} sees no CUDA GPU here"
+    elif device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        missing = f"this machine has {torch.cuda.device_count()} CUDA GPU(s), cuda:0 on"
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        missing = "MPS (Apple GPU) is not available here"
+    else:
+        return device
+    raise ValueError(
+        f"device {name!r}: {missing}; set device = None to use what there is, or 'cpu'"
+    )
 
 
 # --- Building the run ----------------------------------------------------------------------
 
 
 def setup(config: TrainConfig, place: Dist | None = None) -> Run:
-    """Process group, datasplit, model, loss, optimizer, scheduler, logging and data of a
-    config. Under torchrun the model is wrapped in DDP and only rank 0 logs."""
+    """Check, then build, what a config asks for. Device, model (a forward of a zero patch),
+    optimizer, scheduler, loss arguments and the checkpoint and log folders are checked before
+    the datasplit is crawled or any data is read; then the datasplit, logging, data and the
+    loss's class weights. Under torchrun the model is wrapped in DDP and only rank 0 logs."""
     place = place or Dist()
     device = distributed.rank_device(place, choose_device(config.device))
     distributed.init(place, device)
-    distributed.main_first(place, lambda: ensure_datasplit(config))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # patch shapes are fixed: pick the fastest convs
     spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
     model = make_model(config, spec).to(device)
+    check_model_output(model, config, spec, device)
     memory_format = channels_last_format(config, device, spec)
     if memory_format is not None:
         model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(config, model)
+    scheduler = make_scheduler(config, optimizer)
+    check_criterion(config.criterion, config.criterion_kwargs)
+    if place.is_main:
+        check_destinations(config)
+    # Every check passed: only now crawl (and write) the datasplit and read data.
+    distributed.main_first(place, lambda: ensure_datasplit(config))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # patch shapes are fixed: pick the fastest convs
     ema = None
     if config.ema_decay is not None:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay),
-                            use_buffers=True)  # fmt: skip
+        average = get_ema_multi_avg_fn(config.ema_decay)
+        ema = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
     model = wrap_model(model, config, place, device)
-    log_dir = config.logs_save_path.format(model_name=config.model_name)
-    tracker = make_tracker(log_dir, enabled=place.is_main)
+    tracker = make_tracker(log_folder(config), enabled=place.is_main)
     tracker.log_text("config", "```\n" + format_config(config) + "\n```", 0)
     loaders = build_loaders(  # its crops carry the foreground counts for pos_weight
         config, rank=place.rank, world_size=place.world_size, device_type=device.type,
         processes_per_machine=place.local_world_size,
     )  # fmt: skip
-    pos_weight = class_pos_weight(config, loaders) if config.weight_loss else None
-    if pos_weight is not None:
-        pos_weight = pos_weight.to(device)
-    loss_fn = build_loss(config.criterion, criterion_kwargs=config.criterion_kwargs,
-                         pos_weight=pos_weight)  # fmt: skip
-    return Run(
-        config, device, loaders, model, ema, loss_fn.to(device), optimizer,
-        make_scheduler(config, optimizer),
-        torch.amp.GradScaler(device.type, enabled=config.precision == "16-mixed"), tracker,
-        place, memory_format,
-    )  # fmt: skip
+    loss_fn = make_loss(config, loaders, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "16-mixed")
+    parts = (loaders, model, ema, loss_fn, optimizer, scheduler, scaler, tracker)
+    return Run(config, device, *parts, place, memory_format)
+
+
+def make_loss(config: TrainConfig, loaders: Loaders, device: torch.device) -> torch.nn.Module:
+    """The config's `criterion` on `device`, with per-class `pos_weight` from the training
+    crops' foreground when `weight_loss` is set."""
+    pos_weight = None
+    if config.weight_loss:
+        pos_weight = class_pos_weight(config, loaders).to(device)
+    loss = build_loss(
+        config.criterion, criterion_kwargs=config.criterion_kwargs, pos_weight=pos_weight
+    )
+    return loss.to(device)
+
+
+def log_folder(config: TrainConfig) -> Path:
+    return Path(config.logs_save_path.format(model_name=config.model_name))
+
+
+def checkpoint_folder(config: TrainConfig) -> Path:
+    """Where every checkpoint goes: model_save_path's folder, up to a part holding {epoch}."""
+    parts = Path(config.model_save_path).parent.parts
+    fixed = itertools.takewhile(lambda part: "{epoch}" not in part, parts)
+    return format_checkpoint_path(str(Path(*fixed)), model_name=config.model_name, epoch=0)
+
+
+def check_destinations(config: TrainConfig) -> None:
+    """Create the checkpoint and TensorBoard folders and write (and remove) a file in each,
+    so a place csc cannot write to is a `ValueError` naming the key and folder now, not
+    after an epoch of training."""
+    folders = {"model_save_path": checkpoint_folder(config), "logs_save_path": log_folder(config)}
+    for key, folder in folders.items():
+        if "://" in getattr(config, key):
+            continue  # a URL: written through its own filesystem
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".csc-write-check-") as probe:
+                probe.write(b"csc")
+                probe.flush()
+        except OSError as error:
+            reason = error.strerror or str(error)
+            raise ValueError(
+                f"cannot write to {folder} ({key} = {getattr(config, key)!r}): {reason}; "
+                "choose a folder csc can create and write to"
+            ) from None
 
 
 def channels_last_format(config: TrainConfig, device: torch.device,
@@ -304,10 +393,79 @@ def make_model(config: TrainConfig, spec: PatchSpec) -> torch.nn.Module:
     return model
 
 
+def check_model_output(
+    model: torch.nn.Module, config: TrainConfig, spec: PatchSpec, device: torch.device
+) -> None:
+    """A zero input patch through the model (eval mode, no gradients), before any data is
+    read: its output must have one channel per class and the target patch's shape, and, when
+    it has the input's shape, the input's voxel size (csc's models predict on the input's
+    grid). A `ValueError` names input_array_info and target_array_info otherwise."""
+    shape, target = in_plane(spec.input.shape, spec), in_plane(spec.target.shape, spec)
+    output = zero_forward(model, (1, 1, *shape), device)
+    inputs, targets = config.input_array_info, config.target_array_info
+    keys = f"input_array_info {inputs.shape}, target_array_info {targets.shape}"
+    num_classes = len(config.classes)
+    if output.ndim != 2 + len(shape) or output.shape[1] != num_classes:
+        raise ValueError(
+            f"the model's output for a {(1, 1, *shape)} input patch ({keys}) has shape "
+            f"{tuple(output.shape)}; it needs (1, {num_classes}, ...): one channel per class of "
+            f"classes {list(config.classes)}"
+        )
+    same_as_input = {"shape": inputs.shape, "scale": inputs.scale}
+    if tuple(output.shape[2:]) != target:
+        raise ValueError(
+            f"target_array_info shape {targets.shape} does not match the model's output, "
+            f"{tuple(output.shape[2:])} voxels per class for input_array_info {inputs.shape}; "
+            f"csc's models predict on the input's grid: set target_array_info = "
+            f"{same_as_input} (or use a model whose output has the target's shape)"
+        )
+    if target == shape and in_plane(spec.target.scale, spec) != in_plane(spec.input.scale, spec):
+        raise ValueError(
+            f"target_array_info scale {targets.scale} differs from input_array_info scale "
+            f"{inputs.scale}, but the model's output "
+            "has the input's shape, so it predicts on the input's grid: the target would cover "
+            f"another field of view. Set target_array_info = {same_as_input}"
+        )
+
+
+def in_plane(values: Sequence[Any], spec: PatchSpec) -> tuple[Any, ...]:
+    """A (z, y, x) shape or scale without the 2D patch's singleton axis."""
+    return tuple(value for axis, value in enumerate(values) if axis != spec.plane_axis)
+
+
+def zero_forward(
+    model: torch.nn.Module, shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    """The model's output for zeros of `shape` (B, C, *spatial); a model that cannot take
+    them is a `ValueError` naming input_array_info."""
+    training = model.training
+    model.eval()  # no batch statistics from a batch of 1 and no dropout: nothing changes
+    try:
+        with torch.no_grad():
+            output = model(torch.zeros(shape, device=device))
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"the model fails on a zero input patch of shape {shape} (input_array_info): {first}"
+        ) from None
+    finally:
+        model.train(training)
+    if not isinstance(output, torch.Tensor):
+        kind = type(output).__name__
+        raise ValueError(f"the model must return one tensor (B, C, *spatial), got a {kind}")
+    return output
+
+
 def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """`optimizer`: an instance (used as is), a class, or a name in OPTIMIZERS."""
     choice = config.optimizer
     if isinstance(choice, torch.optim.Optimizer):
+        held = {id(p) for group in choice.param_groups for p in group["params"]}
+        if not any(id(p) in held for p in model.parameters()):
+            raise ValueError(
+                "optimizer is an instance over other parameters than the model's, so training "
+                "would change nothing; give a name or class, or build it on the `model` you set"
+            )
         return choice
     if isinstance(choice, str):
         choice = OPTIMIZERS[choice.lower()]
@@ -319,6 +477,12 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> Any
     cosine and onecycle span the run's optimizer steps; plateau steps on the monitored score."""
     choice, kwargs = config.scheduler, dict(config.scheduler_kwargs)
     if choice is None or not isinstance(choice, str | type):
+        if kwargs:
+            what = "None" if choice is None else f"an instance of {type(choice).__name__}"
+            raise ValueError(
+                f"scheduler_kwargs {sorted(kwargs)} need a scheduler name or class, but "
+                f"scheduler is {what}"
+            )
         return choice
     steps = config.epochs * math.ceil(
         config.iterations_per_epoch / config.gradient_accumulation_steps
@@ -333,6 +497,7 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> Any
             "step": {"step_size": max(1, config.epochs // 3)},
         }[name]
         kwargs = {**defaults, **kwargs}
+    check_keywords(choice, kwargs, key="scheduler_kwargs", num_positional=1)
     return choice(optimizer, **kwargs)
 
 
@@ -393,9 +558,11 @@ def resume(run: Run, *, say: Any = print, start: RunStart | None = None) -> int:
 
 
 def train_epoch(run: Run, epoch: int) -> list[float]:
-    """One epoch: exactly `iterations_per_epoch` batches. Logs `loss` every batch."""
+    """One epoch: exactly `iterations_per_epoch` batches. Logs `loss` every batch, and at the
+    end throughput, sampling shares and the steps skipped for a non-finite loss."""
     config, model = run.config, run.model
     model.train()
+    run.skipped.in_epoch = 0
     run.loaders.sampler.set_epoch(epoch)  # the epoch's patches: a function of (seed, epoch)
     losses: list[float] = []
     sampled = torch.zeros(2, len(config.classes), dtype=torch.float64)  # (foreground, annotated)
@@ -425,6 +592,7 @@ def train_epoch(run: Run, epoch: int) -> list[float]:
     run.tracker.log({
         "perf/samples_per_s": run.throughput.samples_per_s,
         "perf/data_wait_fraction": run.throughput.data_wait_fraction,
+        "skipped_steps": run.skipped.in_epoch,
         **{f"sampling/{name}": float(s) for name, s in zip(config.classes, shares, strict=True)},
     }, run.global_step)  # fmt: skip
     return losses
@@ -441,24 +609,95 @@ def epoch_throughput(run: Run, seconds: float, waited: float) -> Throughput:
 
 def train_step(run: Run, batch: Mapping[str, torch.Tensor], *, step_now: bool) -> float:
     """Forward and backward of one batch; an optimizer step every
-    `gradient_accumulation_steps` batches (and at the end of the epoch)."""
-    config = run.config
+    `gradient_accumulation_steps` batches (and at the end of the epoch), skipped when a loss
+    since the last step or the gradients are not finite (`skip_step`). Returns the loss."""
+    if run.skipped.buffers is None:  # after resume: the buffers a skipped step goes back to
+        run.skipped.buffers = [buffer.detach().clone() for buffer in run.model.buffers()]
     inputs, target = to_device(run, batch)
     with autocast(run):
         loss = run.loss_fn(run.model(inputs).float(), target)
-    run.scaler.scale(loss / config.gradient_accumulation_steps).backward()
-    if step_now:
-        if config.max_grad_norm is not None:
-            run.scaler.unscale_(run.optimizer)
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.max_grad_norm)
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.optimizer.zero_grad(set_to_none=True)
-        if run.ema is not None:
-            run.ema.update_parameters(unwrap(run.model))
-        if isinstance(run.scheduler, PER_STEP_SCHEDULERS):
-            run.scheduler.step()
-    return float(loss.detach())
+    run.scaler.scale(loss / run.config.gradient_accumulation_steps).backward()
+    if not step_now:
+        value = float(loss.detach())  # the batch's one host sync
+        run.skipped.pending |= not math.isfinite(value)
+        return value
+    value, finite = checked_loss(run, loss.detach())
+    if finite:
+        optimizer_step(run)
+    else:
+        skip_step(run)
+    return value
+
+
+def checked_loss(run: Run, loss: torch.Tensor) -> tuple[float, bool]:
+    """The batch's loss, and whether the update may go ahead on every rank: every loss since
+    the last step finite and, without fp16's gradient scaler (which checks its own), the
+    gradient norm (clipped to `max_grad_norm` here) too. One host sync, as reading the loss
+    alone would be; under torchrun the verdict is summed over ranks so all skip together."""
+    bad = (~loss.isfinite()).float() + float(run.skipped.pending)
+    if not run.scaler.is_enabled():
+        bad = bad + (~gradient_norm(run).isfinite()).float()
+    bad = distributed.reduce_sum(run.place, bad)
+    value, num_bad = torch.stack([loss.float(), bad]).tolist()
+    return value, num_bad == 0
+
+
+def gradient_norm(run: Run) -> torch.Tensor:
+    """The total gradient norm, after clipping the gradients to `max_grad_norm` when set; on
+    the device, without a host sync."""
+    parameters = [p for p in run.model.parameters() if p.grad is not None]
+    if not parameters:
+        return torch.zeros((), device=run.device)
+    if run.config.max_grad_norm is not None:
+        return torch.nn.utils.clip_grad_norm_(parameters, run.config.max_grad_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters])
+
+
+def optimizer_step(run: Run) -> None:
+    """The update (under fp16 through the gradient scaler, which skips a step with inf
+    gradients and lowers its scale), the EMA and a per-step scheduler; the buffers it left are
+    remembered for `skip_step`."""
+    if run.scaler.is_enabled() and run.config.max_grad_norm is not None:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.max_grad_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update_parameters(unwrap(run.model))
+    if isinstance(run.scheduler, PER_STEP_SCHEDULERS):
+        run.scheduler.step()
+    torch._foreach_copy_(run.skipped.buffers, list(run.model.buffers()))
+    run.skipped.in_a_row = 0
+
+
+def skip_step(run: Run) -> None:
+    """No update: the accumulated gradients are dropped and the buffers (BatchNorm running
+    statistics, which a non-finite forward spoils) put back as the last update left them.
+    Counted and logged (`skipped_steps`); `max_nonfinite_steps` in a row stop the run."""
+    skipped, config = run.skipped, run.config
+    run.optimizer.zero_grad(set_to_none=True)
+    torch._foreach_copy_(list(run.model.buffers()), skipped.buffers)
+    skipped.pending = False
+    skipped.in_epoch += 1
+    skipped.in_a_row += 1
+    step, epoch = run.global_step + 1, run.epoch + 1
+    run.tracker.log({"skipped_steps": skipped.in_epoch}, step)
+    if skipped.in_epoch == 1 and run.place.is_main:
+        message = (
+            f"warning: epoch {epoch}, batch {step}: non-finite loss or gradients; the update "
+            "was skipped (counted in the epoch line and TensorBoard's skipped_steps)"
+        )
+        print(message, file=sys.stderr, flush=True)
+    if skipped.in_a_row >= config.max_nonfinite_steps:
+        raise NonFiniteTrainingError(
+            f"training stopped in epoch {epoch} at batch {step}: {skipped.in_a_row} optimizer "
+            f"steps in a row had a non-finite loss or gradients (max_nonfinite_steps = "
+            f"{config.max_nonfinite_steps}). Likely causes: learning_rate {config.learning_rate:g} "
+            "too high, NaN or inf values in the raw data or made by a value transform, or "
+            "float16 overflow under precision '16-mixed'. The model was left at its last finite "
+            "update; checkpoints of finished epochs are kept"
+        )
 
 
 def to_device(run: Run, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -531,8 +770,9 @@ def example_images(classes: Sequence[str], raw: torch.Tensor, target: torch.Tens
     if raw.ndim == 4:  # 3D (C, Z, Y, X): the middle z slice
         middle = raw.shape[1] // 2
         raw, target, prediction = raw[:, middle], target[:, middle], prediction[:, middle]
-    image = raw[0].float()
+    image = torch.nan_to_num(raw[0].float(), nan=0.0, posinf=0.0, neginf=0.0)  # NaN raw: black
     image = (image - image.min()) / (image.max() - image.min()).clamp(min=1e-6)
+    prediction = torch.nan_to_num(prediction, nan=0.0)  # a non-finite model's: black
     images = {}
     for k, name in enumerate(classes):
         truth = torch.nan_to_num(target[k].float(), nan=0.5)
@@ -545,14 +785,7 @@ def end_epoch(run: Run, epoch: int, scores: dict[str, Any] | None) -> bool:
     config = run.config
     run.epoch = epoch
     score = None if scores is None else scores["loss"]
-    improved = score is not None and (
-        run.best_score is None
-        or (score < run.best_score if config.low_is_best else score > run.best_score)
-    )
-    if improved:
-        run.best_score, run.best_epoch, run.stale_epochs = score, epoch, 0
-    elif score is not None:
-        run.stale_epochs += 1
+    improved = score is not None and update_best(run, epoch, score)
     scheduler = run.scheduler
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         scheduler.step(score if score is not None else float("nan"))
@@ -563,6 +796,29 @@ def end_epoch(run: Run, epoch: int, scores: dict[str, Any] | None) -> bool:
         save(run, epoch, improved=improved)
     patience = config.early_stopping_patience
     return patience is not None and run.stale_epochs >= patience
+
+
+def update_best(run: Run, epoch: int, score: float) -> bool:
+    """Whether `score` is the best so far, recorded as such; else one more epoch without
+    improvement. A non-finite score is never the best (nor is a non-finite best kept, e.g.
+    from a run before this check)."""
+    best = run.best_score
+    improved = math.isfinite(score) and (
+        best is None
+        or not math.isfinite(best)
+        or (score < best if run.config.low_is_best else score > best)
+    )
+    if improved:
+        run.best_score, run.best_epoch, run.stale_epochs = score, epoch, 0
+        return True
+    run.stale_epochs += 1
+    if not math.isfinite(score) and run.place.is_main:
+        kept = "none yet" if run.best_epoch is None else f"epoch {run.best_epoch}"
+        message = (
+            f"warning: epoch {epoch}: validation loss {score} is not finite; best stays {kept}"
+        )
+        print(message, file=sys.stderr, flush=True)
+    return False
 
 
 def save(run: Run, epoch: int, *, improved: bool) -> None:
