@@ -280,9 +280,10 @@ def test_train_builds_the_datasplit_from_the_config(tmp_path: Path, tiny_synth: 
         CrawlOptions(search_path=f"{tiny_synth}/{SEARCH}", classes=ALL), SplitOptions(0.5, 3)
     )
     assert read_datasplit(path) == expected
-    path.write_text("# the user's own\n")
+    edited = "# the user's own\n" + path.read_text()  # kept, once its classes are checked
+    path.write_text(edited)
     assert ensure_datasplit(config, echo=messages.append) == path
-    assert path.read_text() == "# the user's own\n"
+    assert path.read_text() == edited
 
 
 def test_repository_datasplit_lists_the_demo_data(tmp_path: Path) -> None:

@@ -81,6 +81,7 @@ def test_a_diverging_run_stops_naming_the_key_and_the_causes(
     checkpoints = tmp_path / "checkpoints"
     assert (checkpoints / "2d_unet_1.pth").is_file() and saved_weights_finite(checkpoints)
     assert not list(checkpoints.glob("*best*"))
+    assert not list(tmp_path.rglob(".csc-write-check-*"))  # the write checks' files are gone
     assert_unchanged(before, data)
 
 
@@ -166,7 +167,7 @@ def test_a_config_warning_is_printed_before_data_is_read_and_survives_a_kill(
     data: Path, tmp_path: Path
 ) -> None:
     """`epoch = 5` in a config: 'did you mean epochs' is on stderr before the datasplit is
-    crawled and before the first epoch ends; the run is then SIGKILLed."""
+    crawled, in a run SIGKILLed right after the crawl (which used to lose it)."""
     before = snapshot(data)
     lines = [f"{key} = {value!r}" for key, value in settings(data, tmp_path, epochs=50).items()]
     config = tmp_path / "config.py"
@@ -175,13 +176,12 @@ def test_a_config_warning_is_printed_before_data_is_read_and_survives_a_kill(
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # stdout and stderr in the order written
     merged = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
     with subprocess.Popen(command, env=env, **merged) as process:
-        seen = lines_until(process, "epoch 1:")
+        seen = lines_until(process, "wrote datasplit")
         os.kill(process.pid, signal.SIGKILL)
     warning = next(i for i, s in enumerate(seen) if "did you mean 'epochs'" in s)
     assert seen[warning].startswith(f"warning: config name 'epoch' in {config}")
-    crawled = next(i for i, s in enumerate(seen) if s.startswith("wrote datasplit"))
-    first_epoch = next(i for i, s in enumerate(seen) if s.startswith("epoch 1:"))
-    assert warning < crawled < first_epoch and process.returncode == -signal.SIGKILL
+    assert warning < len(seen) - 1 and seen[-1].startswith("wrote datasplit")
+    assert process.returncode == -signal.SIGKILL
     assert_unchanged(before, data)
 
 
@@ -217,6 +217,7 @@ def test_a_datasplit_made_for_other_classes_is_refused_with_the_rebuild_command(
     assert "no crop of it annotates mito" in message
     assert_unchanged(before, tmp_path)
     assert sorted(snapshot(tmp_path)) == sorted(before)  # nothing written: no logs, no crawl
+    assert not (tmp_path / "checkpoints").exists()  # the write check leaves no folder behind
     command = message.split("`")[1]
     outcome = CliRunner().invoke(cli, shlex.split(command)[1:])
     assert outcome.exit_code == 0, outcome.output

@@ -636,6 +636,10 @@ def check_classes(
     """Raise `ValueError` when a class of the config is annotated by no crop of `rows`, or a
     crop annotates none of them: a CSV made for other classes (`source`), or, freshly
     crawled (`source` None), classes the data does not have."""
+    if not rows and source is not None:
+        raise ValueError(
+            f"datasplit {source} lists no crops; rebuild it with `{rebuild_command(config)}`"
+        )
     listed = {name for row in rows for name in row.classes}
     unlisted = [name for name in config.classes if name not in listed]
     unused = [row for row in rows if not set(row.classes) & set(config.classes)]

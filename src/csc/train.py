@@ -324,24 +324,37 @@ def checkpoint_folder(config: TrainConfig) -> Path:
 
 
 def check_destinations(config: TrainConfig) -> None:
-    """Create the checkpoint and TensorBoard folders and write (and remove) a file in each,
-    so a place csc cannot write to is a `ValueError` naming the key and folder now, not
-    after an epoch of training."""
+    """The checkpoint and TensorBoard folders can be created and written, checked now so that a
+    place csc cannot write to is a `ValueError` naming the key and folder before any data is
+    read, not after an epoch of training. Leaves nothing behind."""
     folders = {"model_save_path": checkpoint_folder(config), "logs_save_path": log_folder(config)}
     for key, folder in folders.items():
         if "://" in getattr(config, key):
             continue  # a URL: written through its own filesystem
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".csc-write-check-") as probe:
-                probe.write(b"csc")
-                probe.flush()
+            check_writable_folder(folder)
         except OSError as error:
             reason = error.strerror or str(error)
             raise ValueError(
                 f"cannot write to {folder} ({key} = {getattr(config, key)!r}): {reason}; "
                 "choose a folder csc can create and write to"
             ) from None
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Create `folder` and its missing parents, write a file in it and remove it, then remove
+    the folders made for the check (the run makes them again when it writes); OSError if any
+    step fails."""
+    made = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".csc-write-check-") as probe:
+            probe.write(b"csc")
+            probe.flush()
+    finally:
+        for path in made:
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def channels_last_format(config: TrainConfig, device: torch.device,
@@ -667,8 +680,15 @@ def optimizer_step(run: Run) -> None:
         run.ema.update_parameters(unwrap(run.model))
     if isinstance(run.scheduler, PER_STEP_SCHEDULERS):
         run.scheduler.step()
-    torch._foreach_copy_(run.skipped.buffers, list(run.model.buffers()))
+    copy_tensors(run.skipped.buffers, list(run.model.buffers()))
     run.skipped.in_a_row = 0
+
+
+def copy_tensors(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """`targets[i].copy_(sources[i])` for all i, in one fused call (a model's few hundred
+    buffers: no per-tensor kernel launches each step)."""
+    if targets:
+        torch._foreach_copy_(targets, sources)
 
 
 def skip_step(run: Run) -> None:
@@ -677,7 +697,7 @@ def skip_step(run: Run) -> None:
     Counted and logged (`skipped_steps`); `max_nonfinite_steps` in a row stop the run."""
     skipped, config = run.skipped, run.config
     run.optimizer.zero_grad(set_to_none=True)
-    torch._foreach_copy_(list(run.model.buffers()), skipped.buffers)
+    copy_tensors(list(run.model.buffers()), skipped.buffers)
     skipped.pending = False
     skipped.in_epoch += 1
     skipped.in_a_row += 1
