@@ -160,6 +160,26 @@ def test_fp16_scaler_steps_are_not_counted_as_skipped(data: Path, tmp_path: Path
     assert [e.value for e in log.Scalars("skipped_steps")] == [0, 0]
 
 
+def test_an_overflowing_gradient_scaler_skips_on_its_own_uncounted(
+    data: Path, tmp_path: Path
+) -> None:
+    """16-mixed with a scale so large that the scaled gradients overflow: the scaler skips
+    the step (weights unchanged) and halves its scale; csc counts no skipped step."""
+    run = setup(build_config(settings(data, tmp_path, precision="16-mixed")))
+    run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120)
+    before = {k: v.clone() for k, v in run.model.named_parameters()}
+    loss = train_step(run, next(iter(run.loaders.train)), step_now=True)
+    assert math.isfinite(loss) and run.scaler.get_scale() == 2.0**119
+    assert all(torch.equal(v, before[k]) for k, v in run.model.named_parameters())
+    assert (run.skipped.in_epoch, run.skipped.in_a_row) == (0, 0)
+    run.tracker.close()
+
+
+def test_max_nonfinite_steps_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"max_nonfinite_steps must be an integer >= 1, got 0"):
+        build_config({"max_nonfinite_steps": 0})
+
+
 # --- 2. Warnings when they happen ------------------------------------------------------------
 
 
