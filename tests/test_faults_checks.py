@@ -20,6 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from csc.checkpoints import RunWriteError
 from csc.cli import cli
 from csc.config import build_config
 from csc.datasplit import ensure_datasplit
@@ -267,12 +268,14 @@ def test_a_fresh_crawl_missing_a_class_writes_no_csv(data: Path, tmp_path: Path)
 # --- 4. Checks before any data is read ------------------------------------------------------
 
 
-def refused_before_data(data: Path, tmp_path: Path, expected: str, **options: Any) -> str:
-    """The one-line error (containing `expected`) of a config, which must come before the
-    datasplit is crawled (no CSV written), with the data and every file under tmp_path
-    unchanged."""
+def refused_before_data(
+    data: Path, tmp_path: Path, expected: str, kind: type[Exception] = ValueError, **options: Any
+) -> str:
+    """The one-line error (a `kind` containing `expected`) of a config, which must come
+    before the datasplit is crawled (no CSV written), with the data and every file under
+    tmp_path unchanged."""
     before, before_data = snapshot(tmp_path), snapshot(data)
-    with pytest.raises(ValueError, match=re.escape(expected)) as error:
+    with pytest.raises(kind, match=re.escape(expected)) as error:
         train(build_config(settings(data, tmp_path, **options)))
     assert not (tmp_path / "datasplit.csv").exists()
     assert_unchanged(before, tmp_path)
@@ -366,19 +369,22 @@ def test_bad_scheduler_and_criterion_kwargs_name_the_key_and_the_valid_names(
 
 
 @pytest.mark.parametrize("key", ["model_save_path", "logs_save_path"])
-def test_an_unwritable_destination_is_found_before_the_crawl(
+def test_a_destination_behind_a_dangling_link_is_found_by_writing_before_the_crawl(
     data: Path, tmp_path: Path, key: str
 ) -> None:
-    """A destination below a regular file (root ignores permissions, a file does not): one
-    line naming the key and the folder; the file stays as it was."""
-    blocker = tmp_path / "not-a-folder"
-    blocker.write_text("a user's file\n")
-    template = "ckpt/{model_name}_{epoch}.pth" if key == "model_save_path" else "tb/{model_name}"
-    folder = blocker / ("ckpt" if key == "model_save_path" else "tb/2d_unet")
-    expected = f"cannot write to {folder} ({key} = "
-    message = refused_before_data(data, tmp_path, expected, **{key: f"{blocker}/{template}"})
-    assert message.startswith(expected) and "Not a directory" in message
-    assert blocker.read_text() == "a user's file\n"
+    """A destination through a symlink to a place that is gone (an unmounted scratch disk):
+    permissions look fine, the real write in `start_run` fails, one line names the key and
+    folder before the datasplit is crawled; the link is left as it was."""
+    link = tmp_path / "scratch"
+    link.symlink_to(tmp_path / "unmounted" / "runs")
+    template = "{model_name}_{epoch}.pth" if key == "model_save_path" else "{model_name}"
+    expected = f"into {link}" if key == "model_save_path" else f"into {link}/2d_unet"
+    message = refused_before_data(
+        data, tmp_path, expected, RunWriteError, **{key: f"{link}/{template}"}
+    )
+    assert f"File exists ({link})" in message and f"set {key} to another folder" in message
+    assert os.readlink(link) == str(tmp_path / "unmounted" / "runs")
+    assert not (tmp_path / "unmounted").exists()
 
 
 def test_csc_train_reports_a_failed_check_as_one_line(data: Path, tmp_path: Path) -> None:

@@ -13,11 +13,13 @@ Training states are kept for the last two epochs and the best one (`drop_old_sta
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import filecmp
 import os
 import random
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Mapping
@@ -46,9 +48,11 @@ __all__ = [
     "Resumed",
     "RunStart",
     "RunWriteError",
+    "check_destinations",
     "drop_old_states",
     "link_best",
     "load_for_resume",
+    "log_dir",
     "model_path",
     "prune_checkpoints",
     "rng_state",
@@ -337,7 +341,7 @@ def start_run(config: TrainConfig, *, is_main: bool = True) -> RunStart:
     overwrite later epochs refuses too. Rank 0 (`is_main`) then removes temporary files of
     killed writes and, on a resume, points ``best`` at the state's best epoch.
     """
-    check_destinations(config)
+    check_destinations(config, probe=is_main)  # rank 0 alone writes (and probes)
     resumed = load_for_resume(config)
     # The run's own checkpoint, when it resumes one (not a fine-tune from another model).
     own = resumed if resumed is not None and config.model_to_load == config.model_name else None
@@ -402,9 +406,11 @@ def remove_temporary_files(template: str, model_name: str) -> list[Path]:
     return removed
 
 
-def check_destinations(config: TrainConfig) -> None:
+def check_destinations(config: TrainConfig, *, probe: bool = True) -> None:
     """`RunWriteError` when the checkpoint or log folder cannot be created or written: the
-    nearest existing folder is a file, or is read-only."""
+    nearest existing folder is a file, or is read-only; with `probe`, a file is really
+    written (and removed) in each, which also finds a read-only file system or a full disk
+    that permissions do not show (tests run as root, whom permissions never stop)."""
     checkpoint = format_checkpoint_path(
         config.model_save_path, model_name=config.model_name, epoch=1
     )
@@ -419,11 +425,33 @@ def check_destinations(config: TrainConfig) -> None:
             problem = f"{existing} is a file, not a folder"
         elif not os.access(existing, os.W_OK | os.X_OK):
             problem = f"{existing} is not writable (read-only or no permission)"
+        elif probe and (failure := write_probe(folder)) is not None:
+            problem = failure
         else:
             continue
         raise RunWriteError(
             f"cannot write {what} into {folder}: {problem}; fix it or set {key} to another folder"
         )
+
+
+def write_probe(folder: Path) -> str | None:
+    """Why a file cannot be written in `folder` (None: it can). Creates the folder and its
+    missing parents, writes a small file and removes it, then removes the folders it made
+    (the run makes them again when it writes): the check leaves nothing behind."""
+    made = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".csc-write-check-") as file:
+            file.write(b"csc")
+            file.flush()
+            os.fsync(file.fileno())  # a full disk may only say so when the data goes out
+    except OSError as error:
+        return f"{error.strerror or error} ({error.filename or folder})"
+    finally:
+        for path in made:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+    return None
 
 
 def _existing_files(config: TrainConfig) -> tuple[list[Path], list[Path]]:

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import math
 import os
 import random
 import sys
-import tempfile
 import time
 import types
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +29,7 @@ from csc.checkpoints import (
     drop_old_states,
     link_best,
     load_for_resume,
+    log_dir,
     prune_checkpoints,
     rng_state,
     save_checkpoint,
@@ -47,7 +45,7 @@ from csc.distributed import Dist
 from csc.losses import build_loss, check_criterion, pos_weight_from_counts
 from csc.metrics import SegmentationMetrics
 from csc.models import build_model, check_input_shape
-from csc.models.loading import format_checkpoint_path, load_weights
+from csc.models.loading import load_weights
 from csc.tracking import Tracker, make_tracker
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -277,9 +275,8 @@ def setup(config: TrainConfig, place: Dist | None = None) -> Run:
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer)
     check_criterion(config.criterion, config.criterion_kwargs)
-    if place.is_main:
-        check_destinations(config)
-    # Every check passed: only now crawl (and write) the datasplit and read data.
+    # Every check passed (`start_run` checked the checkpoint and log folders): only now crawl
+    # (and write) the datasplit and read data.
     distributed.main_first(place, lambda: ensure_datasplit(config))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # patch shapes are fixed: pick the fastest convs
@@ -288,7 +285,7 @@ def setup(config: TrainConfig, place: Dist | None = None) -> Run:
         average = get_ema_multi_avg_fn(config.ema_decay)
         ema = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
     model = wrap_model(model, config, place, device)
-    tracker = make_tracker(log_folder(config), enabled=place.is_main)
+    tracker = make_tracker(log_dir(config), enabled=place.is_main)
     tracker.log_text("config", "```\n" + format_config(config) + "\n```", 0)
     loaders = build_loaders(  # its crops carry the foreground counts for pos_weight
         config, rank=place.rank, world_size=place.world_size, device_type=device.type,
@@ -310,51 +307,6 @@ def make_loss(config: TrainConfig, loaders: Loaders, device: torch.device) -> to
         config.criterion, criterion_kwargs=config.criterion_kwargs, pos_weight=pos_weight
     )
     return loss.to(device)
-
-
-def log_folder(config: TrainConfig) -> Path:
-    return Path(config.logs_save_path.format(model_name=config.model_name))
-
-
-def checkpoint_folder(config: TrainConfig) -> Path:
-    """Where every checkpoint goes: model_save_path's folder, up to a part holding {epoch}."""
-    parts = Path(config.model_save_path).parent.parts
-    fixed = itertools.takewhile(lambda part: "{epoch}" not in part, parts)
-    return format_checkpoint_path(str(Path(*fixed)), model_name=config.model_name, epoch=0)
-
-
-def check_destinations(config: TrainConfig) -> None:
-    """The checkpoint and TensorBoard folders can be created and written, checked now so that a
-    place csc cannot write to is a `ValueError` naming the key and folder before any data is
-    read, not after an epoch of training. Leaves nothing behind."""
-    folders = {"model_save_path": checkpoint_folder(config), "logs_save_path": log_folder(config)}
-    for key, folder in folders.items():
-        if "://" in getattr(config, key):
-            continue  # a URL: written through its own filesystem
-        try:
-            check_writable_folder(folder)
-        except OSError as error:
-            reason = error.strerror or str(error)
-            raise ValueError(
-                f"cannot write to {folder} ({key} = {getattr(config, key)!r}): {reason}; "
-                "choose a folder csc can create and write to"
-            ) from None
-
-
-def check_writable_folder(folder: Path) -> None:
-    """Create `folder` and its missing parents, write a file in it and remove it, then remove
-    the folders made for the check (the run makes them again when it writes); OSError if any
-    step fails."""
-    made = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".csc-write-check-") as probe:
-            probe.write(b"csc")
-            probe.flush()
-    finally:
-        for path in made:
-            with contextlib.suppress(OSError):
-                path.rmdir()
 
 
 def channels_last_format(config: TrainConfig, device: torch.device,
