@@ -259,10 +259,11 @@ def choose_device(name: str | None) -> torch.device:
 
 
 def setup(config: TrainConfig, place: Dist | None = None) -> Run:
-    """Check, then build, what a config asks for. Device, model (a forward of a zero patch),
-    optimizer, scheduler, loss arguments and the checkpoint and log folders are checked before
-    the datasplit is crawled or any data is read; then the datasplit, logging, data and the
-    loss's class weights. Under torchrun the model is wrapped in DDP and only rank 0 logs."""
+    """Check, then build, what a config asks for: device, model (a zero patch through it),
+    optimizer, scheduler and loss arguments are checked before the datasplit is crawled or any
+    data is read (`start_run` checked the folders before); then the datasplit, logging, data
+    and the loss with its class weights. Under torchrun the model is wrapped in DDP and only
+    rank 0 logs."""
     place = place or Dist()
     device = distributed.rank_device(place, choose_device(config.device))
     distributed.init(place, device)
@@ -275,8 +276,7 @@ def setup(config: TrainConfig, place: Dist | None = None) -> Run:
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer)
     check_criterion(config.criterion, config.criterion_kwargs)
-    # Every check passed (`start_run` checked the checkpoint and log folders): only now crawl
-    # (and write) the datasplit and read data.
+    # Every check passed: only now crawl (and write) the datasplit and read data.
     distributed.main_first(place, lambda: ensure_datasplit(config))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # patch shapes are fixed: pick the fastest convs
