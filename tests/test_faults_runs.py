@@ -416,3 +416,15 @@ def test_a_destination_that_cannot_be_a_folder_is_refused_before_training(
     assert not (tmp_path / "datasplit.csv").exists()  # refused before the data was looked at
     with pytest.raises(RunWriteError, match="blocker is a file"):
         start_run(build_config(settings(data, tmp_path, **{key: target})))
+
+
+def test_resuming_with_another_optimizer_is_one_line_naming_the_state(
+    data: Path, run: Path
+) -> None:
+    """The run was trained with RAdam; resuming it with SGD used to fail at the first step
+    with KeyError 'momentum'. Now one line names the state file and the ways on."""
+    before = snapshot(run)
+    line = error_line(csc_train(write_config(data, run), "optimizer='sgd'"))
+    assert str(run / "checkpoints/2d_unet_3.pth") in line and "SGD" in line, line
+    assert "model_to_load='2d_unet'" in line
+    assert_unchanged(before, run)

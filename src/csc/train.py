@@ -354,7 +354,10 @@ def make_model(config: TrainConfig, spec: PatchSpec) -> torch.nn.Module:
         model = build_model(config.model_name, num_classes=len(config.classes), **kwargs)
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_input_shape(model, shape)
+    try:
+        check_input_shape(model, shape)
+    except ValueError as error:  # name the config key the shape came from
+        raise ValueError(f"input_array_info: {error}") from None
     return model
 
 
@@ -503,7 +506,7 @@ def resume(run: Run, *, say: Any = print, start: RunStart | None = None) -> int:
         return resumed.epoch
     # The model file holds the trained weights, unless it holds the EMA's: then the state does.
     load_weights(run.model, state.get("model") or resumed.model_state, source=str(resumed.path))
-    run.optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(run.optimizer, state["optimizer"], source=resumed.path, config=config)
     if run.scheduler is not None and state.get("scheduler") is not None:
         run.scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):
@@ -517,6 +520,29 @@ def resume(run: Run, *, say: Any = print, start: RunStart | None = None) -> int:
     run.tracker.restart_at(run.global_step + 1)  # the killed run's later steps are redone
     say(f"resumed from {resumed.path}: epoch {resumed.epoch}, step {run.global_step}")
     return resumed.epoch
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    saved: Mapping[str, Any],
+    *,
+    source: os.PathLike[str],
+    config: TrainConfig,
+) -> None:
+    """Load a saved optimizer state; one saved by another kind of optimizer (its settings and
+    this optimizer's each have names the other lacks, e.g. RAdam's betas and SGD's momentum)
+    is a ValueError naming the file, instead of a KeyError at the first step."""
+    groups = saved.get("param_groups") or [{}]
+    stored, current = set(groups[0]) - {"params"}, set(optimizer.param_groups[0]) - {"params"}
+    if stored and stored - current and current - stored:
+        raise ValueError(
+            f"the training state in {source} was saved by another optimizer (settings "
+            f"{', '.join(sorted(stored - current))}) than this config's "
+            f"{type(optimizer).__name__}: resume with the optimizer it was trained with, or "
+            f"start from its weights with a new run (model_name='NEW_NAME' "
+            f"model_to_load={config.model_name!r})"
+        )
+    optimizer.load_state_dict(saved)
 
 
 # --- The loop ------------------------------------------------------------------------------
