@@ -29,7 +29,7 @@ from csc.checkpoints import load_for_resume
 from csc.config import TrainConfig
 from csc.data import Crop, MetadataReader, PatchDataset, PatchSpec, load_crops
 from csc.data.geometry import Grid
-from csc.datasplit import DatasplitRow, read_datasplit, select_crops
+from csc.datasplit import DatasplitRow, read_datasplit, s3_options, select_crops
 from csc.models.loading import load_weights, strip_wrapper_prefixes
 from csc.storage import is_s3, make_compressor, multiscales_attrs
 from csc.train import AUTOCAST_DTYPES, channels_last_format, choose_device, make_model
@@ -182,7 +182,7 @@ def crop_regions(config: TrainConfig, *, crops: Sequence[str] = (),
     rows = read_datasplit(config.datasplit_path)
     chosen = select_rows(rows, crops, all_crops=all_crops, source=str(config.datasplit_path))
     spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
-    resolved = load_crops(chosen, config.classes, spec)
+    resolved = load_crops(chosen, config.classes, spec, s3=s3_options(config))
     return [
         Region(row.dataset, row.crop, f"{row.raw_root}/{row.raw_path}", crop.low, crop.high)
         for row, crop in zip(chosen, resolved, strict=True)
@@ -229,7 +229,7 @@ def box_region(config: TrainConfig, dataset: str, bbox: Sequence[float]) -> Regi
 
 
 def raw_source(group: str, config: TrainConfig) -> Any:
-    reader = MetadataReader("s3://" if is_s3(group) else ".")
+    reader = MetadataReader("s3://" if is_s3(group) else ".", s3=s3_options(config))
     return reader.source(group, config.input_array_info.scale, label=False)
 
 

@@ -35,7 +35,7 @@ from csc.checkpoints import (
     unwrap,
 )
 from csc.config import TrainConfig, format_config, load_config
-from csc.data import Loaders, PatchSpec, build_loaders
+from csc.data import Loaders, PatchSpec, build_loaders, read_crops
 from csc.datasplit import ensure_datasplit
 from csc.distributed import Dist
 from csc.losses import build_loss, pos_weight_from_counts
@@ -232,10 +232,15 @@ def setup(config: TrainConfig, place: Dist | None = None) -> Run:
     log_dir = config.logs_save_path.format(model_name=config.model_name)
     tracker = make_tracker(log_dir, enabled=place.is_main)
     tracker.log_text("config", "```\n" + format_config(config) + "\n```", 0)
+    crops = distributed.from_main(place, lambda: read_crops(config))  # metadata read once
     loaders = build_loaders(  # its crops carry the foreground counts for pos_weight
-        config, rank=place.rank, world_size=place.world_size, device_type=device.type,
+        config,
+        rank=place.rank,
+        world_size=place.world_size,
+        device_type=device.type,
         processes_per_machine=place.local_world_size,
-    )  # fmt: skip
+        crops=crops,
+    )
     pos_weight = class_pos_weight(config, loaders) if config.weight_loss else None
     if pos_weight is not None:
         pos_weight = pos_weight.to(device)

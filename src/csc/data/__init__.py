@@ -16,7 +16,7 @@ from csc.data.datasets import (
     crop_probabilities,
 )
 from csc.data.geometry import Grid
-from csc.data.loaders import Loaders, build_datasets, build_loaders, load_crops
+from csc.data.loaders import Loaders, build_datasets, build_loaders, load_crops, read_crops
 from csc.data.sources import ArraySource, Level, MetadataReader
 from csc.data.transforms import (
     Compose,
@@ -49,4 +49,5 @@ __all__ = [
     "build_loaders",
     "crop_probabilities",
     "load_crops",
+    "read_crops",
 ]
