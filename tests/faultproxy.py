@@ -12,6 +12,7 @@ import collections
 import http.client
 import http.server
 import random
+import re
 import socket
 import struct
 import threading
@@ -19,6 +20,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 MODES = ("pass", "stall", "delay", "refuse", "error")
 # Headers that describe one connection, not the message: never forwarded.
@@ -36,6 +38,7 @@ class FaultProxy:
         parsed = urllib.parse.urlsplit(upstream)
         self.upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
         self.mode, self.delay_s, self.p = "pass", 0.0, 0.0
+        self.only: re.Pattern[str] | None = None
         self.random = random.Random(seed)
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
         self.statuses: collections.Counter[int] = collections.Counter()
@@ -48,15 +51,19 @@ class FaultProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def set(self, mode: str, *, delay_s: float = 0.0, p: float = 0.0) -> None:
-        """Switch to `mode` now; requests held by a stall are released (unanswered)."""
+    def set(
+        self, mode: str, *, delay_s: float = 0.0, p: float = 0.0, only: str | None = None
+    ) -> None:
+        """Switch to `mode` now, for the requests whose path matches the regex `only` (all
+        when None; the others pass); requests held by a stall are released (unanswered)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; available: {', '.join(MODES)}")
         with self.changed:
             self.mode, self.delay_s, self.p = mode, float(delay_s), float(p)
+            self.only = re.compile(only) if only else None
             self.changed.notify_all()
 
-    def fault_for(self, seconds: float, mode: str, **params: float) -> threading.Timer:
+    def fault_for(self, seconds: float, mode: str, **params: Any) -> threading.Timer:
         """Switch to `mode` now and back to pass-through after `seconds` (an outage)."""
         self.set(mode, **params)
         timer = threading.Timer(seconds, self.set, args=("pass",))
@@ -90,12 +97,14 @@ class FaultProxy:
         with self.lock:
             self.counts[(method, path)] += 1
             mode = self.mode
+            if self.only is not None and not self.only.search(path):
+                mode = "pass"
             if mode == "error":
                 mode = "error" if self.random.random() < self.p else "pass"
             return mode, self.delay_s
 
     def _stall(self) -> None:
-        """Hold the request until the mode changes or the proxy closes."""
+        """Hold the request until the fault changes or the proxy closes."""
         with self.changed:
             while self.mode == "stall" and not self.closed:
                 self.changed.wait()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ import zarr
 from click.testing import CliRunner
 
 from csc.cli import cli
-from csc.config import load_config
+from csc.config import TrainConfig, build_config, load_config
 from csc.data import Crop, load_crops
 from csc.data.sources import ArraySource, MetadataReader, PendingRead, open_array
 from csc.datasplit import (
@@ -32,6 +33,7 @@ from csc.datasplit import (
     write_datasplit,
 )
 from csc.storage import S3Options, S3RetryWarning, StorageError, write_array
+from csc.train import train
 from tests.faultproxy import FaultProxy, fault_proxy
 from tests.faults import assert_unchanged, snapshot
 from tests.s3server import free_port, s3_client, upload_tree
@@ -457,4 +459,87 @@ def test_metadata_is_read_by_rank_zero_and_shared(
         assert f"rank {rank} has 4 crops from {proxy.endpoint}" in output, output
     classes = sum(len(row.classes) for row in found)
     assert proxy.num_requests("GET") == 2 * 2 + 3 * classes  # once, not once per rank
+    assert_unchanged(before, tmp_path)
+
+
+def test_a_storage_error_in_a_loader_worker_stays_one_line() -> None:
+    """torch re-raises a worker's error with the worker's traceback as its message."""
+    from torch._utils import ExceptionWrapper
+
+    line = "cannot read s3://b/x.zarr/s0 from http://h:9 (...): still failing after 3 attempts"
+    try:
+        raise StorageError(line)
+    except StorageError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 1")
+    with pytest.raises(StorageError) as caught:
+        wrapped.reraise()
+    assert str(caught.value) == f"{line} (in DataLoader worker process 1)"
+
+
+# --- Training through the faults ----------------------------------------------------------------
+
+CHUNKS = r"/s\d+/\d+/\d+/\d+$"  # array chunks, not metadata
+
+
+def s3_training(bucket: str, run: Path, proxy: FaultProxy, **overrides: object) -> TrainConfig:
+    """A tiny 2D CPU run on S3 data through the proxy: 1 epoch of 2 batches of 2."""
+    info = {"shape": (1, 16, 16), "scale": (8, 8, 8)}
+    settings = {
+        "use_s3": True,
+        "search_path": f"s3://{bucket}/{SEARCH}",
+        "classes": CLASSES,
+        "datasplit_path": f"{run}/datasplit.csv",
+        "validation_prob": 0.5,
+        "input_array_info": info,
+        "target_array_info": info,
+        "model_kwargs": {"num_levels": 2, "base_channels": 4},
+        "epochs": 1,
+        "iterations_per_epoch": 2,
+        "batch_size": 2,
+        "validation_batch_limit": 1,
+        "device": "cpu",
+        "s3_endpoint_url": proxy.endpoint,
+        "s3_timeout_s": 1.0,
+        "model_save_path": f"{run}/checkpoints/{{model_name}}_{{epoch}}.pth",
+        "logs_save_path": f"{run}/tensorboard/{{model_name}}",
+        **overrides,
+    }
+    return build_config(settings)
+
+
+def test_training_through_thirty_percent_slow_down_answers_finishes(
+    env_elsewhere: None, s3_synth: str, s3_server: str, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    bucket = f"{s3_synth}-public"
+    before, objects = snapshot(tmp_path), bucket_snapshot(s3_server, bucket)
+    config = s3_training(bucket, tmp_path, proxy, s3_retry_budget_s=20.0)
+    proxy.set("error", p=0.3)
+    with pytest.warns(S3RetryWarning, match=rf"from {proxy.endpoint} failed .*SlowDown"):
+        result = train(config)
+    assert result.last_epoch == 1 and (tmp_path / "checkpoints/2d_unet_1.pth").is_file()
+    assert proxy.statuses[503] > 0
+    assert_unchanged(before, tmp_path)
+    assert bucket_snapshot(s3_server, bucket) == objects
+
+
+def test_training_on_an_endpoint_that_stalls_fails_within_the_budget(
+    env_elsewhere: None,
+    s3_synth: str,
+    s3_server: str,
+    tiny_synth: Path,
+    proxy: FaultProxy,
+    tmp_path: Path,
+) -> None:
+    bucket = fresh_bucket(s3_server, tiny_synth)  # chunks in no cache of this process yet
+    before = snapshot(tmp_path)
+    config = s3_training(bucket, tmp_path, proxy, s3_retry_budget_s=2.0)
+    proxy.set("stall", only=CHUNKS)  # metadata is answered, array data never
+    start = time.monotonic()
+    with pytest.warns(S3RetryWarning), pytest.raises(StorageError) as caught:
+        train(config)
+    assert time.monotonic() - start < 30  # not 6.5 min per read
+    message = str(caught.value)
+    assert "\n" not in message
+    assert re.match(rf"cannot read s3://{bucket}/\S+/s\d \(voxels \(", message), message
+    assert f"from {proxy.endpoint}" in message and "(s3_retry_budget_s = 2 s) is spent" in message
     assert_unchanged(before, tmp_path)
