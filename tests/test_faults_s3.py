@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from click.testing import CliRunner
 
 from csc.cli import cli
 from csc.config import TrainConfig, build_config, load_config
-from csc.data import Crop, load_crops
+from csc.data import Crop, TrainPatches, load_crops
 from csc.data.sources import ArraySource, MetadataReader, PendingRead, open_array
 from csc.datasplit import (
     CrawlOptions,
@@ -214,6 +215,27 @@ def test_metadata_is_one_get_per_file_and_chunks_are_asked_for_once(
     assert proxy.num_requests("GET") == 8  # the whole s0: 2 x 2 x 2 chunks
     again = PendingRead(source, (0, 0, 0), (16, 32, 32), cache_mb=16).result()
     assert np.array_equal(first, again) and proxy.num_requests("GET") == 8  # none again
+    assert bucket_snapshot(s3_server, bucket) == before
+
+
+def test_samples_read_again_without_the_crop_cache_make_no_requests(
+    env_elsewhere: None, s3_synth: str, s3_server: str, proxy: FaultProxy
+) -> None:
+    """Measured before: about 7 requests per sample each epoch (304s for cached chunks, 404s
+    for missing ones); the data does not change, so a cached chunk is never asked again."""
+    bucket = f"{s3_synth}-public"
+    before = bucket_snapshot(s3_server, bucket)
+    s3 = options(proxy)
+    crops = load_crops(rows(bucket, s3), CLASSES, SPEC, s3=s3)
+    patches = TrainPatches(crops, SPEC, num_samples=8, seed=3, crop_cache_mb=0)
+    proxy.reset_counts()
+    first = patches.__getitems__([(1, i) for i in range(8)])
+    assert proxy.num_requests("GET") > 0
+    proxy.reset_counts()
+    again = patches.__getitems__([(1, i) for i in range(8)])
+    assert proxy.num_requests() == 0
+    for one, other in zip(first, again, strict=True):
+        assert torch.equal(one["input"], other["input"])
     assert bucket_snapshot(s3_server, bucket) == before
 
 

@@ -125,8 +125,8 @@ def write_array(
 STORE_SUFFIXES = (".zarr", ".n5")
 # One S3 request gets this long to connect and then to receive each next byte (s); a failed
 # request is retried with growing, jittered pauses until the read's budget (s) is spent.
-S3_TIMEOUT_S = 20.0
-S3_RETRY_BUDGET_S = 120.0
+S3_TIMEOUT_S = 10.0
+S3_RETRY_BUDGET_S = 90.0
 RETRY_FIRST_DELAY_S = 0.2
 RETRY_MAX_DELAY_S = 5.0
 # At most one retry notice per endpoint this often (s): an outage fails many reads at once.
@@ -285,7 +285,7 @@ class Retry:
         pause = min(RETRY_MAX_DELAY_S, RETRY_FIRST_DELAY_S * 2 ** (self.attempts - 1))
         pause *= random.uniform(0.5, 1.0)  # jitter: readers that failed together spread out
         if pause >= self.remaining():
-            raise self.spent(error)
+            raise self.spent(error) from None
         _notice(self, error)
         return pause
 

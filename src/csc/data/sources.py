@@ -246,9 +246,10 @@ def open_array(source: ArraySource, *, cache_mb: int = DEFAULT_CHUNK_CACHE_MB) -
     """The tensorstore array of `source`'s level, opened once per process and kept."""
     import tensorstore as ts
 
+    key = (source.url, source.s3.endpoint if source.s3 else None)  # a bucket per endpoint
     with _STATE_LOCK:
         context = _context(cache_mb)
-        store = _STATE["stores"].get(source.url)
+        store = _STATE["stores"].get(key)
     if store is not None:
         return store
     if source.s3 is not None:
@@ -266,7 +267,7 @@ def open_array(source: ArraySource, *, cache_mb: int = DEFAULT_CHUNK_CACHE_MB) -
     )  # opened outside the lock: one array's retries never hold up another's reads
     with _STATE_LOCK:
         if _STATE["context"] is context:
-            store = _STATE["stores"].setdefault(source.url, store)
+            store = _STATE["stores"].setdefault(key, store)
     return store
 
 
@@ -276,18 +277,20 @@ def await_read(issue: Callable[[], Any], url: str, s3: S3Options | None, first: 
     future = issue() if first is None else first
     if s3 is None:
         return _result(future, url)
-    retry = Retry(url, s3)
+    retry, last = Retry(url, s3), ""
     while True:
-        try:
+        try:  # a wait past the budget means the request hangs despite curl's timeouts
             return future.result(timeout=retry.remaining() + s3.timeout_s)
         except TimeoutError:
             future.cancel()
             retry.attempts += 1
-            raise retry.spent(f"no answer in {time.monotonic() - retry.start:.0f} s") from None
+            waited = time.monotonic() - retry.start
+            raise retry.spent(last or f"no answer in {waited:.0f} s") from None
         except ValueError as error:  # tensorstore reports I/O errors as ValueError
             if not _transient(error):
                 raise StorageError(_read_error(url, error)) from None
-            time.sleep(retry.delay(_status(error)))
+            last = _status(error)
+            time.sleep(retry.delay(last))
         future = issue()
 
 
