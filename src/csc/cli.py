@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from csc import __version__
+from csc.storage import S3_RETRY_BUDGET_S, S3_TIMEOUT_S
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -312,6 +313,14 @@ def _crawl_command(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--bucket", default="janelia-cosem-datasets", show_default=True),
         click.option("--endpoint-url", default=None,
                      help="S3 endpoint [default: $AWS_ENDPOINT_URL, else AWS]."),
+        click.option("--s3-timeout", type=click.FloatRange(min=0, min_open=True),
+                     default=S3_TIMEOUT_S, show_default=True,
+                     help="Seconds an S3 request may take to connect, and to send each next "
+                     "byte."),
+        click.option("--s3-retry-budget", type=click.FloatRange(min=0, min_open=True),
+                     default=S3_RETRY_BUDGET_S, show_default=True,
+                     help="Seconds a failing S3 read is retried (outages, throttling) before "
+                     "csc gives up."),
     ]  # fmt: skip
     for option in reversed(options):
         function = option(function)
@@ -347,6 +356,8 @@ def _crawl_options(options: dict[str, Any]) -> Any:
         crops=_comma_list(options.pop("crops")),
         scale=scale_values,
         endpoint_url=options.pop("endpoint_url"),
+        s3_timeout_s=options.pop("s3_timeout"),
+        s3_retry_budget_s=options.pop("s3_retry_budget"),
     )
 
 

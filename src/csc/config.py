@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from csc.storage import S3_RETRY_BUDGET_S, S3_TIMEOUT_S
+
 # Names accepted where the config gives a string instead of an object. The registries in
 # csc.models, csc.losses and csc.train hold the implementations; a test keeps them equal.
 MODEL_NAMES = ("2d_resnet", "2d_unet", "3d_resnet", "3d_unet", "vitnet")
@@ -106,6 +108,9 @@ class TrainConfig:
     dataloader_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     chunk_cache_mb: int = 256  # tensorstore's decoded-chunk cache, per loader process
     crop_cache_mb: int = 256  # crop regions held decoded in memory, per loader process
+    s3_endpoint_url: str | None = None  # S3 endpoint; None: $AWS_ENDPOINT_URL, else AWS
+    s3_timeout_s: float = S3_TIMEOUT_S  # one S3 request: to connect, and for each next byte
+    s3_retry_budget_s: float = S3_RETRY_BUDGET_S  # how long a failing S3 read is retried
     # Model.
     model_name: str = "2d_unet"
     model_to_load: str = "2d_unet"
@@ -413,12 +418,22 @@ def _check_counts(config: TrainConfig) -> None:
     _require_int(config, "random_seed", minimum=0)
     _require_int(config, "chunk_cache_mb", minimum=0)
     _require_int(config, "crop_cache_mb", minimum=0)
-    for key in ("learning_rate", "max_grad_norm", "validation_time_limit"):
+    positive = (
+        "learning_rate",
+        "max_grad_norm",
+        "validation_time_limit",
+        "s3_timeout_s",
+        "s3_retry_budget_s",
+    )
+    for key in positive:
         value = getattr(config, key)
-        if value is None and key != "learning_rate":
+        if value is None and key in ("max_grad_norm", "validation_time_limit"):
             continue
         if not _is_number(value) or value <= 0:
             raise ValueError(f"{key} must be a positive number, got {value!r}")
+    endpoint = config.s3_endpoint_url
+    if endpoint is not None and not (isinstance(endpoint, str) and "://" in endpoint):
+        raise ValueError(f"s3_endpoint_url must be a URL like http://host:9000, got {endpoint!r}")
     if not _is_number(config.validation_prob) or not 0 <= config.validation_prob < 1:
         raise ValueError(f"validation_prob must be in [0, 1), got {config.validation_prob!r}")
     if config.ema_decay is not None and (

@@ -26,12 +26,13 @@ from typing import Any
 
 from csc.config import DEFAULT_SEARCH_PATH, TrainConfig
 from csc.storage import (
-    S3_CLIENT_CONFIG,
+    S3_RETRY_BUDGET_S,
+    S3_TIMEOUT_S,
     STORE_SUFFIXES,
+    S3Options,
     filesystem_for,
-    has_aws_credentials,
     is_s3,
-    s3_endpoint,
+    open_zarr_array,
     s3_errors,
     split_store_path,
     write_text_atomic,
@@ -74,6 +75,12 @@ class CrawlOptions:
     crops: tuple[str, ...] = ()  # names or globs; empty: all
     scale: tuple[float, ...] | None = None  # nm; keep a class only if its s0 is this fine
     endpoint_url: str | None = None  # S3 only; default from AWS_ENDPOINT_URL
+    s3_timeout_s: float = S3_TIMEOUT_S  # S3 only: per request (connect, each next byte)
+    s3_retry_budget_s: float = S3_RETRY_BUDGET_S  # S3 only: retrying one read at most this long
+
+    @property
+    def s3(self) -> S3Options:
+        return S3Options(self.endpoint_url, self.s3_timeout_s, self.s3_retry_budget_s)
 
 
 @dataclasses.dataclass
@@ -98,9 +105,7 @@ class SplitOptions:
 def crawl(options: CrawlOptions, lister: Lister | None = None) -> CrawlReport:
     """Find every crop with at least one requested class, paired with its dataset's raw."""
     _check_crawl_options(options)
-    lister = lister or Lister(
-        filesystem_for(options.search_path, endpoint_url=options.endpoint_url)
-    )
+    lister = lister or Lister(filesystem_for(options.search_path, options.s3))
     template = options.search_path.replace("{name}", options.crop_name)
     filters = {
         "dataset": _glob_filter(options.datasets),
@@ -604,11 +609,19 @@ def options_from_config(config: TrainConfig) -> tuple[CrawlOptions, SplitOptions
         crop_name=config.crop_name,
         classes=config.classes,
         scale=tuple(float(s) for s in scale) if scale else None,
+        endpoint_url=config.s3_endpoint_url,
+        s3_timeout_s=config.s3_timeout_s,
+        s3_retry_budget_s=config.s3_retry_budget_s,
     )
     split_options = SplitOptions(
         config.validation_prob, config.random_seed, config.force_all_classes
     )
     return crawl_options, split_options
+
+
+def s3_options(config: TrainConfig) -> S3Options:
+    """The S3 endpoint, timeouts and retry budget a config sets."""
+    return S3Options(config.s3_endpoint_url, config.s3_timeout_s, config.s3_retry_budget_s)
 
 
 def ensure_datasplit(config: TrainConfig, *, echo: Callable[[str], None] = print) -> Path:
@@ -711,7 +724,7 @@ def count_classes(options: CrawlOptions) -> tuple[list[dict[str, Any]], list[str
     """Per dataset and class: crops annotated and foreground voxels at s0 (from CellMap's
     complement_counts metadata where present, counted from the data otherwise); and the
     crops skipped by the crawl."""
-    lister = Lister(filesystem_for(options.search_path, endpoint_url=options.endpoint_url))
+    lister = Lister(filesystem_for(options.search_path, options.s3))
     report = crawl(options, lister)  # one client (and its listing cache) for crawl and reads
     keys = [(crop, label) for crop in report.crops for label in crop.classes]
     with s3_errors(_url_root(options.search_path), options.endpoint_url):
@@ -738,7 +751,7 @@ def _foreground(lister: Lister, crop: DatasplitRow, label: str, options: CrawlOp
     if isinstance(counts, dict) and counts:  # absent (and unknown) voxels: not foreground
         shape = lister.read_json(f"{array}/.zarray")["shape"]
         return int(_product(shape) - sum(counts.values()))
-    return count_nonzero(f"{group}/{level}", endpoint_url=options.endpoint_url)
+    return count_nonzero(f"{group}/{level}", s3=options.s3)
 
 
 def _strip(url: str) -> str:
@@ -752,25 +765,22 @@ def _product(values: Iterable[int]) -> int:
     return result
 
 
-def open_zarr(array_url: str, *, endpoint_url: str | None = None) -> Any:
-    """A zarr array, local or on S3 (anonymous unless credentials are set), for reading."""
-    import zarr
-
-    storage_options = None
-    if is_s3(array_url):
-        storage_options = {
-            "anon": not has_aws_credentials(),
-            "endpoint_url": s3_endpoint(endpoint_url),
-            "config_kwargs": S3_CLIENT_CONFIG,  # bounded retries, as for the crawl
-        }
-    return zarr.open_array(array_url, mode="r", storage_options=storage_options)
+def open_zarr(
+    array_url: str, *, endpoint_url: str | None = None, s3: S3Options | None = None
+) -> Any:
+    """A zarr array, local or on S3 (anonymous unless credentials are set), for reading;
+    S3 requests retry transient failures within the budget."""
+    with s3_errors(array_url, (s3 or S3Options(endpoint_url)).endpoint_url):
+        return open_zarr_array(array_url, s3 or S3Options(endpoint_url=endpoint_url))
 
 
-def count_nonzero(array_url: str, *, endpoint_url: str | None = None) -> int:
+def count_nonzero(
+    array_url: str, *, endpoint_url: str | None = None, s3: S3Options | None = None
+) -> int:
     """Non-zero voxels of a zarr array, read one chunk-row slab at a time to bound memory."""
     import numpy as np
 
-    array = open_zarr(array_url, endpoint_url=endpoint_url)
+    array = open_zarr(array_url, endpoint_url=endpoint_url, s3=s3)
     step = array.chunks[0]
     return sum(int(np.count_nonzero(array[z : z + step])) for z in range(0, array.shape[0], step))
 

@@ -12,6 +12,7 @@ import datetime
 import functools
 import gc
 import os
+import pickle
 import sys
 import traceback
 from collections.abc import Callable
@@ -134,6 +135,34 @@ def main_first(place: Dist, function: Callable[[], T]) -> T | None:
     result = function() if place.is_main else None
     barrier(place)
     return result
+
+
+def from_main(place: Dist, function: Callable[[], T]) -> T:
+    """`function()` run on rank 0 alone and its result sent to every rank: what all ranks
+    need from the data's metadata is read once, not once per rank. An error there is raised
+    on every rank, so none waits for a result that never comes."""
+    if not place.enabled:
+        return function()
+    box: list[Any] = [None]
+    if place.is_main:
+        try:
+            box[0] = (True, function())
+        except Exception as error:
+            box[0] = (False, _picklable(error))
+    dist.broadcast_object_list(box, src=0)
+    succeeded, value = box[0]
+    if not succeeded:
+        raise value
+    return value
+
+
+def _picklable(error: Exception) -> Exception:
+    """`error` itself if it survives pickling (to reach the other ranks), else its text."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
 
 
 def report_failure(place: Dist) -> Callable[[Callable[..., T]], Callable[..., T]]:

@@ -29,7 +29,8 @@ from csc.checkpoints import load_for_resume, model_path
 from csc.config import TrainConfig
 from csc.data import Crop, MetadataReader, PatchDataset, PatchSpec, load_crops
 from csc.data.geometry import Grid
-from csc.datasplit import DatasplitRow, read_datasplit, select_crops
+from csc.data.loaders import check_crops
+from csc.datasplit import DatasplitRow, read_datasplit, s3_options, select_crops
 from csc.models.loading import load_weights, strip_wrapper_prefixes
 from csc.storage import (
     STORE_SUFFIXES,
@@ -193,7 +194,11 @@ def crop_regions(config: TrainConfig, *, crops: Sequence[str] = (),
     rows = read_datasplit(config.datasplit_path)
     chosen = select_rows(rows, crops, all_crops=all_crops, source=str(config.datasplit_path))
     spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
-    resolved = load_crops(chosen, config.classes, spec)
+    resolved = load_crops(chosen, config.classes, spec, s3=s3_options(config))
+    # A crop over raw with no stored chunk would be predicted from zeros: refused here too.
+    check_crops(
+        resolved, spec, datasplit=str(config.datasplit_path), labels=False, s3=s3_options(config)
+    )
     return [
         Region(row.dataset, row.crop, f"{row.raw_root}/{row.raw_path}", crop.low, crop.high)
         for row, crop in zip(chosen, resolved, strict=True)
@@ -240,7 +245,7 @@ def box_region(config: TrainConfig, dataset: str, bbox: Sequence[float]) -> Regi
 
 
 def raw_source(group: str, config: TrainConfig) -> Any:
-    reader = MetadataReader("s3://" if is_s3(group) else ".")
+    reader = MetadataReader("s3://" if is_s3(group) else ".", s3=s3_options(config))
     return reader.source(group, config.input_array_info.scale, label=False)
 
 

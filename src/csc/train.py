@@ -39,7 +39,7 @@ from csc.checkpoints import (
     unwrap,
 )
 from csc.config import TrainConfig, check_keywords, format_config, load_config
-from csc.data import Loaders, PatchSpec, build_loaders
+from csc.data import Loaders, PatchSpec, build_loaders, read_crops
 from csc.datasplit import ensure_datasplit
 from csc.distributed import Dist
 from csc.losses import build_loss, check_criterion, pos_weight_from_counts
@@ -287,10 +287,15 @@ def setup(config: TrainConfig, place: Dist | None = None) -> Run:
     model = wrap_model(model, config, place, device)
     tracker = make_tracker(log_dir(config), enabled=place.is_main)
     tracker.log_text("config", "```\n" + format_config(config) + "\n```", 0)
+    crops = distributed.from_main(place, lambda: read_crops(config))  # metadata read once
     loaders = build_loaders(  # its crops carry the foreground counts for pos_weight
-        config, rank=place.rank, world_size=place.world_size, device_type=device.type,
+        config,
+        rank=place.rank,
+        world_size=place.world_size,
+        device_type=device.type,
         processes_per_machine=place.local_world_size,
-    )  # fmt: skip
+        crops=crops,
+    )
     loss_fn = make_loss(config, loaders, device)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "16-mixed")
     parts = (loaders, model, ema, loss_fn, optimizer, scheduler, scaler, tracker)

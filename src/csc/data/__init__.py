@@ -16,7 +16,7 @@ from csc.data.datasets import (
     crop_probabilities,
 )
 from csc.data.geometry import Grid
-from csc.data.loaders import Loaders, build_datasets, build_loaders, load_crops
+from csc.data.loaders import Loaders, build_datasets, build_loaders, load_crops, read_crops
 from csc.data.sources import ArraySource, DataWarning, Level, MetadataReader
 from csc.data.transforms import (
     Compose,
@@ -50,4 +50,5 @@ __all__ = [
     "build_loaders",
     "crop_probabilities",
     "load_crops",
+    "read_crops",
 ]

@@ -32,8 +32,8 @@ from csc.data.sources import (
     any_chunk_stored,
     tensorstore_used_here,
 )
-from csc.datasplit import DatasplitRow, open_zarr, read_datasplit, thread_map
-from csc.storage import is_s3
+from csc.datasplit import DatasplitRow, open_zarr, read_datasplit, s3_options, thread_map
+from csc.storage import S3Options, is_s3
 
 # DataLoader arguments csc sets itself; a config's dataloader_kwargs may not override them.
 OWN_LOADER_ARGS = ("dataset", "batch_size", "shuffle", "sampler", "batch_sampler", "collate_fn",
@@ -45,12 +45,16 @@ WORKER_ONLY_ARGS = ("prefetch_factor", "persistent_workers", "multiprocessing_co
 
 
 def load_crops(
-    rows: Sequence[DatasplitRow], classes: Sequence[str], spec: PatchSpec, *,
+    rows: Sequence[DatasplitRow],
+    classes: Sequence[str],
+    spec: PatchSpec,
+    *,
     endpoint_url: str | None = None,
-) -> list[Crop]:  # fmt: skip
+    s3: S3Options | None = None,
+) -> list[Crop]:
     """Resolve rows into crops from metadata only (no array data), reading concurrently."""
     roots = [root for row in rows for root in (row.raw_root, row.gt_root)]
-    readers = _readers(roots, endpoint_url=endpoint_url)
+    readers = _readers(roots, s3=s3 or S3Options(endpoint_url=endpoint_url))
     raw_scale, label_scale = spec.input.scale, spec.target.scale
 
     def source(group: str, scale: tuple[float, float, float], *, label: bool) -> ArraySource:
@@ -76,11 +80,11 @@ def load_crops(
     return thread_map(resolve, list(rows))
 
 
-def _readers(urls: Sequence[str], *, endpoint_url: str | None) -> dict[bool, MetadataReader]:
+def _readers(urls: Sequence[str], *, s3: S3Options) -> dict[bool, MetadataReader]:
     """One metadata reader per kind of location (S3 or not): raw and labels may differ."""
     return {
-        s3: MetadataReader("s3://" if s3 else ".", endpoint_url=endpoint_url)
-        for s3 in {is_s3(url) for url in urls}
+        remote: MetadataReader("s3://" if remote else ".", s3=s3)
+        for remote in {is_s3(url) for url in urls}
     }
 
 
@@ -94,15 +98,19 @@ MAX_NAMED_CROPS = 5  # crops spelled out in one refusal
 
 
 def check_crops(
-    crops: Sequence[Crop], spec: PatchSpec, *, datasplit: str, labels: bool = True,
-    endpoint_url: str | None = None,
-) -> None:  # fmt: skip
+    crops: Sequence[Crop],
+    spec: PatchSpec,
+    *,
+    datasplit: str,
+    labels: bool = True,
+    s3: S3Options | None = None,
+) -> None:
     """Before any voxel is read: refuse crops whose raw stores no chunk where their patches
     read (they would train on the fill value, zeros), and warn once per label array whose
     CellMap metadata counts foreground that its missing chunks cannot hold. Chunk keys are
     asked for, not data (`any_chunk_stored`): about one request per crop."""
     urls = [source.url for crop in crops for source in (crop.raw, *crop.labels) if source]
-    readers = _readers(urls, endpoint_url=endpoint_url)
+    readers = _readers(urls, s3=s3 or S3Options())
 
     def raw_stored(crop: Crop) -> bool:
         start, stop = raw_box(crop, spec)
@@ -213,7 +221,7 @@ def count_foreground(label: ArraySource, *, endpoint_url: str | None = None) -> 
     """Voxels of a label array that are neither its `absent` nor its `unknown` value, read
     with zarr (not tensorstore: this runs in the process that forks the loader's workers)
     one chunk-row slab at a time to bound memory."""
-    array = open_zarr(label.url, endpoint_url=endpoint_url)
+    array = open_zarr(label.url, s3=label.s3 or S3Options(endpoint_url=endpoint_url))
     step = array.chunks[0]
     total = 0
     for z in range(0, array.shape[0], step):
@@ -237,17 +245,16 @@ class Loaders:
     sampler: EpochSampler
 
 
-def build_datasets(
-    config: TrainConfig, rows: Sequence[DatasplitRow] | None = None, *, rank: int = 0,
-    world_size: int = 1,
-) -> tuple[TrainPatches, ValidationTiles | None]:  # fmt: skip
-    """The training and validation datasets of a config (rows default to its datasplit CSV);
-    under torchrun, validation holds this rank's share of the tiles."""
+def read_crops(
+    config: TrainConfig, rows: Sequence[DatasplitRow] | None = None
+) -> tuple[list[Crop], list[Crop]]:
+    """The training and validation crops of a config (rows default to its datasplit CSV),
+    from their metadata and, for the weighted sampler, foreground counts."""
     rows = read_datasplit(config.datasplit_path) if rows is None else rows
     spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
-    crops = load_crops(rows, config.classes, spec)
-    # Every rank refuses alike; label warnings come once, from rank 0.
-    check_crops(crops, spec, datasplit=str(config.datasplit_path), labels=rank == 0)
+    crops = load_crops(rows, config.classes, spec, s3=s3_options(config))
+    # Before any voxel is read (on rank 0 under torchrun, which shares the crops).
+    check_crops(crops, spec, datasplit=str(config.datasplit_path), s3=s3_options(config))
     train = [c for c, r in zip(crops, rows, strict=True) if r.usage == "train"]
     validate = [c for c, r in zip(crops, rows, strict=True) if r.usage == "validate"]
     if not train:
@@ -257,6 +264,22 @@ def build_datasets(
         )
     if config.weighted_sampler:
         train = fill_foreground(train)
+    return train, validate
+
+
+def build_datasets(
+    config: TrainConfig,
+    rows: Sequence[DatasplitRow] | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    crops: tuple[list[Crop], list[Crop]] | None = None,
+) -> tuple[TrainPatches, ValidationTiles | None]:
+    """The training and validation datasets of a config (rows default to its datasplit CSV;
+    `crops`, from `read_crops`, skip reading metadata); under torchrun, validation holds this
+    rank's share of the tiles."""
+    train, validate = read_crops(config, rows) if crops is None else crops
+    spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
     common = {"chunk_cache_mb": config.chunk_cache_mb, "crop_cache_mb": config.crop_cache_mb,
               "target_transform": config.target_value_transforms}  # fmt: skip
     train_set = TrainPatches(
@@ -293,12 +316,15 @@ def build_loaders(
     world_size: int = 1,
     device_type: str = "cpu",
     processes_per_machine: int = 1,
+    crops: tuple[list[Crop], list[Crop]] | None = None,
 ) -> Loaders:
     """DataLoaders for a config: an epoch of the training loader is exactly
     `iterations_per_epoch` batches of `batch_size` (per rank under torchrun); validation tiles
     come in a fixed order. Worker defaults depend on the device the batches go to and on how
     many training processes share this machine's cores."""
-    train_set, validate_set = build_datasets(config, rows, rank=rank, world_size=world_size)
+    train_set, validate_set = build_datasets(
+        config, rows, rank=rank, world_size=world_size, crops=crops
+    )
     sampler = EpochSampler(
         train_set.num_samples, start_epoch=start_epoch, rank=rank, world_size=world_size
     )

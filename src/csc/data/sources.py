@@ -16,24 +16,28 @@ import dataclasses
 import math
 import os
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from csc.storage import (
+    Retry,
+    S3Options,
     StorageError,
     filesystem_for,
     has_aws_credentials,
     is_s3,
-    s3_endpoint,
+    is_transient,
     s3_errors,
 )
 
 Vec3 = tuple[float, float, float]
 DEFAULT_CHUNK_CACHE_MB = 256
-# tensorstore's own retry loop for S3 requests that fail transiently (5xx, 429, timeouts).
-S3_RETRIES = {"max_retries": 5, "initial_delay": "0.2s", "max_delay": "5s"}
+# tensorstore's own, silent retry of one chunk request that failed transiently (5xx, 429,
+# timeouts), once, quickly; csc's loop (`Retry`) then retries the read within the budget.
+S3_RETRIES = {"max_retries": 1, "initial_delay": "0.1s", "max_delay": "1s"}
 
 
 class DataWarning(UserWarning):
@@ -76,6 +80,7 @@ class ArraySource:
     foreground: int | None = None  # label voxels that are present, from complement_counts
     dtype: str | None = None  # numpy type of the stored values, native byte order ("uint8")
     chunking: Chunking | None = None
+    s3: S3Options | None = None  # endpoint, timeouts and retry budget of an s3:// group
 
     @property
     def url(self) -> str:
@@ -122,29 +127,42 @@ def _vec3(values: Sequence[float]) -> Vec3:
 class MetadataReader:
     """Reads the small JSON files of zarr v2 groups and arrays, locally or on S3, cached."""
 
-    def __init__(self, root: str, *, endpoint_url: str | None = None) -> None:
+    def __init__(
+        self, root: str, *, endpoint_url: str | None = None, s3: S3Options | None = None
+    ) -> None:
         self.root = root
-        self.endpoint_url = endpoint_url
-        self.fs = filesystem_for(root, endpoint_url=endpoint_url)
-        self._cache: dict[str, dict[str, Any]] = {}
+        self.s3 = s3 or S3Options(endpoint_url=endpoint_url)
+        self.endpoint_url = self.s3.endpoint_url
+        self.fs = filesystem_for(root, self.s3)
+        self._cache: dict[str, dict[str, Any] | None] = {}  # None: the file does not exist
         self._lock = threading.Lock()
+        self._reading: dict[str, threading.Lock] = {}  # one per path: threads read it once
 
     def json(self, path: str, *, missing_ok: bool = False) -> dict[str, Any]:
-        import json
-
+        """A JSON file, read once (one GET on S3); a missing one is remembered as missing."""
         with self._lock:
-            if path in self._cache:
-                return self._cache[path]
-        try:
-            with s3_errors(path, self.endpoint_url):
-                value = json.loads(self.fs.cat_file(path.removeprefix("s3://")))
-        except FileNotFoundError:
+            reading = self._reading.setdefault(path, threading.Lock())
+        with reading:
+            with self._lock:
+                cached = self._cache.get(path, ...)
+            value = self._read(path) if cached is ... else cached
+        if value is None:
             if missing_ok:
                 return {}
             raise FileNotFoundError(
                 f"{path} not found: is the datasplit CSV out of date? Rebuild it with "
                 "`csc datasplit ... --overwrite`"
-            ) from None
+            )
+        return value
+
+    def _read(self, path: str) -> dict[str, Any] | None:
+        import json
+
+        try:
+            with s3_errors(path, self.endpoint_url):
+                value = json.loads(self.fs.cat_file(path.removeprefix("s3://")))
+        except FileNotFoundError:
+            value = None
         with self._lock:
             self._cache[path] = value
         return value
@@ -160,7 +178,8 @@ class MetadataReader:
         array = self.json(f"{group}/{level.path}/.zarray")
         where = f"{group}/{level.path}"
         level = dataclasses.replace(level, shape=_vec3i(array["shape"], where))
-        stored = {"dtype": _dtype(array, where), "chunking": _chunking(array, where)}
+        s3 = self.s3 if is_s3(group) else None
+        stored = {"dtype": _dtype(array, where), "chunking": _chunking(array, where), "s3": s3}
         if not label:
             return ArraySource(group, level, **stored)
         attrs = self.json(f"{group}/{level.path}/.zattrs", missing_ok=True)
@@ -288,7 +307,19 @@ def _context(cache_mb: int) -> Any:
     return _STATE["context"]
 
 
-def kvstore_spec(url: str, *, endpoint_url: str | None = None) -> dict[str, Any]:
+def _curl_timeouts(s3: S3Options) -> None:
+    """Bound each tensorstore HTTP request: connect within, and stall no longer than,
+    `s3.timeout_s`. tensorstore reads these variables when its HTTP transport starts (once
+    per process, at the first S3 request); values the user set win."""
+    seconds = str(max(1, math.ceil(s3.timeout_s)))  # whole seconds, at least 1
+    os.environ.setdefault("TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS", seconds)
+    os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", seconds)
+    os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")
+
+
+def kvstore_spec(
+    url: str, *, endpoint_url: str | None = None, s3: S3Options | None = None
+) -> dict[str, Any]:
     """The tensorstore key-value store for a local folder or an s3:// prefix.
 
     tensorstore ignores AWS_ENDPOINT_URL, so the endpoint goes into the spec; reads are
@@ -305,7 +336,7 @@ def kvstore_spec(url: str, *, endpoint_url: str | None = None) -> dict[str, Any]
         or "us-east-1",
         "aws_credentials": {"type": "default" if has_aws_credentials() else "anonymous"},
     }  # fmt: skip
-    endpoint = s3_endpoint(endpoint_url)
+    endpoint = (s3 or S3Options(endpoint_url=endpoint_url)).endpoint
     if endpoint:
         spec["endpoint"] = endpoint
     return spec
@@ -315,17 +346,70 @@ def open_array(source: ArraySource, *, cache_mb: int = DEFAULT_CHUNK_CACHE_MB) -
     """The tensorstore array of `source`'s level, opened once per process and kept."""
     import tensorstore as ts
 
+    key = (source.url, source.s3.endpoint if source.s3 else None)  # a bucket per endpoint
     with _STATE_LOCK:
         context = _context(cache_mb)
-        store = _STATE["stores"].get(source.url)
-        if store is None:
-            spec = {"driver": "zarr", "kvstore": kvstore_spec(source.url)}
-            try:
-                store = ts.open(spec, read=True, context=context).result()
-            except ValueError as error:
-                raise StorageError(_read_error(source.url, error)) from None
-            _STATE["stores"][source.url] = store
+        store = _STATE["stores"].get(key)
+    if store is not None:
+        return store
+    if source.s3 is not None:
+        _curl_timeouts(source.s3)
+    spec = {
+        "driver": "zarr",
+        "kvstore": kvstore_spec(source.url, s3=source.s3),
+        # The data does not change while csc reads it: a chunk (or a chunk found missing) in
+        # the cache is used as it is, never asked for again (no 304/404 round trips).
+        "recheck_cached_data": False,
+        "recheck_cached_metadata": False,
+    }
+    store = await_read(
+        lambda: ts.open(spec, read=True, context=context), source.url, source.s3
+    )  # opened outside the lock: one array's retries never hold up another's reads
+    with _STATE_LOCK:
+        if _STATE["context"] is context:
+            store = _STATE["stores"].setdefault(key, store)
     return store
+
+
+def await_read(issue: Callable[[], Any], url: str, s3: S3Options | None, first: Any = None) -> Any:
+    """The result of tensorstore future `first` (else of `issue()`); on S3, a transient
+    failure is issued again after a jittered pause until `s3.retry_budget_s` is spent."""
+    future = issue() if first is None else first
+    if s3 is None:
+        return _result(future, url)
+    retry, last = Retry(url, s3), ""
+    while True:
+        try:  # a wait past the budget means the request hangs despite curl's timeouts
+            return future.result(timeout=retry.remaining() + s3.timeout_s)
+        except TimeoutError:
+            future.cancel()
+            retry.attempts += 1
+            waited = time.monotonic() - retry.start
+            raise retry.spent(last or f"no answer in {waited:.0f} s") from None
+        except ValueError as error:  # tensorstore reports I/O errors as ValueError
+            if not _transient(error):
+                raise StorageError(_read_error(url, error)) from None
+            last = _status(error)
+            time.sleep(retry.delay(last))
+        future = issue()
+
+
+def _result(future: Any, url: str) -> Any:
+    try:
+        return future.result()
+    except ValueError as error:
+        raise StorageError(_read_error(url, error)) from None
+
+
+def _transient(error: ValueError) -> bool:
+    """Whether tensorstore's error may pass (its status text, not its spec, decides)."""
+    status = _status(error)
+    return "PERMISSION_DENIED" not in status and is_transient(RuntimeError(status))
+
+
+def _status(error: Exception) -> str:
+    """tensorstore's status text without its spec dump, for a one-line message."""
+    return str(error).split(" [tensorstore_spec=")[0].split(" [source")[0]
 
 
 def _read_error(url: str, error: Exception) -> str:
@@ -343,7 +427,7 @@ class PendingRead:
         self, source: ArraySource, start: Sequence[int], stop: Sequence[int], *, cache_mb: int
     ) -> None:
         store = open_array(source, cache_mb=cache_mb)
-        self.url = source.url
+        self.url, self.s3 = source.url, source.s3
         self.box = (tuple(start), tuple(stop))
         self.dtype = store.dtype.numpy_dtype
         lo = [max(a, 0) for a in start]
@@ -356,20 +440,17 @@ class PendingRead:
             self.target = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start, strict=True))
         self.future = None
         if all(b > a for a, b in zip(lo, hi, strict=True)):
-            self.future = store[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].read()
+            self.view = store[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+            self.future = self.view.read()
 
     def result(self) -> np.ndarray:
         if self.future is not None:
-            try:
-                data = self.future.result()
-                if self.out is None:
-                    self.out = data
-                else:
-                    self.out[self.target] = data
-            except ValueError as error:  # tensorstore reports I/O errors as ValueError
-                raise StorageError(
-                    _read_error(f"{self.url} (voxels {self.box[0]} to {self.box[1]})", error)
-                ) from None
+            where = f"{self.url} (voxels {self.box[0]} to {self.box[1]})"
+            data = await_read(self.view.read, where, self.s3, first=self.future)
+            if self.out is None:
+                self.out = data
+            else:
+                self.out[self.target] = data
             self.future = None
         return self.out
 
