@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from csc.cli import cli
 from csc.config import TrainConfig, build_config
-from csc.data import PatchDataset, build_datasets, load_crops
+from csc.data import PatchDataset, build_datasets, load_crops, read_crops
 from csc.data.loaders import check_crops
 from csc.data.sources import Chunking, DataWarning, MetadataReader, any_chunk_stored
 from csc.data.transforms import rotation
@@ -197,14 +197,15 @@ def test_label_array_without_chunks_but_counted_foreground_warns_once(tmp_path: 
     config = config_for(both, tmp_path / "split.csv", classes=[*CLASSES, "none"])
     before = snapshot(tmp_path)
     with pytest.warns(DataWarning) as caught:
-        build_datasets(config)
+        shared = read_crops(config)  # rank 0's read, which torchrun's other ranks are sent
     assert len(caught) == 1  # one array, in two crops of the split: one warning
     message = str(caught[0].message)
     assert message.startswith(f"{crop}/mask/s0: its CellMap metadata (complement_counts)")
     assert f"counts {np.count_nonzero(checkerboard(LABEL_SHAPE))} foreground" in message
     assert "reads as 0 (background)" in message
-    # Only rank 0 warns under torchrun; the others build the same datasets quietly.
-    build_datasets(config, rank=1, world_size=2)
+    # Only rank 0 reads and warns under torchrun; every rank builds its datasets quietly.
+    build_datasets(config, crops=shared)
+    build_datasets(config, rank=1, world_size=2, crops=shared)
     assert_unchanged(before, tmp_path)
 
 
