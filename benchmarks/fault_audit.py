@@ -3,7 +3,7 @@
 Run from the repository root: .venv/bin/python benchmarks/fault_audit.py [--only NAME,...]
 
 Every case gets a fresh copy of one workspace: tiny `csc synth` data, a 2D config and a finished
-one-epoch run (checkpoints, TensorBoard logs, datasplit.csv). The case changes the config or the
+two-epoch run (checkpoints, TensorBoard logs, datasplit.csv). The case changes the config or the
 files, runs `python -m csc ...`, and its outcome is classified:
 
 - data loss: a file that existed before is gone or has other bytes afterwards;
@@ -78,7 +78,13 @@ FRESH = (
     "load_model = None\nmodel_save_path = 'other/{model_name}_{epoch}.pth'\n"
     "logs_save_path = 'other/tb'\n"
 )
-RESUME_REWRITES = ("checkpoints/2d_unet_best.pth", "checkpoints/2d_unet_best.state.pth")
+# A resumed run rewrites its own best copy and drops the training state of epochs before the
+# last two (its own documented housekeeping: the weights stay).
+RESUME_REWRITES = (
+    "checkpoints/2d_unet_best.pth",
+    "checkpoints/2d_unet_best.state.pth",
+    "checkpoints/2d_unet_1.state.pth",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +234,12 @@ def _drop_raw_chunks(ws: Path) -> None:
 
 
 def _corrupt_latest(ws: Path) -> None:
-    (ws / "checkpoints/2d_unet_1.pth").write_bytes(b"not a checkpoint")
+    (ws / "checkpoints/2d_unet_2.pth").write_bytes(b"not a checkpoint")
+
+
+def _corrupt_all(ws: Path) -> None:
+    for path in (ws / "checkpoints").glob("2d_unet_*.pth"):
+        path.write_bytes(b"not a checkpoint")
 
 
 def _float_raw_with_nan(ws: Path) -> None:
@@ -298,7 +309,8 @@ FILE_CASES = [
     ),
     Case("optimizer changed on resume", "optimizer", append="optimizer = 'sgd'\n"),
     Case("mixed label dtypes", "", outcome="ok", prepare=_mixed_label_dtypes),
-    Case("corrupt latest checkpoint", "2d_unet_1.pth", outcome="warn", prepare=_corrupt_latest),
+    Case("corrupt latest checkpoint", "2d_unet_2.pth", outcome="warn", prepare=_corrupt_latest),
+    Case("every checkpoint corrupt", "checkpoints", prepare=_corrupt_all),
     Case(
         "checkpoint folder is a file",
         "blocked",
@@ -419,15 +431,20 @@ FILE_CASES = [
 
 
 def make_workspace(folder: Path) -> None:
-    """Synthetic data, the config, and one finished epoch of training in `folder`."""
+    """Synthetic data, the config, and two finished epochs of training in `folder`."""
     _write(folder / "config.py", BASE_CONFIG)
-    for args in (SYNTH, ["train", "config.py"]):
+    for args in (SYNTH, ["train", "config.py", "epochs=2"]):
         done = run_csc(folder, args)
         if done.returncode != 0:
             raise SystemExit(
                 f"preparing the workspace failed: csc {' '.join(args)}\n"
                 f"{done.stdout}\n{done.stderr}"
             )
+
+
+def relocate(csv_path: Path, old: Path, new: Path) -> None:
+    """Point a copied workspace's datasplit (absolute roots) at the copy's own data."""
+    csv_path.write_text(csv_path.read_text().replace(str(old), str(new)))
 
 
 def run_csc(folder: Path, args: list[str] | tuple[str, ...]) -> subprocess.CompletedProcess:
@@ -506,6 +523,7 @@ def main() -> None:
         for index, case in enumerate(cases):
             folder = Path(temporary) / f"case{index}"
             shutil.copytree(template, folder)
+            relocate(folder / "datasplit.csv", template, folder)
             outcome, said = classify(case, folder)
             counts[outcome] += 1
             print(f"{outcome:<10} {case.name:<45} {said}", flush=True)

@@ -27,6 +27,7 @@ from csc.checkpoints import (
 )
 from csc.config import TrainConfig
 from csc.models.loading import (
+    CheckpointReadError,
     CheckpointWarning,
     best_epoch,
     find_checkpoints,
@@ -237,7 +238,10 @@ def test_unreadable_state_falls_back_on_resume(template: str) -> None:
 def test_no_readable_checkpoint_is_an_error(template: str) -> None:
     save_epochs(template, [1])
     Path(template.format(model_name=NAME, epoch=1)).write_bytes(b"")
-    with pytest.warns(CheckpointWarning), pytest.raises(RuntimeError, match="load_model = None"):
+    with (
+        pytest.warns(CheckpointWarning),
+        pytest.raises(CheckpointReadError, match="load_model=None"),
+    ):
         load_latest(template.replace("{model_name}", NAME), tiny_model(seed=0))
 
 

@@ -428,3 +428,18 @@ def test_resuming_with_another_optimizer_is_one_line_naming_the_state(
     assert str(run / "checkpoints/2d_unet_3.pth") in line and "SGD" in line, line
     assert "model_to_load='2d_unet'" in line
     assert_unchanged(before, run)
+
+
+def test_every_checkpoint_damaged_is_one_line_and_keeps_them(data: Path, run: Path) -> None:
+    """Each epoch file damaged: a warning per file (first line of torch's error only), then one
+    line naming the checkpoints and the ways on; the damaged files stay as they were."""
+    for path in (run / "checkpoints").glob("2d_unet_*.pth"):
+        path.write_bytes(b"not a checkpoint")
+    before = snapshot(run)
+    result = csc_train(write_config(data, run))
+    line = error_line(result)
+    assert f"{run / 'checkpoints'}/2d_unet_{{epoch}}.pth can be read" in line, line
+    assert "existing_run='move'" in line
+    warned = [text for text in result.output.splitlines() if text.startswith("warning: cannot")]
+    assert len(warned) == 3 and all("falling back to the previous epoch" in w for w in warned)
+    assert_unchanged(before, run)

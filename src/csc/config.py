@@ -208,8 +208,11 @@ def _user_traceback(error: BaseException, config_path: Path) -> str:
     """The traceback from the first frame in the user's file on, without csc's own frames."""
     frames = traceback.extract_tb(error.__traceback__)
     first = next((i for i, f in enumerate(frames) if Path(f.filename) == config_path), 0)
-    lines = ["Traceback (most recent call last):\n"]
-    lines += traceback.format_list(frames[first:])
+    if isinstance(error, SyntaxError):  # raised while compiling: no frame in the file itself
+        first = len(frames)  # the exception names the file, line and column
+    shown = frames[first:]
+    lines = ["Traceback (most recent call last):\n"] if shown else []
+    lines += traceback.format_list(shown)
     lines += traceback.format_exception_only(type(error), error)
     return f"the config file {config_path} raised an error:\n" + "".join(lines).rstrip()
 

@@ -33,6 +33,10 @@ class CheckpointWarning(UserWarning):
     """A checkpoint file could not be read and an earlier one is used instead."""
 
 
+class CheckpointReadError(ValueError):
+    """No checkpoint of a run can be read; the message names them and says what to do."""
+
+
 @dataclasses.dataclass
 class Checkpoint:
     """A checkpoint read from disk; `train_state` is None when only the weights were read."""
@@ -161,17 +165,23 @@ def read_latest(search_path: str, *, with_state: bool = False) -> Checkpoint | N
             return read_checkpoint(path, epoch=epoch, with_state=with_state)
         except Exception as error:  # torch.load raises many types for a damaged file
             warnings.warn(
-                f"cannot read checkpoint {path} ({type(error).__name__}: {error}); "
-                "falling back to the previous epoch",
+                f"cannot read checkpoint {path} ({type(error).__name__}: "
+                f"{_first_line(error)}); falling back to the previous epoch",
                 CheckpointWarning,
                 stacklevel=2,
             )
     if checkpoints:
-        raise RuntimeError(
+        raise CheckpointReadError(
             f"none of the {len(checkpoints)} checkpoints matching {search_path} can be read; "
-            "remove the damaged files or set load_model = None to start fresh"
+            "move the damaged files away, or start a new run (load_model=None with "
+            "existing_run='move' keeps them aside)"
         )
     return None
+
+
+def _first_line(error: BaseException) -> str:
+    """torch.load's errors run to paragraphs; a warning line needs their first sentence."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), "")
 
 
 def read_epoch(search_path: str, epoch: int, *, with_state: bool = False) -> Checkpoint:
