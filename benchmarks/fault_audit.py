@@ -298,7 +298,7 @@ FILE_CASES = [
         "fibsem-float32",
         outcome="warn",
         prepare=_float_raw_with_nan,
-        append="raw_name = 'em/fibsem-float32'\nload_model = None\n"
+        append="raw_name = 'em/fibsem-float32'\ndatasplit_path = 'float.csv'\nload_model = None\n"
         "model_save_path = 'other/{model_name}_{epoch}.pth'\nlogs_save_path = 'other/tb'\n",
     ),
     Case(
@@ -311,6 +311,13 @@ FILE_CASES = [
     Case("mixed label dtypes", "", outcome="ok", prepare=_mixed_label_dtypes),
     Case("corrupt latest checkpoint", "2d_unet_2.pth", outcome="warn", prepare=_corrupt_latest),
     Case("every checkpoint corrupt", "checkpoints", prepare=_corrupt_all),
+    Case(
+        "datasplit made for another raw_name",
+        "raw_name",
+        outcome="warn",
+        prepare=_float_raw_with_nan,
+        append="raw_name = 'em/fibsem-float32'\n",
+    ),
     Case(
         "checkpoint folder is a file",
         "blocked",

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from csc.checkpoints import RunWriteError
 from csc.cli import cli
-from csc.config import build_config
+from csc.config import ConfigWarning, build_config
 from csc.datasplit import ensure_datasplit
 from csc.synth import write_synthetic
 from csc.train import NonFiniteTrainingError, setup, train, train_step
@@ -395,3 +395,19 @@ def test_csc_train_reports_a_failed_check_as_one_line(data: Path, tmp_path: Path
     assert outcome.exit_code == 1 and "Traceback" not in outcome.output
     assert outcome.stderr.strip().startswith("Error: device 'mps': ")
     assert len(outcome.stderr.strip().splitlines()) == 1
+
+
+def test_a_datasplit_for_another_raw_warns_with_the_rebuild_command(
+    data: Path, tmp_path: Path
+) -> None:
+    """A CSV crawled for the uint8 raw, then a config whose raw_name names another array: the
+    CSV decides what is read, so csc says so at start, with the command that rebuilds it."""
+    csv = ensure_datasplit(build_config(settings(data, tmp_path)), echo=print)
+    before = snapshot(tmp_path)
+    config = build_config(settings(data, tmp_path, raw_name="em/fibsem-float32"))
+    with pytest.warns(ConfigWarning) as caught:
+        assert ensure_datasplit(config) == csv
+    [message] = [str(w.message) for w in caught]
+    assert f"datasplit {csv} reads raw from recon-1/em/fibsem-uint8" in message
+    assert "raw_name 'em/fibsem-float32'" in message and "--raw-name 'em/fibsem-float32'" in message
+    assert_unchanged(before, tmp_path)

@@ -352,12 +352,17 @@ def test_prediction_from_a_state_file_uses_the_model_file_beside_it(
 
 def test_a_corrupt_latest_falls_back_to_the_previous_state(data: Path, run: Path) -> None:
     latest = run / "checkpoints/2d_unet_3.pth"
-    latest.write_bytes(latest.read_bytes()[:100])
+    damaged = latest.read_bytes()[:100]
+    latest.write_bytes(damaged)
     with pytest.warns(CheckpointWarning, match=r"2d_unet_3\.pth.*falling back"):
         start = start_run(build_config(settings(data, run, epochs=1)))
     assert start.resumed is not None and start.resumed.epoch == 2
     assert start.resumed.train_state is not None  # a full resume, not weights only
     assert start.resumed.train_state["global_step"] == 2 * ITERATIONS
+    # The damaged epoch is not overwritten by its redo: its files are kept aside, bytes intact.
+    assert not latest.exists() and any("2d_unet_3.pth" in note for note in start.notes)
+    [kept] = (run / "checkpoints").glob("2d_unet_3.pth.damaged-*")
+    assert kept.read_bytes() == damaged
 
 
 # --- 6. Checkpoint writes that fail ---------------------------------------------------------

@@ -361,6 +361,14 @@ def start_run(config: TrainConfig, *, is_main: bool = True) -> RunStart:
         )
     if own is None and any(_existing_files(config)):
         notes.append(move_run_aside(config, reason=_move_reason(config)))
+    if own is not None:
+        moved = move_damaged_aside(config, resumed_epoch=own.epoch)
+        if moved:
+            notes.append(
+                f"kept {len(moved)} unreadable checkpoint file(s) of later epochs aside, "
+                f"byte for byte, as {', '.join(str(path) for path in moved)}; epoch "
+                f"{own.epoch + 1} is trained again"
+            )
     if own is not None and own.train_state is not None:
         best_epoch = own.train_state.get("best_epoch")
         repaired = repair_best(best_epoch=best_epoch, **names)
@@ -519,6 +527,24 @@ def _check_resume_point(config: TrainConfig, resumed: Resumed) -> None:
         "start a new run from these weights with model_name=NEW "
         f"model_to_load={config.model_name!r} load_model={config.load_model!r}"
     )
+
+
+def move_damaged_aside(config: TrainConfig, *, resumed_epoch: int) -> list[Path]:
+    """Rename the files of epochs after `resumed_epoch` (which "latest" skipped because they
+    do not read) to ``*.damaged-{date}-{time}``, a name no template matches: the epoch is
+    trained again without replacing them. Returns the new names."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    found = find_checkpoints(config.model_save_path, config.model_name)
+    moved = []
+    for epoch, path in found.items():
+        if epoch <= resumed_epoch:
+            continue
+        for file in (path, state_path(path)):
+            if file.exists():
+                target = file.with_name(f"{file.name}.damaged-{stamp}")
+                os.rename(file, target)
+                moved.append(target)
+    return moved
 
 
 def _move_reason(config: TrainConfig) -> str:

@@ -19,12 +19,13 @@ import os
 import random
 import re
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from csc.config import DEFAULT_SEARCH_PATH, TrainConfig
+from csc.config import DEFAULT_SEARCH_PATH, ConfigWarning, TrainConfig
 from csc.storage import (
     S3_RETRY_BUDGET_S,
     S3_TIMEOUT_S,
@@ -631,7 +632,9 @@ def ensure_datasplit(config: TrainConfig, *, echo: Callable[[str], None] = print
     than the config is fine."""
     path = Path(config.datasplit_path)
     if path.exists():
-        check_classes(read_datasplit(path), config, source=path)
+        rows = read_datasplit(path)
+        check_classes(rows, config, source=path)
+        check_raw_name(rows, config, source=path)
         return path
     crawl_options, split_options = options_from_config(config)
     rows, report = make_datasplit(crawl_options, split_options)
@@ -675,6 +678,21 @@ def check_classes(
         f"{problem}. It was made for other classes: rebuild it with "
         f"`{rebuild_command(config)}` (or delete it and csc train rebuilds it), or change "
         "classes (or datasplit_path)"
+    )
+
+
+def check_raw_name(rows: Sequence[DatasplitRow], config: TrainConfig, *, source: Path) -> None:
+    """Warn (once) when the CSV's crops read raw arrays other than the config's `raw_name`:
+    the CSV decides what is read, so a changed raw_name would go unnoticed."""
+    other = [row for row in rows if not row.raw_path.rstrip("/").endswith(config.raw_name)]
+    if not other:
+        return
+    warnings.warn(
+        f"datasplit {source} reads raw from {other[0].raw_path} ({len(other)} of {len(rows)} "
+        f"crops), not the config's raw_name {config.raw_name!r}; the CSV decides. To read "
+        f"{config.raw_name}, rebuild it with `{rebuild_command(config)}`",
+        ConfigWarning,
+        stacklevel=2,
     )
 
 
