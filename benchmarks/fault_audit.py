@@ -6,7 +6,8 @@ Every case gets a fresh copy of one workspace: tiny `csc synth` data, a 2D confi
 two-epoch run (checkpoints, TensorBoard logs, datasplit.csv). The case changes the config or the
 files, runs `python -m csc ...`, and its outcome is classified:
 
-- data loss: a file that existed before is gone or has other bytes afterwards;
+- data loss: the bytes of a file that existed before are nowhere afterwards (a file moved
+  aside whole counts as kept);
 - traceback: a Python traceback reached the user;
 - hang: the command ran past its time limit;
 - silent: the command succeeded without saying a word about the fault;
@@ -272,6 +273,12 @@ def _mixed_label_dtypes(ws: Path) -> None:
             new.attrs.update(attrs)
 
 
+def _truth_layout(ws: Path) -> None:
+    """Ground truth laid out as the challenge's truth store: {dataset}.zarr/{crop}/{label}."""
+    for crop in ("crop1", "crop2"):
+        shutil.copytree(ws / LABELS / crop, ws / f"truth/jrc_synth1.zarr/{crop}")
+
+
 def _checkpoints_parent_is_file(ws: Path) -> None:
     _write(ws / "blocked", "a file where a folder should be\n")
 
@@ -342,6 +349,12 @@ FILE_CASES = [
             "--all",
             "--overwrite",
         ),
+    ),
+    Case(
+        "predict --overwrite onto a {dataset}.zarr/{crop}/{label} truth",
+        "truth/jrc_synth1.zarr/crop1",
+        ("predict", "config.py", "--output", "truth", "--all", "--overwrite"),
+        prepare=_truth_layout,
     ),
     Case(
         "predict into the dataset's store",
@@ -479,7 +492,10 @@ def classify(case: Case, folder: Path) -> tuple[str, str]:
     except subprocess.TimeoutExpired:
         return "hang", f"over {TIME_LIMIT_S} s"
     after = snapshot(folder)
-    lost = [n for n in before if after.get(n) != before[n] and n not in case.may_change]
+    # A file whose bytes are still somewhere (moved aside, as csc does with an old run or a
+    # damaged checkpoint) is kept; one whose bytes are nowhere any more is lost.
+    kept = set(after.values())
+    lost = [n for n in before if before[n] not in kept and n not in case.may_change]
     if lost:
         return "data loss", f"{len(lost)} files changed or lost, e.g. {lost[0]}"
     said = _first_message(done.stderr) or _first_message(done.stdout)
