@@ -6,8 +6,8 @@ Every case gets a fresh copy of one workspace: tiny `csc synth` data, a 2D confi
 two-epoch run (checkpoints, TensorBoard logs, datasplit.csv). The case changes the config or the
 files, runs `python -m csc ...`, and its outcome is classified:
 
-- data loss: the bytes of a file that existed before are nowhere afterwards (a file moved
-  aside whole counts as kept);
+- data loss: a file that existed before is gone or has other bytes afterwards (one moved
+  aside whole, its bytes under a new path, counts as kept);
 - traceback: a Python traceback reached the user;
 - hang: the command ran past its time limit;
 - silent: the command succeeded without saying a word about the fault;
@@ -492,10 +492,14 @@ def classify(case: Case, folder: Path) -> tuple[str, str]:
     except subprocess.TimeoutExpired:
         return "hang", f"over {TIME_LIMIT_S} s"
     after = snapshot(folder)
-    # A file whose bytes are still somewhere (moved aside, as csc does with an old run or a
-    # damaged checkpoint) is kept; one whose bytes are nowhere any more is lost.
-    kept = set(after.values())
-    lost = [n for n in before if before[n] not in kept and n not in case.may_change]
+    # A file is kept where it was, or moved aside whole (as csc moves an old run or a damaged
+    # checkpoint): its bytes under a path that is new. Otherwise it is lost or overwritten.
+    moved = {sha for name, sha in after.items() if name not in before}
+    lost = [
+        n
+        for n in before
+        if after.get(n) != before[n] and before[n] not in moved and n not in case.may_change
+    ]
     if lost:
         return "data loss", f"{len(lost)} files changed or lost, e.g. {lost[0]}"
     said = _first_message(done.stderr) or _first_message(done.stdout)
