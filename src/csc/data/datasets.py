@@ -208,8 +208,10 @@ class PatchDataset(torch.utils.data.Dataset):
                 raw = self.crops[crop_index].raw
                 plan = _plan(self.spec.input, centre, matrix, raw, linear=True)
                 reads.append((plan, self._box(crop_index, raw, plan.start, plan.stop)))
-            checks = [self._check_raw(request[0], read) for request, (_, read) in
-                      zip(requests, reads, strict=True)]  # fmt: skip
+            checks = [
+                self._check_raw(request[0], read)
+                for request, (_, read) in zip(requests, reads, strict=True)
+            ]
             raws = resample([(plan, [read.data()]) for plan, read in reads])
             for n, ((values, _), (_, read), request) in enumerate(zip(raws, reads, requests,
                                                                       strict=True)):  # fmt: skip
@@ -281,8 +283,7 @@ class PatchDataset(torch.utils.data.Dataset):
         if crop_index not in self._nonfinite and not np.isfinite(box).all():
             self._report_nonfinite(crop_index, box, read.box[0])  # type: ignore[union-attr]
 
-    def _report_nonfinite(self, crop_index: int, values: np.ndarray,
-                          origin: Sequence[int]) -> None:  # fmt: skip
+    def _report_nonfinite(self, crop_index: int, values: np.ndarray, origin: Sequence[int]) -> None:
         """Warn, once per crop (and process), that its float raw holds NaN or inf: `values`
         read from voxel `origin` (z, y, x) of the raw's level on."""
         with _REGION_LOCK:  # big patches are read in several threads
@@ -297,8 +298,9 @@ class PatchDataset(torch.utils.data.Dataset):
             f"values (NaN or inf) in voxels {tuple(origin)} to {stop}, the first at voxel "
             f"{first}; a batch holding them makes the loss non-finite. Replace them in the "
             "raw, or remove the crop from the datasplit",
-            DataWarning, stacklevel=2,
-        )  # fmt: skip
+            DataWarning,
+            stacklevel=2,
+        )
 
     def _box(self, crop_index: int, source: ArraySource | None, start: Sequence[int],
              stop: Sequence[int]) -> PendingRead | RegionRead:  # fmt: skip

@@ -116,14 +116,16 @@ def check_crops(
         start, stop = raw_box(crop, spec)
         return any_chunk_stored(readers[is_s3(crop.raw.url)], crop.raw, start, stop)
 
-    empty = [crop for crop, ok in zip(crops, thread_map(raw_stored, list(crops)), strict=True)
-             if not ok]  # fmt: skip
+    empty = [
+        crop for crop, ok in zip(crops, thread_map(raw_stored, list(crops)), strict=True) if not ok
+    ]
     if empty:
         raise ValueError(_empty_raw_message(empty, spec, datasplit))
     if labels:
         unique = {label.url: label for crop in crops for label in crop.labels if label}
-        for label in thread_map(lambda lab: _label_disagrees(readers[is_s3(lab.url)], lab),
-                                list(unique.values())):  # fmt: skip
+        for label in thread_map(
+            lambda lab: _label_disagrees(readers[is_s3(lab.url)], lab), list(unique.values())
+        ):
             if label is not None:
                 warnings.warn(_missing_labels_message(label), DataWarning, stacklevel=2)
 

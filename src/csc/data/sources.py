@@ -230,13 +230,13 @@ def chunk_ranges(source: ArraySource, start: Sequence[int], stop: Sequence[int])
     assert source.chunking is not None
     return [
         range(max(0, a // c), min(-(-n // c), -(-b // c)))
-        for a, b, c, n in zip(start, stop, source.chunking.chunks, source.level.shape,
-                              strict=True)
-    ]  # fmt: skip
+        for a, b, c, n in zip(start, stop, source.chunking.chunks, source.level.shape, strict=True)
+    ]
 
 
-def any_chunk_stored(reader: MetadataReader, source: ArraySource, start: Sequence[int],
-                     stop: Sequence[int]) -> bool:  # fmt: skip
+def any_chunk_stored(
+    reader: MetadataReader, source: ArraySource, start: Sequence[int], stop: Sequence[int]
+) -> bool:
     """Whether any chunk of `source`'s level overlapping voxels [start, stop) is stored (a
     missing chunk reads as the fill value), through `reader`'s filesystem. Asks for keys,
     never data: the middle chunk first (one request when it is there, the usual case), then
