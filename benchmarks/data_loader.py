@@ -57,11 +57,22 @@ TARGET_2D_RATE = 1000.0  # samples/s, 2D loader in one process
 TARGET_RATIO = 0.5  # loader / read limit
 TARGET_MB_PER_CROP = 1.0
 # Crops of 384 x 1536 x 1536 nm in a 1024 x 3072 x 3072 nm raw: 72 raw chunks per dataset.
-LOADER_SPEC = SynthSpec(num_datasets=2, num_crops=4, shape=(128, 384, 384),
-                        crop_shape=(96, 384, 384), chunks=(64, 64, 64))  # fmt: skip
+LOADER_SPEC = SynthSpec(
+    num_datasets=2,
+    num_crops=4,
+    shape=(128, 384, 384),
+    crop_shape=(96, 384, 384),
+    chunks=(64, 64, 64),
+)
 # Many small crops, two levels (labels at 4 and 8 nm): the 8 nm patches read s1.
-RSS_SPEC = SynthSpec(num_datasets=10, num_crops=100, shape=(32, 128, 128),
-                     crop_shape=(16, 64, 64), chunks=(32, 64, 64), num_levels=2)  # fmt: skip
+RSS_SPEC = SynthSpec(
+    num_datasets=10,
+    num_crops=100,
+    shape=(32, 128, 128),
+    crop_shape=(16, 64, 64),
+    chunks=(32, 64, 64),
+    num_levels=2,
+)
 DATA_SETS = {
     "zstd": LOADER_SPEC,
     "blosc-lz4": dataclasses.replace(LOADER_SPEC, compressor="blosc-lz4"),
@@ -69,19 +80,27 @@ DATA_SETS = {
     "rss-1000": RSS_SPEC,
 }
 PATCHES = {
-    "2D": {"shape": (1, 128, 128), "batch_size": 8, "spatial_transforms": {
-        "mirror": {"axes": {"x": 0.5, "y": 0.5}},
-        "transpose": {"axes": ["x", "y"]},
-        "rotate": {"axes": {"z": [-180, 180]}},
-    }},
-    "3D": {"shape": (64, 64, 64), "batch_size": 2, "spatial_transforms": {
-        "mirror": {"axes": {"x": 0.5, "y": 0.5, "z": 0.5}},
-        "transpose": {"axes": ["x", "y"]},
-        "rotate": {"axes": {"z": [-180, 180]}},
-    }},
+    "2D": {
+        "shape": (1, 128, 128),
+        "batch_size": 8,
+        "spatial_transforms": {
+            "mirror": {"axes": {"x": 0.5, "y": 0.5}},
+            "transpose": {"axes": ["x", "y"]},
+            "rotate": {"axes": {"z": [-180, 180]}},
+        },
+    },
+    "3D": {
+        "shape": (64, 64, 64),
+        "batch_size": 2,
+        "spatial_transforms": {
+            "mirror": {"axes": {"x": 0.5, "y": 0.5, "z": 0.5}},
+            "transpose": {"axes": ["x", "y"]},
+            "rotate": {"axes": {"z": [-180, 180]}},
+        },
+    },
     # The issue's 3D case names no transforms: patches read as they lie.
     "3D plain": {"shape": (64, 64, 64), "batch_size": 2, "spatial_transforms": {}},
-}  # fmt: skip
+}
 WORKERS = {
     "1 process": {},
     "2 workers": {"num_workers": 2},  # persistent: csc's default with workers
@@ -132,17 +151,24 @@ def _write_one(job: tuple[Path, SynthSpec, int]) -> None:
     write_dataset(folder / name / f"{name}.zarr", name, spec, index, 1 + index * spec.num_crops)
 
 
-def make_config(folder: str, patch: str, *, workers: str, iterations: int,
-                cache_mb: int) -> TrainConfig:  # fmt: skip
+def make_config(
+    folder: str, patch: str, *, workers: str, iterations: int, cache_mb: int
+) -> TrainConfig:
     """The training config of a measurement: a patch kind, a worker setting, a data set."""
     info = {"shape": PATCHES[patch]["shape"], "scale": (8, 8, 8)}
-    return build_config({
-        "datasplit_path": f"{folder}/datasplit.csv", "classes": CLASSES,
-        "input_array_info": info, "target_array_info": info,
-        "batch_size": PATCHES[patch]["batch_size"], "iterations_per_epoch": iterations,
-        "spatial_transforms": PATCHES[patch]["spatial_transforms"],
-        "dataloader_kwargs": WORKERS[workers], "chunk_cache_mb": cache_mb,
-    })  # fmt: skip
+    return build_config(
+        {
+            "datasplit_path": f"{folder}/datasplit.csv",
+            "classes": CLASSES,
+            "input_array_info": info,
+            "target_array_info": info,
+            "batch_size": PATCHES[patch]["batch_size"],
+            "iterations_per_epoch": iterations,
+            "spatial_transforms": PATCHES[patch]["spatial_transforms"],
+            "dataloader_kwargs": WORKERS[workers],
+            "chunk_cache_mb": cache_mb,
+        }
+    )
 
 
 # --- Measurements, each in a child process -------------------------------------------------
@@ -152,8 +178,13 @@ def measure_loader(job: dict[str, Any]) -> dict[str, Any]:
     """Loader samples/s per timed epoch, and the read limit's when asked (one process only)."""
     from csc.data import build_loaders
 
-    config = make_config(job["folder"], job["patch"], workers=job["workers"],
-                         iterations=job["iterations"], cache_mb=job["cache_mb"])  # fmt: skip
+    config = make_config(
+        job["folder"],
+        job["patch"],
+        workers=job["workers"],
+        iterations=job["iterations"],
+        cache_mb=job["cache_mb"],
+    )
     loader = build_loaders(config).train
     rates = [_epoch_rate(loader) for _ in range(job["epochs"] + 1)][1:]  # first: warm-up
     result = {"rates": rates}
@@ -186,15 +217,16 @@ def read_limit(train_set: Any, batch_size: int, *, epochs: int, cache_mb: int) -
             indices = range(first, min(first + batch_size, train_set.num_samples))
             futures = [
                 f for i in indices for f in _patch_reads(train_set, epoch, i, stores, context)
-            ]  # fmt: skip
+            ]
             for future in futures:
                 future.result()
         rates.append(train_set.num_samples / (time.perf_counter() - start))
     return rates[1:]
 
 
-def _patch_reads(train_set: Any, epoch: int, index: int, stores: dict[str, Any],
-                 context: Any) -> list[Any]:  # fmt: skip
+def _patch_reads(
+    train_set: Any, epoch: int, index: int, stores: dict[str, Any], context: Any
+) -> list[Any]:
     import tensorstore as ts
 
     crop_index, centre, _, _ = train_set.draw(epoch, index)
@@ -233,8 +265,13 @@ def measure_rss(job: dict[str, Any]) -> dict[str, float]:
     from csc.data import build_loaders
 
     imports = _peak_mb()
-    config = make_config(job["folder"], "2D", workers="1 process", iterations=job["batches"],
-                         cache_mb=job["cache_mb"])  # fmt: skip
+    config = make_config(
+        job["folder"],
+        "2D",
+        workers="1 process",
+        iterations=job["batches"],
+        cache_mb=job["cache_mb"],
+    )
     loaders = build_loaders(config)
     built = _peak_mb()
     for _ in loaders.train:
@@ -253,8 +290,12 @@ CHILD_JOBS = {"loader": measure_loader, "rss": measure_rss}
 def run_child(job: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
     """Run `job` in a fresh interpreter (this file with --child); its last stdout line."""
     env = {**os.environ, "CSC_CACHE_DIR": str(cache_dir)}  # keep ~/.cache/csc untouched
-    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], env=env,
-                          stdout=subprocess.PIPE, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(job)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     if done.returncode != 0:
         raise SystemExit(f"child {job} failed with exit status {done.returncode}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -269,10 +310,18 @@ def loader_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
         for patch in PATCHES:
             for workers in WORKERS:
                 iterations = args.iterations_2d if patch == "2D" else args.iterations_3d
-                cases.append({"kind": "loader", "data": data, "patch": patch, "workers": workers,
-                              "iterations": iterations, "epochs": args.epochs,
-                              "limit": workers == "1 process" and not args.skip_limit,
-                              "cache_mb": args.cache_mb})  # fmt: skip
+                cases.append(
+                    {
+                        "kind": "loader",
+                        "data": data,
+                        "patch": patch,
+                        "workers": workers,
+                        "iterations": iterations,
+                        "epochs": args.epochs,
+                        "limit": workers == "1 process" and not args.skip_limit,
+                        "cache_mb": args.cache_mb,
+                    }
+                )
     return cases
 
 
@@ -309,17 +358,27 @@ def _list(values: list[float]) -> str:
 def report_rss(results: dict[str, dict[str, float]]) -> list[list[str]]:
     rows = []
     for name, r in results.items():
-        print(f"{name} ({r['crops']:.0f} crops): peak RSS {r['imports']:.0f} MB after imports, "
-              f"{r['built']:.0f} MB after building the loaders, {r['drawn']:.0f} MB after the "
-              f"batches")  # fmt: skip
-        rows.append([f"RSS, {r['crops']:.0f} crops", f"{r['imports']:.0f}", f"{r['built']:.0f}",
-                     f"{r['drawn']:.0f}"])  # fmt: skip
+        print(
+            f"{name} ({r['crops']:.0f} crops): peak RSS {r['imports']:.0f} MB after imports, "
+            f"{r['built']:.0f} MB after building the loaders, {r['drawn']:.0f} MB after the "
+            f"batches"
+        )
+        rows.append(
+            [
+                f"RSS, {r['crops']:.0f} crops",
+                f"{r['imports']:.0f}",
+                f"{r['built']:.0f}",
+                f"{r['drawn']:.0f}",
+            ]
+        )
     small, large = results["rss-10"], results["rss-1000"]
     growth = (large["drawn"] - small["drawn"]) / (large["crops"] - small["crops"])
     built = (large["built"] - small["built"]) / (large["crops"] - small["crops"])
     verdict = "meets" if growth < TARGET_MB_PER_CROP else "MISSES"
-    print(f"growth per crop: {growth:.3f} MB after the batches ({built:.3f} MB after building); "
-          f"{verdict} the < {TARGET_MB_PER_CROP} MB target")  # fmt: skip
+    print(
+        f"growth per crop: {growth:.3f} MB after the batches ({built:.3f} MB after building); "
+        f"{verdict} the < {TARGET_MB_PER_CROP} MB target"
+    )
     rows.append(["growth per crop (MB)", "", f"{built:.3f}", f"{growth:.3f}"])
     return rows
 
@@ -338,8 +397,10 @@ def run(args: argparse.Namespace, folder: Path) -> None:
     cache_dir = folder / "csc-cache"
     loader_rows, rss = [], {}
     if not args.skip_loaders:
-        print(f"\n(a, b) training loader and read limit, {args.epochs} timed epochs after one "
-              "warm-up epoch")  # fmt: skip
+        print(
+            f"\n(a, b) training loader and read limit, {args.epochs} timed epochs after one "
+            "warm-up epoch"
+        )
         for case in loader_cases(args):
             repeats = args.repeats if case["workers"] == "1 process" else 1
             job = {**case, "folder": str(folder / case["data"])}
@@ -348,13 +409,18 @@ def run(args: argparse.Namespace, folder: Path) -> None:
     if not args.skip_rss:
         print(f"\n(c) peak RSS, 2D loader in one process, {args.rss_batches} batches of 8")
         for name in ("rss-10", "rss-1000"):
-            job = {"kind": "rss", "folder": str(folder / name), "batches": args.rss_batches,
-                   "cache_mb": args.cache_mb}  # fmt: skip
+            job = {
+                "kind": "rss",
+                "folder": str(folder / name),
+                "batches": args.rss_batches,
+                "cache_mb": args.cache_mb,
+            }
             rss[name] = run_child(job, cache_dir)
     print(f"\nsummary (chunk cache {args.cache_mb} MB per process, {os.cpu_count()} CPUs)")
     if loader_rows:
-        print_table(["case", "samples/s", "range over processes", "limit/s", "ratio", "target"],
-                    loader_rows)  # fmt: skip
+        print_table(
+            ["case", "samples/s", "range over processes", "limit/s", "ratio", "target"], loader_rows
+        )
     if rss:
         print()
         print_table(["memory", "imports MB", "built MB", "drawn MB"], report_rss(rss))

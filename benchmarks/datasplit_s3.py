@@ -55,14 +55,18 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         assert report is not None
         num_pairs = sum(len(r.classes) for r in report.crops)
-        print(f"csc crawl: {len(report.crops)} crops, {num_pairs} crop-class groups, "
-              f"{report.num_requests} list requests, median {statistics.median(times):.3f} s "
-              f"over {args.runs} runs (min {min(times):.3f} s)")  # fmt: skip
+        print(
+            f"csc crawl: {len(report.crops)} crops, {num_pairs} crop-class groups, "
+            f"{report.num_requests} list requests, median {statistics.median(times):.3f} s "
+            f"over {args.runs} runs (min {min(times):.3f} s)"
+        )
         start = time.perf_counter()
         pattern = SEARCH.removeprefix("s3://").replace("{dataset}", "*")
         found = s3_filesystem().glob(pattern.replace("{name}", "labels/groundtruth/*/*"))
-        print(f"fsspec glob of the same pattern: {len(found)} paths in "
-              f"{time.perf_counter() - start:.3f} s (one run)")  # fmt: skip
+        print(
+            f"fsspec glob of the same pattern: {len(found)} paths in "
+            f"{time.perf_counter() - start:.3f} s (one run)"
+        )
 
 
 if __name__ == "__main__":

@@ -35,10 +35,18 @@ TARGET_RATIO = 1.1
 CLASSES = ("nuc", "mito", "er")
 SEARCH = "{dataset}/{dataset}.zarr/recon-1/{name}"
 # Raw 1024 x 2048 x 2048 nm; crops 512 x 1536 x 1536 nm (labels at 4 nm), 3 per dataset.
-DATA = SynthSpec(num_datasets=2, num_crops=3, shape=(128, 256, 256), crop_shape=(128, 384, 384),
-                 chunks=(64, 128, 128))  # fmt: skip
-TRANSFORMS = {"mirror": {"axes": {"x": 0.5, "y": 0.5}}, "transpose": {"axes": ["x", "y"]},
-              "rotate": {"axes": {"z": [-180, 180]}}}  # fmt: skip
+DATA = SynthSpec(
+    num_datasets=2,
+    num_crops=3,
+    shape=(128, 256, 256),
+    crop_shape=(128, 384, 384),
+    chunks=(64, 128, 128),
+)
+TRANSFORMS = {
+    "mirror": {"axes": {"x": 0.5, "y": 0.5}},
+    "transpose": {"axes": ["x", "y"]},
+    "rotate": {"axes": {"z": [-180, 180]}},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,16 +62,26 @@ QUICK = {"2d": Case("2d_unet", (1, 64, 64), 4), "3d": Case("3d_unet", (32, 32, 3
 
 def make_config(folder: Path, case: Case, *, iterations: int, device: str) -> Any:
     info = {"shape": case.shape, "scale": (8, 8, 8)}
-    return build_config({
-        "search_path": f"{folder}/data/{SEARCH}", "datasplit_path": f"{folder}/datasplit.csv",
-        "classes": CLASSES, "input_array_info": info, "target_array_info": info,
-        "model_name": case.model_name, "model_to_load": case.model_name,
-        "batch_size": case.batch_size, "iterations_per_epoch": iterations,
-        "spatial_transforms": TRANSFORMS, "precision": "bf16-mixed", "device": device,
-        "load_model": None, "learning_rate": 1e-4,
-        "model_save_path": f"{folder}/checkpoints/{{model_name}}_{{epoch}}.pth",
-        "logs_save_path": f"{folder}/tensorboard/{{model_name}}",
-    })  # fmt: skip
+    return build_config(
+        {
+            "search_path": f"{folder}/data/{SEARCH}",
+            "datasplit_path": f"{folder}/datasplit.csv",
+            "classes": CLASSES,
+            "input_array_info": info,
+            "target_array_info": info,
+            "model_name": case.model_name,
+            "model_to_load": case.model_name,
+            "batch_size": case.batch_size,
+            "iterations_per_epoch": iterations,
+            "spatial_transforms": TRANSFORMS,
+            "precision": "bf16-mixed",
+            "device": device,
+            "load_model": None,
+            "learning_rate": 1e-4,
+            "model_save_path": f"{folder}/checkpoints/{{model_name}}_{{epoch}}.pth",
+            "logs_save_path": f"{folder}/tensorboard/{{model_name}}",
+        }
+    )
 
 
 def synchronize(device: torch.device) -> None:
@@ -101,11 +119,14 @@ def measure(folder: Path, case: Case, *, iterations: int, repeats: int, device: 
     workers = run.loaders.train.num_workers
     del run
     loop_rate, pure_rate = statistics.median(loop), statistics.median(pure)
-    print(f"{case.model_name} batch {case.batch_size} {case.shape}: training "
-          f"{loop_rate:.1f} samples/s, resident model step {pure_rate:.1f} samples/s, ratio "
-          f"{pure_rate / loop_rate:.3f} (target <= {TARGET_RATIO}); waiting for data "
-          f"{statistics.median(waiting):.0%}; {workers} loader workers "
-          f"(medians of {repeats} x {iterations} batches)", flush=True)  # fmt: skip
+    print(
+        f"{case.model_name} batch {case.batch_size} {case.shape}: training "
+        f"{loop_rate:.1f} samples/s, resident model step {pure_rate:.1f} samples/s, ratio "
+        f"{pure_rate / loop_rate:.3f} (target <= {TARGET_RATIO}); waiting for data "
+        f"{statistics.median(waiting):.0%}; {workers} loader workers "
+        f"(medians of {repeats} x {iterations} batches)",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -131,8 +152,7 @@ def main() -> None:
             print(f"wrote {DATA} in {time.perf_counter() - start:.0f} s")
         for key in args.cases.split(","):
             case = (QUICK if args.quick else CASES)[key.strip()]
-            measure(folder, case, iterations=args.iterations, repeats=args.repeats,
-                    device=device)  # fmt: skip
+            measure(folder, case, iterations=args.iterations, repeats=args.repeats, device=device)
 
 
 if __name__ == "__main__":

@@ -31,14 +31,20 @@ SEARCH = "{dataset}/{dataset}.zarr/recon-1/{name}"
 def settings(folder: Path, cache_mb: int) -> dict[str, Any]:
     info = {"shape": (32, 64, 64), "scale": (8, 8, 8)}
     return {
-        "search_path": f"{folder}/data/{SEARCH}", "datasplit_path": f"{folder}/datasplit.csv",
-        "classes": ("nuc", "mito", "er"), "input_array_info": info, "target_array_info": info,
-        "model_name": "3d_unet", "model_kwargs": {"num_levels": 2, "base_channels": 8},
-        "batch_size": 4, "device": "cpu", "prediction_block_shape": BLOCK,
+        "search_path": f"{folder}/data/{SEARCH}",
+        "datasplit_path": f"{folder}/datasplit.csv",
+        "classes": ("nuc", "mito", "er"),
+        "input_array_info": info,
+        "target_array_info": info,
+        "model_name": "3d_unet",
+        "model_kwargs": {"num_levels": 2, "base_channels": 8},
+        "batch_size": 4,
+        "device": "cpu",
+        "prediction_block_shape": BLOCK,
         "chunk_cache_mb": cache_mb,
         "model_save_path": f"{folder}/checkpoints/{{model_name}}_{{epoch}}.pth",
         "logs_save_path": f"{folder}/tensorboard/{{model_name}}",
-    }  # fmt: skip
+    }
 
 
 def rss_mb() -> float:
@@ -80,8 +86,12 @@ def measure(folder: Path, multiple: int, cache_mb: int) -> dict[str, float]:
     output = Path(tempfile.mkdtemp(dir=folder))
     write_predictions(config, [region], predictor, output=output)
     seconds = time.perf_counter() - start
-    return {"before_mb": before, "peak_mb": rss_mb(), "seconds": seconds,
-            "voxels": float(math.prod(voxels))}  # fmt: skip
+    return {
+        "before_mb": before,
+        "peak_mb": rss_mb(),
+        "seconds": seconds,
+        "voxels": float(math.prod(voxels)),
+    }
 
 
 def main() -> None:
@@ -99,19 +109,34 @@ def main() -> None:
         if not (folder / "data/jrc_synth1").is_dir():
             from csc.synth import SynthSpec, write_synthetic
 
-            spec = SynthSpec(num_datasets=1, num_crops=1, shape=(128, 512, 512),
-                             crop_shape=(32, 64, 64), chunks=(64, 64, 64))  # fmt: skip
+            spec = SynthSpec(
+                num_datasets=1,
+                num_crops=1,
+                shape=(128, 512, 512),
+                crop_shape=(32, 64, 64),
+                chunks=(64, 64, 64),
+            )
             write_synthetic(folder / "data", spec)
         for cache_mb in (256, 16):
             print(f"chunk_cache_mb = {cache_mb}")
             for multiple in MULTIPLES:
-                command = [sys.executable, __file__, "--data", str(folder), "--child",
-                           str(multiple), str(cache_mb)]  # fmt: skip
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--data",
+                    str(folder),
+                    "--child",
+                    str(multiple),
+                    str(cache_mb),
+                ]
                 done = subprocess.run(command, capture_output=True, text=True, check=True)
                 result = json.loads(done.stdout.strip().splitlines()[-1])
-                print(f"  {multiple}x block ({result['voxels'] / 1e6:.1f} M voxels): "
-                      f"{result['seconds']:.1f} s; RSS before predicting {result['before_mb']:.0f} "
-                      f"MB, peak {result['peak_mb']:.0f} MB", flush=True)  # fmt: skip
+                print(
+                    f"  {multiple}x block ({result['voxels'] / 1e6:.1f} M voxels): "
+                    f"{result['seconds']:.1f} s; RSS before predicting {result['before_mb']:.0f} "
+                    f"MB, peak {result['peak_mb']:.0f} MB",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -31,10 +31,12 @@ STEP_BATCHES = 10  # timed batches per measurement, after a warm-up epoch
 def overrides_for(folder: Path, **extra: Any) -> list[str]:
     values = {
         "search_path": f"{folder}/data/{{dataset}}/{{dataset}}.zarr/recon-1/{{name}}",
-        "datasplit_path": f"{folder}/datasplit.csv", "load_model": None,
+        "datasplit_path": f"{folder}/datasplit.csv",
+        "load_model": None,
         "model_save_path": f"{folder}/checkpoints/{{model_name}}_{{epoch}}.pth",
-        "logs_save_path": f"{folder}/tensorboard/{{model_name}}", **extra,
-    }  # fmt: skip
+        "logs_save_path": f"{folder}/tensorboard/{{model_name}}",
+        **extra,
+    }
     return [f"{key}={value!r}" for key, value in values.items()]
 
 
@@ -62,10 +64,12 @@ def step_times(folder: Path, repeats: int) -> None:
     # Each repeat's loop and step ran back to back: their ratio cancels the machine's drift
     # from one repeat to the next (up to 40 % here), which a ratio of medians does not.
     ratios = [a / b for a, b in zip(loop, pure, strict=True)]
-    print(f"(a) training loop: {loop_s:.3f} s/batch; pure model step: {pure_s:.3f} s/batch "
-          f"(medians of {repeats} x {STEP_BATCHES} batches); ratio {statistics.median(ratios):.3f} "
-          f"(median of the repeats' ratios: {', '.join(f'{r:.3f}' for r in ratios)}; "
-          "target <= 1.05)")  # fmt: skip
+    print(
+        f"(a) training loop: {loop_s:.3f} s/batch; pure model step: {pure_s:.3f} s/batch "
+        f"(medians of {repeats} x {STEP_BATCHES} batches); ratio {statistics.median(ratios):.3f} "
+        f"(median of the repeats' ratios: {', '.join(f'{r:.3f}' for r in ratios)}; "
+        "target <= 1.05)"
+    )
 
 
 def demo_iou(folder: Path, extra: list[str]) -> None:
@@ -74,8 +78,10 @@ def demo_iou(folder: Path, extra: list[str]) -> None:
     seconds = time.perf_counter() - start
     iou = result.validation[-1]["metrics"]["iou"]
     per_class = ", ".join(f"{k} {v:.3f}" for k, v in iou.items() if v is not None)
-    print(f"(b) examples/train_2D.py: {result.last_epoch} epochs in {seconds:.0f} s; "
-          f"validation IoU {per_class} (target mean >= 0.7)")  # fmt: skip
+    print(
+        f"(b) examples/train_2D.py: {result.last_epoch} epochs in {seconds:.0f} s; "
+        f"validation IoU {per_class} (target mean >= 0.7)"
+    )
 
 
 def main() -> None:

@@ -83,8 +83,22 @@ def test_config_command_shows_the_users_traceback(write_config: WriteConfig) -> 
 
 def test_synth_command(tmp_path: Path) -> None:
     runner = CliRunner()
-    args = ["synth", str(tmp_path), "--datasets", "1", "--crops", "2", "--shape", "16,32,32",
-            "--crop-shape", "8,16,16", "--chunks", "8,16,16", "--classes", "nuc,mito"]  # fmt: skip
+    args = [
+        "synth",
+        str(tmp_path),
+        "--datasets",
+        "1",
+        "--crops",
+        "2",
+        "--shape",
+        "16,32,32",
+        "--crop-shape",
+        "8,16,16",
+        "--chunks",
+        "8,16,16",
+        "--classes",
+        "nuc,mito",
+    ]
     result = runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "wrote 1 datasets with 2 crops" in result.output

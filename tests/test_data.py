@@ -85,9 +85,12 @@ def aligned(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def stored(
-    root: Path, spec: Any, *, classes: Sequence[str] = CLASSES,
+    root: Path,
+    spec: Any,
+    *,
+    classes: Sequence[str] = CLASSES,
     row_classes: Sequence[str] = CLASSES,
-) -> PatchDataset:  # fmt: skip
+) -> PatchDataset:
     """A dataset over crop1 of `root` returning stored values, raw and labels."""
     crops = load_crops(rows_for(root, {"crop1": row_classes}), classes, spec)
     return PatchDataset(crops, spec, raw_transform=stored_values, target_transform=stored_values)
@@ -197,10 +200,12 @@ def test_even_patch_centre_convention_in_world_nm(aligned: Path) -> None:
     # Voxel 0 at centre - (0.5, 0.5, 1.5) * 8 = (56, 96, 68) nm: raw voxel (6.5, 10.5, 11),
     # half-way between raw voxels in z and y, where linear interpolation of a linear volume
     # gives the linear value.
-    assert np.array_equal((centre - np.array([0.5, 0.5, 1.5]) * 8 - RAW_ORIGIN) / 8,
-                          [6.5, 10.5, 11])  # fmt: skip
-    expected = coordinate_value(*np.meshgrid(6.5 + np.arange(2), 10.5 + np.arange(2),
-                                             11 + np.arange(4), indexing="ij"))  # fmt: skip
+    assert np.array_equal(
+        (centre - np.array([0.5, 0.5, 1.5]) * 8 - RAW_ORIGIN) / 8, [6.5, 10.5, 11]
+    )
+    expected = coordinate_value(
+        *np.meshgrid(6.5 + np.arange(2), 10.5 + np.arange(2), 11 + np.arange(4), indexing="ij")
+    )
     sample = dataset.sample(0, centre)
     assert torch.allclose(sample["input"][0], torch.from_numpy(expected).float(), atol=0.05)
     # Half a voxel further on z and y: on the raw grid, stored values bit for bit.
@@ -226,8 +231,9 @@ def test_coarser_raw_than_stored_is_interpolated(aligned: Path) -> None:
 def test_integer_raw_is_scaled_to_unit_range_by_default(tmp_path: Path) -> None:
     raw = coordinates((4, 5, 6), dtype=np.uint16)
     label = LabelGroup((LevelArray(checkerboard((4, 5, 6)), (8.0,) * 3, (0.0,) * 3),))
-    root = write_dataset(tmp_path / "u16.zarr", [LevelArray(raw, (8.0,) * 3, (0.0,) * 3)],
-                         {"crop1": {"mask": label}})  # fmt: skip
+    root = write_dataset(
+        tmp_path / "u16.zarr", [LevelArray(raw, (8.0,) * 3, (0.0,) * 3)], {"crop1": {"mask": label}}
+    )
     spec = patch_spec((2, 3, 4), (8, 8, 8))
     crops = load_crops(rows_for(root, {"crop1": ("mask",)}), ["mask"], spec)
     sample = PatchDataset(crops, spec).sample(0, (0.5 * 8, 1 * 8, 1.5 * 8))
@@ -286,8 +292,9 @@ def test_45_degree_rotation_interpolates_raw_without_undefined_corners(aligned: 
     assert not image.isnan().any() and (image != 0).all()
     # Same voxel size: output voxel i reads raw position c + M (i - 3); linear interpolation
     # of a linear volume is the linear value there.
-    offsets = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in (3, 7, 7)],
-                                   indexing="ij"), axis=-1)  # fmt: skip
+    offsets = np.stack(
+        np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in (3, 7, 7)], indexing="ij"), axis=-1
+    )
     positions = c + offsets @ matrix.T  # (Z, Y, X, 3)
     expected = coordinate_value(positions[..., 0], positions[..., 1], positions[..., 2])
     assert torch.allclose(image, torch.from_numpy(expected).float(), atol=0.05)
@@ -305,8 +312,9 @@ def test_rotated_labels_are_nearest_voxels_and_nan_outside(aligned: Path) -> Non
     matrix = rotation(0, 30)
     sample = rotated.sample(0, raw_centre(c), matrix)
     target = sample["output"][0].numpy()
-    offsets = np.stack([np.zeros((9, 9)), *np.meshgrid(np.arange(9) - 4, np.arange(9) - 4,
-                                                       indexing="ij")], axis=-1)  # fmt: skip
+    offsets = np.stack(
+        [np.zeros((9, 9)), *np.meshgrid(np.arange(9) - 4, np.arange(9) - 4, indexing="ij")], axis=-1
+    )
     positions = (c - OFFSET) + offsets @ matrix.T  # s1 voxel positions, (Y, X, 3)
     nearest = np.floor(positions + 0.5).astype(int)
     inside = np.all((nearest >= 0) & (nearest < IDS_S1.shape), axis=-1)
@@ -332,8 +340,14 @@ def test_a_batch_equals_its_samples_read_one_by_one(tmp_path: Path) -> None:
     rows = rows_for(root, {"crop1": CLASSES, "crop2": ("mask",)})
     spec = patch_spec((1, 6, 6), RAW_SCALE)
     transforms = {"mirror": {"axes": {"x": 0.5}}, "rotate": {"axes": {"z": [-180, 180]}}}
-    train = TrainPatches(load_crops(rows, CLASSES, spec), spec, num_samples=24, seed=0,
-                         spatial_transforms=transforms, target_transform=stored_values)  # fmt: skip
+    train = TrainPatches(
+        load_crops(rows, CLASSES, spec),
+        spec,
+        num_samples=24,
+        seed=0,
+        spatial_transforms=transforms,
+        target_transform=stored_values,
+    )
     keys = [(1, i) for i in range(24)]
     assert {train.draw(*key)[0] for key in keys} == {0, 1}
     assert_samples_equal(train.__getitems__(keys), [train[key] for key in keys])
@@ -471,9 +485,14 @@ def test_crop_regions_in_memory_give_the_same_batches(
     from csc.data import datasets
 
     info = {"shape": shape, "scale": (8, 8, 8)}
-    base = loader_config(aligned, tmp_path / "split.csv", iterations_per_epoch=6,
-                         input_array_info=info, target_array_info=info,
-                         validation_batch_limit=None)  # fmt: skip
+    base = loader_config(
+        aligned,
+        tmp_path / "split.csv",
+        iterations_per_epoch=6,
+        input_array_info=info,
+        target_array_info=info,
+        validation_batch_limit=None,
+    )
     settings = {"off": 0, "on": 256, "too big": 256}
     runs = {}
     for name, megabytes in settings.items():
@@ -493,9 +512,11 @@ def test_crop_regions_in_memory_give_the_same_batches(
 def test_the_region_cache_keeps_the_most_recent_within_its_limit(aligned: Path) -> None:
     from csc.data.sources import PendingRead, RegionCache, RegionRead
 
-    crops = load_crops(rows_for(aligned, {"crop1": CLASSES}), CLASSES,
-                       PatchSpec.from_arrays(ArrayInfo((1, 8, 8), (8, 8, 8)),
-                                             ArrayInfo((1, 8, 8), (8, 8, 8))))  # fmt: skip
+    crops = load_crops(
+        rows_for(aligned, {"crop1": CLASSES}),
+        CLASSES,
+        PatchSpec.from_arrays(ArrayInfo((1, 8, 8), (8, 8, 8)), ArrayInfo((1, 8, 8), (8, 8, 8))),
+    )
     raw = crops[0].raw
     itemsize = PendingRead(raw, (0, 0, 0), (1, 1, 1), cache_mb=16).dtype.itemsize
     cache = RegionCache(3 * 4**3 * itemsize)  # room for three regions of 4^3 voxels
@@ -541,8 +562,9 @@ def test_loader_kwargs_keep_what_csc_sets() -> None:
     with pytest.raises(ValueError, match="dataloader_kwargs may not set batch_size, shuffle: csc"):
         loader_kwargs({"shuffle": True, "batch_size": 2})
     assert loader_kwargs({"num_workers": 0, "prefetch_factor": 4, "pin_memory": True}) == {
-        "num_workers": 0, "pin_memory": True,
-    }  # fmt: skip
+        "num_workers": 0,
+        "pin_memory": True,
+    }
     context = {"num_workers": 2, "multiprocessing_context": "forkserver"}
     assert loader_kwargs(context) == {**context, "persistent_workers": True}  # csc's default
     assert loader_kwargs({**context, "persistent_workers": False})["persistent_workers"] is False
@@ -627,10 +649,14 @@ def test_foreground_is_counted_once_into_the_cache_not_the_data(
     monkeypatch.setenv("CSC_CACHE_DIR", str(tmp_path / "cache"))
     rows = write_skewed(tmp_path / "data" / "skewed.zarr", counts=False)
     before = snapshot(tmp_path / "data")
-    config = build_config({
-        "classes": ["common", "rare"], "weighted_sampler": True, "spatial_transforms": None,
-        "input_array_info": {"shape": (1, 4, 4), "scale": (8, 8, 8)},
-    })  # fmt: skip
+    config = build_config(
+        {
+            "classes": ["common", "rare"],
+            "weighted_sampler": True,
+            "spatial_transforms": None,
+            "input_array_info": {"shape": (1, 4, 4), "scale": (8, 8, 8)},
+        }
+    )
     crops = load_crops(rows, config.classes, patch_spec((1, 4, 4), RAW_SCALE))
     assert all(label.foreground is None for c in crops for label in c.labels if label)
     train, _ = build_datasets(config, rows)
@@ -667,8 +693,9 @@ def test_counted_foreground_excludes_unknown_voxels(
     for counts in (True, False):
         labels = LabelGroup((LevelArray(data, (4.0,) * 3, label_origin()),), encoding, counts)
         root = write_dataset(tmp_path / f"{counts}.zarr", raw, {"crop1": {"mask": labels}})
-        crops = load_crops(rows_for(root, {"crop1": ("mask",)}), ["mask"],
-                           patch_spec((1, 4, 4), RAW_SCALE))  # fmt: skip
+        crops = load_crops(
+            rows_for(root, {"crop1": ("mask",)}), ["mask"], patch_spec((1, 4, 4), RAW_SCALE)
+        )
         (crop,) = fill_foreground(crops)
         foreground.append(crop.labels[0].foreground)
     assert foreground == [np.count_nonzero(data == 1)] * 2
@@ -679,8 +706,9 @@ def test_counted_foreground_excludes_unknown_voxels(
 
 def test_validation_tiles_cover_each_crop_once_in_a_fixed_order(tmp_path: Path) -> None:
     root = write_aligned(tmp_path / "ds.zarr")
-    small = LevelArray(coordinates((2, 4, 4), dtype=np.uint32, offset=7), (4.0,) * 3,
-                       label_origin((1, 1, 1)))  # fmt: skip
+    small = LevelArray(
+        coordinates((2, 4, 4), dtype=np.uint32, offset=7), (4.0,) * 3, label_origin((1, 1, 1))
+    )
     write_group(root / "recon-1/labels/groundtruth/small/ids", [small], label=LabelGroup((small,)))
     rows = rows_for(root, {"crop1": CLASSES, "small": ("ids",)}, usage="validate")
     spec = patch_spec((2, 6, 6), RAW_SCALE, (4, 12, 12), (4, 4, 4))  # tiles of 16 x 48 x 48 nm
@@ -740,8 +768,13 @@ def synth_rows(search_root: str) -> list[DatasplitRow]:
 def synth_samples(rows: Sequence[DatasplitRow]) -> list[dict[str, torch.Tensor]]:
     spec = patch_spec((1, 16, 16), (8, 8, 8))
     crops = load_crops(rows, SYNTH_CLASSES, spec)
-    train = TrainPatches(crops, spec, num_samples=8, seed=3,
-                         spatial_transforms={"rotate": {"axes": {"z": [-180, 180]}}})  # fmt: skip
+    train = TrainPatches(
+        crops,
+        spec,
+        num_samples=8,
+        seed=3,
+        spatial_transforms={"rotate": {"axes": {"z": [-180, 180]}}},
+    )
     return train.__getitems__([(1, i) for i in range(8)])
 
 
@@ -758,10 +791,13 @@ def test_s3_private_bucket_read_anonymously_is_a_storage_error(
     s3_env: str, s3_synth: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     private = [
-        dataclasses.replace(row, raw_root=row.raw_root.replace("-public", "-private"),
-                            gt_root=row.gt_root.replace("-public", "-private"))
+        dataclasses.replace(
+            row,
+            raw_root=row.raw_root.replace("-public", "-private"),
+            gt_root=row.gt_root.replace("-public", "-private"),
+        )
         for row in synth_rows(f"s3://{s3_synth}-public")
-    ]  # fmt: skip
+    ]
     spec = patch_spec((1, 16, 16), (8, 8, 8))
     denied = (
         r"access to s3://synth-private/jrc_synth\d/jrc_synth\d\.zarr/recon-1/\S+/\.zattrs at "
@@ -843,7 +879,7 @@ def test_rotated_3d_patch_as_2d_slices_equals_the_3d_resampling(
         (0, centre + shift + 8 * k, rotation(axis, 25 + 40 * k) @ np.diag(flip * [1, -1][k % 2]), k)
         for k in range(3)
         for shift in (np.zeros(3), nudge)
-    ]  # fmt: skip
+    ]
     for _ in range(3):  # from the second read on, crop regions are held in memory
         sliced = dataset.read(requests)
     assert any(state.box is not None for state in dataset._regions.values())

@@ -74,8 +74,13 @@ def usages(rows: Sequence[DatasplitRow]) -> dict[str, str]:
 
 
 def test_exact_csv_bytes_for_a_known_layout(tmp_path: Path) -> None:
-    make_layout(tmp_path, {"jrc_b": {"crop10": ["er", "nuc"], "crop2": ["mito"]},
-                           "jrc_a": {"crop7": ["nuc", "er", "ves"]}})  # fmt: skip
+    make_layout(
+        tmp_path,
+        {
+            "jrc_b": {"crop10": ["er", "nuc"], "crop2": ["mito"]},
+            "jrc_a": {"crop7": ["nuc", "er", "ves"]},
+        },
+    )
     rows, left_out = make_datasplit(
         options(tmp_path, classes=("nuc", "er", "mito")), SplitOptions(0.3, 1, None)
     )
@@ -116,8 +121,14 @@ def test_no_validation_when_ratio_is_zero_or_one_crop(tmp_path: Path) -> None:
 
 
 def test_class_dataset_and_crop_filters(tmp_path: Path) -> None:
-    make_layout(tmp_path, {"jrc_a": {"crop1": ["nuc", "er"], "crop2": ["mito"], "crop30": ["er"]},
-                           "jrc_b": {"crop4": ["nuc"]}, "other": {"crop5": ["nuc"]}})  # fmt: skip
+    make_layout(
+        tmp_path,
+        {
+            "jrc_a": {"crop1": ["nuc", "er"], "crop2": ["mito"], "crop30": ["er"]},
+            "jrc_b": {"crop4": ["nuc"]},
+            "other": {"crop5": ["nuc"]},
+        },
+    )
     found = crawl(options(tmp_path, classes=("er", "nuc"))).crops
     assert [(r.dataset, r.crop, r.classes) for r in found] == [
         ("jrc_a", "crop1", ("er", "nuc")),  # requested order, not the disk's
@@ -131,8 +142,11 @@ def test_class_dataset_and_crop_filters(tmp_path: Path) -> None:
 
 def test_scale_filter_keeps_classes_fine_enough_on_every_axis(tmp_path: Path) -> None:
     scales = {"crop1/er": (8, 8, 8), "crop2/nuc": (4, 4, 16), "crop2/er": (4, 4, 4)}
-    make_layout(tmp_path, {"jrc_a": {"crop1": ["nuc", "er"], "crop2": ["nuc", "er"],
-                                     "crop3": ["er"]}}, scales=scales)  # fmt: skip
+    make_layout(
+        tmp_path,
+        {"jrc_a": {"crop1": ["nuc", "er"], "crop2": ["nuc", "er"], "crop3": ["er"]}},
+        scales=scales,
+    )
     isotropic = crawl(options(tmp_path, scale=(4.0,))).crops
     assert [(r.crop, r.classes) for r in isotropic] == [
         ("crop1", ("nuc",)),
@@ -149,8 +163,10 @@ def test_scale_filter_keeps_classes_fine_enough_on_every_axis(tmp_path: Path) ->
 
 @pytest.mark.parametrize("mode", [None, "validate", "train", "both"])
 def test_force_all_classes_modes(tmp_path: Path, mode: str | None) -> None:
-    make_layout(tmp_path, {"a": {"crop1": ["nuc", "er"], "crop2": ["nuc"], "crop3": ["er"],
-                                 "crop4": ["er", "nuc"]}})  # fmt: skip
+    make_layout(
+        tmp_path,
+        {"a": {"crop1": ["nuc", "er"], "crop2": ["nuc"], "crop3": ["er"], "crop4": ["er", "nuc"]}},
+    )
     rows, left_out = make_datasplit(
         options(tmp_path, classes=("nuc", "er")), SplitOptions(0.25, 3, mode)
     )
@@ -176,8 +192,9 @@ def test_existing_csv_is_never_overwritten_without_asking(tmp_path: Path) -> Non
     with pytest.raises(FileExistsError, match=r"datasplit.csv already exists; pass --overwrite"):
         write_datasplit(rows, csv_path)
     assert csv_path.read_text() == "# hand-edited\n"
-    result = CliRunner().invoke(cli, ["datasplit", "--search-path", f"{tmp_path}/{SEARCH}",
-                                      "--csv-path", str(csv_path)])  # fmt: skip
+    result = CliRunner().invoke(
+        cli, ["datasplit", "--search-path", f"{tmp_path}/{SEARCH}", "--csv-path", str(csv_path)]
+    )
     assert result.exit_code == 1
     assert "already exists; pass --overwrite" in result.output
     assert csv_path.read_text() == "# hand-edited\n"
@@ -230,12 +247,19 @@ def test_reader_accepts_comments_three_columns_and_relative_roots(tmp_path: Path
     )
     first, second = read_datasplit(csv_path)
     assert first == DatasplitRow(
-        "train", f"{tmp_path}/data/a.zarr", "recon-1/em/fibsem-uint8", f"{tmp_path}/data/a.zarr",
-        "recon-1/labels/groundtruth/crop1", ("nuc", "er"),
-    )  # fmt: skip
+        "train",
+        f"{tmp_path}/data/a.zarr",
+        "recon-1/em/fibsem-uint8",
+        f"{tmp_path}/data/a.zarr",
+        "recon-1/labels/groundtruth/crop1",
+        ("nuc", "er"),
+    )
     assert (second.usage, second.raw_root, second.gt_path, second.classes) == (
-        "validate", "s3://bucket/b/b.zarr", "recon-1/labels/groundtruth/crop2", ("mito",)
-    )  # fmt: skip
+        "validate",
+        "s3://bucket/b/b.zarr",
+        "recon-1/labels/groundtruth/crop2",
+        ("mito",),
+    )
     assert (first.dataset, first.crop) == ("a", "crop1")
 
 
@@ -368,14 +392,21 @@ def test_s3_crawl_with_credentials(
     local, remote = local_and_s3(tiny_synth, bucket)
     assert without_roots(remote) == without_roots(local)
     assert len(crawl(scaled).crops) == len(local)
-    assert count_classes(scaled)[0] == count_classes(dataclasses.replace(
-        scaled, search_path=f"{tiny_synth}/{SEARCH}"))[0]  # fmt: skip
+    assert (
+        count_classes(scaled)[0]
+        == count_classes(dataclasses.replace(scaled, search_path=f"{tiny_synth}/{SEARCH}"))[0]
+    )
 
 
 def test_s3_requests_grow_with_crops_not_chunks(s3_env: str, tmp_path: Path) -> None:
     counts = []
-    spec = SynthSpec(num_datasets=1, num_crops=2, shape=(16, 32, 32), crop_shape=(8, 16, 16),
-                     missing_class_prob=0.0)  # fmt: skip
+    spec = SynthSpec(
+        num_datasets=1,
+        num_crops=2,
+        shape=(16, 32, 32),
+        crop_shape=(8, 16, 16),
+        missing_class_prob=0.0,
+    )
     for chunks, bucket in (((16, 32, 32), "big-chunks"), ((4, 8, 8), "small-chunks")):
         spec = dataclasses.replace(spec, chunks=chunks)
         write_synthetic(tmp_path / bucket, spec)

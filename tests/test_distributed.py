@@ -22,8 +22,14 @@ from csc.synth import SynthSpec, write_synthetic
 from csc.train import resume, setup, validate
 
 CLASSES = ("nuc", "mito", "er")
-SPEC = SynthSpec(num_datasets=2, num_crops=2, shape=(16, 48, 48), crop_shape=(16, 64, 64),
-                 chunks=(16, 32, 32), missing_class_prob=0.0)  # fmt: skip
+SPEC = SynthSpec(
+    num_datasets=2,
+    num_crops=2,
+    shape=(16, 48, 48),
+    crop_shape=(16, 64, 64),
+    chunks=(16, 32, 32),
+    missing_class_prob=0.0,
+)
 SEARCH = "{dataset}/{dataset}.zarr/recon-1/{name}"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 # The config's model: a small UNet that writes a digest of every training patch it sees to
@@ -62,28 +68,47 @@ def write_config(data: Path, run: Path, **overrides: Any) -> Path:
     """A tiny 2D run of the recording model; all tiles of the validation crops."""
     info = {"shape": (1, 32, 32), "scale": (8, 8, 8)}
     settings = {
-        "search_path": f"{data}/{SEARCH}", "datasplit_path": f"{run}/datasplit.csv",
-        "classes": CLASSES, "validation_prob": 0.5, "input_array_info": info,
-        "target_array_info": info, "model_name": "recording", "model_to_load": "recording",
-        "epochs": 2, "iterations_per_epoch": 3, "batch_size": 2, "learning_rate": 1e-3,
-        "device": "cpu", "SEEN": str(run / "seen"),
+        "search_path": f"{data}/{SEARCH}",
+        "datasplit_path": f"{run}/datasplit.csv",
+        "classes": CLASSES,
+        "validation_prob": 0.5,
+        "input_array_info": info,
+        "target_array_info": info,
+        "model_name": "recording",
+        "model_to_load": "recording",
+        "epochs": 2,
+        "iterations_per_epoch": 3,
+        "batch_size": 2,
+        "learning_rate": 1e-3,
+        "device": "cpu",
+        "SEEN": str(run / "seen"),
         "model_save_path": f"{run}/checkpoints/{{model_name}}_{{epoch}}.pth",
-        "logs_save_path": f"{run}/tensorboard/{{model_name}}", **overrides,
-    }  # fmt: skip
+        "logs_save_path": f"{run}/tensorboard/{{model_name}}",
+        **overrides,
+    }
     (run / "seen").mkdir(parents=True, exist_ok=True)
     path = run / "config.py"
     path.write_text("\n".join(f"{k} = {v!r}" for k, v in settings.items()) + "\n" + MODEL)
     return path
 
 
-def torchrun(config: Path, *arguments: str, fail_rank: int | None = None,
-             timeout: float = 240) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def torchrun(
+    config: Path, *arguments: str, fail_rank: int | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
     """`torchrun --nproc_per_node=2 -m csc train CONFIG ...` on CPU (gloo), on a free port."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if fail_rank is not None:
         env["FAIL_RANK"] = str(fail_rank)
-    command = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "csc", "train",
-               str(config), *arguments]  # fmt: skip
+    command = [
+        str(TORCHRUN),
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "csc",
+        "train",
+        str(config),
+        *arguments,
+    ]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -97,8 +122,7 @@ def scalars(log_dir: Path) -> dict[str, list[Any]]:
     return {tag: accumulator.Scalars(tag) for tag in accumulator.Tags()["scalars"]}
 
 
-def test_two_ranks_train_log_once_reduce_validation_and_resume(data: Path,
-                                                               tmp_path: Path) -> None:  # fmt: skip
+def test_two_ranks_train_log_once_reduce_validation_and_resume(data: Path, tmp_path: Path) -> None:
     config = write_config(data, tmp_path)
     done = torchrun(config)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -155,8 +179,11 @@ def test_a_failing_rank_ends_the_run_with_its_error(data: Path, tmp_path: Path) 
     start = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "csc", "train", str(config), "--nproc", "2"],
-        capture_output=True, text=True, env=env, timeout=240,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
     seconds = time.monotonic() - start
     output = done.stdout + done.stderr
     assert done.returncode != 0, output
@@ -170,8 +197,9 @@ def test_loader_defaults_follow_the_device_and_the_cores() -> None:
     gpu = default_loader_kwargs("cuda", processes_per_machine=4, cpu_count=32)
     assert gpu == {"num_workers": 7, "pin_memory": True, "prefetch_factor": 4}
     assert default_loader_kwargs("cuda", processes_per_machine=2, cpu_count=2) == {
-        "num_workers": 0, "pin_memory": True,
-    }  # fmt: skip
+        "num_workers": 0,
+        "pin_memory": True,
+    }
     assert default_loader_kwargs("cpu", cpu_count=2) == {"num_workers": 0}
     assert default_loader_kwargs("cpu", cpu_count=32) == {"num_workers": 4}
 

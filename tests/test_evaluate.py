@@ -42,8 +42,15 @@ from tests.s3server import upload_tree
 
 CLASSES = ("nuc", "mito", "er")
 # Seed 8: crop1 annotates nuc, mito and er (each with foreground), crop2 only nuc and mito.
-SPEC = SynthSpec(num_datasets=1, num_crops=2, shape=(16, 48, 48), crop_shape=(16, 64, 64),
-                 chunks=(16, 32, 32), missing_class_prob=0.4, seed=8)  # fmt: skip
+SPEC = SynthSpec(
+    num_datasets=1,
+    num_crops=2,
+    shape=(16, 48, 48),
+    crop_shape=(16, 64, 64),
+    chunks=(16, 32, 32),
+    missing_class_prob=0.4,
+    seed=8,
+)
 SEARCH = "{dataset}/{dataset}.zarr/recon-1/{name}"
 Vec3 = tuple[float, float, float]
 
@@ -67,9 +74,13 @@ def truth_level(row: DatasplitRow, name: str, level: int) -> tuple[np.ndarray, L
 
 
 def write_prediction(
-    root: Path, row: DatasplitRow, name: str, values: np.ndarray, scale: Sequence[float],
+    root: Path,
+    row: DatasplitRow,
+    name: str,
+    values: np.ndarray,
+    scale: Sequence[float],
     translation: Sequence[float],
-) -> None:  # fmt: skip
+) -> None:
     """A prediction group as `csc predict` writes it; uint8 values are round(p * 255)."""
     group = zarr.open_group(str(root / f"{row.dataset}.zarr"), mode="a", zarr_format=2)
     crop = group.require_group(f"{row.crop}/{name}")
@@ -89,9 +100,14 @@ def perfect_predictions(root: Path, rows: Sequence[DatasplitRow]) -> None:
 
 
 def write_truth(
-    root: Path, labels: np.ndarray, scale: Vec3, *, name: str = "blob", unknown: int | None = None,
+    root: Path,
+    labels: np.ndarray,
+    scale: Vec3,
+    *,
+    name: str = "blob",
+    unknown: int | None = None,
     translation: Vec3 = (100.0, 200.0, 300.0),
-) -> DatasplitRow:  # fmt: skip
+) -> DatasplitRow:
     """A one-crop, one-class ground truth with CellMap annotation attrs, and its row."""
     store = root / "jrc_own" / "jrc_own.zarr"
     group = zarr.open_group(str(store), mode="a", zarr_format=2)
@@ -101,8 +117,14 @@ def write_truth(
     if unknown is not None:
         attrs["cellmap"]["annotation"]["annotation_type"]["encoding"]["unknown"] = unknown
     write_array(label, "s0", labels, chunks=(16, 32, 32), compressor="zstd", attrs=attrs)
-    return DatasplitRow("validate", str(store), "recon-1/em/fibsem-uint8", str(store),
-                        "recon-1/labels/groundtruth/crop1", (name,))  # fmt: skip
+    return DatasplitRow(
+        "validate",
+        str(store),
+        "recon-1/em/fibsem-uint8",
+        str(store),
+        "recon-1/labels/groundtruth/crop1",
+        (name,),
+    )
 
 
 def reference_counts(pred: np.ndarray, truth: np.ndarray, annotated: np.ndarray) -> dict[str, int]:
@@ -131,19 +153,31 @@ def test_a_perfect_prediction_scores_one_and_unannotated_classes_are_skipped(
     write_prediction(tmp_path, crop2, "er", np.full((4, 4, 4), 255, np.uint8), (4,) * 3, (0,) * 3)
     report = evaluate(tmp_path, rows)
     assert [(r.crop, r.class_name) for r in report.results] == [
-        ("crop1", "er"), ("crop1", "mito"), ("crop1", "nuc"), ("crop2", "mito"), ("crop2", "nuc"),
-    ]  # fmt: skip
+        ("crop1", "er"),
+        ("crop1", "mito"),
+        ("crop1", "nuc"),
+        ("crop2", "mito"),
+        ("crop2", "nuc"),
+    ]
     for result in report.results:
         assert result.num_outside == 0 and result.num_scored == 16 * 64 * 64
         assert result.counts["fp"] == result.counts["fn"] == 0
         assert {m: result.scores[m] for m in METRICS} == {
-            "iou": 1.0, "dice": 1.0, "precision": 1.0, "recall": 1.0, "accuracy": 1.0,
-            "boundary_f1": 1.0, "hausdorff95_nm": 0.0,
-        }  # fmt: skip
+            "iou": 1.0,
+            "dice": 1.0,
+            "precision": 1.0,
+            "recall": 1.0,
+            "accuracy": 1.0,
+            "boundary_f1": 1.0,
+            "hausdorff95_nm": 0.0,
+        }
     [skip] = report.skipped
     assert (skip.crop, skip.class_name) == ("crop2", "er") and "not annotated" in skip.reason
-    assert report.means["er"] == {"num_crops": 1, **dict.fromkeys(METRICS[:-1], 1.0),
-                                  "hausdorff95_nm": 0.0}  # fmt: skip
+    assert report.means["er"] == {
+        "num_crops": 1,
+        **dict.fromkeys(METRICS[:-1], 1.0),
+        "hausdorff95_nm": 0.0,
+    }
     assert report.means["nuc"]["num_crops"] == 2
 
 
@@ -155,8 +189,9 @@ def test_an_8nm_prediction_is_resampled_to_the_4nm_ground_truth_by_nearest_voxel
     for name in row.classes:  # the 8 nm level (translation t0 + 2 nm) as the prediction
         coarse, level = truth_level(row, name, 1)
         assert level.scale == (8.0, 8.0, 8.0)
-        write_prediction(tmp_path, row, name, coarse * np.uint8(255), level.scale,
-                         level.translation)  # fmt: skip
+        write_prediction(
+            tmp_path, row, name, coarse * np.uint8(255), level.scale, level.translation
+        )
     report = evaluate(tmp_path, [row])
     for name in row.classes:
         labels, _ = truth_level(row, name, 0)
@@ -178,8 +213,11 @@ def test_nearest_indices_follow_voxel_centres() -> None:
         assert index.tolist() == [0, 0, 1, 1, 2, 2]
     moved = Level("s0", (4.0, 4.0, 4.0), (6.0, 2.0, 10.0), (6, 6, 6))  # 2, -1, 0 voxels
     z, y, x = nearest_indices(truth, moved)
-    assert (z.tolist(), y.tolist(), x.tolist()) == ([-2, -1, 0, 1, 2, 3], [1, 2, 3, 4, 5, 6],
-                                                    [0, 1, 2, 3, 4, 5])  # fmt: skip
+    assert (z.tolist(), y.tolist(), x.tolist()) == (
+        [-2, -1, 0, 1, 2, 3],
+        [1, 2, 3, 4, 5, 6],
+        [0, 1, 2, 3, 4, 5],
+    )
 
 
 def test_ground_truth_and_predictions_on_s3_score_like_local_ones(
@@ -249,8 +287,9 @@ def test_hausdorff95_of_shifted_balls_matches_brute_force(tmp_path: Path) -> Non
     ball = ((z - 5) * 2.0) ** 2 + (y - 10.0) ** 2 + (x - 9.0) ** 2 <= 36
     moved = ((z - 6) * 2.0) ** 2 + (y - 12.0) ** 2 + (x - 10.0) ** 2 <= 30  # shifted, smaller
     row = write_truth(tmp_path / "gt", ball.astype(np.uint8), scale)
-    write_prediction(tmp_path / "pred", row, "blob", moved * np.uint8(255), scale,
-                     (100.0, 200.0, 300.0))  # fmt: skip
+    write_prediction(
+        tmp_path / "pred", row, "blob", moved * np.uint8(255), scale, (100.0, 200.0, 300.0)
+    )
     result = only(evaluate(tmp_path / "pred", [row]))
     points = [np.argwhere(boundary_of(m)) * np.array(scale) for m in (moved, ball)]  # nm
     pairwise = np.linalg.norm(points[0][:, None] - points[1][None], axis=-1)
@@ -364,9 +403,17 @@ def test_csc_evaluate_prints_the_table_and_writes_json(
 ) -> None:
     out, rows = data
     perfect_predictions(tmp_path / "pred", rows)
-    args = ["evaluate", "--predictions", str(tmp_path / "pred"), "--datasplit",
-            str(out / "datasplit.csv"), "--crops", "crop1",
-            "--json", str(tmp_path / "s.json")]  # fmt: skip
+    args = [
+        "evaluate",
+        "--predictions",
+        str(tmp_path / "pred"),
+        "--datasplit",
+        str(out / "datasplit.csv"),
+        "--crops",
+        "crop1",
+        "--json",
+        str(tmp_path / "s.json"),
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()

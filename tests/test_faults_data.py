@@ -82,10 +82,16 @@ def config_for(rows: Sequence[DatasplitRow], csv: Path, **changes: Any) -> Train
     write_datasplit(rows, csv, overwrite=True)
     info = {"shape": (1, 8, 8), "scale": (8, 8, 8)}
     values = {
-        "datasplit_path": str(csv), "classes": list(CLASSES), "input_array_info": info,
-        "target_array_info": info, "iterations_per_epoch": 2, "batch_size": 2,
-        "weighted_sampler": False, "dataloader_kwargs": {}, "random_seed": 3,
-    }  # fmt: skip
+        "datasplit_path": str(csv),
+        "classes": list(CLASSES),
+        "input_array_info": info,
+        "target_array_info": info,
+        "iterations_per_epoch": 2,
+        "batch_size": 2,
+        "weighted_sampler": False,
+        "dataloader_kwargs": {},
+        "random_seed": 3,
+    }
     return build_config({**values, **changes})
 
 
@@ -225,11 +231,14 @@ def test_missing_chunks_on_s3_are_found_by_their_keys(s3_env: str, tmp_path: Pat
     before = snapshot(local)
     spec, root = patch_spec((1, 4, 4), RAW_SCALE), "s3://faults-data/ds.zarr"
 
-    rows = [DatasplitRow("train", root, raw_path, root, f"{GT_PATH}/crop1", CLASSES)
-            for raw_path in ("recon-1/em/empty", RAW_PATH)]  # fmt: skip
+    rows = [
+        DatasplitRow("train", root, raw_path, root, f"{GT_PATH}/crop1", CLASSES)
+        for raw_path in ("recon-1/em/empty", RAW_PATH)
+    ]
     empty, whole = load_crops(rows, CLASSES, spec)  # metadata read concurrently
-    with pytest.raises(ValueError, match="no raw chunk is stored where the patches of crop "
-                       "ds/crop1") as caught:  # fmt: skip
+    with pytest.raises(
+        ValueError, match="no raw chunk is stored where the patches of crop ds/crop1"
+    ) as caught:
         check_crops([empty], spec, datasplit="split.csv")
     assert f"{root}/recon-1/em/empty/s0" in str(caught.value)
     with pytest.warns(DataWarning, match=f"{root}/{GT_PATH}/crop1/mask/s0: its CellMap"):
@@ -282,9 +291,12 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, make in DTYPES.items():
         levels = (
             LevelArray(make(coordinates(LABEL_SHAPE, dtype=np.int64)), (4.0,) * 3, origin),
-            LevelArray(make(coordinates([n // 2 for n in LABEL_SHAPE], dtype=np.int64)),
-                       (8.0,) * 3, s1_origin),
-        )  # fmt: skip
+            LevelArray(
+                make(coordinates([n // 2 for n in LABEL_SHAPE], dtype=np.int64)),
+                (8.0,) * 3,
+                s1_origin,
+            ),
+        )
         classes[name] = LabelGroup(levels, encoding=ENCODINGS.get(name))
     raw = [LevelArray(coordinates((20, 30, 40)), RAW_SCALE, RAW_ORIGIN)]
     return write_dataset(root, raw, {"crop1": classes})
@@ -314,10 +326,14 @@ MATRICES = {
 @pytest.mark.parametrize("matrix", list(MATRICES), ids=list(MATRICES))
 @pytest.mark.parametrize(
     ("input_shape", "target_shape", "target_scale"),
-    [((4, 6, 6), (8, 12, 12), (4, 4, 4)), ((4, 6, 6), (4, 6, 6), (8, 8, 8)),
-     ((1, 6, 6), (1, 12, 12), (8, 4, 4)), ((1, 6, 6), (1, 6, 6), (8, 8, 8))],
+    [
+        ((4, 6, 6), (8, 12, 12), (4, 4, 4)),
+        ((4, 6, 6), (4, 6, 6), (8, 8, 8)),
+        ((1, 6, 6), (1, 12, 12), (8, 4, 4)),
+        ((1, 6, 6), (1, 6, 6), (8, 8, 8)),
+    ],
     ids=["3d-4nm", "3d-8nm", "2d-4nm", "2d-8nm"],
-)  # fmt: skip
+)
 def test_label_arrays_of_every_dtype_mix_in_one_crop(
     mixed: Path, input_shape: tuple, target_shape: tuple, target_scale: tuple, matrix: str
 ) -> None:
@@ -325,9 +341,19 @@ def test_label_arrays_of_every_dtype_mix_in_one_crop(
     spec = patch_spec(input_shape, RAW_SCALE, target_shape, target_scale)
     crops = load_crops(rows_for(mixed, {"crop1": names}), names, spec)
     assert [label.dtype for label in crops[0].labels if label] == [
-        "float64", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
-        "float32", "float64", "bool",
-    ]  # fmt: skip
+        "float64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "float32",
+        "float64",
+        "bool",
+    ]
     before = snapshot(mixed)
     values = PatchDataset(crops, spec, target_transform=stored_values)
     masks = PatchDataset(crops, spec)
@@ -397,8 +423,9 @@ def test_non_finite_raw_values_are_reported_once_per_crop(
 def test_non_finite_raw_in_a_training_loader_warns_as_batches_are_read(
     nan_raw: Path, tmp_path: Path
 ) -> None:
-    config = config_for(rows_for(nan_raw, {"crop1": CLASSES}), tmp_path / "split.csv",
-                        iterations_per_epoch=4)  # fmt: skip
+    config = config_for(
+        rows_for(nan_raw, {"crop1": CLASSES}), tmp_path / "split.csv", iterations_per_epoch=4
+    )
     train, _ = build_datasets(config)  # nothing is read yet: no warning
     before = snapshot(nan_raw)
     crop = train.crops[0]

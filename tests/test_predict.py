@@ -33,8 +33,14 @@ from csc.train import make_model
 
 CLASSES = ("nuc", "mito", "er")
 # Crops of 16 x 64 x 64 label voxels at 4 nm: 8 x 32 x 32 output voxels at 8 nm.
-SPEC = SynthSpec(num_datasets=1, num_crops=2, shape=(16, 48, 48), crop_shape=(16, 64, 64),
-                 chunks=(16, 32, 32), missing_class_prob=0.0)  # fmt: skip
+SPEC = SynthSpec(
+    num_datasets=1,
+    num_crops=2,
+    shape=(16, 48, 48),
+    crop_shape=(16, 64, 64),
+    chunks=(16, 32, 32),
+    missing_class_prob=0.0,
+)
 SEARCH = "{dataset}/{dataset}.zarr/recon-1/{name}"
 
 
@@ -63,25 +69,34 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def settings(data: Path, run: Path, shape: tuple[int, ...] = (1, 16, 16),
-             **overrides: Any) -> dict[str, Any]:  # fmt: skip
+def settings(
+    data: Path, run: Path, shape: tuple[int, ...] = (1, 16, 16), **overrides: Any
+) -> dict[str, Any]:
     """A 2D (or 3D) config at 8 nm predicting blocks of 4 x 16 x 16 voxels."""
     info = {"shape": shape, "scale": (8, 8, 8)}
     return {
-        "search_path": f"{data}/{SEARCH}", "datasplit_path": f"{run}/datasplit.csv",
-        "classes": CLASSES, "validation_prob": 0.5, "input_array_info": info,
-        "target_array_info": info, "model_name": "2d_unet",
-        "model_kwargs": {"num_levels": 2, "base_channels": 4}, "batch_size": 3,
-        "device": "cpu", "prediction_block_shape": (4, 16, 16),
+        "search_path": f"{data}/{SEARCH}",
+        "datasplit_path": f"{run}/datasplit.csv",
+        "classes": CLASSES,
+        "validation_prob": 0.5,
+        "input_array_info": info,
+        "target_array_info": info,
+        "model_name": "2d_unet",
+        "model_kwargs": {"num_levels": 2, "base_channels": 4},
+        "batch_size": 3,
+        "device": "cpu",
+        "prediction_block_shape": (4, 16, 16),
         "model_save_path": f"{run}/checkpoints/{{model_name}}_{{epoch}}.pth",
         "logs_save_path": f"{run}/tensorboard/{{model_name}}",
-        "predictions_path": f"{run}/predictions", "processed_path": f"{run}/processed",
+        "predictions_path": f"{run}/predictions",
+        "processed_path": f"{run}/processed",
         **overrides,
-    }  # fmt: skip
+    }
 
 
-def config_of(data: Path, run: Path, shape: tuple[int, ...] = (1, 16, 16),
-              **overrides: Any) -> TrainConfig:  # fmt: skip
+def config_of(
+    data: Path, run: Path, shape: tuple[int, ...] = (1, 16, 16), **overrides: Any
+) -> TrainConfig:
     config = build_config(settings(data, run, shape, **overrides))
     ensure_datasplit(config, echo=lambda _: None)
     return config
@@ -97,8 +112,9 @@ def save_weights(config: TrainConfig, epoch: int = 1) -> Path:
 
 
 def raw_s0(data: Path, dataset: str) -> np.ndarray:
-    group = zarr.open_group(str(data / dataset / f"{dataset}.zarr/recon-1/em/fibsem-uint8"),
-                            mode="r")  # fmt: skip
+    group = zarr.open_group(
+        str(data / dataset / f"{dataset}.zarr/recon-1/em/fibsem-uint8"), mode="r"
+    )
     return np.asarray(group["s0"][...])
 
 
@@ -133,8 +149,13 @@ def test_an_echo_model_predicts_the_raw_voxel_for_voxel(
     any misplaced window, offset or axis mix-up shows as a wrong value."""
     config = config_of(data, tmp_path, shape, model=Echo(), model_name="echo")
     torch.save({}, tmp_path / "echo.pth")
-    written = predict(config, all_crops=True, checkpoint=str(tmp_path / "echo.pth"),
-                      orthoplanes=orthoplanes, progress=False)  # fmt: skip
+    written = predict(
+        config,
+        all_crops=True,
+        checkpoint=str(tmp_path / "echo.pth"),
+        orthoplanes=orthoplanes,
+        progress=False,
+    )
     raw = raw_s0(data, "jrc_synth1")
     assert len(written) == 2
     for item in written:
@@ -169,8 +190,15 @@ def test_output_grid_is_the_crop_extent_on_the_target_grid(data: Path, tmp_path:
 def test_blending_leaves_no_seam_and_blocks_do_not_change_the_result(
     data: Path, tmp_path: Path
 ) -> None:
-    constant = config_of(data, tmp_path, (4, 16, 16), model=Constant(), model_name="constant",
-                         prediction_overlap=0.5, prediction_encoding="float16")  # fmt: skip
+    constant = config_of(
+        data,
+        tmp_path,
+        (4, 16, 16),
+        model=Constant(),
+        model_name="constant",
+        prediction_overlap=0.5,
+        prediction_encoding="float16",
+    )
     save_weights(constant)
     (region,) = crop_regions(constant, crops=["crop1"])
     values = predict_volume(load_predictor(constant, progress=False), region, constant)
@@ -181,8 +209,9 @@ def test_blending_leaves_no_seam_and_blocks_do_not_change_the_result(
     save_weights(unet)
     small = predict_volume(load_predictor(unet, progress=False), region, unet)
     whole = dict(prediction_block_shape=(64, 64, 64))
-    large = predict_volume(load_predictor(unet, progress=False), region,
-                           build_config({**vars_of(unet), **whole}))  # fmt: skip
+    large = predict_volume(
+        load_predictor(unet, progress=False), region, build_config({**vars_of(unet), **whole})
+    )
     np.testing.assert_array_equal(small, large)
     assert small.std() > 0  # a real model, not a constant
 
@@ -197,16 +226,25 @@ def test_a_box_is_predicted_where_it_is_and_outside_the_raw_is_refused(
     config = config_of(data, tmp_path, model=Echo(), model_name="echo")
     torch.save({}, tmp_path / "echo.pth")
     box = (16, 40, 80, 48, 200, 240)  # nm: 4 x 20 x 20 voxels of 8 nm from voxel (2, 5, 10)
-    (item,) = predict(config, bbox=box, dataset="jrc_synth1", checkpoint=str(tmp_path / "echo.pth"),
-                      progress=False)  # fmt: skip
+    (item,) = predict(
+        config,
+        bbox=box,
+        dataset="jrc_synth1",
+        checkpoint=str(tmp_path / "echo.pth"),
+        progress=False,
+    )
     assert item.path == tmp_path / "predictions/jrc_synth1.zarr/bbox_16_40_80_48_200_240"
     assert item.grid.shape == (4, 20, 20) and item.grid.translation == (20.0, 44.0, 84.0)
     values, _ = read_output(item.path, "mito")
     # Raw voxel centres are at 8 * index: the box's voxels lie half a voxel off them, so the
     # echo is the linear mean of the 8 raw voxels around each (linear resampling of raw).
     raw = raw_s0(data, "jrc_synth1").astype(np.float64)
-    corners = [raw[2 + a : 6 + a, 5 + b : 25 + b, 10 + c : 30 + c]
-               for a in (0, 1) for b in (0, 1) for c in (0, 1)]  # fmt: skip
+    corners = [
+        raw[2 + a : 6 + a, 5 + b : 25 + b, 10 + c : 30 + c]
+        for a in (0, 1)
+        for b in (0, 1)
+        for c in (0, 1)
+    ]
     np.testing.assert_allclose(values, np.mean(corners, axis=0), atol=1.01)
     with pytest.raises(
         ValueError, match=r"reaches outside the raw of jrc_synth1 .* covers z -4 to"
@@ -278,8 +316,9 @@ def test_csc_predict_and_process_on_the_command_line(data: Path, tmp_path: Path)
     assert "wrote" in done.output and "jrc_synth1.zarr/crop1" in done.output
     values, attrs = read_output(tmp_path / "predictions/jrc_synth1.zarr/crop1", "nuc")
     assert values.dtype == np.float16 and attrs["csc_prediction"]["encoding"] == "float16"
-    done = runner.invoke(cli, ["predict", str(path), "--bbox", "0,0,0,64,4000,64",
-                               "--dataset", "jrc_synth1"])  # fmt: skip
+    done = runner.invoke(
+        cli, ["predict", str(path), "--bbox", "0,0,0,64,4000,64", "--dataset", "jrc_synth1"]
+    )
     assert done.exit_code == 1 and "reaches outside the raw" in done.output
     done = runner.invoke(cli, ["process", str(path)])
     assert done.exit_code == 0, done.output
@@ -295,8 +334,16 @@ def test_train_predict_evaluate_round_trip(data: Path, tmp_path: Path) -> None:
     from csc.predict import encode
     from csc.train import train
 
-    config = config_of(data, tmp_path, epochs=2, iterations_per_epoch=4, learning_rate=3e-3,
-                       criterion="dice_bce", weight_loss=False, weighted_sampler=False)  # fmt: skip
+    config = config_of(
+        data,
+        tmp_path,
+        epochs=2,
+        iterations_per_epoch=4,
+        learning_rate=3e-3,
+        criterion="dice_bce",
+        weight_loss=False,
+        weighted_sampler=False,
+    )
     train(config)
     written = predict(config, checkpoint="best", progress=False)  # the validation crops
     rows = [row for row in read_datasplit(config.datasplit_path) if row.usage == "validate"]
@@ -310,13 +357,16 @@ def test_train_predict_evaluate_round_trip(data: Path, tmp_path: Path) -> None:
         for k, name in enumerate(CLASSES):
             if name not in row.classes:
                 continue
-            truth = np.asarray(zarr.open_group(f"{row.gt_root}/{row.gt_path}/{name}",
-                                               mode="r")["s0"][...])  # fmt: skip
+            truth = np.asarray(
+                zarr.open_group(f"{row.gt_root}/{row.gt_path}/{name}", mode="r")["s0"][...]
+            )
             upsampled = predicted[k].repeat(2, 0).repeat(2, 1).repeat(2, 2)
             assert upsampled.shape == truth.shape
             metrics = SegmentationMetrics([name])
-            metrics.update(torch.from_numpy(np.where(upsampled, 1.0, -1.0))[None, None],
-                           torch.from_numpy(truth.astype(np.float32))[None, None])  # fmt: skip
+            metrics.update(
+                torch.from_numpy(np.where(upsampled, 1.0, -1.0))[None, None],
+                torch.from_numpy(truth.astype(np.float32))[None, None],
+            )
             expected = metrics.compute()
             (result,) = [r for r in report.results if (r.crop, r.class_name) == (row.crop, name)]
             for metric in ("iou", "dice", "precision", "recall", "accuracy", "boundary_f1"):

@@ -24,8 +24,14 @@ from csc.train import train
 
 CLASSES = ("nuc", "mito", "er")
 # Crops of 16 x 64 x 64 label voxels at 4 nm: 8 x 32 x 32 at the patches' 8 nm.
-SPEC = SynthSpec(num_datasets=2, num_crops=2, shape=(16, 48, 48), crop_shape=(16, 64, 64),
-                 chunks=(16, 32, 32), missing_class_prob=0.0)  # fmt: skip
+SPEC = SynthSpec(
+    num_datasets=2,
+    num_crops=2,
+    shape=(16, 48, 48),
+    crop_shape=(16, 64, 64),
+    chunks=(16, 32, 32),
+    missing_class_prob=0.0,
+)
 SEARCH = "{dataset}/{dataset}.zarr/recon-1/{name}"
 
 
@@ -40,15 +46,25 @@ def settings(data: Path, run: Path, **overrides: Any) -> dict[str, Any]:
     """A tiny 2D run: (1, 32, 32) patches, a 2-level UNet 4 channels wide."""
     info = {"shape": (1, 32, 32), "scale": (8, 8, 8)}
     return {
-        "search_path": f"{data}/{SEARCH}", "datasplit_path": f"{run}/datasplit.csv",
-        "classes": CLASSES, "validation_prob": 0.5, "input_array_info": info,
-        "target_array_info": info, "model_name": "2d_unet", "model_to_load": "2d_unet",
-        "model_kwargs": {"num_levels": 2, "base_channels": 4}, "epochs": 2,
-        "iterations_per_epoch": 3, "batch_size": 2, "learning_rate": 1e-3,
-        "validation_batch_limit": 2, "device": "cpu",
+        "search_path": f"{data}/{SEARCH}",
+        "datasplit_path": f"{run}/datasplit.csv",
+        "classes": CLASSES,
+        "validation_prob": 0.5,
+        "input_array_info": info,
+        "target_array_info": info,
+        "model_name": "2d_unet",
+        "model_to_load": "2d_unet",
+        "model_kwargs": {"num_levels": 2, "base_channels": 4},
+        "epochs": 2,
+        "iterations_per_epoch": 3,
+        "batch_size": 2,
+        "learning_rate": 1e-3,
+        "validation_batch_limit": 2,
+        "device": "cpu",
         "model_save_path": f"{run}/checkpoints/{{model_name}}_{{epoch}}.pth",
-        "logs_save_path": f"{run}/tensorboard/{{model_name}}", **overrides,
-    }  # fmt: skip
+        "logs_save_path": f"{run}/tensorboard/{{model_name}}",
+        **overrides,
+    }
 
 
 def config_of(data: Path, run: Path, **overrides: Any) -> TrainConfig:
@@ -66,8 +82,14 @@ def test_a_run_logs_every_tag_and_saves_loadable_checkpoints(data: Path, tmp_pat
     assert (result.first_epoch, result.last_epoch) == (1, 2) and len(result.losses) == 6
     log = events(tmp_path / "tensorboard/2d_unet")
     scalars = set(log.Tags()["scalars"])
-    expected = {"loss", "validation", "lr", "epoch", "perf/samples_per_s",
-                "perf/data_wait_fraction"}  # fmt: skip
+    expected = {
+        "loss",
+        "validation",
+        "lr",
+        "epoch",
+        "perf/samples_per_s",
+        "perf/data_wait_fraction",
+    }
     expected |= {f"sampling/{name}" for name in CLASSES}
     for metric in ("iou", "dice", "precision", "recall", "accuracy", "boundary_f1"):
         expected.add(f"metrics/{metric}/mean")
@@ -113,10 +135,13 @@ def test_a_new_model_to_load_fine_tunes_from_epoch_1(data: Path, tmp_path: Path)
 def test_killed_run_resumes_from_its_last_whole_checkpoint(data: Path, tmp_path: Path) -> None:
     """SIGKILL during epoch 2: every checkpoint file left loads, and the rerun starts at 2."""
     config = settings(data, tmp_path, epochs=3, iterations_per_epoch=40)
-    script = f"from csc.train import train\nfrom csc.config import build_config\n" \
-             f"train(build_config({config!r}))\n"  # fmt: skip
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
+    script = (
+        f"from csc.train import train\nfrom csc.config import build_config\n"
+        f"train(build_config({config!r}))\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     first = tmp_path / "checkpoints/2d_unet_1.pth"
     deadline = time.monotonic() + 120
     while not first.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -181,9 +206,15 @@ def test_channels_last_and_compile_train_and_save_plain_weights(
     weights load into a plain model that computes the same outputs."""
     info = {"shape": shape, "scale": (8, 8, 8)}
     ndim = 2 if shape[0] == 1 else 3
-    options = {"channels_last": True, "compile": {"backend": "aot_eager"}, "epochs": 1,
-               "input_array_info": info, "target_array_info": info,
-               "model_name": f"{ndim}d_unet", "model_to_load": f"{ndim}d_unet"}  # fmt: skip
+    options = {
+        "channels_last": True,
+        "compile": {"backend": "aot_eager"},
+        "epochs": 1,
+        "input_array_info": info,
+        "target_array_info": info,
+        "model_name": f"{ndim}d_unet",
+        "model_to_load": f"{ndim}d_unet",
+    }
     result = train(config_of(data, tmp_path, **options))
     assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
     layout = torch.channels_last if ndim == 2 else torch.channels_last_3d
@@ -236,8 +267,17 @@ def test_early_stopping_and_pruning(data: Path, tmp_path: Path) -> None:
     link to the best epoch's model file."""
     model = UNet(2, 1, len(CLASSES), num_levels=2, base_channels=4, norm=None)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    result = train(config_of(data, tmp_path, model=model, optimizer=optimizer, epochs=5,
-                             early_stopping_patience=1, keep_last_checkpoints=1))  # fmt: skip
+    result = train(
+        config_of(
+            data,
+            tmp_path,
+            model=model,
+            optimizer=optimizer,
+            epochs=5,
+            early_stopping_patience=1,
+            keep_last_checkpoints=1,
+        )
+    )
     assert result.last_epoch == 2 and result.best_epoch == 1
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pth"))
     kept = ["2d_unet_1.pth", "2d_unet_1.state.pth", "2d_unet_2.pth", "2d_unet_2.state.pth"]

@@ -116,9 +116,11 @@ def rows_for(
 
 
 def patch_spec(
-    input_shape: Sequence[int], input_scale: Sequence[float],
-    target_shape: Sequence[int] | None = None, target_scale: Sequence[float] | None = None,
-) -> PatchSpec:  # fmt: skip
+    input_shape: Sequence[int],
+    input_scale: Sequence[float],
+    target_shape: Sequence[int] | None = None,
+    target_scale: Sequence[float] | None = None,
+) -> PatchSpec:
     """The spec of `ArrayInfo`s as a config gives them; the target defaults to the input."""
     target_shape = input_shape if target_shape is None else target_shape
     target_scale = input_scale if target_scale is None else target_scale
@@ -162,13 +164,18 @@ def write_aligned(root: Path) -> Path:
     offset S0_IDS, s1 at 8 nm with offset S1_IDS) and "mask" (a 4 nm checkerboard, s0 only)."""
     origin = label_origin()
     s1_origin = tuple(t + 2 for t in origin)
-    ids = LabelGroup((
-        LevelArray(coordinates(LABEL_SHAPE, dtype=np.uint32, offset=S0_IDS), (4.0,) * 3, origin),
-        LevelArray(
-            coordinates([n // 2 for n in LABEL_SHAPE], dtype=np.uint32, offset=S1_IDS),
-            (8.0,) * 3, s1_origin,
-        ),
-    ))  # fmt: skip
+    ids = LabelGroup(
+        (
+            LevelArray(
+                coordinates(LABEL_SHAPE, dtype=np.uint32, offset=S0_IDS), (4.0,) * 3, origin
+            ),
+            LevelArray(
+                coordinates([n // 2 for n in LABEL_SHAPE], dtype=np.uint32, offset=S1_IDS),
+                (8.0,) * 3,
+                s1_origin,
+            ),
+        )
+    )
     mask = LabelGroup((LevelArray(checkerboard(LABEL_SHAPE), (4.0,) * 3, origin),))
     raw = [LevelArray(coordinates(RAW_SHAPE), RAW_SCALE, RAW_ORIGIN)]
     return write_dataset(root, raw, {"crop1": {"ids": ids, "mask": mask}})

@@ -75,18 +75,41 @@ def cli() -> None:
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--datasets", default=2, show_default=True, help="Number of datasets (zarr stores).")
 @click.option("--crops", default=3, show_default=True, help="Label crops per dataset.")
-@click.option("--shape", default="96,256,256", show_default=True, callback=_shape,
-              help="Raw volume size z,y,x in voxels at 8 nm.")  # fmt: skip
-@click.option("--crop-shape", default="64,256,256", show_default=True, callback=_shape,
-              help="Label crop size z,y,x in voxels at 4 nm.")  # fmt: skip
+@click.option(
+    "--shape",
+    default="96,256,256",
+    show_default=True,
+    callback=_shape,
+    help="Raw volume size z,y,x in voxels at 8 nm.",
+)
+@click.option(
+    "--crop-shape",
+    default="64,256,256",
+    show_default=True,
+    callback=_shape,
+    help="Label crop size z,y,x in voxels at 4 nm.",
+)
 @click.option("--classes", default="nuc,mito,er", show_default=True, help="Comma list of classes.")
 @click.option("--seed", default=0, show_default=True, help="Random seed: same seed, same bytes.")
-@click.option("--missing-class-prob", default=0.2, show_default=True,
-              help="Chance that a crop leaves a class unannotated.")  # fmt: skip
-@click.option("--chunks", default="64,128,128", show_default=True, callback=_shape,
-              help="Chunk size z,y,x of every array.")  # fmt: skip
-@click.option("--compressor", default="zstd", show_default=True,
-              type=click.Choice(["zstd", "blosc-lz4", "gzip", "none"]))  # fmt: skip
+@click.option(
+    "--missing-class-prob",
+    default=0.2,
+    show_default=True,
+    help="Chance that a crop leaves a class unannotated.",
+)
+@click.option(
+    "--chunks",
+    default="64,128,128",
+    show_default=True,
+    callback=_shape,
+    help="Chunk size z,y,x of every array.",
+)
+@click.option(
+    "--compressor",
+    default="zstd",
+    show_default=True,
+    type=click.Choice(["zstd", "blosc-lz4", "gzip", "none"]),
+)
 @click.option("--overwrite", is_flag=True, help="Replace datasets that already exist in OUT_DIR.")
 def synth(out_dir: str, **options: Any) -> None:
     """Write synthetic CellMap-layout data (raw at 8 nm, label crops at 4 nm) to OUT_DIR."""
@@ -138,8 +161,12 @@ def config(config_file: str, overrides: tuple[str, ...], strict: bool) -> None:
 
 @cli.command()
 @_config_command
-@click.option("--nproc", type=click.IntRange(min=1), default=None,
-              help="Train in N processes on this machine (torchrun; one per GPU).")  # fmt: skip
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Train in N processes on this machine (torchrun; one per GPU).",
+)
 def train(config_file: str, overrides: tuple[str, ...], strict: bool, nproc: int | None) -> None:
     """Train the model CONFIG_FILE describes (resuming as its load_model says).
 
@@ -207,10 +234,21 @@ def train(config_file: str, overrides: tuple[str, ...], strict: bool, nproc: int
     is_flag=True,
     help="Replace crop groups an earlier csc predict wrote (nothing else).",
 )
-def predict(config_file: str, overrides: tuple[str, ...], strict: bool, crops: str | None,
-            all_crops: bool, bbox: str | None, dataset: str | None, output: str | None,
-            checkpoint: str, overlap: float | None, encoding: str | None, orthoplanes: bool,
-            overwrite: bool) -> None:  # fmt: skip
+def predict(
+    config_file: str,
+    overrides: tuple[str, ...],
+    strict: bool,
+    crops: str | None,
+    all_crops: bool,
+    bbox: str | None,
+    dataset: str | None,
+    output: str | None,
+    checkpoint: str,
+    overlap: float | None,
+    encoding: str | None,
+    orthoplanes: bool,
+    overwrite: bool,
+) -> None:
     """Predict crops or a box with a trained model into OME-NGFF zarr.
 
     Writes OUTPUT/{dataset}.zarr/{crop}/{class}/s0 per class: probabilities with the voxel
@@ -228,14 +266,25 @@ def predict(config_file: str, overrides: tuple[str, ...], strict: bool, crops: s
         resolved = load_config(config_file, overrides, strict=strict)
         from csc.predict import predict as run
 
-        written = run(resolved, crops=_comma_list(crops), all_crops=all_crops, bbox=box,
-                      dataset=dataset, output=output, checkpoint=checkpoint,
-                      overwrite=overwrite, orthoplanes=orthoplanes, overlap=overlap,
-                      encoding=encoding)  # fmt: skip
+        written = run(
+            resolved,
+            crops=_comma_list(crops),
+            all_crops=all_crops,
+            bbox=box,
+            dataset=dataset,
+            output=output,
+            checkpoint=checkpoint,
+            overwrite=overwrite,
+            orthoplanes=orthoplanes,
+            overlap=overlap,
+            encoding=encoding,
+        )
     for item in written:
         grid = item.grid
-        click.echo(f"wrote {item.path}: {len(resolved.classes)} classes, {grid.shape} voxels of "
-                   f"{grid.scale} nm from {grid.translation} nm")  # fmt: skip
+        click.echo(
+            f"wrote {item.path}: {len(resolved.classes)} classes, {grid.shape} voxels of "
+            f"{grid.scale} nm from {grid.translation} nm"
+        )
 
 
 @cli.command()
@@ -259,8 +308,15 @@ def predict(config_file: str, overrides: tuple[str, ...], strict: bool, crops: s
     is_flag=True,
     help="Replace crop groups an earlier csc process wrote (nothing else).",
 )
-def process(config_file: str, overrides: tuple[str, ...], strict: bool, source: str | None,
-            output: str | None, crops: str | None, overwrite: bool) -> None:  # fmt: skip
+def process(
+    config_file: str,
+    overrides: tuple[str, ...],
+    strict: bool,
+    source: str | None,
+    output: str | None,
+    crops: str | None,
+    overwrite: bool,
+) -> None:
     """Apply the config's process_func to predictions, block by block."""
     from csc.config import load_config
 
@@ -268,8 +324,9 @@ def process(config_file: str, overrides: tuple[str, ...], strict: bool, source: 
         resolved = load_config(config_file, overrides, strict=strict)
         from csc.process import process as run
 
-        written = run(resolved, source=source, output=output, crops=_comma_list(crops),
-                      overwrite=overwrite)  # fmt: skip
+        written = run(
+            resolved, source=source, output=output, crops=_comma_list(crops), overwrite=overwrite
+        )
     for path in written:
         click.echo(f"wrote {path}")
 
@@ -295,33 +352,56 @@ def _comma_list(text: str | None) -> tuple[str, ...]:
 def _crawl_command(function: Callable[..., Any]) -> Callable[..., Any]:
     """The options of every command that crawls a search path."""
     options = [
-        click.option("--search-path", default=None,
-                     help="Template with {dataset} and {name}. [default: "
-                     "data/{dataset}/{dataset}.zarr/recon-1/{name}; with --s3: "
-                     "{dataset}/{dataset}.zarr/recon-1/{name} in the bucket]"),
-        click.option("--raw-name", default="em/fibsem-uint8", show_default=True,
-                     help="Raw group, filled in for {name}."),
-        click.option("--crop-name", default="labels/groundtruth/{crop}/{label}", show_default=True,
-                     help="Label group of one class of one crop, filled in for {name}."),
+        click.option(
+            "--search-path",
+            default=None,
+            help="Template with {dataset} and {name}. [default: "
+            "data/{dataset}/{dataset}.zarr/recon-1/{name}; with --s3: "
+            "{dataset}/{dataset}.zarr/recon-1/{name} in the bucket]",
+        ),
+        click.option(
+            "--raw-name",
+            default="em/fibsem-uint8",
+            show_default=True,
+            help="Raw group, filled in for {name}.",
+        ),
+        click.option(
+            "--crop-name",
+            default="labels/groundtruth/{crop}/{label}",
+            show_default=True,
+            help="Label group of one class of one crop, filled in for {name}.",
+        ),
         click.option("--classes", default="nuc,er", show_default=True, help="Comma list."),
         click.option("--datasets", default=None, help="Comma list of dataset names or globs."),
         click.option("--crops", default=None, help="Comma list of crop names or globs."),
-        click.option("--scale", default=None,
-                     help="Keep a class of a crop only if its s0 voxel size (nm) is <= this on "
-                     "every axis: one number, y,x or z,y,x."),
+        click.option(
+            "--scale",
+            default=None,
+            help="Keep a class of a crop only if its s0 voxel size (nm) is <= this on "
+            "every axis: one number, y,x or z,y,x.",
+        ),
         click.option("--s3", "use_s3", is_flag=True, help="Crawl an S3 bucket instead."),
         click.option("--bucket", default="janelia-cosem-datasets", show_default=True),
-        click.option("--endpoint-url", default=None,
-                     help="S3 endpoint [default: $AWS_ENDPOINT_URL, else AWS]."),
-        click.option("--s3-timeout", type=click.FloatRange(min=0, min_open=True),
-                     default=S3_TIMEOUT_S, show_default=True,
-                     help="Seconds an S3 request may take to connect, and to send each next "
-                     "byte."),
-        click.option("--s3-retry-budget", type=click.FloatRange(min=0, min_open=True),
-                     default=S3_RETRY_BUDGET_S, show_default=True,
-                     help="Seconds a failing S3 read is retried (outages, throttling) before "
-                     "csc gives up."),
-    ]  # fmt: skip
+        click.option(
+            "--endpoint-url",
+            default=None,
+            help="S3 endpoint [default: $AWS_ENDPOINT_URL, else AWS].",
+        ),
+        click.option(
+            "--s3-timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            default=S3_TIMEOUT_S,
+            show_default=True,
+            help="Seconds an S3 request may take to connect, and to send each next byte.",
+        ),
+        click.option(
+            "--s3-retry-budget",
+            type=click.FloatRange(min=0, min_open=True),
+            default=S3_RETRY_BUDGET_S,
+            show_default=True,
+            help="Seconds a failing S3 read is retried (outages, throttling) before csc gives up.",
+        ),
+    ]
     for option in reversed(options):
         function = option(function)
     return function
@@ -391,7 +471,7 @@ def datasplit(**options: Any) -> None:
         make_datasplit,
         summarise,
         write_datasplit,
-    )  # fmt: skip
+    )
 
     crawl_options = _crawl_options(options)
     force = options["force_all_classes"]
@@ -408,8 +488,9 @@ def datasplit(**options: Any) -> None:
             click.echo(_table(rows))
             click.echo(f"{summarise(rows)} (dry run: nothing written)")
             return
-        path = write_datasplit(rows, options["csv_path"], relative=options["relative"],
-                               overwrite=options["overwrite"])  # fmt: skip
+        path = write_datasplit(
+            rows, options["csv_path"], relative=options["relative"], overwrite=options["overwrite"]
+        )
     click.echo(f"wrote {path}: {summarise(rows)}")
 
 
@@ -435,7 +516,7 @@ def _table(rows: Any) -> str:
     type=click.Path(),
     help="Also write the table to this CSV file.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing --csv file.")  # fmt: skip
+@click.option("--overwrite", is_flag=True, help="Replace an existing --csv file.")
 def counts(**options: Any) -> None:
     """Per dataset and class: crops annotated and foreground voxels at s0."""
     import pandas as pd
@@ -502,7 +583,7 @@ def counts(**options: Any) -> None:
     type=click.Path(dir_okay=False),
     help="Also write the results to this JSON file.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")  # fmt: skip
+@click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
 def evaluate(**options: Any) -> None:
     """Score predictions against ground-truth crops: IoU, Dice, ..., Hausdorff95 (nm)."""
     from csc.datasplit import read_datasplit, select_crops
@@ -515,9 +596,13 @@ def evaluate(**options: Any) -> None:
             check_json_path(json_path, overwrite=options["overwrite"])  # before the work
         rows = read_datasplit(options["datasplit_path"])
         rows = select_crops(rows, _comma_list(options["crops"]))
-        report = run(options["predictions"], rows, classes=_comma_list(options["classes"]) or None,
-                     threshold=options["threshold"],
-                     boundary_tolerance=options["boundary_tolerance"])  # fmt: skip
+        report = run(
+            options["predictions"],
+            rows,
+            classes=_comma_list(options["classes"]) or None,
+            threshold=options["threshold"],
+            boundary_tolerance=options["boundary_tolerance"],
+        )
         if json_path:
             write_json(report, json_path, overwrite=options["overwrite"])
     click.echo(format_table(report))

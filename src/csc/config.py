@@ -42,8 +42,14 @@ DEFAULT_SEARCH_PATH = "data/{dataset}/{dataset}.zarr/recon-1/{name}"  # next to 
 # Inside the bucket when use_s3 is set: the layout of the public CellMap bucket.
 DEFAULT_S3_SEARCH_PATH = "{dataset}/{dataset}.zarr/recon-1/{name}"
 # Keys whose values are paths: relative ones are resolved against the config file's folder.
-PATH_KEYS = ("model_save_path", "logs_save_path", "datasplit_path", "search_path",
-             "predictions_path", "processed_path")  # fmt: skip
+PATH_KEYS = (
+    "model_save_path",
+    "logs_save_path",
+    "datasplit_path",
+    "search_path",
+    "predictions_path",
+    "processed_path",
+)
 
 TRANSFORM_EXAMPLES = {
     "mirror": {"axes": {"x": 0.5, "y": 0.5}},  # probability of flipping each axis
@@ -479,8 +485,11 @@ def _check_choices(config: TrainConfig) -> None:
     _require_choice("existing_run", config.existing_run, EXISTING_RUN_CHOICES)
     _require_choice("precision", config.precision, PRECISIONS)
     _require_choice("force_all_classes", config.force_all_classes, FORCE_ALL_CLASSES_CHOICES)
-    for key, names in (("optimizer", OPTIMIZER_NAMES), ("scheduler", SCHEDULER_NAMES),
-                       ("criterion", LOSS_NAMES)):  # fmt: skip
+    for key, names in (
+        ("optimizer", OPTIMIZER_NAMES),
+        ("scheduler", SCHEDULER_NAMES),
+        ("criterion", LOSS_NAMES),
+    ):
         if isinstance(getattr(config, key), str):
             _require_choice(key, getattr(config, key).lower(), names, hint=" (or a torch object)")
     for key in ("low_is_best", "use_s3", "weighted_sampler", "weight_loss"):
@@ -515,7 +524,7 @@ def _check_prediction(config: TrainConfig) -> None:
         raise ValueError(
             "prediction_block_shape must be 3 positive integers (z, y, x output voxels), e.g. "
             f"(64, 256, 256), got {block!r}"
-        )  # fmt: skip
+        )
     if config.prediction_batch_size is not None:
         _require_int(config, "prediction_batch_size", minimum=1)
 
@@ -605,8 +614,12 @@ def _is_range(value: Any) -> bool:
 
 
 def _check_objects(config: TrainConfig) -> None:
-    keys = ("train_raw_value_transforms", "val_raw_value_transforms", "target_value_transforms",
-            "process_func")  # fmt: skip
+    keys = (
+        "train_raw_value_transforms",
+        "val_raw_value_transforms",
+        "target_value_transforms",
+        "process_func",
+    )
     for key in keys:
         value = getattr(config, key)
         if value is not None and not callable(value):

@@ -393,8 +393,11 @@ def split(
     shuffled = list(free)
     random.Random(options.seed).shuffle(shuffled)
     validate = {id(c) for c in forced_val + shuffled[:num_validate]}
-    rows = [dataclasses.replace(c, usage="validate" if id(c) in validate else "train")
-            for c in crops if c in forced_train + forced_val + free]  # fmt: skip
+    rows = [
+        dataclasses.replace(c, usage="validate" if id(c) in validate else "train")
+        for c in crops
+        if c in forced_train + forced_val + free
+    ]
     if rows and all(r.usage == "validate" for r in rows):
         raise ValueError(
             f"no crop has every class of {list(classes)}, so force_all_classes={mode!r} leaves "
@@ -578,9 +581,13 @@ def _parse_row(fields: list[str], folder: Path) -> DatasplitRow:
         raise ValueError(f"label path {labels!r} must end in /[class,class,...]")
     classes = tuple(c.strip() for c in found.group(2).split(",") if c.strip())
     return DatasplitRow(
-        usage, _absolute(raw_root, folder), raw_path, _absolute(gt_root, folder), found.group(1),
+        usage,
+        _absolute(raw_root, folder),
+        raw_path,
+        _absolute(gt_root, folder),
+        found.group(1),
         classes,
-    )  # fmt: skip
+    )
 
 
 def _absolute(root: str, folder: Path) -> str:

@@ -183,8 +183,11 @@ def report_failure(place: Dist) -> Callable[[Callable[..., T]], Callable[..., T]
                 return function(*args, **kwargs)
             except Exception as error:
                 lines = traceback.format_exception(error)
-                print(f"csc: rank {place.rank} of {place.world_size} failed:\n{''.join(lines)}",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"csc: rank {place.rank} of {place.world_size} failed:\n{''.join(lines)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 handler.record_exception(error)
                 raise
 

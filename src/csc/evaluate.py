@@ -172,10 +172,17 @@ def evaluate(
             skipped.append(Skipped(row.dataset, row.crop, None, reason))
             continue
         outcomes = [
-            _evaluate_one(row, name, found, root=root, readers=readers, threshold=threshold,
-                          tolerance=boundary_tolerance)
+            _evaluate_one(
+                row,
+                name,
+                found,
+                root=root,
+                readers=readers,
+                threshold=threshold,
+                tolerance=boundary_tolerance,
+            )
             for name in wanted
-        ]  # fmt: skip
+        ]
         scored = [o for o in outcomes if isinstance(o, ClassResult)]
         _warn_outside(row, scored)
         results += scored
@@ -193,9 +200,15 @@ def _reader(readers: dict[bool, MetadataReader], url: str) -> MetadataReader:
 
 
 def _evaluate_one(
-    row: DatasplitRow, name: str, found: set[str], *, root: str,
-    readers: dict[bool, MetadataReader], threshold: float, tolerance: int,
-) -> ClassResult | Skipped:  # fmt: skip
+    row: DatasplitRow,
+    name: str,
+    found: set[str],
+    *,
+    root: str,
+    readers: dict[bool, MetadataReader],
+    threshold: float,
+    tolerance: int,
+) -> ClassResult | Skipped:
     """One class of one crop: scored where annotated and predicted, else skipped."""
     group = f"{_crop_dir(root, row)}/{name}"
     if name not in row.classes:
@@ -206,8 +219,9 @@ def _evaluate_one(
     truth_group = f"{row.gt_root}/{row.gt_path}/{name}"
     truth = _reader(readers, truth_group).source(truth_group, FINEST, label=True)
     prediction, divisor = _prediction_source(_reader(readers, group), group)
-    outcome = _evaluate_class(truth, prediction, divisor=divisor, threshold=threshold,
-                             tolerance=tolerance)  # fmt: skip
+    outcome = _evaluate_class(
+        truth, prediction, divisor=divisor, threshold=threshold, tolerance=tolerance
+    )
     if outcome is None:
         reason = f"the prediction {group} does not overlap the ground truth {truth_group}"
         return Skipped(row.dataset, row.crop, name, reason)
@@ -245,9 +259,13 @@ def _warn_outside(row: DatasplitRow, results: Sequence[ClassResult]) -> None:
 
 
 def _evaluate_class(
-    truth: ArraySource, prediction: ArraySource, *, divisor: float, threshold: float,
+    truth: ArraySource,
+    prediction: ArraySource,
+    *,
+    divisor: float,
+    threshold: float,
     tolerance: int,
-) -> tuple[dict[str, float | None], dict[str, int], int] | None:  # fmt: skip
+) -> tuple[dict[str, float | None], dict[str, int], int] | None:
     """Scores, counts and the number of ground-truth voxels outside the prediction, on the
     ground truth's grid; None when no ground-truth voxel lies inside the prediction.
 
@@ -264,8 +282,9 @@ def _evaluate_class(
     inside = [i[b] for i, b in zip(indices, box, strict=True)]
     pred_mask = _resampled(prediction, inside, divisor=divisor, threshold=threshold)
     pred_mask &= annotated  # a prediction on an unannotated voxel is not scored
-    scores, counts = score_masks(pred_mask, true_mask, annotated, truth.level.scale,
-                                 tolerance=tolerance)  # fmt: skip
+    scores, counts = score_masks(
+        pred_mask, true_mask, annotated, truth.level.scale, tolerance=tolerance
+    )
     return scores, counts, math.prod(truth.level.shape) - labels.size
 
 
@@ -307,9 +326,13 @@ def _resampled(
 
 
 def score_masks(
-    pred: np.ndarray, truth: np.ndarray, annotated: np.ndarray, scale: Sequence[float], *,
+    pred: np.ndarray,
+    truth: np.ndarray,
+    annotated: np.ndarray,
+    scale: Sequence[float],
+    *,
     tolerance: int,
-) -> tuple[dict[str, float | None], dict[str, int]]:  # fmt: skip
+) -> tuple[dict[str, float | None], dict[str, int]]:
     """Scores (METRICS) and counts (COUNT_NAMES) of bool masks (z, y, x) with voxel size
     `scale` (nm, (z, y, x)); `pred` and `truth` must be False where `annotated` is."""
     # (1, 1, Z, Y, X): one batch item, one class, as csc.metrics takes them.
@@ -412,19 +435,32 @@ def _cell(metric: str, value: float | None) -> str:
 def report_dict(report: EvaluationReport) -> dict[str, Any]:
     """The report as plain JSON-ready values (NaN and inf as None); see docs/evaluation.md."""
     results = [
-        {"dataset": r.dataset, "crop": r.crop, "class": r.class_name, "scores": r.scores,
-         "counts": r.counts, "num_scored": r.num_scored, "num_outside": r.num_outside}
+        {
+            "dataset": r.dataset,
+            "crop": r.crop,
+            "class": r.class_name,
+            "scores": r.scores,
+            "counts": r.counts,
+            "num_scored": r.num_scored,
+            "num_outside": r.num_outside,
+        }
         for r in report.results
-    ]  # fmt: skip
+    ]
     skipped = [
         {"dataset": s.dataset, "crop": s.crop, "class": s.class_name, "reason": s.reason}
         for s in report.skipped
     ]
-    return _finite({
-        "predictions": report.predictions, "threshold": report.threshold,
-        "boundary_tolerance": report.boundary_tolerance, "metrics": list(METRICS),
-        "results": results, "means": report.means, "skipped": skipped,
-    })  # fmt: skip
+    return _finite(
+        {
+            "predictions": report.predictions,
+            "threshold": report.threshold,
+            "boundary_tolerance": report.boundary_tolerance,
+            "metrics": list(METRICS),
+            "results": results,
+            "means": report.means,
+            "skipped": skipped,
+        }
+    )
 
 
 def _finite(value: Any) -> Any:

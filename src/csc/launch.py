@@ -13,8 +13,16 @@ from collections.abc import Sequence
 
 def torchrun_command(nproc: int, arguments: Sequence[str]) -> list[str]:
     """torchrun for one machine (--standalone: a free local port) running `csc ARGUMENTS`."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", "-m", "csc", *arguments]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "csc",
+        *arguments,
+    ]
 
 
 def launch(nproc: int, arguments: Sequence[str]) -> int:

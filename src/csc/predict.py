@@ -107,8 +107,14 @@ class Predictor:
 # --- Model -----------------------------------------------------------------------------------
 
 
-def load_predictor(config: TrainConfig, *, checkpoint: str = "latest", orthoplanes: bool = False,
-                   overlap: float | None = None, progress: bool = True) -> Predictor:  # fmt: skip
+def load_predictor(
+    config: TrainConfig,
+    *,
+    checkpoint: str = "latest",
+    orthoplanes: bool = False,
+    overlap: float | None = None,
+    progress: bool = True,
+) -> Predictor:
     """The config's model with the weights `checkpoint` names (latest, best, or a file), as
     training resumes them."""
     spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
@@ -124,21 +130,27 @@ def load_predictor(config: TrainConfig, *, checkpoint: str = "latest", orthoplan
     if memory_format is not None:
         model = model.to(memory_format=memory_format)
     return Predictor(
-        model, device, specs, config.classes,
+        model,
+        device,
+        specs,
+        config.classes,
         batch_size=config.prediction_batch_size or config.batch_size,
         overlap=config.prediction_overlap if overlap is None else overlap,
-        block_shape=config.prediction_block_shape, precision=config.precision,
-        memory_format=memory_format, raw_transform=config.val_raw_value_transforms,
-        chunk_cache_mb=config.chunk_cache_mb, progress=progress, checkpoint=source,
-    )  # fmt: skip
+        block_shape=config.prediction_block_shape,
+        precision=config.precision,
+        memory_format=memory_format,
+        raw_transform=config.val_raw_value_transforms,
+        chunk_cache_mb=config.chunk_cache_mb,
+        progress=progress,
+        checkpoint=source,
+    )
 
 
 def checkpoint_weights(config: TrainConfig, checkpoint: str) -> tuple[dict[str, Any], str]:
     """The model weights of `checkpoint`: "latest" or "best" of `model_name` (as `load_model`
     resumes them), or a .pth file; and where they came from."""
     if checkpoint in ("latest", "best"):
-        wanted = dataclasses.replace(config, load_model=checkpoint,
-                                     model_to_load=config.model_name)  # fmt: skip
+        wanted = dataclasses.replace(config, load_model=checkpoint, model_to_load=config.model_name)
         resumed = load_for_resume(wanted)
         if resumed is None:
             template = config.model_save_path.replace("{model_name}", config.model_name)
@@ -187,8 +199,9 @@ def _move_plane(grid: Grid, source: int, axis: int) -> Grid:
 # --- Regions ---------------------------------------------------------------------------------
 
 
-def crop_regions(config: TrainConfig, *, crops: Sequence[str] = (),
-                 all_crops: bool = False) -> list[Region]:  # fmt: skip
+def crop_regions(
+    config: TrainConfig, *, crops: Sequence[str] = (), all_crops: bool = False
+) -> list[Region]:
     """The annotated extents of datasplit crops: those named in `crops` (crop or dataset/crop,
     globs allowed), all of them, or by default the validation crops."""
     rows = read_datasplit(config.datasplit_path)
@@ -205,8 +218,9 @@ def crop_regions(config: TrainConfig, *, crops: Sequence[str] = (),
     ]
 
 
-def select_rows(rows: Sequence[DatasplitRow], patterns: Sequence[str], *, all_crops: bool,
-                source: str) -> list[DatasplitRow]:  # fmt: skip
+def select_rows(
+    rows: Sequence[DatasplitRow], patterns: Sequence[str], *, all_crops: bool, source: str
+) -> list[DatasplitRow]:
     if all_crops:
         return list(rows)
     if not patterns:
@@ -292,33 +306,52 @@ def touching(starts: np.ndarray, window: int, part: slice) -> np.ndarray:
 # --- Prediction ------------------------------------------------------------------------------
 
 
-def predict_blocks(predictor: Predictor, region: Region, grid: OutputGrid,
-                   readers: Sequence[PatchDataset]
-                   ) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:  # fmt: skip
+def predict_blocks(
+    predictor: Predictor, region: Region, grid: OutputGrid, readers: Sequence[PatchDataset]
+) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
     """Per block of the output grid: its slices and float32 probabilities (C, *block)."""
     lattices = [
-        (reader, [window_starts(n, w, predictor.overlap) for n, w in
-                  zip(grid.shape, reader.spec.target.shape, strict=True)])
+        (
+            reader,
+            [
+                window_starts(n, w, predictor.overlap)
+                for n, w in zip(grid.shape, reader.spec.target.shape, strict=True)
+            ],
+        )
         for reader in readers
-    ]  # fmt: skip
+    ]
     total = sum(
-        math.prod(len(touching(s, w, part)) for s, w, part in
-                  zip(starts, reader.spec.target.shape, box, strict=True))
-        for reader, starts in lattices for box in blocks(grid.shape, predictor.block_shape)
-    )  # fmt: skip
-    bar = tqdm(total=total, desc=f"{region.dataset}/{region.name}", unit="window",
-               disable=None if predictor.progress else True)  # fmt: skip
+        math.prod(
+            len(touching(s, w, part))
+            for s, w, part in zip(starts, reader.spec.target.shape, box, strict=True)
+        )
+        for reader, starts in lattices
+        for box in blocks(grid.shape, predictor.block_shape)
+    )
+    bar = tqdm(
+        total=total,
+        desc=f"{region.dataset}/{region.name}",
+        unit="window",
+        disable=None if predictor.progress else True,
+    )
     try:
         for box in blocks(grid.shape, predictor.block_shape):
-            sums = [_blend(predictor, grid, reader, starts, box, bar)
-                    for reader, starts in lattices]  # fmt: skip
+            sums = [
+                _blend(predictor, grid, reader, starts, box, bar) for reader, starts in lattices
+            ]
             yield box, np.mean(sums, axis=0) if len(sums) > 1 else sums[0]
     finally:
         bar.close()
 
 
-def _blend(predictor: Predictor, grid: OutputGrid, reader: PatchDataset,
-           starts: list[np.ndarray], box: tuple[slice, ...], bar: Any) -> np.ndarray:  # fmt: skip
+def _blend(
+    predictor: Predictor,
+    grid: OutputGrid,
+    reader: PatchDataset,
+    starts: list[np.ndarray],
+    box: tuple[slice, ...],
+    bar: Any,
+) -> np.ndarray:
     """The Gaussian-weighted mean probabilities (C, *block) of one orientation's windows over
     the block `box`."""
     window = reader.spec.target.shape
@@ -326,8 +359,11 @@ def _blend(predictor: Predictor, grid: OutputGrid, reader: PatchDataset,
     total = np.zeros((len(predictor.classes), *shape), dtype=np.float32)
     weight = np.zeros(shape, dtype=np.float32)
     weights = gaussian_weights(window)
-    corners = list(itertools.product(*[touching(s, w, part) for s, w, part in
-                                       zip(starts, window, box, strict=True)]))  # fmt: skip
+    corners = list(
+        itertools.product(
+            *[touching(s, w, part) for s, w, part in zip(starts, window, box, strict=True)]
+        )
+    )
     for first in range(0, len(corners), predictor.batch_size):
         batch = corners[first : first + predictor.batch_size]
         probabilities = _forward(predictor, grid, reader, batch)
@@ -339,8 +375,9 @@ def _blend(predictor: Predictor, grid: OutputGrid, reader: PatchDataset,
     return total / weight
 
 
-def _overlap(corner: Sequence[int], window: Sequence[int], box: tuple[slice, ...]
-             ) -> tuple[tuple[slice, ...], tuple[slice, ...]]:  # fmt: skip
+def _overlap(
+    corner: Sequence[int], window: Sequence[int], box: tuple[slice, ...]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
     """Where a window starting at `corner` meets the block: slices into the block and into
     the window."""
     inside, there = [], []
@@ -351,21 +388,26 @@ def _overlap(corner: Sequence[int], window: Sequence[int], box: tuple[slice, ...
     return tuple(inside), tuple(there)
 
 
-def _forward(predictor: Predictor, grid: OutputGrid, reader: PatchDataset,
-             corners: Sequence[tuple[int, ...]]) -> np.ndarray:  # fmt: skip
+def _forward(
+    predictor: Predictor, grid: OutputGrid, reader: PatchDataset, corners: Sequence[tuple[int, ...]]
+) -> np.ndarray:
     """Probabilities (B, C, *window) of windows starting at `corners` of the output grid."""
     spec = reader.spec
     window = np.asarray(spec.target.shape)
     translation, scale = np.asarray(grid.translation), np.asarray(grid.scale)
     identity = np.eye(3)
-    requests = [(0, translation + (np.asarray(c) + (window - 1) / 2) * scale, identity, 0)
-                for c in corners]  # fmt: skip
+    requests = [
+        (0, translation + (np.asarray(c) + (window - 1) / 2) * scale, identity, 0) for c in corners
+    ]
     inputs = reader.read_inputs(requests).to(predictor.device, non_blocking=True)
     if predictor.memory_format is not None:
         inputs = inputs.contiguous(memory_format=predictor.memory_format)
     dtype = AUTOCAST_DTYPES[predictor.precision]
-    autocast = (torch.autocast(predictor.device.type, dtype=dtype) if dtype is not None
-                else contextlib.nullcontext())  # fmt: skip
+    autocast = (
+        torch.autocast(predictor.device.type, dtype=dtype)
+        if dtype is not None
+        else contextlib.nullcontext()
+    )
     with torch.no_grad(), autocast:
         logits = predictor.model(inputs).float()
     expected = (len(inputs), len(predictor.classes), *_squeezed(spec.target.shape, spec))
@@ -384,19 +426,28 @@ def _squeezed(shape: Sequence[int], spec: PatchSpec) -> tuple[int, ...]:
     return tuple(n for k, n in enumerate(shape) if k != spec.plane_axis)
 
 
-def make_readers(predictor: Predictor, region: Region,
-                 config: TrainConfig) -> list[PatchDataset]:  # fmt: skip
+def make_readers(predictor: Predictor, region: Region, config: TrainConfig) -> list[PatchDataset]:
     """Per orientation, a reader of model inputs around any centre in the region's raw. No
     crop cache: windows read each raw voxel a few times, all close together in time, which
     tensorstore's chunk cache serves, and the region may be far bigger than a crop."""
     raw = raw_source(region.raw_group, config)
-    crop = Crop(f"{region.dataset}/{region.name}", raw, (None,) * len(predictor.classes),
-                region.low, region.high)  # fmt: skip
+    crop = Crop(
+        f"{region.dataset}/{region.name}",
+        raw,
+        (None,) * len(predictor.classes),
+        region.low,
+        region.high,
+    )
     return [
-        PatchDataset([crop], spec, raw_transform=predictor.raw_transform,
-                     chunk_cache_mb=predictor.chunk_cache_mb, crop_cache_mb=0)
+        PatchDataset(
+            [crop],
+            spec,
+            raw_transform=predictor.raw_transform,
+            chunk_cache_mb=predictor.chunk_cache_mb,
+            crop_cache_mb=0,
+        )
         for spec in predictor.specs
-    ]  # fmt: skip
+    ]
 
 
 def predict_volume(predictor: Predictor, region: Region, config: TrainConfig) -> np.ndarray:
@@ -425,12 +476,20 @@ def output_path(output: str | os.PathLike[str], region: Region) -> Path:
 
 
 def predict(
-    config: TrainConfig, *, crops: Sequence[str] = (), all_crops: bool = False,
-    bbox: Sequence[float] | None = None, dataset: str | None = None,
-    output: str | os.PathLike[str] | None = None, checkpoint: str = "latest",
-    overwrite: bool = False, orthoplanes: bool = False, overlap: float | None = None,
-    encoding: str | None = None, progress: bool = True,
-) -> list[Written]:  # fmt: skip
+    config: TrainConfig,
+    *,
+    crops: Sequence[str] = (),
+    all_crops: bool = False,
+    bbox: Sequence[float] | None = None,
+    dataset: str | None = None,
+    output: str | os.PathLike[str] | None = None,
+    checkpoint: str = "latest",
+    overwrite: bool = False,
+    orthoplanes: bool = False,
+    overlap: float | None = None,
+    encoding: str | None = None,
+    progress: bool = True,
+) -> list[Written]:
     """`csc predict`: the regions asked for (datasplit crops, by default the validation ones,
     or a box in one dataset), predicted with the `checkpoint` weights into `output` (default:
     `predictions_path`)."""
@@ -442,8 +501,9 @@ def predict(
         regions = crop_regions(config, crops=crops, all_crops=all_crops)
     output = output or config.predictions_path.format(model_name=config.model_name)
     check_free(output, regions, overwrite=overwrite, inputs=InputStores.of(config))
-    predictor = load_predictor(config, checkpoint=checkpoint, orthoplanes=orthoplanes,
-                               overlap=overlap, progress=progress)  # fmt: skip
+    predictor = load_predictor(
+        config, checkpoint=checkpoint, orthoplanes=orthoplanes, overlap=overlap, progress=progress
+    )
     return write_predictions(
         config, regions, predictor, output=output, encoding=encoding, overwrite=overwrite
     )
@@ -595,24 +655,33 @@ def write_region(
                 array[box] = encode(probabilities, encoding)
 
 
-def _create_arrays(group: Any, predictor: Predictor, grid: OutputGrid, *,
-                   encoding: str) -> list[Any]:  # fmt: skip
+def _create_arrays(
+    group: Any, predictor: Predictor, grid: OutputGrid, *, encoding: str
+) -> list[Any]:
     """One class group per class, OME-NGFF 0.4 with one level s0, and its empty array."""
-    chunks = tuple(min(CHUNK, n, b) for n, b in zip(grid.shape, predictor.block_shape,
-                                                     strict=True))  # fmt: skip
+    chunks = tuple(min(CHUNK, n, b) for n, b in zip(grid.shape, predictor.block_shape, strict=True))
     arrays = []
     for name in predictor.classes:
         child = group.require_group(name)
         child.attrs.update(multiscales_attrs(name, [(grid.scale, grid.translation)]))
         child.attrs["csc_prediction"] = {
-            "class": name, "encoding": encoding, "checkpoint": predictor.checkpoint,
-            "orthoplanes": len(predictor.specs) > 1, "overlap": predictor.overlap,
-        }  # fmt: skip
-        arrays.append(child.create_array(
-            "s0", shape=grid.shape, chunks=chunks, dtype=encoding, fill_value=0,
-            compressors=make_compressor("zstd"),
-            chunk_key_encoding={"name": "v2", "separator": "/"},
-        ))  # fmt: skip
+            "class": name,
+            "encoding": encoding,
+            "checkpoint": predictor.checkpoint,
+            "orthoplanes": len(predictor.specs) > 1,
+            "overlap": predictor.overlap,
+        }
+        arrays.append(
+            child.create_array(
+                "s0",
+                shape=grid.shape,
+                chunks=chunks,
+                dtype=encoding,
+                fill_value=0,
+                compressors=make_compressor("zstd"),
+                chunk_key_encoding={"name": "v2", "separator": "/"},
+            )
+        )
     return arrays
 
 

@@ -50,16 +50,23 @@ def find_predictions(root: str | os.PathLike[str]) -> list[PredictedCrop]:
         for crop in sorted(p for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")):
             classes = tuple(sorted(c.name for c in crop.iterdir() if (c / "s0").is_dir()))
             if classes:
-                found.append(PredictedCrop(store.name.removesuffix(".zarr"), crop.name, crop,
-                                           classes))  # fmt: skip
+                found.append(
+                    PredictedCrop(store.name.removesuffix(".zarr"), crop.name, crop, classes)
+                )
     if not found:
         raise FileNotFoundError(f"{base} holds no {{dataset}}.zarr/{{crop}}/{{class}}/s0 arrays")
     return found
 
 
-def process(config: TrainConfig, *, source: str | os.PathLike[str] | None = None,
-            output: str | os.PathLike[str] | None = None, crops: tuple[str, ...] = (),
-            overwrite: bool = False, progress: bool = True) -> list[Path]:  # fmt: skip
+def process(
+    config: TrainConfig,
+    *,
+    source: str | os.PathLike[str] | None = None,
+    output: str | os.PathLike[str] | None = None,
+    crops: tuple[str, ...] = (),
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[Path]:
     """Apply `process_func` to every predicted crop (or those matching `crops`, crop or
     dataset/crop globs) of `source` (default: predictions_path) into `output` (default:
     processed_path), with the same layout, voxel size and translation."""
@@ -79,9 +86,14 @@ def process(config: TrainConfig, *, source: str | os.PathLike[str] | None = None
     for crop, target in zip(chosen, targets, strict=True):
         with staged_group(target, command=PROCESS, overwrite=overwrite) as group:
             for name in crop.classes:
-                process_array(crop.path / name, group, name, config.process_func,
-                              block_shape=config.prediction_block_shape,
-                              progress=progress)  # fmt: skip
+                process_array(
+                    crop.path / name,
+                    group,
+                    name,
+                    config.process_func,
+                    block_shape=config.prediction_block_shape,
+                    progress=progress,
+                )
     return targets
 
 
@@ -105,8 +117,15 @@ def _wanted(crop: PredictedCrop, patterns: tuple[str, ...]) -> bool:
     return crop_matches(crop.dataset, crop.crop, patterns)
 
 
-def process_array(source: Path, group: Any, name: str, function: Callable[..., Any], *,
-                  block_shape: tuple[int, int, int], progress: bool = True) -> None:  # fmt: skip
+def process_array(
+    source: Path,
+    group: Any,
+    name: str,
+    function: Callable[..., Any],
+    *,
+    block_shape: tuple[int, int, int],
+    progress: bool = True,
+) -> None:
     """One class group: `function` over the probabilities of `source`/s0 block by block into
     `group`/`name`/s0, with the source's OME-NGFF metadata."""
     import zarr
@@ -120,8 +139,9 @@ def process_array(source: Path, group: Any, name: str, function: Callable[..., A
     child.attrs["csc_processed"] = {"source": str(source), "function": _describe(function)}
     out = None
     parts = list(blocks(array.shape, block_shape))
-    for box in tqdm(parts, desc=f"{source.parent.name}/{name}", unit="block",
-                    disable=None if progress else True):  # fmt: skip
+    for box in tqdm(
+        parts, desc=f"{source.parent.name}/{name}", unit="block", disable=None if progress else True
+    ):
         values = np.asarray(array[box], dtype=np.float32) / np.float32(scale)
         result = np.asarray(function(values))
         _check_result(result, values, function)
@@ -129,10 +149,14 @@ def process_array(source: Path, group: Any, name: str, function: Callable[..., A
             result = result.astype(np.uint8)
         if out is None:
             out = child.create_array(
-                "s0", shape=array.shape, chunks=array.chunks, dtype=result.dtype, fill_value=0,
+                "s0",
+                shape=array.shape,
+                chunks=array.chunks,
+                dtype=result.dtype,
+                fill_value=0,
                 compressors=make_compressor("zstd"),
                 chunk_key_encoding={"name": "v2", "separator": "/"},
-            )  # fmt: skip
+            )
         out[box] = result
 
 

@@ -151,8 +151,15 @@ def write_dataset(
     raw_scale = (spec.raw_scale,) * 3
     class_map = paint(objects, spec.shape, raw_scale, (0.0, 0.0, 0.0))
     raw = render_raw(class_map, spec, rng)
-    write_pyramid(recon.require_group(RAW_NAME), RAW_NAME.split("/")[-1], raw, raw_scale,
-                  (0.0, 0.0, 0.0), spec, label_name=None)  # fmt: skip
+    write_pyramid(
+        recon.require_group(RAW_NAME),
+        RAW_NAME.split("/")[-1],
+        raw,
+        raw_scale,
+        (0.0, 0.0, 0.0),
+        spec,
+        label_name=None,
+    )
     crops = []
     for n in range(spec.num_crops):
         crops.append(write_crop(recon, name, f"crop{first_crop + n}", objects, spec, rng))
@@ -231,9 +238,13 @@ def render_raw(class_map: np.ndarray, spec: SynthSpec, rng: np.random.Generator)
 
 
 def write_crop(
-    recon: object, dataset: str, crop: str, objects: Sequence[Ellipsoid], spec: SynthSpec,
+    recon: object,
+    dataset: str,
+    crop: str,
+    objects: Sequence[Ellipsoid],
+    spec: SynthSpec,
     rng: np.random.Generator,
-) -> CropInfo:  # fmt: skip
+) -> CropInfo:
     """One label crop: a random sub-region aligned to the raw voxel grid, one group per class."""
     ratio = int(spec.raw_scale / spec.label_scale)
     crop_raw_voxels = [-(-c // ratio) for c in spec.crop_shape]  # ceil: raw voxels it touches
@@ -253,8 +264,15 @@ def write_crop(
     crop_group.attrs.update({"cellmap": {"annotation": {"class_names": annotated}}})
     for class_name in annotated:
         mask = (class_map == spec.classes.index(class_name) + 1).astype(np.uint8)
-        write_pyramid(crop_group.require_group(class_name), class_name, mask, label_scale,
-                      translation, spec, label_name=class_name)  # fmt: skip
+        write_pyramid(
+            crop_group.require_group(class_name),
+            class_name,
+            mask,
+            label_scale,
+            translation,
+            spec,
+            label_name=class_name,
+        )
     return CropInfo(dataset, crop, tuple(annotated), translation, spec.crop_shape)
 
 

@@ -130,8 +130,12 @@ class TrainResult:
     model: torch.nn.Module
 
 
-def train(config: TrainConfig | str | os.PathLike[str], overrides: Sequence[str] = (), *,
-          strict: bool = False) -> TrainResult:  # fmt: skip
+def train(
+    config: TrainConfig | str | os.PathLike[str],
+    overrides: Sequence[str] = (),
+    *,
+    strict: bool = False,
+) -> TrainResult:
     """Train from a config (a `TrainConfig`, or the path of a config file and KEY=VALUE
     overrides); resume as `load_model` says; return what was done. Under torchrun each rank
     runs this; rank 0 prints, logs and saves."""
@@ -219,11 +223,13 @@ def warn_if_data_bound(run: Run, say: Any) -> None:
     run.warned_data_bound = True
     config, loader = run.config, run.loaders.train
     cores = os.cpu_count() or 1
-    say(f"warning: training waited for data {throughput.data_wait_fraction:.0%} of the epoch "
+    say(
+        f"warning: training waited for data {throughput.data_wait_fraction:.0%} of the epoch "
         f"(data-bound). Raise dataloader_kwargs num_workers (now {loader.num_workers}; "
         f"{cores} cores for {run.place.local_world_size} training process(es) here) or "
         f"chunk_cache_mb (now {config.chunk_cache_mb}), or use bigger crops per read",
-        file=sys.stderr)  # fmt: skip
+        file=sys.stderr,
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -314,8 +320,9 @@ def make_loss(config: TrainConfig, loaders: Loaders, device: torch.device) -> to
     return loss.to(device)
 
 
-def channels_last_format(config: TrainConfig, device: torch.device,
-                         spec: PatchSpec) -> torch.memory_format | None:  # fmt: skip
+def channels_last_format(
+    config: TrainConfig, device: torch.device, spec: PatchSpec
+) -> torch.memory_format | None:
     """channels_last (2D) or channels_last_3d when `channels_last` says so; by default on
     CUDA with bf16/fp16 autocast, where tensor-core convolutions want channels innermost."""
     use = config.channels_last
@@ -326,8 +333,9 @@ def channels_last_format(config: TrainConfig, device: torch.device,
     return torch.channels_last if spec.plane_axis is not None else torch.channels_last_3d
 
 
-def wrap_model(model: torch.nn.Module, config: TrainConfig, place: Dist,
-               device: torch.device) -> torch.nn.Module:  # fmt: skip
+def wrap_model(
+    model: torch.nn.Module, config: TrainConfig, place: Dist, device: torch.device
+) -> torch.nn.Module:
     """torch.compile (when `compile`), then DDP under torchrun (gradients averaged over
     ranks at every backward; rank 0's initial weights are broadcast to the others)."""
     if config.compile:
@@ -563,18 +571,31 @@ def train_epoch(run: Run, epoch: int) -> list[float]:
     losses: list[float] = []
     sampled = torch.zeros(2, len(config.classes), dtype=torch.float64)  # (foreground, annotated)
     waited, started = 0.0, time.perf_counter()
-    bar = tqdm(total=config.iterations_per_epoch, desc=f"epoch {epoch}", unit="batch",
-               leave=False, disable=None if run.place.is_main else True)  # fmt: skip
+    bar = tqdm(
+        total=config.iterations_per_epoch,
+        desc=f"epoch {epoch}",
+        unit="batch",
+        leave=False,
+        disable=None if run.place.is_main else True,
+    )
     batches = iter(run.loaders.train)
     for index in range(config.iterations_per_epoch):
         before = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - before
         target = batch["output"]
-        sampled += torch.stack([(target == 1).sum((0, *range(2, target.ndim))),
-                                target.isfinite().sum((0, *range(2, target.ndim)))])  # fmt: skip
-        loss = train_step(run, batch, step_now=(index + 1) % config.gradient_accumulation_steps
-                          == 0 or index + 1 == config.iterations_per_epoch)  # fmt: skip
+        sampled += torch.stack(
+            [
+                (target == 1).sum((0, *range(2, target.ndim))),
+                target.isfinite().sum((0, *range(2, target.ndim))),
+            ]
+        )
+        loss = train_step(
+            run,
+            batch,
+            step_now=(index + 1) % config.gradient_accumulation_steps == 0
+            or index + 1 == config.iterations_per_epoch,
+        )
         losses.append(loss)
         run.global_step += 1
         run.tracker.log({"loss": loss}, run.global_step)
@@ -585,12 +606,17 @@ def train_epoch(run: Run, epoch: int) -> list[float]:
     run.throughput = epoch_throughput(run, time.perf_counter() - started, waited)
     sampled = distributed.reduce_sum(run.place, sampled)
     shares = sampled[0] / sampled[1].clamp(min=1)
-    run.tracker.log({
-        "perf/samples_per_s": run.throughput.samples_per_s,
-        "perf/data_wait_fraction": run.throughput.data_wait_fraction,
-        "skipped_steps": run.skipped.in_epoch,
-        **{f"sampling/{name}": float(s) for name, s in zip(config.classes, shares, strict=True)},
-    }, run.global_step)  # fmt: skip
+    run.tracker.log(
+        {
+            "perf/samples_per_s": run.throughput.samples_per_s,
+            "perf/data_wait_fraction": run.throughput.data_wait_fraction,
+            "skipped_steps": run.skipped.in_epoch,
+            **{
+                f"sampling/{name}": float(s) for name, s in zip(config.classes, shares, strict=True)
+            },
+        },
+        run.global_step,
+    )
     return losses
 
 
@@ -749,8 +775,11 @@ def validate(run: Run, epoch: int) -> dict[str, Any] | None:
     run.model.train()
     sums = distributed.reduce_sum(run.place, torch.tensor([total, count], dtype=torch.float64))
     metrics.counts = distributed.reduce_sum(run.place, metrics.counts)
-    scores = {"epoch": epoch, "loss": float(sums[0] / sums[1].clamp(min=1)),
-              "metrics": metrics.compute()}  # fmt: skip
+    scores = {
+        "epoch": epoch,
+        "loss": float(sums[0] / sums[1].clamp(min=1)),
+        "metrics": metrics.compute(),
+    }
     log_validation(run, scores, example)
     return scores
 
@@ -767,8 +796,9 @@ def log_validation(run: Run, scores: dict[str, Any], example: tuple | None) -> N
         run.tracker.log_images(example_images(run.config.classes, *example), run.global_step)
 
 
-def example_images(classes: Sequence[str], raw: torch.Tensor, target: torch.Tensor,
-                   prediction: torch.Tensor) -> dict[str, np.ndarray]:  # fmt: skip
+def example_images(
+    classes: Sequence[str], raw: torch.Tensor, target: torch.Tensor, prediction: torch.Tensor
+) -> dict[str, np.ndarray]:
     """Per class, (H, 3W) in [0, 1]: raw | ground truth (unannotated: grey) | prediction."""
     if raw.ndim == 4:  # 3D (C, Z, Y, X): the middle z slice
         middle = raw.shape[1] // 2
@@ -851,8 +881,9 @@ def save(run: Run, epoch: int, *, improved: bool) -> None:
         link_best(epoch=epoch, **names)
     drop_old_states(best_epoch=run.best_epoch, **names)
     if config.keep_last_checkpoints is not None:
-        prune_checkpoints(keep_last=config.keep_last_checkpoints, best_epoch=run.best_epoch,
-                          **names)  # fmt: skip
+        prune_checkpoints(
+            keep_last=config.keep_last_checkpoints, best_epoch=run.best_epoch, **names
+        )
 
 
 class _CallableModule(types.ModuleType):

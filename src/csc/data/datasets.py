@@ -154,8 +154,9 @@ class PatchDataset(torch.utils.data.Dataset):
     def num_classes(self) -> int:
         return len(self.crops[0].labels)
 
-    def sample(self, crop: int, centre: Sequence[float], matrix: np.ndarray | None = None,
-               seed: int = 0) -> dict[str, torch.Tensor]:  # fmt: skip
+    def sample(
+        self, crop: int, centre: Sequence[float], matrix: np.ndarray | None = None, seed: int = 0
+    ) -> dict[str, torch.Tensor]:
         """One sample: the patch of crop `crop` centred at `centre` (nm, (z, y, x))."""
         matrix = np.eye(3) if matrix is None else matrix
         return self.read([(crop, np.asarray(centre, dtype=float), matrix, seed)])[0]
@@ -172,18 +173,28 @@ class PatchDataset(torch.utils.data.Dataset):
         if workers < 2 or math.prod(self.spec.target.shape) < BIG_PATCH_VOXELS:
             self._read(requests, inputs, targets)
         else:  # thread i fills rows i, i + workers, ... (strided views of the batch)
-            parts = [(requests[i::workers], inputs[i::workers], targets[i::workers])
-                     for i in range(workers)]  # fmt: skip
+            parts = [
+                (requests[i::workers], inputs[i::workers], targets[i::workers])
+                for i in range(workers)
+            ]
             list(_thread_pool(workers).map(lambda part: self._read(*part), parts))
-        return Batch({"input": self._squeeze(torch.from_numpy(inputs)),
-                      "output": self._squeeze(torch.from_numpy(targets))})  # fmt: skip
+        return Batch(
+            {
+                "input": self._squeeze(torch.from_numpy(inputs)),
+                "output": self._squeeze(torch.from_numpy(targets)),
+            }
+        )
 
     def _squeeze(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, C, Z, Y, X) -> (N, C, H, W) for a 2D patch (its singleton axis dropped)."""
         return batch if self.spec.plane_axis is None else batch.squeeze(2 + self.spec.plane_axis)
 
-    def _read(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, int]],
-              inputs: np.ndarray, targets: np.ndarray) -> None:  # fmt: skip
+    def _read(
+        self,
+        requests: Sequence[tuple[int, np.ndarray, np.ndarray, int]],
+        inputs: np.ndarray,
+        targets: np.ndarray,
+    ) -> None:
         """Fill batch rows for requests, in one thread with one torch thread: for patches
         this size, waking torch's thread pool costs more than it saves (2D: grid_sample
         alone runs 1.9x faster on two threads, but value transforms' small ops can run far
@@ -196,8 +207,9 @@ class PatchDataset(torch.utils.data.Dataset):
         finally:
             torch.set_num_threads(threads)
 
-    def read_inputs(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, int]]
-                    ) -> torch.Tensor:  # fmt: skip
+    def read_inputs(
+        self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, int]]
+    ) -> torch.Tensor:
         """Only the model inputs ``[N, 1, *shape]`` of requests (prediction: no labels read)."""
         inputs = np.empty((len(requests), 1, *self.spec.input.shape), dtype=np.float32)
         threads = torch.get_num_threads()
@@ -213,8 +225,9 @@ class PatchDataset(torch.utils.data.Dataset):
                 for request, (_, read) in zip(requests, reads, strict=True)
             ]
             raws = resample([(plan, [read.data()]) for plan, read in reads])
-            for n, ((values, _), (_, read), request) in enumerate(zip(raws, reads, requests,
-                                                                      strict=True)):  # fmt: skip
+            for n, ((values, _), (_, read), request) in enumerate(
+                zip(raws, reads, requests, strict=True)
+            ):
                 if checks[n]:
                     self._check_box(request[0], read)
                 with sample_generator(request[3]):
@@ -223,16 +236,25 @@ class PatchDataset(torch.utils.data.Dataset):
             torch.set_num_threads(threads)
         return self._squeeze(torch.from_numpy(inputs))
 
-    def _assemble(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, int]],
-                  inputs: np.ndarray, targets: np.ndarray) -> None:  # fmt: skip
+    def _assemble(
+        self,
+        requests: Sequence[tuple[int, np.ndarray, np.ndarray, int]],
+        inputs: np.ndarray,
+        targets: np.ndarray,
+    ) -> None:
         """Fill batch rows for requests. Every read is issued first, so tensorstore fetches
         and decodes them concurrently."""
         jobs = [self._start(*request) for request in requests]
         raws = resample([(job.raw_plan, [job.raw.data()]) for job in jobs])
-        labels = iter(resample([
-            (plan, [read.data() for read in reads])
-            for job in jobs for _, plan, reads in job.label_reads
-        ]))  # fmt: skip
+        labels = iter(
+            resample(
+                [
+                    (plan, [read.data() for read in reads])
+                    for job in jobs
+                    for _, plan, reads in job.label_reads
+                ]
+            )
+        )
         for n, (job, (values, _)) in enumerate(zip(jobs, raws, strict=True)):
             if job.check_raw:
                 self._check_box(job.crop_index, job.raw)
@@ -302,8 +324,9 @@ class PatchDataset(torch.utils.data.Dataset):
             stacklevel=2,
         )
 
-    def _box(self, crop_index: int, source: ArraySource | None, start: Sequence[int],
-             stop: Sequence[int]) -> PendingRead | RegionRead:  # fmt: skip
+    def _box(
+        self, crop_index: int, source: ArraySource | None, start: Sequence[int], stop: Sequence[int]
+    ) -> PendingRead | RegionRead:
         """The voxels [start, stop) of `source` for a sample of crop `crop_index`: from the
         crop's region held in memory (`crop_cache_mb`), else read by tensorstore."""
         assert source is not None
@@ -325,18 +348,27 @@ class PatchDataset(torch.utils.data.Dataset):
             region = cache.get(source, state.box, cache_mb=self.chunk_cache_mb)
             return RegionRead(region, state.box[0], start, stop, shape)
 
-    def _grow(self, state: _RegionState, crop_index: int, source: ArraySource,
-              start: Sequence[int], stop: Sequence[int]) -> None:  # fmt: skip
+    def _grow(
+        self,
+        state: _RegionState,
+        crop_index: int,
+        source: ArraySource,
+        start: Sequence[int],
+        stop: Sequence[int],
+    ) -> None:
         """Hold the crop's annotated region widened on every side by half the widest request
         so far: every later request of that size centred in the crop then fits."""
         crop, level = self.crops[crop_index], source.level
         low = (np.asarray(crop.low) - level.translation) / level.scale  # voxels of this level
         high = (np.asarray(crop.high) - level.translation) / level.scale
-        state.half = tuple(max(h, (b - a + 1) // 2 + 1)
-                           for h, a, b in zip(state.half, start, stop, strict=True))  # fmt: skip
+        state.half = tuple(
+            max(h, (b - a + 1) // 2 + 1) for h, a, b in zip(state.half, start, stop, strict=True)
+        )
         first = [max(0, int(np.floor(a)) - h) for a, h in zip(low, state.half, strict=True)]
-        last = [min(n, int(np.ceil(b)) + 1 + h)
-                for b, h, n in zip(high, state.half, level.shape, strict=True)]  # fmt: skip
+        last = [
+            min(n, int(np.ceil(b)) + 1 + h)
+            for b, h, n in zip(high, state.half, level.shape, strict=True)
+        ]
         if state.box == (tuple(first), tuple(last)):
             return  # no wider: the request lies away from the crop
         if state.box is not None:
@@ -363,8 +395,9 @@ class PatchDataset(torch.utils.data.Dataset):
         transform = self.raw_transform or Normalize()
         out[...] = transform(tensor).to(torch.float32).numpy()
 
-    def _targets(self, job: _Job, labels: Iterator[tuple[np.ndarray, Inside | None]], *,
-                 out: np.ndarray) -> None:  # fmt: skip
+    def _targets(
+        self, job: _Job, labels: Iterator[tuple[np.ndarray, Inside | None]], *, out: np.ndarray
+    ) -> None:
         """(C, Z, Y, X) float32 targets of one sample in `out`: NaN for classes it does not
         annotate. The classes of one voxel grid are converted together."""
         missing = set(range(self.num_classes))
@@ -375,16 +408,19 @@ class PatchDataset(torch.utils.data.Dataset):
                 self._target(stored, sources, inside, out=out[classes[0] : classes[-1] + 1])
             else:  # class by class, each into its own row (no (K, ...) array copied over)
                 for i, k in enumerate(classes):
-                    self._target(stored[i : i + 1], sources[i : i + 1], inside,
-                                 out=out[k : k + 1])  # fmt: skip
+                    self._target(stored[i : i + 1], sources[i : i + 1], inside, out=out[k : k + 1])
             missing -= set(classes)
         for k in missing:
             out[k] = np.nan
 
     def _target(
-        self, values: np.ndarray | list, sources: Sequence[ArraySource | None],
-        inside: Inside | None, *, out: np.ndarray | None = None,
-    ) -> np.ndarray:  # fmt: skip
+        self,
+        values: np.ndarray | list,
+        sources: Sequence[ArraySource | None],
+        inside: Inside | None,
+        *,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Stored label values of K classes, (K, Z, Y, X) or a list of K views (each the whole
         patch, or the part inside the array: `inside.cut`), to 1/0 (or the config's transform)
         in `out` (K, Z, Y, X), NaN where not annotated ("unknown" values, outside the array)."""
@@ -409,8 +445,9 @@ class PatchDataset(torch.utils.data.Dataset):
         return out
 
     @staticmethod
-    def _unknown(values: Sequence[np.ndarray], sources: Sequence[ArraySource],
-                 out: np.ndarray) -> None:  # fmt: skip
+    def _unknown(
+        values: Sequence[np.ndarray], sources: Sequence[ArraySource], out: np.ndarray
+    ) -> None:
         """NaN in `out` where a class's label says "unknown"."""
         for k, source in enumerate(sources):
             if source.unknown is not None:
@@ -461,8 +498,9 @@ def _holds(box: Box, start: Sequence[int], stop: Sequence[int], shape: Sequence[
     return True
 
 
-def _plan(grid: Grid, centre: np.ndarray, matrix: np.ndarray, source: ArraySource, *,
-          linear: bool) -> Any:  # fmt: skip
+def _plan(
+    grid: Grid, centre: np.ndarray, matrix: np.ndarray, source: ArraySource, *, linear: bool
+) -> Any:
     level = source.level
     a, b = source_map(grid, centre, matrix, level.scale, level.translation)
     radius = _reach(grid, level.scale)
@@ -478,8 +516,9 @@ def _reach(grid: Grid, scale: tuple[float, float, float]) -> np.ndarray:
     return reach
 
 
-def shifted_plan(raw_plan: Plan, raw: ArraySource, label: ArraySource | None,
-                 spec: PatchSpec) -> Plan | None:  # fmt: skip
+def shifted_plan(
+    raw_plan: Plan, raw: ArraySource, label: ArraySource | None, spec: PatchSpec
+) -> Plan | None:
     """The label plan as the raw plan moved by whole voxels, when raw and label levels share a
     voxel grid (same voxel size, translations whole voxels apart; CellMap's 8 nm label level
     and 8 nm raw do) and input and target grids are the same: planning once saves time."""
@@ -489,8 +528,12 @@ def shifted_plan(raw_plan: Plan, raw: ArraySource, label: ArraySource | None,
     if raw_plan.upper is not None:  # raw interpolated between voxels: labels need their own
         return None
     # Label voxel index = raw voxel index + shift (plain floats: this runs for every sample).
-    shift = [(a - b) / n for a, b, n in zip(raw.level.translation, label.level.translation,
-                                            label.level.scale, strict=True)]  # fmt: skip
+    shift = [
+        (a - b) / n
+        for a, b, n in zip(
+            raw.level.translation, label.level.translation, label.level.scale, strict=True
+        )
+    ]
     if any(abs(d - round(d)) > 1e-6 for d in shift):
         return None
     return shift_plan(raw_plan, [round(d) for d in shift], label.level.shape)
@@ -567,9 +610,17 @@ class ValidationTiles(PatchDataset):
     seeded random subset of `limit` of them that is the same every epoch. Under torchrun,
     rank r of n takes tiles r, r + n, ... of that list: together the ranks see it once."""
 
-    def __init__(self, crops: Sequence[Crop], spec: PatchSpec, *, limit: int | None = None,
-                 seed: int = 0, rank: int = 0, world_size: int = 1,
-                 **kwargs: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        crops: Sequence[Crop],
+        spec: PatchSpec,
+        *,
+        limit: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(crops, spec, **kwargs)
         tiles = [(i, centre) for i, crop in enumerate(self.crops) for centre in self._tiles(crop)]
         self.num_tiles = len(tiles)  # before any limit or sharding
@@ -594,9 +645,9 @@ class ValidationTiles(PatchDataset):
 
     def __getitems__(self, keys: Sequence[int]) -> Batch:
         identity = np.eye(3)
-        return self.read([
-            (int(self.crop_index[k]), self.centres[k], identity, int(self.keys[k])) for k in keys
-        ])  # fmt: skip
+        return self.read(
+            [(int(self.crop_index[k]), self.centres[k], identity, int(self.keys[k])) for k in keys]
+        )
 
     def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
         return self.__getitems__([key])[0]
@@ -606,8 +657,9 @@ class EpochSampler(torch.utils.data.Sampler):
     """Keys (epoch, index) for `TrainPatches`: `num_samples` per epoch, the epoch advancing at
     each new iteration. Under torchrun, rank r of n takes global indices r, r + n, ..."""
 
-    def __init__(self, num_samples: int, *, start_epoch: int = 1, rank: int = 0,
-                 world_size: int = 1) -> None:  # fmt: skip
+    def __init__(
+        self, num_samples: int, *, start_epoch: int = 1, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.num_samples = num_samples
         self.epoch = start_epoch
         self.rank = rank
@@ -651,8 +703,9 @@ def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     }
 
 
-def crop_probabilities(crops: Sequence[Crop], *, weighted: bool,
-                       classes: Sequence[str] = ()) -> np.ndarray:  # fmt: skip
+def crop_probabilities(
+    crops: Sequence[Crop], *, weighted: bool, classes: Sequence[str] = ()
+) -> np.ndarray:
     """How often to draw each crop. Unweighted: in proportion to its annotated volume.
     Weighted: pick a class uniformly, then a crop in proportion to that class's foreground
     voxels in it, so every class with any foreground is drawn about equally often."""
@@ -671,8 +724,10 @@ def crop_probabilities(crops: Sequence[Crop], *, weighted: bool,
     if absent:
         warnings.warn(
             f"classes {', '.join(absent)} have no foreground voxels in any training crop; the "
-            "model will never see them", DataWarning, stacklevel=2,
-        )  # fmt: skip
+            "model will never see them",
+            DataWarning,
+            stacklevel=2,
+        )
     if not present.any():
         return volumes / volumes.sum()
     mixture = (foreground[:, present] / totals[present]).mean(axis=1)

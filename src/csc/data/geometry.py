@@ -63,8 +63,9 @@ class Inside:
                 out[(Ellipsis, *inner, slice(high, None), *tail)] = value
             inner.append(slice(low, high))
         if self.mask is not None:
-            cut = tuple(s if n > 1 else slice(None) for s, n in zip(inner, self.mask.shape,
-                                                                     strict=True))  # fmt: skip
+            cut = tuple(
+                s if n > 1 else slice(None) for s, n in zip(inner, self.mask.shape, strict=True)
+            )
             np.copyto(out[(Ellipsis, *inner)], value, where=~self.mask[cut])
 
 
@@ -75,9 +76,12 @@ def true_run(inside: np.ndarray) -> tuple[int, int]:
 
 
 def source_map(
-    grid: Grid, centre: np.ndarray, matrix: np.ndarray, scale: Sequence[float],
+    grid: Grid,
+    centre: np.ndarray,
+    matrix: np.ndarray,
+    scale: Sequence[float],
     translation: Sequence[float],
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+) -> tuple[np.ndarray, np.ndarray]:
     """(A, b) with source voxel index = A @ output index + b, for a level (scale, translation)."""
     out_scale, src_scale = np.asarray(grid.scale), np.asarray(scale, dtype=float)
     a = matrix * out_scale[None, :] / src_scale[:, None]
@@ -108,9 +112,14 @@ class Plan:
 
 
 def plan_read(
-    a: np.ndarray, b: np.ndarray, out_shape: Sequence[int], src_shape: Sequence[int], *,
-    linear: bool, radius: np.ndarray | None = None,
-) -> Plan:  # fmt: skip
+    a: np.ndarray,
+    b: np.ndarray,
+    out_shape: Sequence[int],
+    src_shape: Sequence[int],
+    *,
+    linear: bool,
+    radius: np.ndarray | None = None,
+) -> Plan:
     """Plan reading an output grid of `out_shape` through the map (a, b) from an array.
     `radius` (source voxels per axis) bounds a rotated patch: half its diagonal."""
     rows = a.tolist()
@@ -126,9 +135,13 @@ def plan_read(
 
 
 def _plan_axes(
-    a: list[list[float]], b: list[float], out_shape: Sequence[int], src_shape: Sequence[int], *,
+    a: list[list[float]],
+    b: list[float],
+    out_shape: Sequence[int],
+    src_shape: Sequence[int],
+    *,
     linear: bool,
-) -> Plan:  # fmt: skip
+) -> Plan:
     # Plain floats: this runs for every array of every sample, and numpy's per-call overhead
     # on 3-element arrays would dominate.
     perm = tuple(next(p for p in range(3) if abs(a[p][j]) > EPS) for j in range(3))
@@ -165,8 +178,13 @@ def _is_int(value: float) -> bool:
     return abs(value - round(value)) < EPS
 
 
-def _valid(index: Sequence[np.ndarray | slice], perm: Sequence[int], start: Sequence[int],
-           stop: Sequence[int], src_shape: Sequence[int]) -> Inside | None:  # fmt: skip
+def _valid(
+    index: Sequence[np.ndarray | slice],
+    perm: Sequence[int],
+    start: Sequence[int],
+    stop: Sequence[int],
+    src_shape: Sequence[int],
+) -> Inside | None:
     """Output voxels whose positions (output axis j: start[perm[j]] + index[j]) lie inside
     the array; None (cheaply) when the box does. Positions run monotonically along each
     axis, so each axis's inside part is one run."""
@@ -193,8 +211,13 @@ def _run(index: np.ndarray | slice, offset: int, size: int) -> tuple[int, int]:
     return (low, high) if high > low else (0, 0)
 
 
-def _plan_rounded(perm: tuple[int, int, int], steps: list[float], firsts: list[float],
-                  out_shape: Sequence[int], src_shape: Sequence[int]) -> Plan:  # fmt: skip
+def _plan_rounded(
+    perm: tuple[int, int, int],
+    steps: list[float],
+    firsts: list[float],
+    out_shape: Sequence[int],
+    src_shape: Sequence[int],
+) -> Plan:
     positions = [
         np.floor(np.arange(out_shape[j]) * steps[j] + firsts[j] + 0.5).astype(np.int64)
         for j in range(3)
@@ -203,26 +226,39 @@ def _plan_rounded(perm: tuple[int, int, int], steps: list[float], firsts: list[f
     for j, x in enumerate(positions):
         start[perm[j]], stop[perm[j]] = int(x.min()), int(x.max()) + 1
     index = [as_slice(x - start[perm[j]]) for j, x in enumerate(positions)]
-    return Plan(tuple(start), tuple(stop), _valid(index, perm, start, stop, src_shape),
-                perm=perm, index=index)  # type: ignore[arg-type]  # fmt: skip
+    return Plan(
+        tuple(start),
+        tuple(stop),
+        _valid(index, perm, start, stop, src_shape),
+        perm=perm,
+        index=index,
+    )  # type: ignore[arg-type]
 
 
-def _plan_linear(perm: tuple[int, int, int], steps: list[float], firsts: list[float],
-                 out_shape: Sequence[int], src_shape: Sequence[int]) -> Plan:  # fmt: skip
+def _plan_linear(
+    perm: tuple[int, int, int],
+    steps: list[float],
+    firsts: list[float],
+    out_shape: Sequence[int],
+    src_shape: Sequence[int],
+) -> Plan:
     coords = [np.arange(out_shape[j]) * steps[j] + firsts[j] for j in range(3)]
     lowers = [np.floor(c + EPS).astype(np.int64) for c in coords]
     start, stop = [0, 0, 0], [0, 0, 0]
     for j, x in enumerate(lowers):
         start[perm[j]], stop[perm[j]] = int(x.min()), int(x.max()) + 2
     return Plan(
-        tuple(start), tuple(stop), None, perm=perm,  # type: ignore[arg-type]
+        tuple(start),
+        tuple(stop),
+        None,
+        perm=perm,  # type: ignore[arg-type]
         index=[x - start[perm[j]] for j, x in enumerate(lowers)],
         upper=[x - start[perm[j]] + 1 for j, x in enumerate(lowers)],
         weight=[
             np.clip(c - x, 0, 1).astype(np.float32) for c, x in zip(coords, lowers, strict=True)
         ],
         linear=True,
-    )  # fmt: skip
+    )
 
 
 def as_slice(index: np.ndarray) -> np.ndarray | slice:
@@ -235,9 +271,14 @@ def as_slice(index: np.ndarray) -> np.ndarray | slice:
 
 
 def _plan_affine(
-    a: np.ndarray, b: np.ndarray, out_shape: Sequence[int], src_shape: Sequence[int], *,
-    linear: bool, radius: np.ndarray,
-) -> Plan:  # fmt: skip
+    a: np.ndarray,
+    b: np.ndarray,
+    out_shape: Sequence[int],
+    src_shape: Sequence[int],
+    *,
+    linear: bool,
+    radius: np.ndarray,
+) -> Plan:
     n = [int(v) for v in out_shape]
     # Floats, not numpy (see _plan_axes); a singleton output axis never moves a position.
     rows = [[v if n[j] > 1 else 0.0 for j, v in enumerate(row)] for row in a.tolist()]
@@ -263,11 +304,16 @@ def _plan_affine(
     step = [[rows[p][j] for j in grid_out] for p in grid_src]
     offset = [offsets[p] - low[p] for p in grid_src]
     return Plan(
-        (low[0], low[1], low[2]), (low[0] + size[0], low[1] + size[1], low[2] + size[2]), None,
+        (low[0], low[1], low[2]),
+        (low[0] + size[0], low[1] + size[1], low[2] + size[2]),
+        None,
         grid=np.concatenate([np.asarray(step), np.asarray(offset)[:, None]], axis=1),
-        linear=linear, src_shape=tuple(src_shape), grid_axes=tuple(grid_src),
-        grid_shape=tuple(n[j] for j in grid_out), aligned=aligned,
-    )  # fmt: skip
+        linear=linear,
+        src_shape=tuple(src_shape),
+        grid_axes=tuple(grid_src),
+        grid_shape=tuple(n[j] for j in grid_out),
+        aligned=aligned,
+    )
 
 
 def _aligned_axis(

@@ -36,8 +36,15 @@ from csc.datasplit import DatasplitRow, open_zarr, read_datasplit, s3_options, t
 from csc.storage import S3Options, is_s3
 
 # DataLoader arguments csc sets itself; a config's dataloader_kwargs may not override them.
-OWN_LOADER_ARGS = ("dataset", "batch_size", "shuffle", "sampler", "batch_sampler", "collate_fn",
-                   "drop_last")  # fmt: skip
+OWN_LOADER_ARGS = (
+    "dataset",
+    "batch_size",
+    "shuffle",
+    "sampler",
+    "batch_sampler",
+    "collate_fn",
+    "drop_last",
+)
 WORKER_ONLY_ARGS = ("prefetch_factor", "persistent_workers", "multiprocessing_context")
 
 
@@ -64,9 +71,10 @@ def load_crops(
         raw = source(f"{row.raw_root}/{row.raw_path}", raw_scale, label=False)
         labels = tuple(
             source(f"{row.gt_root}/{row.gt_path}/{name}", label_scale, label=True)
-            if name in row.classes else None
+            if name in row.classes
+            else None
             for name in classes
-        )  # fmt: skip
+        )
         present = [label for label in labels if label is not None]
         if not present:
             raise ValueError(
@@ -282,10 +290,14 @@ def build_datasets(
     rank's share of the tiles."""
     train, validate = read_crops(config, rows) if crops is None else crops
     spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
-    common = {"chunk_cache_mb": config.chunk_cache_mb, "crop_cache_mb": config.crop_cache_mb,
-              "target_transform": config.target_value_transforms}  # fmt: skip
+    common = {
+        "chunk_cache_mb": config.chunk_cache_mb,
+        "crop_cache_mb": config.crop_cache_mb,
+        "target_transform": config.target_value_transforms,
+    }
     train_set = TrainPatches(
-        train, spec,
+        train,
+        spec,
         num_samples=config.iterations_per_epoch * config.batch_size,
         seed=config.random_seed,
         spatial_transforms=config.spatial_transforms,
@@ -294,7 +306,7 @@ def build_datasets(
         ),
         raw_transform=config.train_raw_value_transforms,
         **common,
-    )  # fmt: skip
+    )
     validate_set = None
     if validate:
         limit = None
@@ -303,9 +315,15 @@ def build_datasets(
         elif config.validation_batch_limit is not None:
             limit = config.validation_batch_limit * config.batch_size
         validate_set = ValidationTiles(
-            validate, spec, limit=limit, seed=config.random_seed, rank=rank,
-            world_size=world_size, raw_transform=config.val_raw_value_transforms, **common,
-        )  # fmt: skip
+            validate,
+            spec,
+            limit=limit,
+            seed=config.random_seed,
+            rank=rank,
+            world_size=world_size,
+            raw_transform=config.val_raw_value_transforms,
+            **common,
+        )
     return train_set, validate_set
 
 
@@ -343,8 +361,9 @@ def build_loaders(
     return Loaders(train, validate, sampler)
 
 
-def default_loader_kwargs(device_type: str, *, processes_per_machine: int = 1,
-                          cpu_count: int | None = None) -> dict[str, Any]:  # fmt: skip
+def default_loader_kwargs(
+    device_type: str, *, processes_per_machine: int = 1, cpu_count: int | None = None
+) -> dict[str, Any]:
     """Loader settings for a config that leaves them out. Feeding a GPU: worker processes (all
     of this process's share of the cores but one, up to 8), 4 batches prefetched each, pinned
     memory. Training on the CPU: the model step needs the cores itself, so patches are read in

@@ -78,8 +78,9 @@ def _box(plan: Plan, data: Data) -> np.ndarray:
     array, origin = data
     first = [a - o for a, o in zip(plan.start, origin, strict=True)]  # in the array's voxels
     last = [b - o for b, o in zip(plan.stop, origin, strict=True)]
-    inner = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(first, last, array.shape,
-                                                                  strict=True))  # fmt: skip
+    inner = tuple(
+        slice(max(a, 0), min(b, n)) for a, b, n in zip(first, last, array.shape, strict=True)
+    )
     if all(a >= 0 and b <= n for a, b, n in zip(first, last, array.shape, strict=True)):
         return array[inner]
     make = np.zeros if plan.linear or array.dtype.kind == "f" else np.empty
@@ -124,8 +125,7 @@ def _apply_axes(plan: Plan, arrays: Sequence[Data]) -> tuple[Any, Inside | None]
     return views, plan.valid
 
 
-def _sub_index(index: np.ndarray | slice, low: int, high: int,
-               offset: int) -> np.ndarray | slice:  # fmt: skip
+def _sub_index(index: np.ndarray | slice, low: int, high: int, offset: int) -> np.ndarray | slice:
     """Entries [low, high) of an axis index, plus `offset`; a slice stays a slice (a view)."""
     if isinstance(index, np.ndarray):
         return index[low:high] + offset
@@ -148,8 +148,10 @@ def _index_axes(array: np.ndarray, index: Sequence[np.ndarray | slice]) -> np.nd
 def _holds_box(plan: Plan, data: Data) -> bool:
     """Whether the array holds the plan's whole box."""
     array, origin = data
-    return all(a >= o and b <= o + n for a, b, o, n in zip(plan.start, plan.stop, origin,
-                                                           array.shape, strict=True))  # fmt: skip
+    return all(
+        a >= o and b <= o + n
+        for a, b, o, n in zip(plan.start, plan.stop, origin, array.shape, strict=True)
+    )
 
 
 def _interpolate_axes(plan: Plan, boxes: np.ndarray) -> np.ndarray:
@@ -183,8 +185,9 @@ def _sample_nearest_slices(
     return [_slices(plan, arrays, index[n]) for n, (plan, arrays) in enumerate(items)]
 
 
-def _slices(plan: Plan, arrays: Sequence[Data],
-            index: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+def _slices(
+    plan: Plan, arrays: Sequence[Data], index: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None]:
     """One item of `_sample_nearest_slices`: (K, *out_shape) values and the inside mask."""
     p = plan.aligned[0]  # type: ignore[index]
     num_slices, count = plan.stop[p] - plan.start[p], index.shape[1]
@@ -216,10 +219,12 @@ def _index_reach(plan: Plan) -> list[tuple[int, int]]:
     bounds = []
     for row in plan.grid.tolist():  # type: ignore[union-attr]
         steps, offset = row[:-1], row[-1]
-        low = offset + sum(min(0.0, a * (n - 1)) for a, n in zip(steps, plan.grid_shape,
-                                                                   strict=True))  # fmt: skip
-        high = offset + sum(max(0.0, a * (n - 1)) for a, n in zip(steps, plan.grid_shape,
-                                                                    strict=True))  # fmt: skip
+        low = offset + sum(
+            min(0.0, a * (n - 1)) for a, n in zip(steps, plan.grid_shape, strict=True)
+        )
+        high = offset + sum(
+            max(0.0, a * (n - 1)) for a, n in zip(steps, plan.grid_shape, strict=True)
+        )
         bounds.append((math.floor(low + 0.5 - 1e-3), math.floor(high + 0.5 + 1e-3)))
     return bounds
 
@@ -246,8 +251,7 @@ def _flat_index(index: np.ndarray, shift: Sequence[int], width: int) -> np.ndarr
     return flat
 
 
-def _slices_mask(plan: Plan, index: np.ndarray,
-                 reach: Sequence[tuple[int, int]]) -> Inside | None:  # fmt: skip
+def _slices_mask(plan: Plan, index: np.ndarray, reach: Sequence[tuple[int, int]]) -> Inside | None:
     """Output voxels inside the array, None when all are (the usual case): a run of slices
     along p, and the plane positions inside it."""
     p, j, sign = plan.aligned  # type: ignore[misc]
@@ -271,8 +275,9 @@ def _slices_to_output(plan: Plan, values: np.ndarray) -> np.ndarray:
     return values if j == 0 else np.moveaxis(values, 1, 1 + j)  # slices: output axis j
 
 
-def _inside(plan: Plan, index: np.ndarray,
-            reach: Sequence[tuple[int, int]] | None = None) -> np.ndarray | None:  # fmt: skip
+def _inside(
+    plan: Plan, index: np.ndarray, reach: Sequence[tuple[int, int]] | None = None
+) -> np.ndarray | None:
     """Mask (voxels,) of box positions `index` (k, voxels) along the plan's grid axes that lie
     inside the array; None when they all do (by the box, or by `reach`: `_index_reach`)."""
     mask = None
@@ -298,8 +303,12 @@ def _sample_nearest(items: Sequence[tuple[Plan, np.ndarray]]) -> list[tuple[np.n
         flat = (index[0] * sizes[1] + index[1]) * sizes[2] + index[2]
         values = np.take(boxes.reshape(len(boxes), -1), flat, axis=1)
         inside = _inside(plan, index)
-        results.append((values.reshape(len(boxes), *plan.out_shape),
-                        None if inside is None else _everywhere(plan, inside)))  # fmt: skip
+        results.append(
+            (
+                values.reshape(len(boxes), *plan.out_shape),
+                None if inside is None else _everywhere(plan, inside),
+            )
+        )
     return results
 
 

@@ -90,9 +90,10 @@ class ArraySource:
 def choose_level(levels: Sequence[Level], scale: Sequence[float]) -> Level:
     """The coarsest level not coarser than `scale` on any axis; else the finest level."""
     fine = [
-        lv for lv in levels
+        lv
+        for lv in levels
         if all(s <= w * (1 + 1e-6) for s, w in zip(lv.scale, scale, strict=True))
-    ]  # fmt: skip
+    ]
     if fine:
         return max(fine, key=lambda lv: math.prod(lv.scale))
     return min(levels, key=lambda lv: math.prod(lv.scale))
@@ -332,10 +333,11 @@ def kvstore_spec(
         "driver": "s3",
         "bucket": bucket,
         "path": key.rstrip("/") + "/",
-        "aws_region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        "aws_region": os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
         or "us-east-1",
         "aws_credentials": {"type": "default" if has_aws_credentials() else "anonymous"},
-    }  # fmt: skip
+    }
     endpoint = (s3 or S3Options(endpoint_url=endpoint_url)).endpoint
     if endpoint:
         spec["endpoint"] = endpoint
@@ -514,8 +516,14 @@ class RegionRead:
     """A box served from a region held in memory; `result()` as `PendingRead`'s: zero outside
     the array."""
 
-    def __init__(self, region: np.ndarray, origin: Sequence[int], start: Sequence[int],
-                 stop: Sequence[int], shape: Sequence[int]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        region: np.ndarray,
+        origin: Sequence[int],
+        start: Sequence[int],
+        stop: Sequence[int],
+        shape: Sequence[int],
+    ) -> None:
         self.dtype = region.dtype
         self.region, self.origin = region, tuple(origin)
         self.start, self.stop, self.shape = tuple(start), tuple(stop), tuple(shape)

@@ -40,8 +40,11 @@ _KEYS = (0xD1B54A32D192ED03, 0xABC98388FB8FAC03, 0x8CB92BA72F3D8DD7)
 def uniforms(seed: int, epochs: np.ndarray, indices: np.ndarray, count: int) -> np.ndarray:
     """(N, count) uniform numbers in [0, 1) that depend only on (seed, epoch, index, column)."""
     u64 = np.uint64
-    key = (np.full(len(indices), seed % 2**64, dtype=u64) * u64(_KEYS[0])
-           ^ epochs.astype(u64) * u64(_KEYS[1]) ^ indices.astype(u64) * u64(_KEYS[2]))  # fmt: skip
+    key = (
+        np.full(len(indices), seed % 2**64, dtype=u64) * u64(_KEYS[0])
+        ^ epochs.astype(u64) * u64(_KEYS[1])
+        ^ indices.astype(u64) * u64(_KEYS[2])
+    )
     z = key[:, None] + (np.arange(1, count + 1, dtype=u64) * u64(_MIX[0]))[None, :]
     z = (z ^ (z >> u64(30))) * u64(_MIX[1])
     z = (z ^ (z >> u64(27))) * u64(_MIX[2])

@@ -196,8 +196,9 @@ def read_epoch(search_path: str, epoch: int, *, with_state: bool = False) -> Che
     return read_checkpoint(path, epoch=epoch, with_state=with_state)
 
 
-def load_weights(model: nn.Module, model_state: Mapping[str, torch.Tensor], *,
-                 source: str = "the checkpoint") -> None:  # fmt: skip
+def load_weights(
+    model: nn.Module, model_state: Mapping[str, torch.Tensor], *, source: str = "the checkpoint"
+) -> None:
     """Copy weights into `model`, whether it or the saved one was wrapped by DDP/compile. Weights
     of another architecture are a ValueError naming `source` and the first mismatches."""
     try:

@@ -91,8 +91,9 @@ class _ToolkitUNet(UNet):
 
     def __init__(self, n_channels: int, n_classes: int, trilinear: bool = False) -> None:
         upsample = "linear" if trilinear else "transposed"
-        super().__init__(self.ndim_of_class, n_channels, n_classes, base_channels=64,
-                         upsample=upsample)  # fmt: skip
+        super().__init__(
+            self.ndim_of_class, n_channels, n_classes, base_channels=64, upsample=upsample
+        )
         self.n_channels, self.n_classes, self.trilinear = n_channels, n_classes, trilinear
 
 
