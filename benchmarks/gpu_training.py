@@ -29,7 +29,7 @@ import torch
 
 from csc.config import build_config
 from csc.synth import SynthSpec, write_synthetic
-from csc.train import seed_everything, setup, train_epoch, train_step
+from csc.training import seed_everything, setup, train_epoch, train_step
 
 TARGET_RATIO = 1.1
 CLASSES = ("nuc", "mito", "er")

@@ -65,8 +65,8 @@ def measure(folder: Path, multiple: int, cache_mb: int) -> dict[str, float]:
     from csc.config import build_config
     from csc.data import PatchSpec
     from csc.datasplit import ensure_datasplit
-    from csc.predict import box_region, load_predictor, write_predictions
-    from csc.train import make_model
+    from csc.prediction import box_region, load_predictor, write_predictions
+    from csc.training import make_model
 
     config = build_config(settings(folder, cache_mb))
     ensure_datasplit(config, echo=lambda _: None)

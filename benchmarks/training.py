@@ -22,7 +22,7 @@ import torch
 
 from csc.config import load_config
 from csc.synth import SynthSpec, write_synthetic
-from csc.train import seed_everything, setup, train, train_epoch, train_step
+from csc.training import seed_everything, setup, train, train_epoch, train_step
 
 EXAMPLE = Path(__file__).parents[1] / "examples/train_2D.py"
 STEP_BATCHES = 10  # timed batches per measurement, after a warm-up epoch

@@ -19,7 +19,7 @@ from csc.config import load_config
 from csc.data.loaders import build_datasets, default_loader_kwargs
 from csc.datasplit import ensure_datasplit
 from csc.synth import SynthSpec, write_synthetic
-from csc.train import resume, setup, validate
+from csc.training import resume, setup, validate
 
 CLASSES = ("nuc", "mito", "er")
 SPEC = SynthSpec(

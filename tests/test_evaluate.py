@@ -25,7 +25,7 @@ from csc.datasplit import (
     select_crops,
     write_datasplit,
 )
-from csc.evaluate import (
+from csc.evaluation import (
     METRICS,
     ClassResult,
     EvaluationReport,

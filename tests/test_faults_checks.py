@@ -25,7 +25,7 @@ from csc.cli import cli
 from csc.config import ConfigWarning, build_config
 from csc.datasplit import ensure_datasplit
 from csc.synth import write_synthetic
-from csc.train import NonFiniteTrainingError, setup, train, train_step
+from csc.training import NonFiniteTrainingError, setup, train, train_step
 from tests.faults import assert_unchanged, snapshot
 from tests.test_train import SPEC, events, settings
 

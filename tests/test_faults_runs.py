@@ -30,7 +30,7 @@ from csc.models.loading import (
     validation_by_epoch,
 )
 from csc.synth import SynthSpec, write_synthetic
-from csc.train import train
+from csc.training import train
 from tests.faults import assert_unchanged, snapshot
 
 CLASSES = ("nuc", "mito")
@@ -339,7 +339,7 @@ def test_prediction_from_a_state_file_uses_the_model_file_beside_it(
 ) -> None:
     """The state holds no second copy of the weights: `csc predict --checkpoint X.state.pth`
     loads X.pth."""
-    from csc.predict import checkpoint_weights
+    from csc.prediction import checkpoint_weights
 
     folder = old_run / "checkpoints"
     config = build_config(settings(data, old_run))

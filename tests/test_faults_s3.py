@@ -35,7 +35,7 @@ from csc.datasplit import (
     write_datasplit,
 )
 from csc.storage import S3Options, S3RetryWarning, StorageError, write_array
-from csc.train import train
+from csc.training import train
 from tests.faultproxy import FaultProxy, fault_proxy
 from tests.faults import assert_unchanged, snapshot
 from tests.s3server import free_port, s3_client, upload_tree

@@ -23,9 +23,9 @@ from click.testing import CliRunner
 from csc.cli import cli
 from csc.config import TrainConfig, build_config
 from csc.datasplit import check_writable, read_datasplit, write_datasplit
-from csc.evaluate import EvaluationReport, check_json_path, write_json
-from csc.predict import predict
-from csc.process import process
+from csc.evaluation import EvaluationReport, check_json_path, write_json
+from csc.prediction import predict
+from csc.processing import process
 from csc.storage import (
     StorageError,
     clean_stale,

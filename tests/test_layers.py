@@ -9,16 +9,16 @@ import pytest
 
 SRC = Path(__file__).parents[1] / "src" / "csc"
 # config/storage -> datasplit -> data -> models, losses, metrics -> checkpoints, tracking
-# -> train, predict -> cli. `synth` writes data and sits beside the datasplit.
+# -> training, prediction -> cli and the public API (`csc/__init__`). `synth` writes data and
+# sits beside the datasplit.
 LAYERS = [
-    {"__init__"},
     {"config", "storage"},
     {"synth", "datasplit"},
     {"data"},
     {"models", "losses", "metrics"},
     {"checkpoints", "tracking", "distributed"},
-    {"train", "predict", "evaluate", "process", "launch"},
-    {"cli", "__main__"},
+    {"training", "prediction", "evaluation", "processing", "launch"},
+    {"cli", "__main__", "__init__"},
 ]
 
 

@@ -18,7 +18,7 @@ from csc.cli import cli
 from csc.config import TrainConfig, build_config
 from csc.data import PatchSpec
 from csc.datasplit import ensure_datasplit, read_datasplit
-from csc.predict import (
+from csc.prediction import (
     blocks,
     crop_regions,
     gaussian_weights,
@@ -27,9 +27,9 @@ from csc.predict import (
     predict_volume,
     window_starts,
 )
-from csc.process import process
+from csc.processing import process
 from csc.synth import SynthSpec, write_synthetic
-from csc.train import make_model
+from csc.training import make_model
 
 CLASSES = ("nuc", "mito", "er")
 # Crops of 16 x 64 x 64 label voxels at 4 nm: 8 x 32 x 32 output voxels at 8 nm.
@@ -329,10 +329,10 @@ def test_train_predict_evaluate_round_trip(data: Path, tmp_path: Path) -> None:
     """A briefly trained model's predictions of the validation crops, scored by `evaluate` from
     the zarr files, equal the metrics computed in memory on the same region: the in-memory
     probabilities, each 8 nm voxel repeated over its 2 x 2 x 2 label voxels of 4 nm."""
-    from csc.evaluate import evaluate
+    from csc.evaluation import evaluate
     from csc.metrics import SegmentationMetrics
-    from csc.predict import encode
-    from csc.train import train
+    from csc.prediction import encode
+    from csc.training import train
 
     config = config_of(
         data,

@@ -20,7 +20,7 @@ from csc.cli import cli
 from csc.config import TrainConfig, build_config
 from csc.models import UNet
 from csc.synth import SynthSpec, write_synthetic
-from csc.train import train
+from csc.training import train
 
 CLASSES = ("nuc", "mito", "er")
 # Crops of 16 x 64 x 64 label voxels at 4 nm: 8 x 32 x 32 at the patches' 8 nm.
@@ -136,7 +136,7 @@ def test_killed_run_resumes_from_its_last_whole_checkpoint(data: Path, tmp_path:
     """SIGKILL during epoch 2: every checkpoint file left loads, and the rerun starts at 2."""
     config = settings(data, tmp_path, epochs=3, iterations_per_epoch=40)
     script = (
-        f"from csc.train import train\nfrom csc.config import build_config\n"
+        f"from csc.training import train\nfrom csc.config import build_config\n"
         f"train(build_config({config!r}))\n"
     )
     process = subprocess.Popen(
@@ -325,7 +325,7 @@ def test_example_configs_build_their_models(name: str) -> None:
     """The examples resolve, and their models take their patch shapes (checked before data)."""
     from csc.config import load_config
     from csc.data import PatchSpec
-    from csc.train import make_model
+    from csc.training import make_model
 
     config = load_config(Path(__file__).parents[1] / "examples" / name)
     spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)

@@ -185,7 +185,7 @@ def train(config_file: str, overrides: tuple[str, ...], strict: bool, nproc: int
         raise SystemExit(launch(nproc, arguments))
     with user_errors():
         resolved = load_config(config_file, overrides, strict=strict)
-        from csc.train import train as run
+        from csc.training import train as run
 
         result = run(resolved)
     if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 reports
@@ -264,7 +264,7 @@ def predict(
             raise click.BadParameter(f"{bbox!r} is not z0,y0,x0,z1,y1,x1 in nm") from None
     with user_errors():
         resolved = load_config(config_file, overrides, strict=strict)
-        from csc.predict import predict as run
+        from csc.prediction import predict as run
 
         written = run(
             resolved,
@@ -322,7 +322,7 @@ def process(
 
     with user_errors():
         resolved = load_config(config_file, overrides, strict=strict)
-        from csc.process import process as run
+        from csc.processing import process as run
 
         written = run(
             resolved, source=source, output=output, crops=_comma_list(crops), overwrite=overwrite
@@ -587,8 +587,8 @@ def counts(**options: Any) -> None:
 def evaluate(**options: Any) -> None:
     """Score predictions against ground-truth crops: IoU, Dice, ..., Hausdorff95 (nm)."""
     from csc.datasplit import read_datasplit, select_crops
-    from csc.evaluate import check_json_path, format_table, write_json
-    from csc.evaluate import evaluate as run
+    from csc.evaluation import check_json_path, format_table, write_json
+    from csc.evaluation import evaluate as run
 
     json_path = options["json_path"]
     with user_errors():

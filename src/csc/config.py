@@ -26,7 +26,7 @@ from typing import Any
 from csc.storage import S3_RETRY_BUDGET_S, S3_TIMEOUT_S
 
 # Names accepted where the config gives a string instead of an object. The registries in
-# csc.models, csc.losses and csc.train hold the implementations; a test keeps them equal.
+# csc.models, csc.losses and csc.training hold the implementations; a test keeps them equal.
 MODEL_NAMES = ("2d_resnet", "2d_unet", "3d_resnet", "3d_unet", "vitnet")
 OPTIMIZER_NAMES = ("adam", "adamw", "radam", "sgd")
 SCHEDULER_NAMES = ("cosine", "onecycle", "plateau", "step")

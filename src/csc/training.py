@@ -14,7 +14,6 @@ import os
 import random
 import sys
 import time
-import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -884,13 +883,3 @@ def save(run: Run, epoch: int, *, improved: bool) -> None:
         prune_checkpoints(
             keep_last=config.keep_last_checkpoints, best_epoch=run.best_epoch, **names
         )
-
-
-class _CallableModule(types.ModuleType):
-    """`from csc import train; train(path)`: this module, called, is `train`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> TrainResult:
-        return train(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

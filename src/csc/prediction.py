@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from csc.checkpoints import load_for_resume, model_path
-from csc.config import TrainConfig
+from csc.config import TrainConfig, load_config
 from csc.data import Crop, MetadataReader, PatchDataset, PatchSpec, load_crops
 from csc.data.geometry import Grid
 from csc.data.loaders import check_crops
@@ -40,7 +40,7 @@ from csc.storage import (
     multiscales_attrs,
     staged_group,
 )
-from csc.train import AUTOCAST_DTYPES, channels_last_format, choose_device, make_model
+from csc.training import AUTOCAST_DTYPES, channels_last_format, choose_device, make_model
 
 Vec3 = tuple[float, float, float]
 GAUSSIAN_SIGMA = 1 / 8  # of the window size: weights fall to ~0.0003 of the centre's at edges
@@ -476,7 +476,7 @@ def output_path(output: str | os.PathLike[str], region: Region) -> Path:
 
 
 def predict(
-    config: TrainConfig,
+    config: TrainConfig | str | os.PathLike[str],
     *,
     crops: Sequence[str] = (),
     all_crops: bool = False,
@@ -493,6 +493,8 @@ def predict(
     """`csc predict`: the regions asked for (datasplit crops, by default the validation ones,
     or a box in one dataset), predicted with the `checkpoint` weights into `output` (default:
     `predictions_path`)."""
+    if not isinstance(config, TrainConfig):
+        config = load_config(config)
     if bbox is not None:
         if crops or all_crops or dataset is None:
             raise ValueError("--bbox needs --dataset NAME and goes without --crops and --all")

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from csc.config import TrainConfig
+from csc.config import TrainConfig, load_config
 from csc.datasplit import crop_matches
-from csc.predict import InputStores, blocks, check_targets
+from csc.prediction import InputStores, blocks, check_targets
 from csc.storage import make_compressor, staged_group
 
 PROCESS_FUNC_HINT = (
@@ -59,7 +59,7 @@ def find_predictions(root: str | os.PathLike[str]) -> list[PredictedCrop]:
 
 
 def process(
-    config: TrainConfig,
+    config: TrainConfig | str | os.PathLike[str],
     *,
     source: str | os.PathLike[str] | None = None,
     output: str | os.PathLike[str] | None = None,
@@ -70,6 +70,8 @@ def process(
     """Apply `process_func` to every predicted crop (or those matching `crops`, crop or
     dataset/crop globs) of `source` (default: predictions_path) into `output` (default:
     processed_path), with the same layout, voxel size and translation."""
+    if not isinstance(config, TrainConfig):
+        config = load_config(config)
     if config.process_func is None:
         raise ValueError(PROCESS_FUNC_HINT)
     names = {"model_name": config.model_name}
