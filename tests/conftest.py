@@ -46,6 +46,13 @@ def tiny_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --- A real S3 API server on 127.0.0.1 (moto's server mode) -------------------------------
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses the local S3 server is marked `s3`: one rule, not a mark per test."""
+    for item in items:
+        if "s3_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.s3)
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """The local S3 server for the whole session; yields its endpoint URL."""

@@ -533,6 +533,7 @@ def test_the_region_cache_keeps_the_most_recent_within_its_limit(aligned: Path) 
     assert (served[:2] == 0).all()
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_batches_and_no_duplicates(aligned: Path, tmp_path: Path) -> None:
     config = loader_config(aligned, tmp_path / "split.csv", iterations_per_epoch=4)
     serial = epoch(build_loaders(config).train)

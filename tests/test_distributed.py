@@ -122,6 +122,7 @@ def scalars(log_dir: Path) -> dict[str, list[Any]]:
     return {tag: accumulator.Scalars(tag) for tag in accumulator.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_two_ranks_train_log_once_reduce_validation_and_resume(data: Path, tmp_path: Path) -> None:
     config = write_config(data, tmp_path)
     done = torchrun(config)
@@ -173,6 +174,7 @@ def test_two_ranks_train_log_once_reduce_validation_and_resume(data: Path, tmp_p
     assert not set(seen(tmp_path, 0)[12:]) & set(first + second)  # epoch 3's own patches
 
 
+@pytest.mark.slow
 def test_a_failing_rank_ends_the_run_with_its_error(data: Path, tmp_path: Path) -> None:
     config = write_config(data, tmp_path)
     env = {**os.environ, "FAIL_RANK": "1"}

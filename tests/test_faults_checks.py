@@ -184,6 +184,7 @@ def test_max_nonfinite_steps_is_validated() -> None:
 # --- 2. Warnings when they happen ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_config_warning_is_printed_before_data_is_read_and_survives_a_kill(
     data: Path, tmp_path: Path
 ) -> None:

@@ -132,6 +132,7 @@ def test_a_new_model_to_load_fine_tunes_from_epoch_1(data: Path, tmp_path: Path)
     assert (tmp_path / "checkpoints/tuned_1.pth").is_file()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_last_whole_checkpoint(data: Path, tmp_path: Path) -> None:
     """SIGKILL during epoch 2: every checkpoint file left loads, and the rerun starts at 2."""
     config = settings(data, tmp_path, epochs=3, iterations_per_epoch=40)
@@ -197,6 +198,7 @@ def test_loop_options_train_and_change_the_learning_rate(
         assert len(result.validation) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(1, 32, 32), (8, 16, 16)], ids=["2D", "3D"])
 def test_channels_last_and_compile_train_and_save_plain_weights(
     data: Path, tmp_path: Path, shape: tuple[int, ...]
@@ -308,6 +310,7 @@ def test_user_code_loads_the_latest_and_best_weights(data: Path, tmp_path: Path)
     assert best == result.best_epoch
 
 
+@pytest.mark.slow
 def test_a_config_file_run_as_a_script_trains(data: Path, tmp_path: Path) -> None:
     """`python config.py` with the examples' closing lines: `from csc import train`."""
     lines = [f"{key} = {value!r}" for key, value in settings(data, tmp_path, epochs=1).items()]
