@@ -35,7 +35,9 @@ from csc.storage import (
     S3Options,
     count_foreground,
     filesystem_for,
+    folder_names,
     is_s3,
+    names_in,
     parse_multiscales,
     read_json,
     s3_errors,
@@ -159,22 +161,16 @@ class Lister:
         """Names of the sub-directories (prefixes) of `path`; none if it does not exist."""
         self._count()
         try:
-            entries = self.fs.ls(path, detail=True)
+            return folder_names(self.fs, path)
         except FileNotFoundError:
             if must_exist:
                 raise FileNotFoundError(f"{path} does not exist: check the search path") from None
             return []
-        return [
-            e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"
-        ]
 
     def files(self, path: str) -> set[str]:
         """Names of everything directly in `path` (files and directories)."""
         self._count()
-        try:
-            return {e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(path, detail=False)}
-        except FileNotFoundError:
-            return set()
+        return set(names_in(self.fs, path))
 
     def read_json(self, path: str) -> dict[str, Any]:
         self._count()

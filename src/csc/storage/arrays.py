@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from csc.storage.errors import StorageError
 from csc.storage.s3 import (
@@ -96,7 +96,7 @@ def write_array(
         array.attrs.update(attrs)
 
 
-def open_group(path: str, *, mode: str = "r") -> Any:
+def open_group(path: str, *, mode: Literal["r", "a", "w"] = "r") -> Any:
     """The local zarr format 2 group at `path`: "r" to read, "a" to add to it, "w" to create it
     (replacing what was there)."""
     import zarr

@@ -212,7 +212,7 @@ class InputStores:
         for root, why in stores:
             for form in _path_forms(root) if not is_s3(root) else ():
                 roots.setdefault(form, why)
-        patterns = ()
+        patterns: tuple[tuple[re.Pattern[str], str], ...] = ()
         if search_path is not None and not is_s3(search_path):
             why = f"a store of search_path {search_path}"
             patterns = tuple((p, why) for p in _store_patterns(search_path))
@@ -282,6 +282,13 @@ def names_in(fs: Any, url: str) -> list[str]:
         return [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(fs_path(url), detail=False)]
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+def folder_names(fs: Any, url: str) -> list[str]:
+    """The names of the folders (S3 prefixes) directly in the folder `url`; FileNotFoundError
+    when it does not exist."""
+    entries = fs.ls(fs_path(url), detail=True)
+    return [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"]
 
 
 def is_folder(fs: Any, url: str) -> bool:

@@ -236,7 +236,11 @@ class MetadataReader:
         where = f"{group}/{level.path}"
         level = dataclasses.replace(level, shape=_vec3i(array["shape"], where))
         s3 = self.s3 if is_s3(group) else None
-        stored = {"dtype": _dtype(array, where), "chunking": _chunking(array, where), "s3": s3}
+        stored: dict[str, Any] = {
+            "dtype": _dtype(array, where),
+            "chunking": _chunking(array, where),
+            "s3": s3,
+        }
         if not label:
             return ArraySource(group, level, **stored)
         attrs = self.json(f"{group}/{level.path}/.zattrs", missing_ok=True)
