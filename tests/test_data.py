@@ -35,10 +35,9 @@ from csc.data import (
     load_crops,
 )
 from csc.data.loaders import fill_foreground, loader_kwargs
-from csc.data.sources import tensorstore_used_here
 from csc.data.transforms import rotation, sample_generator, spatial_matrix
 from csc.datasplit import CrawlOptions, DatasplitRow, crawl, write_datasplit
-from csc.storage import StorageError
+from csc.storage import StorageError, tensorstore_used_here
 from tests.volumes import (
     CROP_OFFSET,
     LABEL_SHAPE,

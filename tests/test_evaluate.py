@@ -16,7 +16,6 @@ import zarr
 from click.testing import CliRunner
 
 from csc.cli import cli
-from csc.data.sources import Level, parse_multiscales
 from csc.datasplit import (
     CrawlOptions,
     DatasplitRow,
@@ -36,7 +35,7 @@ from csc.evaluation import (
     write_json,
 )
 from csc.metrics import COUNT_NAMES, batch_counts
-from csc.storage import annotation_attrs, multiscales_attrs, write_array
+from csc.storage import Level, annotation_attrs, multiscales_attrs, parse_multiscales, write_array
 from csc.synth import SynthSpec, write_synthetic
 from tests.s3server import upload_tree
 

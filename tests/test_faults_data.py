@@ -19,10 +19,10 @@ from csc.cli import cli
 from csc.config import TrainConfig, build_config
 from csc.data import PatchDataset, build_datasets, load_crops, read_crops
 from csc.data.loaders import check_crops
-from csc.data.sources import Chunking, DataWarning, MetadataReader, any_chunk_stored
+from csc.data.sources import DataWarning
 from csc.data.transforms import rotation
 from csc.datasplit import DatasplitRow, write_datasplit
-from csc.storage import multiscales_attrs
+from csc.storage import Chunking, MetadataReader, any_chunk_stored, multiscales_attrs
 from tests.faults import assert_unchanged, snapshot
 from tests.s3server import upload_tree
 from tests.volumes import (

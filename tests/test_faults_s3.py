@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from csc.cli import cli
 from csc.config import TrainConfig, build_config, load_config
 from csc.data import Crop, TrainPatches, load_crops
-from csc.data.sources import ArraySource, MetadataReader, PendingRead, open_array
+from csc.data.sources import PendingRead
 from csc.datasplit import (
     CrawlOptions,
     DatasplitRow,
@@ -34,7 +34,15 @@ from csc.datasplit import (
     s3_options,
     write_datasplit,
 )
-from csc.storage import S3Options, S3RetryWarning, StorageError, write_array
+from csc.storage import (
+    ArraySource,
+    MetadataReader,
+    S3Options,
+    S3RetryWarning,
+    StorageError,
+    open_array,
+    write_array,
+)
 from csc.training import train
 from tests.faultproxy import FaultProxy, fault_proxy
 from tests.faults import assert_unchanged, snapshot
@@ -363,8 +371,8 @@ def test_a_stalled_endpoint_fails_the_metadata_read_within_the_budget(
 
 STALL_SCRIPT = """
 import sys, time
-from csc.data.sources import ArraySource, Level, PendingRead, open_array
-from csc.storage import S3Options
+from csc.data.sources import PendingRead
+from csc.storage import ArraySource, Level, S3Options, open_array
 endpoint, url = sys.argv[1:]
 s3 = S3Options(endpoint, timeout_s=1, retry_budget_s=3)
 source = ArraySource(url, Level("s0", (8, 8, 8), (4, 4, 4), (16, 32, 32)), s3=s3)

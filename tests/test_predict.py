@@ -19,7 +19,6 @@ from csc.config import TrainConfig, build_config
 from csc.data import PatchSpec
 from csc.datasplit import ensure_datasplit, read_datasplit
 from csc.prediction import (
-    blocks,
     crop_regions,
     gaussian_weights,
     load_predictor,
@@ -28,6 +27,7 @@ from csc.prediction import (
     window_starts,
 )
 from csc.processing import process
+from csc.storage import blocks
 from csc.synth import SynthSpec, write_synthetic
 from csc.training import make_model
 

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from csc import __version__
-from csc.storage import S3_RETRY_BUDGET_S, S3_TIMEOUT_S
+from csc.storage import COMPRESSORS, S3_RETRY_BUDGET_S, S3_TIMEOUT_S, is_url
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -108,7 +108,7 @@ def cli() -> None:
     "--compressor",
     default="zstd",
     show_default=True,
-    type=click.Choice(["zstd", "blosc-lz4", "gzip", "none"]),
+    type=click.Choice(COMPRESSORS),
 )
 @click.option("--overwrite", is_flag=True, help="Replace datasets that already exist in OUT_DIR.")
 def synth(out_dir: str, **options: Any) -> None:
@@ -409,16 +409,14 @@ def _crawl_command(function: Callable[..., Any]) -> Callable[..., Any]:
 
 def _crawl_options(options: dict[str, Any]) -> Any:
     """CrawlOptions from the crawl command options (popped from `options`)."""
-    from csc.config import DEFAULT_S3_SEARCH_PATH, DEFAULT_SEARCH_PATH
+    from csc.config import DEFAULT_SEARCH_PATH, s3_search_path
     from csc.datasplit import CrawlOptions
 
     use_s3, bucket = options.pop("use_s3"), options.pop("bucket")
     search_path = options.pop("search_path")
     if use_s3:
-        search_path = search_path or DEFAULT_S3_SEARCH_PATH
-        if not search_path.startswith("s3://"):
-            search_path = f"s3://{bucket}/{search_path.lstrip('/')}"
-    elif "://" not in (search_path or ""):
+        search_path = s3_search_path(search_path, bucket)
+    elif not is_url(search_path or ""):
         search_path = os.path.abspath(search_path or DEFAULT_SEARCH_PATH)
     scale = _comma_list(options.pop("scale"))
     try:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from csc.storage import S3_RETRY_BUDGET_S, S3_TIMEOUT_S
+from csc.storage import S3_RETRY_BUDGET_S, S3_TIMEOUT_S, bucket_url, is_url
 
 # Names accepted where the config gives a string instead of an object. The registries in
 # csc.models, csc.losses and csc.training hold the implementations; a test keeps them equal.
@@ -387,9 +387,15 @@ def _resolve_paths(kwargs: dict[str, Any], config_dir: Path) -> dict[str, Any]:
         if key == "search_path" and use_s3:
             continue  # on S3 the search path is relative to the bucket
         value = kwargs.get(key, getattr(TrainConfig, key))
-        if isinstance(value, str) and "://" not in value and not os.path.isabs(value):
+        if isinstance(value, str) and not is_url(value) and not os.path.isabs(value):
             kwargs[key] = os.path.normpath(config_dir / os.path.expanduser(value))
     return kwargs
+
+
+def s3_search_path(search_path: str | None, bucket: str) -> str:
+    """Where a crawl with use_s3 looks: `search_path` (default DEFAULT_S3_SEARCH_PATH), a path
+    inside `bucket` unless it is an S3 URL itself."""
+    return bucket_url(bucket, search_path or DEFAULT_S3_SEARCH_PATH)
 
 
 def validate(config: TrainConfig) -> None:

@@ -21,27 +21,34 @@ import re
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from csc.config import DEFAULT_SEARCH_PATH, ConfigWarning, TrainConfig
+from csc.config import DEFAULT_SEARCH_PATH, ConfigWarning, TrainConfig, s3_search_path
 from csc.storage import (
+    FINEST,
     S3_RETRY_BUDGET_S,
     S3_TIMEOUT_S,
     STORE_SUFFIXES,
+    InputStores,
+    MetadataReader,
     S3Options,
+    count_foreground,
     filesystem_for,
+    folder_names,
     is_s3,
-    open_zarr_array,
+    names_in,
+    parse_multiscales,
+    read_json,
     s3_errors,
+    s3_url,
     split_store_path,
+    thread_map,
     write_text_atomic,
 )
 
 USAGES = ("train", "validate")
 FIELD = re.compile(r"\{(\w+)\}")
-MAX_CONCURRENT_LISTINGS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +56,7 @@ class DatasplitRow:
     """One crop: where its raw and labels are, which requested classes it has, its split."""
 
     usage: str  # "train" or "validate"
-    raw_root: str  # store root, ".../jrc_x.zarr" (local path or s3:// URL)
+    raw_root: str  # store root, ".../jrc_x.zarr" (local path or S3 URL)
     raw_path: str  # group inside it, "recon-1/em/fibsem-uint8"
     gt_root: str
     gt_path: str  # crop group inside gt_root, "recon-1/labels/groundtruth/crop234"
@@ -138,14 +145,6 @@ def _glob_filter(patterns: Sequence[str]) -> Callable[[str], bool]:
     return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def thread_map(function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-    """`function` over `items` in up to MAX_CONCURRENT_LISTINGS threads (I/O-bound requests)."""
-    if len(items) <= 1:
-        return [function(item) for item in items]
-    with ThreadPoolExecutor(min(MAX_CONCURRENT_LISTINGS, len(items))) as pool:
-        return list(pool.map(function, items))
-
-
 class Lister:
     """Directory listings through fsspec, counted, run concurrently level by level."""
 
@@ -162,28 +161,20 @@ class Lister:
         """Names of the sub-directories (prefixes) of `path`; none if it does not exist."""
         self._count()
         try:
-            entries = self.fs.ls(path, detail=True)
+            return folder_names(self.fs, path)
         except FileNotFoundError:
             if must_exist:
                 raise FileNotFoundError(f"{path} does not exist: check the search path") from None
             return []
-        return [
-            e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"
-        ]
 
     def files(self, path: str) -> set[str]:
         """Names of everything directly in `path` (files and directories)."""
         self._count()
-        try:
-            return {e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(path, detail=False)}
-        except FileNotFoundError:
-            return set()
+        return set(names_in(self.fs, path))
 
     def read_json(self, path: str) -> dict[str, Any]:
-        import json
-
         self._count()
-        return json.loads(self.fs.cat_file(path))
+        return read_json(self.fs, path)
 
     def map(self, function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         return thread_map(function, items)
@@ -331,19 +322,12 @@ def is_fine_enough(scale: Sequence[float], wanted: Sequence[float]) -> bool:
 
 def read_s0_scale(lister: Lister, group: str) -> list[float]:
     """Voxel size (nm) of level s0 from an OME-NGFF multiscales group's .zattrs."""
-    attrs = lister.read_json(f"{group}/.zattrs")
-    try:
-        transforms = attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"]
-        return next(t["scale"] for t in transforms if t["type"] == "scale")
-    except (KeyError, IndexError, StopIteration):
-        raise ValueError(f"{group}/.zattrs has no OME-NGFF multiscales scale for s0") from None
+    return list(parse_multiscales(lister.read_json(f"{group}/.zattrs"), group)[0].scale)
 
 
 def _url(path: str, search_path: str) -> str:
     """Paths from s3fs lack the scheme; put it back for S3 search paths."""
-    if is_s3(search_path) and not is_s3(path):
-        return f"s3://{path}"
-    return path
+    return s3_url(path) if is_s3(search_path) else path
 
 
 def _url_root(search_path: str) -> str:
@@ -602,8 +586,8 @@ def _absolute(root: str, folder: Path) -> str:
 def options_from_config(config: TrainConfig) -> tuple[CrawlOptions, SplitOptions]:
     """The crawl and split that `csc train` uses when the config's datasplit CSV is missing."""
     search_path = config.search_path
-    if config.use_s3 and not is_s3(search_path):
-        search_path = f"s3://{config.s3_bucket}/{search_path.lstrip('/')}"
+    if config.use_s3:
+        search_path = s3_search_path(search_path, config.s3_bucket)
     scale = config.filter_by_scale
     if scale is True:
         scale = config.target_array_info.scale
@@ -630,6 +614,17 @@ def options_from_config(config: TrainConfig) -> tuple[CrawlOptions, SplitOptions
 def s3_options(config: TrainConfig) -> S3Options:
     """The S3 endpoint, timeouts and retry budget a config sets."""
     return S3Options(config.s3_endpoint_url, config.s3_timeout_s, config.s3_retry_budget_s)
+
+
+def input_stores(config: TrainConfig) -> InputStores:
+    """The local stores a config reads, which csc never writes into: the raw and ground-truth
+    roots of its datasplit CSV (if it exists), and every store its search_path can name."""
+    csv = Path(config.datasplit_path)
+    stores = []
+    for row in read_datasplit(csv) if csv.is_file() else ():
+        for root, kind in ((row.raw_root, "raw"), (row.gt_root, "ground truth")):
+            stores.append((root, f"the {kind} store of {row.dataset} in {csv}"))
+    return InputStores.of(stores, search_path=None if config.use_s3 else config.search_path)
 
 
 def ensure_datasplit(config: TrainConfig, *, echo: Callable[[str], None] = print) -> Path:
@@ -751,9 +746,10 @@ def count_classes(options: CrawlOptions) -> tuple[list[dict[str, Any]], list[str
     crops skipped by the crawl."""
     lister = Lister(filesystem_for(options.search_path, options.s3))
     report = crawl(options, lister)  # one client (and its listing cache) for crawl and reads
+    reader = MetadataReader(options.search_path, s3=options.s3, fs=lister.fs)
     keys = [(crop, label) for crop in report.crops for label in crop.classes]
     with s3_errors(_url_root(options.search_path), options.endpoint_url):
-        voxels = lister.map(lambda key: _foreground(lister, key[0], key[1], options), keys)
+        voxels = lister.map(lambda key: _foreground(reader, key[0], key[1]), keys)
     totals: dict[tuple[str, str], list[int]] = {}
     for (crop, label), count in zip(keys, voxels, strict=True):
         entry = totals.setdefault((crop.dataset, label), [0, 0])
@@ -766,48 +762,13 @@ def count_classes(options: CrawlOptions) -> tuple[list[dict[str, Any]], list[str
     return rows, report.skipped
 
 
-def _foreground(lister: Lister, crop: DatasplitRow, label: str, options: CrawlOptions) -> int:
-    group = f"{crop.gt_root}/{crop.gt_path}/{label}"
-    attrs = lister.read_json(f"{_strip(group)}/.zattrs")
-    level = attrs["multiscales"][0]["datasets"][0]["path"]
-    array = f"{_strip(group)}/{level}"
-    annotation = lister.read_json(f"{array}/.zattrs").get("cellmap", {}).get("annotation", {})
-    counts = annotation.get("complement_counts")
-    if isinstance(counts, dict) and counts:  # absent (and unknown) voxels: not foreground
-        shape = lister.read_json(f"{array}/.zarray")["shape"]
-        return int(_product(shape) - sum(counts.values()))
-    return count_nonzero(f"{group}/{level}", s3=options.s3)
-
-
-def _strip(url: str) -> str:
-    return url.removeprefix("s3://")
-
-
-def _product(values: Iterable[int]) -> int:
-    result = 1
-    for value in values:
-        result *= int(value)
-    return result
-
-
-def open_zarr(
-    array_url: str, *, endpoint_url: str | None = None, s3: S3Options | None = None
-) -> Any:
-    """A zarr array, local or on S3 (anonymous unless credentials are set), for reading;
-    S3 requests retry transient failures within the budget."""
-    with s3_errors(array_url, (s3 or S3Options(endpoint_url)).endpoint_url):
-        return open_zarr_array(array_url, s3 or S3Options(endpoint_url=endpoint_url))
-
-
-def count_nonzero(
-    array_url: str, *, endpoint_url: str | None = None, s3: S3Options | None = None
-) -> int:
-    """Non-zero voxels of a zarr array, read one chunk-row slab at a time to bound memory."""
-    import numpy as np
-
-    array = open_zarr(array_url, endpoint_url=endpoint_url, s3=s3)
-    step = array.chunks[0]
-    return sum(int(np.count_nonzero(array[z : z + step])) for z in range(0, array.shape[0], step))
+def _foreground(reader: MetadataReader, crop: DatasplitRow, label: str) -> int:
+    """Foreground voxels of a class of a crop at s0: from CellMap's complement_counts (absent
+    and unknown voxels are not foreground) where present, else its non-zero voxels."""
+    source = reader.source(f"{crop.gt_root}/{crop.gt_path}/{label}", FINEST, label=True)
+    if source.foreground is not None:
+        return source.foreground
+    return count_foreground(source.url, s3=reader.s3)
 
 
 def crop_matches(dataset: str, crop: str, patterns: Sequence[str]) -> bool:

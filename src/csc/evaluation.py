@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,8 +22,7 @@ import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
 
-from csc.data.sources import ArraySource, Level, MetadataReader
-from csc.datasplit import DatasplitRow, open_zarr
+from csc.datasplit import DatasplitRow
 from csc.metrics import (
     COUNT_NAMES,
     METRIC_NAMES,
@@ -33,11 +31,23 @@ from csc.metrics import (
     check_scoring,
     scores_from_counts,
 )
-from csc.storage import filesystem_for, is_s3, write_text_atomic
+from csc.storage import (
+    FINEST,
+    ArraySource,
+    Level,
+    MetadataReader,
+    absolute,
+    filesystem_for,
+    group_names,
+    is_folder,
+    is_s3,
+    names_in,
+    open_zarr,
+    write_text_atomic,
+)
 
 METRICS = (*METRIC_NAMES, "hausdorff95_nm")
 ENCODINGS = {"uint8": 255.0, "float16": 1.0}  # probability = stored value / divisor
-FINEST = (0.0, 0.0, 0.0)  # nm: no level is this fine, so `choose_level` returns the finest
 
 
 class EvaluationWarning(UserWarning):
@@ -89,20 +99,14 @@ def _crop_dir(root: str, row: DatasplitRow) -> str:
 
 def _predicted_classes(fs: Any, root: str, row: DatasplitRow) -> set[str]:
     """The class groups (folders with a .zattrs) in a crop's prediction folder."""
-    folder = _crop_dir(root, row).removeprefix("s3://")
-    if not fs.isdir(folder):
-        return set()
-    children = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
-    return {name for name in children if fs.exists(f"{folder}/{name}/.zattrs")}
+    return group_names(fs, _crop_dir(root, row))
 
 
 def _prediction_root(predictions: str | Path) -> tuple[Any, str]:
     """The filesystem and absolute location of the predictions folder, which must exist."""
-    root = str(predictions).rstrip("/")
-    if not is_s3(root):
-        root = os.path.abspath(root)
+    root = absolute(predictions)
     fs = filesystem_for(root)
-    if not fs.isdir(root.removeprefix("s3://")):
+    if not is_folder(fs, root):
         raise ValueError(
             f"predictions folder {root} does not exist; pass the folder `csc predict` wrote "
             "(it holds one {dataset}.zarr store per dataset)"
@@ -113,7 +117,7 @@ def _prediction_root(predictions: str | Path) -> tuple[Any, str]:
 def _nothing_found(fs: Any, root: str, rows: Sequence[DatasplitRow]) -> str:
     looked = ", ".join(_crop_dir(root, row) for row in rows[:5])
     more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
-    held = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root.removeprefix("s3://")))
+    held = sorted(names_in(fs, root))
     return (
         f"no crop of the datasplit has predictions in {root}: looked for {looked}{more}, each "
         f"holding one group per class; {root} holds: {', '.join(held[:20]) or 'nothing'}. "
@@ -195,7 +199,7 @@ def _reader(readers: dict[bool, MetadataReader], url: str) -> MetadataReader:
     """One metadata reader per kind of location (local, S3), made when first needed."""
     s3 = is_s3(url)
     if s3 not in readers:
-        readers[s3] = MetadataReader("s3://" if s3 else ".")
+        readers[s3] = MetadataReader(url)
     return readers[s3]
 
 

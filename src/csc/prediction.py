@@ -16,7 +16,6 @@ import dataclasses
 import itertools
 import math
 import os
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,16 +26,18 @@ from tqdm import tqdm
 
 from csc.checkpoints import load_for_resume, model_path
 from csc.config import TrainConfig, load_config
-from csc.data import Crop, MetadataReader, PatchDataset, PatchSpec, load_crops
+from csc.data import Crop, PatchDataset, PatchSpec, load_crops
 from csc.data.geometry import Grid
 from csc.data.loaders import check_crops
-from csc.datasplit import DatasplitRow, read_datasplit, s3_options, select_crops
+from csc.datasplit import DatasplitRow, input_stores, read_datasplit, s3_options, select_crops
 from csc.models.loading import load_weights, strip_wrapper_prefixes
 from csc.storage import (
-    STORE_SUFFIXES,
-    check_replaceable,
+    InputStores,
+    MetadataReader,
+    blocks,
+    check_targets,
+    create_array,
     is_s3,
-    make_compressor,
     multiscales_attrs,
     staged_group,
 )
@@ -259,7 +260,7 @@ def box_region(config: TrainConfig, dataset: str, bbox: Sequence[float]) -> Regi
 
 
 def raw_source(group: str, config: TrainConfig) -> Any:
-    reader = MetadataReader("s3://" if is_s3(group) else ".", s3=s3_options(config))
+    reader = MetadataReader(group, s3=s3_options(config))
     return reader.source(group, config.input_array_info.scale, label=False)
 
 
@@ -289,13 +290,6 @@ def gaussian_weights(shape: Sequence[int]) -> np.ndarray:
         axis = np.exp(-0.5 * (offsets / sigma) ** 2).astype(np.float32)
         weights = np.multiply.outer(weights, axis)
     return np.maximum(weights / weights.max(), MIN_WEIGHT).astype(np.float32)
-
-
-def blocks(shape: Sequence[int], block: Sequence[int]) -> Iterator[tuple[slice, ...]]:
-    """Slices of the output grid, block by block in (z, y, x) order."""
-    ranges = [range(0, n, b) for n, b in zip(shape, block, strict=True)]
-    for corner in itertools.product(*ranges):
-        yield tuple(slice(c, min(c + b, n)) for c, b, n in zip(corner, block, shape, strict=True))
 
 
 def touching(starts: np.ndarray, window: int, part: slice) -> np.ndarray:
@@ -502,7 +496,7 @@ def predict(
     else:
         regions = crop_regions(config, crops=crops, all_crops=all_crops)
     output = output or config.predictions_path.format(model_name=config.model_name)
-    check_free(output, regions, overwrite=overwrite, inputs=InputStores.of(config))
+    check_free(output, regions, overwrite=overwrite, inputs=input_stores(config))
     predictor = load_predictor(
         config, checkpoint=checkpoint, orthoplanes=orthoplanes, overlap=overlap, progress=progress
     )
@@ -526,94 +520,6 @@ def check_free(
     if inputs is not None:
         inputs.check_outside(targets)
     check_targets(targets, PREDICT, overwrite=overwrite)
-
-
-def check_targets(targets: Sequence[Path], command: str, *, overwrite: bool) -> None:
-    """Every existing target may be replaced: `overwrite` is given and `csc {command}` wrote
-    it (its marker); one error names them all otherwise."""
-    existing = [t for t in targets if t.exists() or t.is_symlink()]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"{', '.join(map(str, existing))} already exist; pass --overwrite to replace them"
-        )
-    for target in existing:
-        check_replaceable(target, command, overwrite=overwrite)
-
-
-@dataclasses.dataclass(frozen=True)
-class InputStores:
-    """The local zarr/n5 stores a config reads, which csc never writes into: the raw and
-    ground-truth roots of its datasplit CSV, and every store its search_path can name."""
-
-    roots: dict[str, str]  # absolute store root -> where it comes from
-    patterns: tuple[tuple[re.Pattern[str], str], ...]  # store roots of search_path
-
-    @classmethod
-    def of(cls, config: TrainConfig) -> InputStores:
-        roots: dict[str, str] = {}
-        csv = Path(config.datasplit_path)
-        for row in read_datasplit(csv) if csv.is_file() else ():
-            for root, kind in ((row.raw_root, "raw"), (row.gt_root, "ground truth")):
-                for form in _path_forms(root) if not is_s3(root) else ():
-                    roots.setdefault(form, f"the {kind} store of {row.dataset} in {csv}")
-        patterns = ()
-        if not (config.use_s3 or is_s3(config.search_path)):
-            why = f"a store of search_path {config.search_path}"
-            patterns = tuple((p, why) for p in _store_patterns(config.search_path))
-        return cls(roots, patterns)
-
-    def find(self, path: Path) -> tuple[str, str] | None:
-        """The input store `path` lies inside (or is) and where it comes from, or None."""
-        for form in _path_forms(path):
-            for folder in (form, *map(str, Path(form).parents)):
-                if folder in self.roots:
-                    return folder, self.roots[folder]
-                for pattern, why in self.patterns:
-                    if pattern.fullmatch(folder):
-                        return folder, why
-        return None
-
-    def check_outside(self, targets: Sequence[Path]) -> None:
-        """Refuse targets inside an input store, whether or not --overwrite is given."""
-        for target in targets:
-            found = self.find(target)
-            if found is not None:
-                raise ValueError(
-                    f"{target} lies inside {found[0]}, {found[1]}: csc never writes into its "
-                    "input data; choose an --output outside it"
-                )
-
-
-def _path_forms(path: str | os.PathLike[str]) -> list[str]:
-    """`path` absolute, as given and with links resolved (either may be how it is named)."""
-    return list(dict.fromkeys([os.path.abspath(path), os.path.realpath(path)]))
-
-
-def _store_patterns(search_path: str) -> list[re.Pattern[str]]:
-    """Patterns of the store roots search_path names: its components up to the first that
-    ends in .zarr or .n5 (a .zarr may also be the .n5 the crawl falls back to), {fields} as
-    names (one field used twice must match the same name twice); none without such a part."""
-    parts = os.path.abspath(search_path).split("/")
-    end = next((i for i, part in enumerate(parts) if part.endswith(STORE_SUFFIXES)), None)
-    if end is None:
-        return []
-    first = min(end + 1, next((i for i, part in enumerate(parts) if "{" in part), end + 1))
-    base, rest = "/".join(parts[:first]) or "/", "/".join(parts[first : end + 1])
-    return [
-        _template_pattern(os.path.join(form, rest) if rest else form) for form in _path_forms(base)
-    ]
-
-
-def _template_pattern(template: str) -> re.Pattern[str]:
-    pattern, seen = "", set()
-    for literal, field in re.findall(r"([^{]*)(?:\{(\w+)\})?", template):
-        pattern += re.escape(literal)
-        if field:
-            pattern += f"(?P={field})" if field in seen else f"(?P<{field}>[^/]+)"
-            seen.add(field)
-    if pattern.endswith(r"\.zarr"):
-        pattern = pattern.removesuffix(r"\.zarr") + r"\.(?:zarr|n5)"
-    return re.compile(pattern)
 
 
 def write_predictions(
@@ -674,14 +580,8 @@ def _create_arrays(
             "overlap": predictor.overlap,
         }
         arrays.append(
-            child.create_array(
-                "s0",
-                shape=grid.shape,
-                chunks=chunks,
-                dtype=encoding,
-                fill_value=0,
-                compressors=make_compressor("zstd"),
-                chunk_key_encoding={"name": "v2", "separator": "/"},
+            create_array(
+                child, "s0", shape=grid.shape, chunks=chunks, dtype=encoding, compressor="zstd"
             )
         )
     return arrays

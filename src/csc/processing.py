@@ -18,9 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from csc.config import TrainConfig, load_config
-from csc.datasplit import crop_matches
-from csc.prediction import InputStores, blocks, check_targets
-from csc.storage import make_compressor, staged_group
+from csc.datasplit import crop_matches, input_stores
+from csc.storage import blocks, check_targets, create_array, open_group, staged_group
 
 PROCESS_FUNC_HINT = (
     "set process_func in the config: a function of one class's probabilities (float32 in "
@@ -82,7 +81,7 @@ def process(
     if not chosen:
         raise ValueError(f"no predicted crop in {source} matches {', '.join(crops)}")
     targets = [output / f"{c.dataset}.zarr" / c.crop for c in chosen]
-    InputStores.of(config).check_outside(targets)
+    input_stores(config).check_outside(targets)
     check_not_source(targets, found, output=output)
     check_targets(targets, PROCESS, overwrite=overwrite)
     for crop, target in zip(chosen, targets, strict=True):
@@ -130,9 +129,7 @@ def process_array(
 ) -> None:
     """One class group: `function` over the probabilities of `source`/s0 block by block into
     `group`/`name`/s0, with the source's OME-NGFF metadata."""
-    import zarr
-
-    stored = zarr.open_group(str(source), mode="r", zarr_format=2)
+    stored = open_group(str(source), mode="r")
     array = stored["s0"]
     attrs = dict(stored.attrs)
     scale = 255.0 if array.dtype == np.uint8 else 1.0  # uint8 holds round(p * 255)
@@ -150,14 +147,13 @@ def process_array(
         if result.dtype == bool:
             result = result.astype(np.uint8)
         if out is None:
-            out = child.create_array(
+            out = create_array(
+                child,
                 "s0",
                 shape=array.shape,
                 chunks=array.chunks,
                 dtype=result.dtype,
-                fill_value=0,
-                compressors=make_compressor("zstd"),
-                chunk_key_encoding={"name": "v2", "separator": "/"},
+                compressor="zstd",
             )
         out[box] = result
 

@@ -20,7 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from csc.storage import annotation_attrs, level_transforms, multiscales_attrs, write_array
+from csc.storage import (
+    annotation_attrs,
+    level_transforms,
+    multiscales_attrs,
+    open_group,
+    write_array,
+)
 
 DEFAULT_CLASSES = ("nuc", "mito", "er")
 RAW_NAME = "em/fibsem-uint8"
@@ -142,12 +148,10 @@ def write_dataset(
     root: Path, name: str, spec: SynthSpec, index: int, first_crop: int
 ) -> list[CropInfo]:
     """One zarr store: the raw pyramid and `spec.num_crops` label crops."""
-    import zarr
-
     rng = np.random.default_rng([spec.seed, index])
     extent_nm = np.array(spec.shape) * spec.raw_scale
     objects = place_objects(rng, spec.classes, extent_nm)
-    recon = zarr.open_group(str(root), mode="w", zarr_format=2).require_group("recon-1")
+    recon = open_group(str(root), mode="w").require_group("recon-1")
     raw_scale = (spec.raw_scale,) * 3
     class_map = paint(objects, spec.shape, raw_scale, (0.0, 0.0, 0.0))
     raw = render_raw(class_map, spec, rng)

@@ -1,6 +1,7 @@
 """Patch sampling from local and S3 zarr crops, built on tensorstore (see docs/data.md).
 
-Modules, in the order data flows: `sources` (metadata and tensorstore reads), `geometry`
+Modules, in the order data flows: `sources` (tensorstore reads and crop regions held in
+memory; opening arrays and their metadata belong to `csc.storage`), `geometry`
 (world coordinates to voxels: planning reads), `sampling` (carrying the plans out),
 `transforms` (augmentations), `datasets` (samples, tiles, sampler) and `loaders` (from a config
 to DataLoaders).
@@ -17,7 +18,7 @@ from csc.data.datasets import (
 )
 from csc.data.geometry import Grid
 from csc.data.loaders import Loaders, build_datasets, build_loaders, load_crops, read_crops
-from csc.data.sources import ArraySource, DataWarning, Level, MetadataReader
+from csc.data.sources import DataWarning
 from csc.data.transforms import (
     Compose,
     GaussianBlur,
@@ -28,7 +29,6 @@ from csc.data.transforms import (
 )
 
 __all__ = [
-    "ArraySource",
     "Compose",
     "Crop",
     "DataWarning",
@@ -36,9 +36,7 @@ __all__ = [
     "GaussianBlur",
     "GaussianNoise",
     "Grid",
-    "Level",
     "Loaders",
-    "MetadataReader",
     "Normalize",
     "PatchDataset",
     "PatchSpec",

@@ -30,17 +30,9 @@ import torch
 from csc.config import ArrayInfo
 from csc.data.geometry import Grid, Inside, Plan, plan_read, shift_plan, source_map
 from csc.data.sampling import resample
-from csc.data.sources import (
-    DEFAULT_CHUNK_CACHE_MB,
-    ArraySource,
-    Box,
-    DataWarning,
-    PendingRead,
-    RegionRead,
-    open_array,
-    region_cache,
-)
+from csc.data.sources import Box, DataWarning, PendingRead, RegionRead, region_cache
 from csc.data.transforms import Draws, Normalize, sample_generator, spatial_matrix, uniforms
+from csc.storage import DEFAULT_CHUNK_CACHE_MB, ArraySource, open_array
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 BIG_PATCH_VOXELS = 2**17  # patches this big are read and resampled a thread per core

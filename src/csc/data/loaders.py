@@ -25,15 +25,19 @@ from csc.data.datasets import (
     collate,
     crop_probabilities,
 )
-from csc.data.sources import (
+from csc.data.sources import DataWarning
+from csc.datasplit import DatasplitRow, read_datasplit, s3_options
+from csc.storage import (
     ArraySource,
-    DataWarning,
     MetadataReader,
+    S3Options,
     any_chunk_stored,
+    count_foreground,
+    is_s3,
     tensorstore_used_here,
+    thread_map,
+    write_text_atomic,
 )
-from csc.datasplit import DatasplitRow, open_zarr, read_datasplit, s3_options, thread_map
-from csc.storage import S3Options, is_s3
 
 # DataLoader arguments csc sets itself; a config's dataloader_kwargs may not override them.
 OWN_LOADER_ARGS = (
@@ -90,10 +94,8 @@ def load_crops(
 
 def _readers(urls: Sequence[str], *, s3: S3Options) -> dict[bool, MetadataReader]:
     """One metadata reader per kind of location (S3 or not): raw and labels may differ."""
-    return {
-        remote: MetadataReader("s3://" if remote else ".", s3=s3)
-        for remote in {is_s3(url) for url in urls}
-    }
+    kinds = {is_s3(url): url for url in urls}  # a location of each kind
+    return {remote: MetadataReader(url, s3=s3) for remote, url in kinds.items()}
 
 
 def _vec(values: np.ndarray) -> tuple[float, float, float]:
@@ -209,12 +211,16 @@ def fill_foreground(crops: Sequence[Crop], *, endpoint_url: str | None = None) -
     for url, label in sorted(missing.items()):
         entry = cache.get(url)
         if entry is None or entry.get("shape") != list(label.level.shape):
-            count = count_foreground(label, endpoint_url=endpoint_url)
+            count = count_foreground(
+                label.url,
+                absent=label.absent,
+                unknown=label.unknown,
+                s3=label.s3 or S3Options(endpoint_url=endpoint_url),
+            )
             cache[url] = {"shape": list(label.level.shape), "foreground": count}
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(cache, indent=1, sort_keys=True))
-    temporary.replace(path)  # atomic: a concurrent reader sees the old or the new file
+    # atomic: a concurrent reader sees the old or the new file
+    write_text_atomic(path, json.dumps(cache, indent=1, sort_keys=True))
 
     def counted(label: ArraySource | None) -> ArraySource | None:
         if label is None or label.foreground is not None:
@@ -225,22 +231,6 @@ def fill_foreground(crops: Sequence[Crop], *, endpoint_url: str | None = None) -
         dataclasses.replace(crop, labels=tuple(counted(lab) for lab in crop.labels))
         for crop in crops
     ]
-
-
-def count_foreground(label: ArraySource, *, endpoint_url: str | None = None) -> int:
-    """Voxels of a label array that are neither its `absent` nor its `unknown` value, read
-    with zarr (not tensorstore: this runs in the process that forks the loader's workers)
-    one chunk-row slab at a time to bound memory."""
-    array = open_zarr(label.url, s3=label.s3 or S3Options(endpoint_url=endpoint_url))
-    step = array.chunks[0]
-    total = 0
-    for z in range(0, array.shape[0], step):
-        slab = array[z : z + step]
-        present = slab != label.absent
-        if label.unknown is not None:
-            present &= slab != label.unknown
-        total += int(np.count_nonzero(present))
-    return total
 
 
 # --- Datasets and loaders from a config ----------------------------------------------------
