@@ -10,8 +10,9 @@ import pytest
 SRC = Path(__file__).parents[1] / "src" / "csc"
 # config/storage -> datasplit -> data -> models, losses, metrics -> checkpoints, tracking
 # -> training, prediction -> cli and the public API (`csc/__init__`). `synth` writes data and
-# sits beside the datasplit.
+# sits beside the datasplit. `registries` (names and where they live; no csc import) is below all.
 LAYERS = [
+    {"registries"},
     {"config", "storage"},
     {"synth", "datasplit"},
     {"data"},
