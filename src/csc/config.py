@@ -36,6 +36,7 @@ SPATIAL_TRANSFORM_NAMES = tuple(registries.SPATIAL_TRANSFORMS)
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 PREDICTION_ENCODINGS = ("uint8", "float16")
 LOAD_MODEL_CHOICES = ("latest", "best", None)
+DEFAULT_PREDICTION_CHECKPOINT = "latest"  # the weights csc predict uses unless told otherwise
 EXISTING_RUN_CHOICES = ("refuse", "move")  # a fresh run meeting another run's files
 FORCE_ALL_CLASSES_CHOICES = ("train", "validate", "both", None)
 AXES = ("z", "y", "x")

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from csc.checkpoints import load_for_resume, model_path
-from csc.config import TrainConfig, load_config
+from csc.config import DEFAULT_PREDICTION_CHECKPOINT, TrainConfig, load_config
 from csc.data import Crop, MetadataReader, PatchDataset, PatchSpec, load_crops
 from csc.data.geometry import Grid
 from csc.data.loaders import check_crops
@@ -110,7 +110,7 @@ class Predictor:
 def load_predictor(
     config: TrainConfig,
     *,
-    checkpoint: str = "latest",
+    checkpoint: str = DEFAULT_PREDICTION_CHECKPOINT,
     orthoplanes: bool = False,
     overlap: float | None = None,
     progress: bool = True,
@@ -483,7 +483,7 @@ def predict(
     bbox: Sequence[float] | None = None,
     dataset: str | None = None,
     output: str | os.PathLike[str] | None = None,
-    checkpoint: str = "latest",
+    checkpoint: str = DEFAULT_PREDICTION_CHECKPOINT,
     overwrite: bool = False,
     orthoplanes: bool = False,
     overlap: float | None = None,
