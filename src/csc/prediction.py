@@ -27,9 +27,10 @@ from tqdm import tqdm
 
 from csc.checkpoints import load_for_resume, model_path
 from csc.config import DEFAULT_PREDICTION_CHECKPOINT, TrainConfig, load_config
-from csc.data import Crop, MetadataReader, PatchDataset, PatchSpec, load_crops
+from csc.data.datasets import Crop, PatchDataset, PatchSpec
 from csc.data.geometry import Grid
-from csc.data.loaders import check_crops
+from csc.data.loaders import check_crops, load_crops
+from csc.data.sources import MetadataReader
 from csc.datasplit import DatasplitRow, read_datasplit, s3_options, select_crops
 from csc.models.loading import load_weights, strip_wrapper_prefixes
 from csc.storage import (

@@ -4,20 +4,14 @@ Modules, in the order data flows: `sources` (metadata and tensorstore reads), `g
 (world coordinates to voxels: planning reads), `sampling` (carrying the plans out),
 `transforms` (augmentations), `datasets` (samples, tiles, sampler) and `loaders` (from a config
 to DataLoaders).
+
+Here are the names a config or a script uses: the value transforms a config sets,
+`build_loaders` (a config's DataLoaders) and `DataWarning`. csc's own modules import the rest
+from the submodules.
 """
 
-from csc.data.datasets import (
-    Crop,
-    EpochSampler,
-    PatchDataset,
-    PatchSpec,
-    TrainPatches,
-    ValidationTiles,
-    crop_probabilities,
-)
-from csc.data.geometry import Grid
-from csc.data.loaders import Loaders, build_datasets, build_loaders, load_crops, read_crops
-from csc.data.sources import ArraySource, DataWarning, Level, MetadataReader
+from csc.data.loaders import Loaders, build_loaders
+from csc.data.sources import DataWarning
 from csc.data.transforms import (
     Compose,
     GaussianBlur,
@@ -28,27 +22,13 @@ from csc.data.transforms import (
 )
 
 __all__ = [
-    "ArraySource",
     "Compose",
-    "Crop",
     "DataWarning",
-    "EpochSampler",
     "GaussianBlur",
     "GaussianNoise",
-    "Grid",
-    "Level",
     "Loaders",
-    "MetadataReader",
     "Normalize",
-    "PatchDataset",
-    "PatchSpec",
     "RandomContrast",
     "RandomGamma",
-    "TrainPatches",
-    "ValidationTiles",
-    "build_datasets",
     "build_loaders",
-    "crop_probabilities",
-    "load_crops",
-    "read_crops",
 ]

@@ -135,8 +135,7 @@ def rotation(axis: int, degrees: float) -> np.ndarray:
 
 # The registry's names (csc.registries.SPATIAL_TRANSFORMS), each with its function (above).
 SPATIAL_TRANSFORMS: dict[str, Callable[..., list[list[float]]]] = {
-    name: registries.resolve(reference)
-    for name, reference in registries.SPATIAL_TRANSFORMS.items()
+    name: registries.resolve(reference) for name, reference in registries.SPATIAL_TRANSFORMS.items()
 }
 
 
