@@ -459,7 +459,7 @@ def _crawl_options(options: dict[str, Any]) -> Any:
 @_crawl_command
 @click.option(
     "--validate-ratio",
-    default=SplitOptions.validate_ratio,  # not validation_prob: the CLI splits off fewer
+    default=SplitOptions.validate_ratio,  # csc datasplit's own, not validation_prob
     show_default=True,
     help="Share of crops for validation (one at least, given two crops).",
 )

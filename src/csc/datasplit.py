@@ -95,7 +95,7 @@ class CrawlReport:
 
 @dataclasses.dataclass(frozen=True)
 class SplitOptions:
-    validate_ratio: float = 0.1  # csc datasplit's; a config's validation_prob defaults to 0.15
+    validate_ratio: float = 0.1  # csc datasplit's own; a config splits by its validation_prob
     seed: int = TrainConfig.random_seed
     force_all_classes: str | None = None  # "train", "validate", "both" or None
 
