@@ -63,7 +63,7 @@ def measure(folder: Path, multiple: int, cache_mb: int) -> dict[str, float]:
     import torch
 
     from csc.config import build_config
-    from csc.data import PatchSpec
+    from csc.data.datasets import PatchSpec
     from csc.datasplit import ensure_datasplit
     from csc.prediction import box_region, load_predictor, write_predictions
     from csc.training import make_model

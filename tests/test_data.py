@@ -19,22 +19,22 @@ import torch
 from csc.config import ArrayInfo, TrainConfig, build_config
 from csc.data import (
     Compose,
-    EpochSampler,
     GaussianBlur,
     GaussianNoise,
     Normalize,
-    PatchDataset,
-    PatchSpec,
     RandomContrast,
     RandomGamma,
+    build_loaders,
+)
+from csc.data.datasets import (
+    EpochSampler,
+    PatchDataset,
+    PatchSpec,
     TrainPatches,
     ValidationTiles,
-    build_datasets,
-    build_loaders,
     crop_probabilities,
-    load_crops,
 )
-from csc.data.loaders import fill_foreground, loader_kwargs
+from csc.data.loaders import build_datasets, fill_foreground, load_crops, loader_kwargs
 from csc.data.transforms import rotation, sample_generator, spatial_matrix
 from csc.datasplit import CrawlOptions, DatasplitRow, crawl, write_datasplit
 from csc.storage import StorageError, tensorstore_used_here

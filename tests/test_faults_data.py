@@ -17,8 +17,8 @@ from click.testing import CliRunner
 
 from csc.cli import cli
 from csc.config import TrainConfig, build_config
-from csc.data import PatchDataset, build_datasets, load_crops, read_crops
-from csc.data.loaders import check_crops
+from csc.data.datasets import PatchDataset
+from csc.data.loaders import build_datasets, check_crops, load_crops, read_crops
 from csc.data.sources import DataWarning
 from csc.data.transforms import rotation
 from csc.datasplit import DatasplitRow, write_datasplit

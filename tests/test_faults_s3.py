@@ -24,7 +24,8 @@ from click.testing import CliRunner
 
 from csc.cli import cli
 from csc.config import TrainConfig, build_config, load_config
-from csc.data import Crop, TrainPatches, load_crops
+from csc.data.datasets import Crop, TrainPatches
+from csc.data.loaders import load_crops
 from csc.data.sources import PendingRead
 from csc.datasplit import (
     CrawlOptions,
@@ -435,7 +436,7 @@ SHARE_SCRIPT = """
 import sys
 import torch
 from csc import distributed
-from csc.data import load_crops
+from csc.data.loaders import load_crops
 from csc.datasplit import read_datasplit
 from csc.storage import S3Options, StorageError
 from tests.volumes import patch_spec

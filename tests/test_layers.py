@@ -11,8 +11,10 @@ SRC = Path(__file__).parents[1] / "src" / "csc"
 # config/storage -> datasplit -> data -> models, losses, metrics -> checkpoints, tracking
 # -> training, prediction -> cli and the public API (`csc/__init__`). `synth` writes data and
 # sits beside the datasplit. `storage` is a package (csc.storage.*) that imports no other csc
-# module: config may read it, never the other way round.
+# module: config may read it, never the other way round. `registries` (names and where they
+# live; no csc import) is below all.
 LAYERS = [
+    {"registries"},
     {"config", "storage"},
     {"synth", "datasplit"},
     {"data"},

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from csc.cli import cli
 from csc.config import TrainConfig, build_config
-from csc.data import PatchSpec
+from csc.data.datasets import PatchSpec
 from csc.datasplit import ensure_datasplit, read_datasplit
 from csc.prediction import (
     crop_regions,

@@ -327,7 +327,7 @@ def test_a_config_file_run_as_a_script_trains(data: Path, tmp_path: Path) -> Non
 def test_example_configs_build_their_models(name: str) -> None:
     """The examples resolve, and their models take their patch shapes (checked before data)."""
     from csc.config import load_config
-    from csc.data import PatchSpec
+    from csc.data.datasets import PatchSpec
     from csc.training import make_model
 
     config = load_config(Path(__file__).parents[1] / "examples" / name)

@@ -16,7 +16,8 @@ import numpy as np
 import zarr
 
 from csc.config import ArrayInfo
-from csc.data import Crop, PatchSpec, load_crops
+from csc.data.datasets import Crop, PatchSpec
+from csc.data.loaders import load_crops
 from csc.datasplit import DatasplitRow
 from csc.storage import annotation_attrs, multiscales_attrs, write_array
 

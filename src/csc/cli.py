@@ -1,6 +1,8 @@
 """The `csc` command line: each command turns options into arguments and calls one function.
 
 Imports of numpy, zarr and torch happen inside the commands, so `csc --help` starts instantly.
+Option defaults are read from their torch-free homes (`TrainConfig` for the options that mirror a
+config key, `SplitOptions` for the split, `csc.storage` for the S3 waits), not written here.
 """
 
 from __future__ import annotations
@@ -14,6 +16,16 @@ from typing import Any
 import click
 
 from csc import __version__
+from csc.config import (
+    DEFAULT_PREDICTION_CHECKPOINT,
+    DEFAULT_S3_SEARCH_PATH,
+    DEFAULT_SEARCH_PATH,
+    FORCE_ALL_CLASSES_CHOICES,
+    PREDICTION_ENCODINGS,
+    TrainConfig,
+    s3_search_path,
+)
+from csc.datasplit import SplitOptions
 from csc.storage import COMPRESSORS, S3_RETRY_BUDGET_S, S3_TIMEOUT_S, is_url
 
 
@@ -210,7 +222,7 @@ def train(config_file: str, overrides: tuple[str, ...], strict: bool, nproc: int
 )
 @click.option(
     "--checkpoint",
-    default="latest",
+    default=DEFAULT_PREDICTION_CHECKPOINT,
     show_default=True,
     help="latest, best (by validation), or a .pth file.",
 )
@@ -222,7 +234,7 @@ def train(config_file: str, overrides: tuple[str, ...], strict: bool, nproc: int
 )
 @click.option(
     "--encoding",
-    type=click.Choice(["uint8", "float16"]),
+    type=click.Choice(PREDICTION_ENCODINGS),
     default=None,
     help="Stored probabilities; default: prediction_encoding.",
 )
@@ -355,23 +367,27 @@ def _crawl_command(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--search-path",
             default=None,
-            help="Template with {dataset} and {name}. [default: "
-            "data/{dataset}/{dataset}.zarr/recon-1/{name}; with --s3: "
-            "{dataset}/{dataset}.zarr/recon-1/{name} in the bucket]",
+            help=f"Template with {{dataset}} and {{name}}. [default: {DEFAULT_SEARCH_PATH}; "
+            f"with --s3: {DEFAULT_S3_SEARCH_PATH} in the bucket]",
         ),
         click.option(
             "--raw-name",
-            default="em/fibsem-uint8",
+            default=TrainConfig.raw_name,
             show_default=True,
             help="Raw group, filled in for {name}.",
         ),
         click.option(
             "--crop-name",
-            default="labels/groundtruth/{crop}/{label}",
+            default=TrainConfig.crop_name,
             show_default=True,
             help="Label group of one class of one crop, filled in for {name}.",
         ),
-        click.option("--classes", default="nuc,er", show_default=True, help="Comma list."),
+        click.option(
+            "--classes",
+            default=",".join(TrainConfig.classes),
+            show_default=True,
+            help="Comma list.",
+        ),
         click.option("--datasets", default=None, help="Comma list of dataset names or globs."),
         click.option("--crops", default=None, help="Comma list of crop names or globs."),
         click.option(
@@ -381,7 +397,7 @@ def _crawl_command(function: Callable[..., Any]) -> Callable[..., Any]:
             "every axis: one number, y,x or z,y,x.",
         ),
         click.option("--s3", "use_s3", is_flag=True, help="Crawl an S3 bucket instead."),
-        click.option("--bucket", default="janelia-cosem-datasets", show_default=True),
+        click.option("--bucket", default=TrainConfig.s3_bucket, show_default=True),
         click.option(
             "--endpoint-url",
             default=None,
@@ -409,7 +425,6 @@ def _crawl_command(function: Callable[..., Any]) -> Callable[..., Any]:
 
 def _crawl_options(options: dict[str, Any]) -> Any:
     """CrawlOptions from the crawl command options (popped from `options`)."""
-    from csc.config import DEFAULT_SEARCH_PATH, s3_search_path
     from csc.datasplit import CrawlOptions
 
     use_s3, bucket = options.pop("use_s3"), options.pop("bucket")
@@ -443,19 +458,21 @@ def _crawl_options(options: dict[str, Any]) -> Any:
 @_crawl_command
 @click.option(
     "--validate-ratio",
-    default=0.1,
+    default=SplitOptions.validate_ratio,  # csc datasplit's own, not validation_prob
     show_default=True,
     help="Share of crops for validation (one at least, given two crops).",
 )
 @click.option(
     "--force-all-classes",
-    type=click.Choice(["train", "validate", "both", "none"]),
-    default="validate",
+    type=click.Choice([choice or "none" for choice in FORCE_ALL_CLASSES_CHOICES]),
+    default=TrainConfig.force_all_classes or "none",
     show_default=True,
     help="Move crops lacking a class out of this split (both: leave them out).",
 )
-@click.option("--seed", default=42, show_default=True, help="Seed of the split.")
-@click.option("--csv-path", default="datasplit.csv", show_default=True, type=click.Path())
+@click.option("--seed", default=SplitOptions.seed, show_default=True, help="Seed of the split.")
+@click.option(
+    "--csv-path", default=TrainConfig.datasplit_path, show_default=True, type=click.Path()
+)
 @click.option("--relative", is_flag=True, help="Write local roots relative to the CSV's folder.")
 @click.option("--dry-run", is_flag=True, help="Print the table; write nothing.")
 @click.option(
@@ -548,7 +565,7 @@ def counts(**options: Any) -> None:
 @click.option(
     "--datasplit",
     "datasplit_path",
-    default="datasplit.csv",
+    default=TrainConfig.datasplit_path,
     show_default=True,
     type=click.Path(dir_okay=False),
     help="CSV that locates the ground-truth crops.",

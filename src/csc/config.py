@@ -23,21 +23,23 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from csc import registries
 from csc.storage import S3_RETRY_BUDGET_S, S3_TIMEOUT_S, bucket_url, is_url
 
-# Names accepted where the config gives a string instead of an object. The registries in
-# csc.models, csc.losses and csc.training hold the implementations; a test keeps them equal.
-MODEL_NAMES = ("2d_resnet", "2d_unet", "3d_resnet", "3d_unet", "vitnet")
-OPTIMIZER_NAMES = ("adam", "adamw", "radam", "sgd")
-SCHEDULER_NAMES = ("cosine", "onecycle", "plateau", "step")
-LOSS_NAMES = ("bce", "dice", "dice_bce", "focal")
+# Names accepted where the config gives a string instead of an object, read from their one home
+# (csc.registries), sorted as the errors list them.
+MODEL_NAMES = tuple(sorted(registries.MODELS))
+OPTIMIZER_NAMES = tuple(sorted(registries.OPTIMIZERS))
+SCHEDULER_NAMES = tuple(sorted(registries.SCHEDULERS))
+LOSS_NAMES = tuple(sorted(registries.LOSSES))
+SPATIAL_TRANSFORM_NAMES = tuple(registries.SPATIAL_TRANSFORMS)
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 PREDICTION_ENCODINGS = ("uint8", "float16")
 LOAD_MODEL_CHOICES = ("latest", "best", None)
+DEFAULT_PREDICTION_CHECKPOINT = "latest"  # the weights csc predict uses unless told otherwise
 EXISTING_RUN_CHOICES = ("refuse", "move")  # a fresh run meeting another run's files
 FORCE_ALL_CLASSES_CHOICES = ("train", "validate", "both", None)
 AXES = ("z", "y", "x")
-SPATIAL_TRANSFORM_NAMES = ("mirror", "transpose", "rotate")
 DEFAULT_SEARCH_PATH = "data/{dataset}/{dataset}.zarr/recon-1/{name}"  # next to the config
 # Inside the bucket when use_s3 is set: the layout of the public CellMap bucket.
 DEFAULT_S3_SEARCH_PATH = "{dataset}/{dataset}.zarr/recon-1/{name}"
@@ -51,15 +53,12 @@ PATH_KEYS = (
     "processed_path",
 )
 
-TRANSFORM_EXAMPLES = {
+# One entry per spatial transform; also the example its error messages show.
+DEFAULT_SPATIAL_TRANSFORMS: dict[str, Any] = {
     "mirror": {"axes": {"x": 0.5, "y": 0.5}},  # probability of flipping each axis
     "transpose": {"axes": ["x", "y"]},  # axes that may be permuted among themselves
-    "rotate": {"axes": {"z": [-180, 180]}},  # degrees, drawn uniformly, about each axis
-}
-DEFAULT_SPATIAL_TRANSFORMS: dict[str, Any] = {
-    "mirror": {"axes": {"x": 0.5, "y": 0.5}},
-    "transpose": {"axes": ["x", "y"]},
-    "rotate": {"axes": {"z": [-180, 180]}},  # in the plane of a 2D (1, y, x) patch
+    # Degrees, drawn uniformly, about each axis: z turns a 2D (1, y, x) patch in its plane.
+    "rotate": {"axes": {"z": [-180, 180]}},
 }
 
 
@@ -595,7 +594,7 @@ def _check_spatial_transforms(transforms: Mapping[str, Any] | None) -> None:
         axes = spec.get("axes") if isinstance(spec, Mapping) else None
         kind = list if name == "transpose" else dict  # transpose: axes list; others: per axis
         if not isinstance(axes, Sequence if kind is list else Mapping) or isinstance(axes, str):
-            example = TRANSFORM_EXAMPLES[name]
+            example = DEFAULT_SPATIAL_TRANSFORMS[name]
             raise ValueError(f"spatial_transforms['{name}'] must look like {example}, got {spec!r}")
         bad = [a for a in axes if a not in AXES]
         if bad:

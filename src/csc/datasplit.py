@@ -76,9 +76,9 @@ class CrawlOptions:
     """What to look for. `search_path` has {dataset} and {name}; `crop_name` {crop}, {label}."""
 
     search_path: str = DEFAULT_SEARCH_PATH
-    raw_name: str = "em/fibsem-uint8"
-    crop_name: str = "labels/groundtruth/{crop}/{label}"
-    classes: tuple[str, ...] = ("nuc", "er")
+    raw_name: str = TrainConfig.raw_name
+    crop_name: str = TrainConfig.crop_name
+    classes: tuple[str, ...] = TrainConfig.classes
     datasets: tuple[str, ...] = ()  # names or globs; empty: all
     crops: tuple[str, ...] = ()  # names or globs; empty: all
     scale: tuple[float, ...] | None = None  # nm; keep a class only if its s0 is this fine
@@ -102,8 +102,8 @@ class CrawlReport:
 
 @dataclasses.dataclass(frozen=True)
 class SplitOptions:
-    validate_ratio: float = 0.1
-    seed: int = 42
+    validate_ratio: float = 0.1  # csc datasplit's own; a config splits by its validation_prob
+    seed: int = TrainConfig.random_seed
     force_all_classes: str | None = None  # "train", "validate", "both" or None
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from csc import registries
 from csc.config import check_keywords
 
 __all__ = [
@@ -228,11 +229,9 @@ class MaskedLoss(nn.Module):
         return masked_mean(values, mask.movedim(1, -1))
 
 
+# The registry's names (csc.registries.LOSSES), each with its class (defined above).
 LOSSES: dict[str, type[SegmentationLoss]] = {
-    "bce": BCELoss,
-    "dice": DiceLoss,
-    "dice_bce": DiceBCELoss,
-    "focal": FocalLoss,
+    name: registries.resolve(reference) for name, reference in registries.LOSSES.items()
 }
 
 

@@ -25,10 +25,10 @@ import torch
 from tqdm import tqdm
 
 from csc.checkpoints import load_for_resume, model_path
-from csc.config import TrainConfig, load_config
-from csc.data import Crop, PatchDataset, PatchSpec, load_crops
+from csc.config import DEFAULT_PREDICTION_CHECKPOINT, TrainConfig, load_config
+from csc.data.datasets import Crop, PatchDataset, PatchSpec
 from csc.data.geometry import Grid
-from csc.data.loaders import check_crops
+from csc.data.loaders import check_crops, load_crops
 from csc.datasplit import DatasplitRow, input_stores, read_datasplit, s3_options, select_crops
 from csc.models.loading import load_weights, strip_wrapper_prefixes
 from csc.storage import (
@@ -111,7 +111,7 @@ class Predictor:
 def load_predictor(
     config: TrainConfig,
     *,
-    checkpoint: str = "latest",
+    checkpoint: str = DEFAULT_PREDICTION_CHECKPOINT,
     orthoplanes: bool = False,
     overlap: float | None = None,
     progress: bool = True,
@@ -477,7 +477,7 @@ def predict(
     bbox: Sequence[float] | None = None,
     dataset: str | None = None,
     output: str | os.PathLike[str] | None = None,
-    checkpoint: str = "latest",
+    checkpoint: str = DEFAULT_PREDICTION_CHECKPOINT,
     overwrite: bool = False,
     orthoplanes: bool = False,
     overlap: float | None = None,

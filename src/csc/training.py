@@ -38,7 +38,8 @@ from csc.checkpoints import (
     unwrap,
 )
 from csc.config import TrainConfig, check_keywords, format_config, load_config
-from csc.data import Loaders, PatchSpec, build_loaders, read_crops
+from csc.data.datasets import PatchSpec
+from csc.data.loaders import Loaders, build_loaders, read_crops
 from csc.datasplit import ensure_datasplit
 from csc.distributed import Dist
 from csc.losses import build_loss, check_criterion, pos_weight_from_counts

@@ -5,19 +5,13 @@ memory; opening arrays and their metadata belong to `csc.storage`), `geometry`
 (world coordinates to voxels: planning reads), `sampling` (carrying the plans out),
 `transforms` (augmentations), `datasets` (samples, tiles, sampler) and `loaders` (from a config
 to DataLoaders).
+
+Here are the names a config or a script uses: the value transforms a config sets,
+`build_loaders` (a config's DataLoaders) and `DataWarning`. csc's own modules import the rest
+from the submodules.
 """
 
-from csc.data.datasets import (
-    Crop,
-    EpochSampler,
-    PatchDataset,
-    PatchSpec,
-    TrainPatches,
-    ValidationTiles,
-    crop_probabilities,
-)
-from csc.data.geometry import Grid
-from csc.data.loaders import Loaders, build_datasets, build_loaders, load_crops, read_crops
+from csc.data.loaders import Loaders, build_loaders
 from csc.data.sources import DataWarning
 from csc.data.transforms import (
     Compose,
@@ -30,23 +24,12 @@ from csc.data.transforms import (
 
 __all__ = [
     "Compose",
-    "Crop",
     "DataWarning",
-    "EpochSampler",
     "GaussianBlur",
     "GaussianNoise",
-    "Grid",
     "Loaders",
     "Normalize",
-    "PatchDataset",
-    "PatchSpec",
     "RandomContrast",
     "RandomGamma",
-    "TrainPatches",
-    "ValidationTiles",
-    "build_datasets",
     "build_loaders",
-    "crop_probabilities",
-    "load_crops",
-    "read_crops",
 ]

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from csc import registries
+
 AXIS_INDEX = {"z": 0, "y": 1, "x": 2}
 
 _GENERATOR: contextvars.ContextVar[Any] = contextvars.ContextVar("csc_sample_generator")
@@ -80,20 +82,36 @@ def spatial_matrix(transforms: Mapping[str, Any] | None, rng: Any) -> np.ndarray
     # matrices was a tenth of a 2D sample's time.
     rows = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
     for name, spec in (transforms or {}).items():
-        if name == "mirror":
-            for axis, probability in spec["axes"].items():
-                if rng.random() < probability:
-                    rows[AXIS_INDEX[axis]] = [-v for v in rows[AXIS_INDEX[axis]]]
-        elif name == "transpose":
-            axes = [AXIS_INDEX[a] for a in spec["axes"]]
-            order = list(range(3))
-            for src, dst in zip(axes, rng.permutation(axes), strict=True):
-                order[src] = int(dst)
-            rows = [rows[k] for k in order]
-        elif name == "rotate":
-            for axis, (low, high) in spec["axes"].items():
-                rows = _rotated(rows, AXIS_INDEX[axis], rng.uniform(low, high))
+        step = SPATIAL_TRANSFORMS.get(name)  # names are checked with the config
+        if step is not None:
+            rows = step(rows, spec["axes"], rng)
     return np.array(rows)
+
+
+def mirror(rows: list[list[float]], axes: Mapping[str, float], rng: Any) -> list[list[float]]:
+    """Flip each axis with its probability."""
+    for axis, probability in axes.items():
+        if rng.random() < probability:
+            rows[AXIS_INDEX[axis]] = [-v for v in rows[AXIS_INDEX[axis]]]
+    return rows
+
+
+def transpose(rows: list[list[float]], axes: Sequence[str], rng: Any) -> list[list[float]]:
+    """Permute these axes among themselves at random."""
+    indices = [AXIS_INDEX[a] for a in axes]
+    order = list(range(3))
+    for src, dst in zip(indices, rng.permutation(indices), strict=True):
+        order[src] = int(dst)
+    return [rows[k] for k in order]
+
+
+def rotate(
+    rows: list[list[float]], axes: Mapping[str, Sequence[float]], rng: Any
+) -> list[list[float]]:
+    """Rotate about each axis by degrees drawn uniformly from its [low, high]."""
+    for axis, (low, high) in axes.items():
+        rows = _rotated(rows, AXIS_INDEX[axis], rng.uniform(low, high))
+    return rows
 
 
 def _rotated(rows: list[list[float]], axis: int, degrees: float) -> list[list[float]]:
@@ -113,6 +131,12 @@ def rotation(axis: int, degrees: float) -> np.ndarray:
     matrix = np.eye(3)
     matrix[i, i], matrix[i, j], matrix[j, i], matrix[j, j] = c, -s, s, c
     return matrix
+
+
+# The registry's names (csc.registries.SPATIAL_TRANSFORMS), each with its function (above).
+SPATIAL_TRANSFORMS: dict[str, Callable[..., list[list[float]]]] = {
+    name: registries.resolve(reference) for name, reference in registries.SPATIAL_TRANSFORMS.items()
+}
 
 
 # --- Value transforms --------------------------------------------------------------------

@@ -1,19 +1,21 @@
 """Segmentation architectures for 2D and 3D, the model registry, and the input shape check.
 
-Every model returns raw logits with the input's spatial shape. `UNet_2D`, `UNet_3D`, `ResNet`
+Every model returns raw logits with the input's spatial shape. `UNet` and `ResidualNet` take
+csc's argument names (``ndim``, ``in_channels``, ``out_channels``); `UNet_2D`, `UNet_3D`, `ResNet`
 and `ViTVNet` keep the CellMap challenge toolkit's constructor names and arguments.
 `load_latest` and `load_best_val` load csc checkpoints into a model (see docs/training.md).
 """
 
 from csc.models.loading import load_best_val, load_latest
 from csc.models.registry import MODELS, build_model, check_input_shape
-from csc.models.resnet import ResNet
+from csc.models.resnet import ResidualNet, ResNet
 from csc.models.unet import UNet, UNet_2D, UNet_3D
 from csc.models.vit import ViTVNet
 
 __all__ = [
     "MODELS",
     "ResNet",
+    "ResidualNet",
     "UNet",
     "UNet_2D",
     "UNet_3D",

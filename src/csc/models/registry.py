@@ -9,42 +9,33 @@ from typing import Any
 
 from torch import nn
 
+from csc import registries
 from csc.models.layers import divisibility_error, spatial_shape
-from csc.models.resnet import ResNet
-from csc.models.unet import UNet
-from csc.models.vit import ViTVNet
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelFactory:
-    """Builds ``model`` with 1 input channel and ``num_classes`` output channels.
-
-    ``fixed`` holds the constructor arguments the registry sets (dimension, input channels);
-    ``classes_arg`` is the one that receives ``num_classes``. Every other keyword argument of
-    the constructor is an option a config may set in ``model_kwargs``.
-    """
+    """Builds ``model`` with ``fixed`` arguments (dimension, 1 input channel) and
+    ``num_classes`` output channels (``out_channels``). Every other keyword argument of the
+    constructor is an option a config may set in ``model_kwargs``."""
 
     model: type[nn.Module]
     fixed: Mapping[str, Any]
-    classes_arg: str
 
     def __call__(self, num_classes: int, **model_kwargs: Any) -> nn.Module:
-        return self.model(**self.fixed, **{self.classes_arg: num_classes}, **model_kwargs)
+        return self.model(**self.fixed, out_channels=num_classes, **model_kwargs)
 
     def options(self) -> dict[str, Any]:
         """The keyword arguments ``model_kwargs`` may hold, with their defaults."""
-        taken = {*self.fixed, self.classes_arg}
+        taken = {*self.fixed, "out_channels"}
         parameters = inspect.signature(self.model).parameters.values()
         return {p.name: p.default for p in parameters if p.name not in taken}
 
 
+# The registry's names (csc.registries.MODELS), each with its class imported.
 MODELS: dict[str, ModelFactory] = {
-    "2d_unet": ModelFactory(UNet, {"ndim": 2, "in_channels": 1}, "out_channels"),
-    "3d_unet": ModelFactory(UNet, {"ndim": 3, "in_channels": 1}, "out_channels"),
-    "2d_resnet": ModelFactory(ResNet, {"ndims": 2, "input_nc": 1}, "output_nc"),
-    "3d_resnet": ModelFactory(ResNet, {"ndims": 3, "input_nc": 1}, "output_nc"),
-    # 2D or 3D as len(img_size); training passes the patch shape as img_size.
-    "vitnet": ModelFactory(ViTVNet, {"in_channels": 1}, "out_channels"),
+    name: ModelFactory(registries.resolve(entry.reference), entry.fixed)
+    for name, entry in registries.MODELS.items()
 }
 
 

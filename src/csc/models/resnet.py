@@ -1,8 +1,10 @@
-"""A pix2pix-style residual generator for 2D and 3D (the CellMap challenge toolkit's `ResNet`)."""
+"""A pix2pix-style residual generator for 2D and 3D, plus the CellMap challenge toolkit's
+`ResNet` name and arguments."""
 
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,49 +41,47 @@ class ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
-class ResNet(nn.Module):
+class ResidualNet(nn.Module):
     """Residual generator: a 7-wide stem conv, ``n_downsampling`` stride-2 convs (each doubling
     the width from ``ngf``), ``n_blocks`` residual blocks, as many 2x transposed convs back and a
-    7-wide conv to ``output_nc`` channels.
+    7-wide conv to ``out_channels`` channels.
 
-    Input (B, input_nc, *spatial) with ``ndims`` 2 or 3 spatial axes, each a multiple of
-    ``divisor``; output (B, output_nc, *spatial), raw logits (no tanh). ``padding_type`` is the
-    padding of the stride-1 and downsampling convs: "reflect", "replicate" or "zeros".
+    Input (B, in_channels, *spatial) with ``ndim`` 2 or 3 spatial axes, each a multiple of
+    ``divisor``; output (B, out_channels, *spatial), raw logits (no tanh). ``padding_type`` is
+    the padding of the stride-1 and downsampling convs: "reflect", "replicate" or "zeros".
     """
 
     def __init__(
         self,
-        ndims: int,
-        input_nc: int = 1,
-        output_nc: int = 1,
+        ndim: int,
+        in_channels: int,
+        out_channels: int,
+        *,
         ngf: int = 64,
         n_blocks: int = 6,
         n_downsampling: int = 2,
-        *,
         norm: str | None = "instance",
         use_dropout: bool = False,
         padding_type: str = "reflect",
     ) -> None:
         super().__init__()
-        check_positive(input_nc=input_nc, output_nc=output_nc, ngf=ngf)
+        check_positive(in_channels=in_channels, out_channels=out_channels, ngf=ngf)
         for name, count in (("n_blocks", n_blocks), ("n_downsampling", n_downsampling)):
             if not isinstance(count, int) or count < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {count!r}")
         check_choice("norm", norm, NORMS)
         check_choice("padding_type", padding_type, PADDING_TYPES)
-        self.ndim = self.ndims = ndims
-        self.input_nc, self.output_nc, self.ngf = input_nc, output_nc, ngf
-        self.n_downsampling = n_downsampling
+        self.ndim, self.ngf, self.n_downsampling = ndim, ngf, n_downsampling
         options = {"norm": norm, "padding_mode": padding_type}
         widths = [ngf * 2**level for level in range(n_downsampling + 1)]
-        stem = conv_norm_act(ndims, input_nc, ngf, kernel_size=7, **options)
+        stem = conv_norm_act(ndim, in_channels, ngf, kernel_size=7, **options)
         downs = [
-            conv_norm_act(ndims, narrow, wide, stride=2, **options)
+            conv_norm_act(ndim, narrow, wide, stride=2, **options)
             for narrow, wide in itertools.pairwise(widths)
         ]
         blocks = [
             ResidualBlock(
-                ndims, widths[-1], norm=norm, use_dropout=use_dropout, padding_type=padding_type
+                ndim, widths[-1], norm=norm, use_dropout=use_dropout, padding_type=padding_type
             )
             for _ in range(n_blocks)
         ]
@@ -89,7 +89,7 @@ class ResNet(nn.Module):
             self._up(wide, narrow, norm)
             for narrow, wide in reversed(list(itertools.pairwise(widths)))
         ]
-        head = layers_for(ndims).conv(ngf, output_nc, 7, padding=3, padding_mode=padding_type)
+        head = layers_for(ndim).conv(ngf, out_channels, 7, padding=3, padding_mode=padding_type)
         self.model = nn.Sequential(stem, *downs, *blocks, *ups, head)
 
     def _up(self, in_channels: int, out_channels: int, norm: str | None) -> nn.Sequential:
@@ -109,5 +109,15 @@ class ResNet(nn.Module):
         return f"{self.n_downsampling} downsamplings"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, input_nc, *spatial) -> (B, output_nc, *spatial)
+        # (B, in_channels, *spatial) -> (B, out_channels, *spatial)
         return self.model(x)
+
+
+class ResNet(ResidualNet):
+    """The CellMap challenge toolkit's name and arguments for `ResidualNet`: ``ndims``,
+    ``input_nc`` and ``output_nc`` are its ``ndim``, ``in_channels`` and ``out_channels``;
+    ``options`` are its keyword arguments (``ngf``, ``n_blocks``, ``norm``, ...)."""
+
+    def __init__(self, ndims: int, input_nc: int = 1, output_nc: int = 1, **options: Any) -> None:
+        super().__init__(ndims, input_nc, output_nc, **options)
+        self.ndims, self.input_nc, self.output_nc = ndims, input_nc, output_nc
