@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -16,7 +17,8 @@ from csc.models.layers import (
     make_norm,
 )
 
-PADDING_TYPES = ("reflect", "replicate", "zeros")
+PaddingType = Literal["reflect", "replicate", "zeros"]  # the toolkit's choices, torch's names
+PADDING_TYPES: tuple[PaddingType, ...] = get_args(PaddingType)
 DROPOUT = 0.2  # in each residual block when use_dropout is set, as in the toolkit
 
 
@@ -24,7 +26,13 @@ class ResidualBlock(nn.Module):
     """x + (conv, norm, ReLU, [dropout], conv, norm)(x); channels and shape kept."""
 
     def __init__(
-        self, ndim: int, channels: int, *, norm: str | None, use_dropout: bool, padding_type: str
+        self,
+        ndim: int,
+        channels: int,
+        *,
+        norm: str | None,
+        use_dropout: bool,
+        padding_type: PaddingType,
     ) -> None:
         super().__init__()
         conv = layers_for(ndim).conv
@@ -60,7 +68,7 @@ class ResNet(nn.Module):
         *,
         norm: str | None = "instance",
         use_dropout: bool = False,
-        padding_type: str = "reflect",
+        padding_type: PaddingType = "reflect",
     ) -> None:
         super().__init__()
         check_positive(input_nc=input_nc, output_nc=output_nc, ngf=ngf)
@@ -72,11 +80,12 @@ class ResNet(nn.Module):
         self.ndim = self.ndims = ndims
         self.input_nc, self.output_nc, self.ngf = input_nc, output_nc, ngf
         self.n_downsampling = n_downsampling
-        options = {"norm": norm, "padding_mode": padding_type}
         widths = [ngf * 2**level for level in range(n_downsampling + 1)]
-        stem = conv_norm_act(ndims, input_nc, ngf, kernel_size=7, **options)
+        stem = conv_norm_act(
+            ndims, input_nc, ngf, kernel_size=7, norm=norm, padding_mode=padding_type
+        )
         downs = [
-            conv_norm_act(ndims, narrow, wide, stride=2, **options)
+            conv_norm_act(ndims, narrow, wide, stride=2, norm=norm, padding_mode=padding_type)
             for narrow, wide in itertools.pairwise(widths)
         ]
         blocks = [
