@@ -18,8 +18,10 @@ demo: env
 	$(BIN)/csc predict examples/train_2D.py --checkpoint best --overwrite
 	$(BIN)/csc evaluate --predictions predictions/2d_unet --datasplit datasplit.csv
 
-# Lint, format check and the test suite, exactly as CI runs them.
+# Lint, format check, type check (mypy, configured in pyproject.toml) and the test suite,
+# exactly as CI runs them.
 test: env
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest

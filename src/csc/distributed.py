@@ -16,7 +16,7 @@ import pickle
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -64,7 +64,8 @@ def from_env() -> Dist:
 
 def rank_device(place: Dist, device: torch.device) -> torch.device:
     """A CUDA device without an index becomes this process's GPU, cuda:local_rank."""
-    if device.type == "cuda" and device.index is None:
+    index = cast("int | None", device.index)  # torch's stub says int; it is None when unset
+    if device.type == "cuda" and index is None:
         return torch.device("cuda", place.local_rank % max(torch.cuda.device_count(), 1))
     return device
 

@@ -211,7 +211,8 @@ class MaskedLoss(nn.Module):
                     f"pass {type(loss_fn).__name__} itself"
                 )
             self.loss = copy.deepcopy(loss_fn)
-            self.loss.reduction = "none"
+            # The ignore: torch types Module.__setattr__ for tensors and modules; a str works.
+            self.loss.reduction = "none"  # type: ignore[assignment]
         else:
             self.loss = loss_fn(reduction="none", **kwargs)
 

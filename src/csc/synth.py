@@ -17,6 +17,7 @@ import dataclasses
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -242,7 +243,7 @@ def render_raw(class_map: np.ndarray, spec: SynthSpec, rng: np.random.Generator)
 
 
 def write_crop(
-    recon: object,
+    recon: Any,  # a zarr group (zarr is imported where it is opened, not here)
     dataset: str,
     crop: str,
     objects: Sequence[Ellipsoid],
@@ -259,12 +260,13 @@ def write_crop(
     translation = tuple(
         o * spec.raw_scale - spec.raw_scale / 2 + spec.label_scale / 2 for o in offset
     )
+    assert len(translation) == 3  # (z, y, x)
     label_scale = (spec.label_scale,) * 3
     class_map = paint(objects, spec.crop_shape, label_scale, translation)
     annotated = [c for c in spec.classes if rng.random() >= spec.missing_class_prob]
     if not annotated:
         annotated = [spec.classes[int(rng.integers(len(spec.classes)))]]
-    crop_group = recon.require_group(f"labels/groundtruth/{crop}")  # type: ignore[attr-defined]
+    crop_group = recon.require_group(f"labels/groundtruth/{crop}")
     crop_group.attrs.update({"cellmap": {"annotation": {"class_names": annotated}}})
     for class_name in annotated:
         mask = (class_map == spec.classes.index(class_name) + 1).astype(np.uint8)
@@ -281,7 +283,7 @@ def write_crop(
 
 
 def write_pyramid(
-    group: object,
+    group: Any,  # a zarr group, as `write_array` takes
     name: str,
     data: np.ndarray,
     scale: Sequence[float],
@@ -292,7 +294,7 @@ def write_pyramid(
 ) -> None:
     """Write s0..s{n-1}, each 2x smaller, with multiscales attrs (labels: annotation attrs)."""
     levels = level_transforms(scale, translation, spec.num_levels)
-    group.attrs.update(multiscales_attrs(name, levels))  # type: ignore[attr-defined]
+    group.attrs.update(multiscales_attrs(name, levels))
     level = data
     for n in range(spec.num_levels):
         attrs = None

@@ -29,10 +29,10 @@ import torch
 
 from csc.config import ArrayInfo
 from csc.data.geometry import Grid, Inside, Plan, plan_read, shift_plan, source_map
-from csc.data.sampling import resample
+from csc.data.sampling import Sampled, resample
 from csc.data.sources import Box, DataWarning, PendingRead, RegionRead, region_cache
 from csc.data.transforms import Draws, Normalize, sample_generator, spatial_matrix, uniforms
-from csc.storage import DEFAULT_CHUNK_CACHE_MB, ArraySource, open_array
+from csc.storage import DEFAULT_CHUNK_CACHE_MB, ArraySource, Vec3, open_array
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 BIG_PATCH_VOXELS = 2**17  # patches this big are read and resampled a thread per core
@@ -93,10 +93,12 @@ class PatchSpec:
 def _grid(info: ArrayInfo) -> tuple[Grid, int | None]:
     """A (z, y, x) grid for a config shape; a 2-element (y, x) shape gets a singleton z."""
     shape, scale = tuple(int(s) for s in info.shape), tuple(float(s) for s in info.scale)
-    if len(shape) == 2:
-        return Grid((1, *shape), (scale[0], *scale)), 0  # type: ignore[arg-type]
+    if len(shape) == 2 and len(scale) == 2:
+        return Grid((1, *shape), (scale[0], *scale)), 0
+    if len(shape) != 3 or len(scale) != 3:
+        raise ValueError(f"a patch has 2 or 3 axes, got shape {shape} and scale {scale}")
     plane = shape.index(1) if 1 in shape else None
-    return Grid(shape, scale), plane  # type: ignore[arg-type]
+    return Grid(shape, scale), plane
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +116,7 @@ class Crop:
         return float(np.prod(np.asarray(self.high) - np.asarray(self.low)))
 
 
-class PatchDataset(torch.utils.data.Dataset):
+class PatchDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
     """Reads samples (crop, centre, transform) from crops; subclasses decide which samples."""
 
     def __init__(
@@ -138,9 +140,10 @@ class PatchDataset(torch.utils.data.Dataset):
         self._regions: dict[tuple[int, str], _RegionState] = {}
         self._groups: dict[int, list[list[int]]] = {}  # per crop: `_label_groups`
         # Float raws only (integers cannot hold NaN): crops reported as holding non-finite
-        # values, and (crop, region box) pairs of crop regions in memory found finite.
+        # values, and (crop, (region origin, region shape)) of crop regions in memory found
+        # finite.
         self._nonfinite: set[int] = set()
-        self._finite_regions: set[tuple[int, Box]] = set()
+        self._finite_regions: set[tuple[int, tuple[tuple[int, ...], tuple[int, ...]]]] = set()
 
     @property
     def num_classes(self) -> int:
@@ -265,11 +268,11 @@ class PatchDataset(torch.utils.data.Dataset):
         if crop_index not in self._groups:
             self._groups[crop_index] = _label_groups(crop)
         for classes in self._groups[crop_index]:
-            plan = shifted_plan(raw_plan, crop.raw, crop.labels[classes[0]], self.spec)
+            label = crop.labels[classes[0]]
+            assert label is not None  # `_label_groups` holds annotated classes only
+            plan = shifted_plan(raw_plan, crop.raw, label, self.spec)
             if plan is None:
-                plan = _plan(
-                    self.spec.target, centre, matrix, crop.labels[classes[0]], linear=False
-                )
+                plan = _plan(self.spec.target, centre, matrix, label, linear=False)
             reads = [self._box(crop_index, crop.labels[k], plan.start, plan.stop) for k in classes]
             label_reads.append((classes, plan, reads))
         check = self._check_raw(crop_index, raw)
@@ -285,7 +288,7 @@ class PatchDataset(torch.utils.data.Dataset):
             key = (crop_index, (read.origin, read.region.shape))
             if key not in self._finite_regions:
                 if np.isfinite(read.region).all():
-                    self._finite_regions.add(key)  # type: ignore[arg-type]
+                    self._finite_regions.add(key)
                 else:
                     self._report_nonfinite(crop_index, read.region, read.origin)
             return False
@@ -295,7 +298,8 @@ class PatchDataset(torch.utils.data.Dataset):
         """Report crop `crop_index` if the box `read` (arrived) holds non-finite raw values."""
         box = read.result()
         if crop_index not in self._nonfinite and not np.isfinite(box).all():
-            self._report_nonfinite(crop_index, box, read.box[0])  # type: ignore[union-attr]
+            origin = read.box[0] if isinstance(read, PendingRead) else read.start  # box start
+            self._report_nonfinite(crop_index, box, origin)
 
     def _report_nonfinite(self, crop_index: int, values: np.ndarray, origin: Sequence[int]) -> None:
         """Warn, once per crop (and process), that its float raw holds NaN or inf: `values`
@@ -372,7 +376,9 @@ class PatchDataset(torch.utils.data.Dataset):
             return
         state.box = ((first[0], first[1], first[2]), (last[0], last[1], last[2]))
 
-    def _input(self, values: np.ndarray | list, dtype: np.dtype, *, out: np.ndarray) -> None:
+    def _input(
+        self, values: np.ndarray | list[np.ndarray], dtype: np.dtype, *, out: np.ndarray
+    ) -> None:
         """Raw values (1, Z, Y, X) to the model's input in `out`: the config's transform, else
         scaled to [0, 1]."""
         if isinstance(values, list):  # a view into a crop region, read as it lies
@@ -387,9 +393,7 @@ class PatchDataset(torch.utils.data.Dataset):
         transform = self.raw_transform or Normalize()
         out[...] = transform(tensor).to(torch.float32).numpy()
 
-    def _targets(
-        self, job: _Job, labels: Iterator[tuple[np.ndarray, Inside | None]], *, out: np.ndarray
-    ) -> None:
+    def _targets(self, job: _Job, labels: Iterator[Sampled], *, out: np.ndarray) -> None:
         """(C, Z, Y, X) float32 targets of one sample in `out`: NaN for classes it does not
         annotate. The classes of one voxel grid are converted together."""
         missing = set(range(self.num_classes))
@@ -407,7 +411,7 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def _target(
         self,
-        values: np.ndarray | list,
+        values: np.ndarray | list[np.ndarray],
         sources: Sequence[ArraySource | None],
         inside: Inside | None,
         *,
@@ -425,7 +429,11 @@ class PatchDataset(torch.utils.data.Dataset):
             self._unknown(values, known, out)
         else:  # class by class, each in one pass
             for k, (v, source) in enumerate(zip(values, known, strict=True)):
-                target = out[k] if v.shape == out.shape[1:] else out[k][inside.cut]  # type: ignore[union-attr]
+                if v.shape == out.shape[1:]:
+                    target = out[k]
+                else:  # a view of the part inside the array
+                    assert inside is not None
+                    target = out[k][inside.cut]
                 if self.target_transform is not None:
                     tensor = torch.from_numpy(v.astype(np.float32))
                     target[...] = self.target_transform(tensor).numpy()
@@ -438,7 +446,7 @@ class PatchDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def _unknown(
-        values: Sequence[np.ndarray], sources: Sequence[ArraySource], out: np.ndarray
+        values: np.ndarray | Sequence[np.ndarray], sources: Sequence[ArraySource], out: np.ndarray
     ) -> None:
         """NaN in `out` where a class's label says "unknown"."""
         for k, source in enumerate(sources):
@@ -463,7 +471,7 @@ def _label_groups(crop: Crop) -> list[list[int]]:
     """The crop's annotated classes, grouped by label level voxel grid (shared by a group) and
     stored type: a group's values are sampled together into one array of one dtype (uint64
     ids beside uint8 masks would not fit one, and stacking them would round large ids)."""
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[tuple[Vec3, Vec3, tuple[int, int, int], str | None], list[int]] = {}
     for k, label in enumerate(crop.labels):
         if label is not None:
             key = (label.level.scale, label.level.translation, label.level.shape, label.dtype)
@@ -492,7 +500,7 @@ def _holds(box: Box, start: Sequence[int], stop: Sequence[int], shape: Sequence[
 
 def _plan(
     grid: Grid, centre: np.ndarray, matrix: np.ndarray, source: ArraySource, *, linear: bool
-) -> Any:
+) -> Plan:
     level = source.level
     a, b = source_map(grid, centre, matrix, level.scale, level.translation)
     radius = _reach(grid, level.scale)
@@ -509,12 +517,11 @@ def _reach(grid: Grid, scale: tuple[float, float, float]) -> np.ndarray:
 
 
 def shifted_plan(
-    raw_plan: Plan, raw: ArraySource, label: ArraySource | None, spec: PatchSpec
+    raw_plan: Plan, raw: ArraySource, label: ArraySource, spec: PatchSpec
 ) -> Plan | None:
     """The label plan as the raw plan moved by whole voxels, when raw and label levels share a
     voxel grid (same voxel size, translations whole voxels apart; CellMap's 8 nm label level
     and 8 nm raw do) and input and target grids are the same: planning once saves time."""
-    assert label is not None
     if spec.input != spec.target or raw.level.scale != label.level.scale:
         return None
     if raw_plan.upper is not None:  # raw interpolated between voxels: labels need their own
@@ -572,7 +579,9 @@ class TrainPatches(PatchDataset):
         """The (crop, centre, matrix, seed) of sample `index` of `epoch`."""
         return self.draw_many([(epoch, index)])[0]
 
-    def draw_many(self, keys: Sequence[tuple[int, int]]) -> list[tuple]:
+    def draw_many(
+        self, keys: Sequence[tuple[int, int]]
+    ) -> list[tuple[int, np.ndarray, np.ndarray, int]]:
         """`draw` for many keys at once: their random numbers come from one vectorised call."""
         epochs = np.array([k[0] for k in keys], dtype=np.int64)
         indices = np.array([k[1] for k in keys], dtype=np.int64)
@@ -645,7 +654,7 @@ class ValidationTiles(PatchDataset):
         return self.__getitems__([key])[0]
 
 
-class EpochSampler(torch.utils.data.Sampler):
+class EpochSampler(torch.utils.data.Sampler[tuple[int, int]]):
     """Keys (epoch, index) for `TrainPatches`: `num_samples` per epoch, the epoch advancing at
     each new iteration. Under torchrun, rank r of n takes global indices r, r + n, ..."""
 
@@ -670,7 +679,7 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.num_samples
 
 
-class Batch(list):
+class Batch(list[dict[str, torch.Tensor]]):
     """Samples (dicts of tensors) that are the rows of one batch, `tensors`: datasets write a
     batch in place, so `collate` hands it on without a copy (torch's default_collate, given
     a Batch, still sees a list of samples)."""
@@ -681,7 +690,7 @@ class Batch(list):
         self.tensors = tensors
 
 
-def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """A batch from samples: a `Batch` as it is; else stacked with numpy in the main process
     (torch.stack runs on the intra-op thread pool, which costs far more than the copy for
     batches this small) or by torch's collate in a worker (into shared memory)."""
@@ -712,7 +721,7 @@ def crop_probabilities(
                 foreground[c, k] = label.foreground * math.prod(label.level.scale)
     totals = foreground.sum(axis=0)
     present = totals > 0
-    absent = [classes[k] if k < len(classes) else str(k) for k in np.flatnonzero(~present)]
+    absent = [classes[k] if k < len(classes) else str(k) for k in np.flatnonzero(~present).tolist()]
     if absent:
         warnings.warn(
             f"classes {', '.join(absent)} have no foreground voxels in any training crop; the "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from types import EllipsisType
 
 import numpy as np
 
@@ -54,19 +55,23 @@ class Inside:
 
     def fill_outside(self, out: np.ndarray, value: float) -> None:
         """Set the voxels of `out` (..., Z, Y, X) outside the array to `value`."""
-        inner = []
+        inner: list[slice] = []
+        key: tuple[EllipsisType | slice, ...]  # (..., z, y, x) slices of `out`
         for axis, (low, high) in enumerate(self.box):  # axes before this one: cut to the box
             tail = [slice(None)] * (2 - axis)
             if low > 0:
-                out[(Ellipsis, *inner, slice(None, low), *tail)] = value
+                key = (Ellipsis, *inner, slice(None, low), *tail)
+                out[key] = value
             if high < out.shape[out.ndim - 3 + axis]:
-                out[(Ellipsis, *inner, slice(high, None), *tail)] = value
+                key = (Ellipsis, *inner, slice(high, None), *tail)
+                out[key] = value
             inner.append(slice(low, high))
         if self.mask is not None:
             cut = tuple(
                 s if n > 1 else slice(None) for s, n in zip(inner, self.mask.shape, strict=True)
             )
-            np.copyto(out[(Ellipsis, *inner)], value, where=~self.mask[cut])
+            key = (Ellipsis, *inner)
+            np.copyto(out[key], value, where=~self.mask[cut])
 
 
 def true_run(inside: np.ndarray) -> tuple[int, int]:
@@ -94,10 +99,12 @@ def source_map(
 class Plan:
     """How to read one output grid from a level: the box to read and how to sample it."""
 
-    start: tuple[int, int, int]  # box in source voxels, (z, y, x), may exceed the array
-    stop: tuple[int, int, int]
+    # Three entries each, (z, y, x); typed as variable-length tuples because they are built
+    # with tuple() from lists (per sample: a fixed-length literal would be different work).
+    start: tuple[int, ...]  # box in source voxels, may exceed the array
+    stop: tuple[int, ...]
     valid: Inside | None  # output voxels inside the array (None: everywhere)
-    perm: tuple[int, int, int] | None = None  # exact path: output axis j reads source perm[j]
+    perm: tuple[int, ...] | None = None  # exact path: output axis j reads source perm[j]
     index: list[np.ndarray | slice] | None = None  # per output axis, into the permuted box
     upper: list[np.ndarray] | None = None  # linear: second index and weight per output axis
     weight: list[np.ndarray] | None = None
@@ -169,7 +176,7 @@ def _plan_axes(
         tuple(stop),
         valid,
         perm=perm,
-        index=index,  # type: ignore[arg-type]
+        index=index,
         linear=linear,
     )  # raw (zeros beyond the level) or labels (masked there)
 
@@ -212,7 +219,7 @@ def _run(index: np.ndarray | slice, offset: int, size: int) -> tuple[int, int]:
 
 
 def _plan_rounded(
-    perm: tuple[int, int, int],
+    perm: tuple[int, ...],
     steps: list[float],
     firsts: list[float],
     out_shape: Sequence[int],
@@ -232,11 +239,11 @@ def _plan_rounded(
         _valid(index, perm, start, stop, src_shape),
         perm=perm,
         index=index,
-    )  # type: ignore[arg-type]
+    )
 
 
 def _plan_linear(
-    perm: tuple[int, int, int],
+    perm: tuple[int, ...],
     steps: list[float],
     firsts: list[float],
     out_shape: Sequence[int],
@@ -251,7 +258,7 @@ def _plan_linear(
         tuple(start),
         tuple(stop),
         None,
-        perm=perm,  # type: ignore[arg-type]
+        perm=perm,
         index=[x - start[perm[j]] for j, x in enumerate(lowers)],
         upper=[x - start[perm[j]] + 1 for j, x in enumerate(lowers)],
         weight=[

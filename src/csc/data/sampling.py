@@ -12,25 +12,32 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from csc.data.geometry import Inside, Plan, index_array, true_run
 
+if TYPE_CHECKING:
+    import torch
+
 Data = tuple[np.ndarray, Sequence[int]]  # an array holding a plan's box, and the level voxel
 # index of its first voxel (z, y, x): a crop region held in memory, or the box itself
+Sampled = tuple[np.ndarray | list[np.ndarray], Inside | None]  # a plan's values, (K, *out_shape)
+# or a list of K views (the exact path), and the output voxels inside the array (None: all)
+# Rotated items sampled together: box size, number of arrays, grid shape, aligned axis, linear.
+_BatchKey = tuple[tuple[int, ...], int, tuple[int, ...], tuple[int, int, int] | None, bool]
 
 
-def resample(items: Sequence[tuple[Plan, Sequence[Data]]]) -> list[tuple[np.ndarray, Any]]:
+def resample(items: Sequence[tuple[Plan, Sequence[Data]]]) -> list[Sampled]:
     """Sample each (plan, K arrays) item: (K, *out_shape) values (or a list of K views, when
     the exact path reads them as they lie) and the `Inside` of output voxels inside the array
     (None: all are). Nearest (labels) and exact values keep the arrays' dtype, bit for bit;
     interpolated ones are float32. An array holds every voxel of the plan's box that lies
     inside the level (a crop region), or the whole box with zeros beyond the level. Values
     may be views into the arrays: copy before writing."""
-    results: list[tuple[np.ndarray, Any] | None] = [None] * len(items)
-    batches: dict[tuple, list[int]] = {}
+    results: list[Sampled | None] = [None] * len(items)
+    batches: dict[_BatchKey, list[int]] = {}
     for i, (plan, arrays) in enumerate(items):
         if plan.grid is None:
             results[i] = _apply_axes(plan, arrays)
@@ -39,6 +46,7 @@ def resample(items: Sequence[tuple[Plan, Sequence[Data]]]) -> list[tuple[np.ndar
             key = (size, len(arrays), plan.grid_shape, plan.aligned, plan.linear)
             batches.setdefault(key, []).append(i)
     for key, members in batches.items():
+        done: Sequence[Sampled]
         if key[3] is not None and not key[-1]:  # nearest slices: straight out of the arrays
             done = _sample_nearest_slices([items[i] for i in members])
         else:  # out of the boxes: grid_sample (linear), or a 3D grid of nearest positions
@@ -46,7 +54,7 @@ def resample(items: Sequence[tuple[Plan, Sequence[Data]]]) -> list[tuple[np.ndar
             done = sample([(items[i][0], _boxes(*items[i])) for i in members])
         for i, result in zip(members, done, strict=True):
             results[i] = result
-    return results  # type: ignore[return-value]
+    return results  # type: ignore[return-value]  # every slot is filled by now
 
 
 def _positions(maps: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -99,7 +107,7 @@ def _boxes(plan: Plan, arrays: Sequence[Data]) -> np.ndarray:
     return np.stack([_box(plan, data) for data in arrays])
 
 
-def _apply_axes(plan: Plan, arrays: Sequence[Data]) -> tuple[Any, Inside | None]:
+def _apply_axes(plan: Plan, arrays: Sequence[Data]) -> Sampled:
     """The exact (or axis by axis linear) path: each output axis samples one source axis.
     Exact values come as a list of views into the arrays (the consumer's one pass copies
     them); where a label patch leaves the level, a view of the part inside it (`Inside.box`)."""
@@ -107,7 +115,7 @@ def _apply_axes(plan: Plan, arrays: Sequence[Data]) -> tuple[Any, Inside | None]
     assert plan.index is not None
     if plan.upper is not None:
         return _interpolate_axes(plan, _boxes(plan, arrays)), plan.valid
-    views = []
+    views: list[np.ndarray] = []
     for array, origin in arrays:
         if plan.valid is not None and not plan.linear and not _holds_box(plan, (array, origin)):
             runs = plan.valid.box  # the others are masked
@@ -156,13 +164,18 @@ def _holds_box(plan: Plan, data: Data) -> bool:
 
 def _interpolate_axes(plan: Plan, boxes: np.ndarray) -> np.ndarray:
     """Linear along each axis, of boxes (K, Z, Y, X): a coarser grid than the level's."""
-    out = boxes.transpose(0, *(p + 1 for p in plan.perm)).astype(np.float32, copy=False)  # type: ignore[union-attr]
+    perm, index, uppers, weights = plan.perm, plan.index, plan.upper, plan.weight
+    assert perm is not None  # _plan_linear sets all four
+    assert index is not None
+    assert uppers is not None
+    assert weights is not None
+    out = boxes.transpose(0, *(p + 1 for p in perm)).astype(np.float32, copy=False)
     for j in range(3):
-        lower = np.take(out, index_array(plan.index[j]), axis=j + 1)  # type: ignore[index]
-        upper = np.take(out, plan.upper[j], axis=j + 1)  # type: ignore[index]
+        lower = np.take(out, index_array(index[j]), axis=j + 1)
+        upper = np.take(out, uppers[j], axis=j + 1)
         shape = [1, 1, 1, 1]
         shape[j + 1] = -1
-        w = plan.weight[j].reshape(shape)  # type: ignore[index]
+        w = weights[j].reshape(shape)
         # inf * 0 in a raw holding inf is NaN, as grid_sample gives it: the dataset reports
         # non-finite raw with its crop, so numpy's own warning would only repeat it.
         with np.errstate(invalid="ignore"):
@@ -172,13 +185,13 @@ def _interpolate_axes(plan: Plan, boxes: np.ndarray) -> np.ndarray:
 
 def _sample_nearest_slices(
     items: Sequence[tuple[Plan, Sequence[Data]]],
-) -> list[tuple[np.ndarray, np.ndarray | None]]:
+) -> list[tuple[np.ndarray, Inside | None]]:
     """Nearest plans with an aligned axis p (`_aligned_axis`) sharing box and grid shapes:
     each output is a stack of slices along source axis p, all read at the same 2D positions
     through one flat index. Positions are computed for all items at once; values come
     straight out of the arrays (a crop region in memory needs no box copy) when p is z."""
     first = items[0][0]
-    maps = np.stack([plan.grid for plan, _ in items])
+    maps = np.stack([plan.grid for plan, _ in items])  # type: ignore[misc]  # rotated: grids set
     maps[:, :, -1] += 0.5  # nearest, ties up: floor(x + 0.5), as truncation (exact for
     # x > -0.5: the box holds every position with at least half a voxel to spare)
     index = _positions(maps, first.grid_shape).astype(np.int32)  # (N, 2, count) box voxels
@@ -187,15 +200,17 @@ def _sample_nearest_slices(
 
 def _slices(
     plan: Plan, arrays: Sequence[Data], index: np.ndarray
-) -> tuple[np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, Inside | None]:
     """One item of `_sample_nearest_slices`: (K, *out_shape) values and the inside mask."""
-    p = plan.aligned[0]  # type: ignore[index]
+    aligned = plan.aligned  # (p, j, sign), handed on: read once per item
+    assert aligned is not None
+    p = aligned[0]
     num_slices, count = plan.stop[p] - plan.start[p], index.shape[1]
     reach = _index_reach(plan)
     values = None
-    flats: dict[tuple, np.ndarray] = {}
+    flats: dict[tuple[tuple[int, int, int], tuple[int, ...]], np.ndarray] = {}
     for k, data in enumerate(arrays):
-        slab, shift = _slab(plan, data)  # (S, R, C) array; box voxel i is its voxel i + shift
+        slab, shift = _slab(plan, data, p)  # (S, R, C) array; box voxel i is its voxel i + shift
         if values is None:
             values = np.empty((len(arrays), num_slices, count), dtype=slab.dtype)
         key = (shift, slab.shape)
@@ -209,7 +224,7 @@ def _slices(
             # Clip mode: no index error for masked positions, and `out` written unbuffered.
             np.take(plane, flats[key], axis=1, out=values[k, low:high], mode="clip")
     assert values is not None
-    return _slices_to_output(plan, values), _slices_mask(plan, index, reach)
+    return _slices_to_output(plan, aligned, values), _slices_mask(plan, aligned, index, reach)
 
 
 def _index_reach(plan: Plan) -> list[tuple[int, int]]:
@@ -217,7 +232,7 @@ def _index_reach(plan: Plan) -> list[tuple[int, int]]:
     (from the grid's corners, widened by a rounding margin): cheap bounds that spare the
     mask when the positions stay inside the array."""
     bounds = []
-    for row in plan.grid.tolist():  # type: ignore[union-attr]
+    for row in plan.grid.tolist():  # type: ignore[union-attr]  # rotated plans carry a grid
         steps, offset = row[:-1], row[-1]
         low = offset + sum(
             min(0.0, a * (n - 1)) for a, n in zip(steps, plan.grid_shape, strict=True)
@@ -229,10 +244,9 @@ def _index_reach(plan: Plan) -> list[tuple[int, int]]:
     return bounds
 
 
-def _slab(plan: Plan, data: Data) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """The array with axis p first, and the shift from box voxels to its voxels along
-    (p, *grid axes): the array itself when p is z, else the box moved (a copy)."""
-    p = plan.aligned[0]  # type: ignore[index]
+def _slab(plan: Plan, data: Data, p: int) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The array with the plan's aligned axis p first, and the shift from box voxels to its
+    voxels along (p, *grid axes): the array itself when p is z, else the box moved (a copy)."""
     array, origin = data
     if p == 0:  # (Z, Y, X) regions are C-ordered: a z range is one contiguous block
         shift = (plan.start[0] - origin[0], plan.start[1] - origin[1], plan.start[2] - origin[2])
@@ -251,10 +265,15 @@ def _flat_index(index: np.ndarray, shift: Sequence[int], width: int) -> np.ndarr
     return flat
 
 
-def _slices_mask(plan: Plan, index: np.ndarray, reach: Sequence[tuple[int, int]]) -> Inside | None:
+def _slices_mask(
+    plan: Plan,
+    aligned: tuple[int, int, int],
+    index: np.ndarray,
+    reach: Sequence[tuple[int, int]],
+) -> Inside | None:
     """Output voxels inside the array, None when all are (the usual case): a run of slices
-    along p, and the plane positions inside it."""
-    p, j, sign = plan.aligned  # type: ignore[misc]
+    along p, and the plane positions inside it; `aligned` is the plan's (p, j, sign)."""
+    p, j, sign = aligned
     along = np.arange(plan.start[p], plan.stop[p])
     inside = _inside(plan, index, reach)
     if inside is None and along[0] >= 0 and along[-1] < plan.src_shape[p]:
@@ -268,9 +287,10 @@ def _slices_mask(plan: Plan, index: np.ndarray, reach: Sequence[tuple[int, int]]
     return Inside(tuple(box), mask)
 
 
-def _slices_to_output(plan: Plan, values: np.ndarray) -> np.ndarray:
-    """(K, slices, count) in the order of the source axis p to (K, *out_shape): a view."""
-    _, j, sign = plan.aligned  # type: ignore[misc]
+def _slices_to_output(plan: Plan, aligned: tuple[int, int, int], values: np.ndarray) -> np.ndarray:
+    """(K, slices, count) in the order of the source axis p to (K, *out_shape): a view;
+    `aligned` is the plan's (p, j, sign)."""
+    _, j, sign = aligned
     values = values.reshape(len(values), values.shape[1], *plan.grid_shape)[:, ::sign]
     return values if j == 0 else np.moveaxis(values, 1, 1 + j)  # slices: output axis j
 
@@ -290,13 +310,16 @@ def _inside(
     return mask
 
 
-def _sample_nearest(items: Sequence[tuple[Plan, np.ndarray]]) -> list[tuple[np.ndarray, Any]]:
+def _sample_nearest(
+    items: Sequence[tuple[Plan, np.ndarray]],
+) -> list[tuple[np.ndarray, Inside | None]]:
     """Plans on a 3D grid sharing box and grid shapes, sampled nearest (ties up) by indexing
     the boxes (K, Z, Y, X): stored values, no float round trip, so label values stay as they
     are. Positions are computed for all items at once."""
     first, boxes = items[0]
     sizes = boxes.shape[1:]
-    positions = _positions(np.stack([plan.grid for plan, _ in items]), first.grid_shape)
+    grids = np.stack([plan.grid for plan, _ in items])  # type: ignore[misc]  # rotated: grids set
+    positions = _positions(grids, first.grid_shape)
     results = []
     for (plan, boxes), points in zip(items, positions, strict=True):
         index = _nearest_index(points, sizes)
@@ -318,7 +341,7 @@ def _everywhere(plan: Plan, inside: np.ndarray) -> Inside:
 
 
 @functools.lru_cache(maxsize=16)
-def _index_grid(shape: tuple[int, ...]) -> Any:
+def _index_grid(shape: tuple[int, ...]) -> torch.Tensor:
     """(voxels, k + 1) float32 tensor: each output voxel's index along the k axes (row-major)
     and a 1."""
     import torch
@@ -349,7 +372,8 @@ def _sample_linear(items: Sequence[tuple[Plan, np.ndarray]]) -> list[tuple[np.nd
     # is (N, [Z,] Y, X, k) with the x position first.
     sizes = [boxes.shape[1 + p] for p in first.grid_axes]
     norm = np.array([2 / (n - 1) if n > 1 else 0.0 for n in sizes])[:, None]
-    maps = np.stack([plan.grid[::-1] * norm[::-1] for plan, _ in items])  # rows x first
+    # Rows x first; the ignore: rotated plans carry a grid.
+    maps = np.stack([plan.grid[::-1] * norm[::-1] for plan, _ in items])  # type: ignore[index]
     maps[:, :, -1] -= np.array([1.0 if n > 1 else 0.0 for n in sizes[::-1]])
     # (N, voxels, k) = (voxels, k + 1) output indices and ones @ (N, k + 1, k): one batched
     # matmul writes the grid point by point (affine_grid, or numpy, took 3-7x longer here).

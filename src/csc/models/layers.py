@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from torch import nn
 NORMS = ("batch", "instance", "group", None)
 UPSAMPLES = ("transposed", "linear")
 MAX_GROUPS = 8  # group norm: 8 groups, fewer when the channel count is not a multiple of 8
+PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]  # torch's conv padding_mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +83,7 @@ def conv_norm_act(
     norm: str | None,
     kernel_size: int = 3,
     stride: int = 1,
-    padding_mode: str = "zeros",
+    padding_mode: PaddingMode = "zeros",
 ) -> nn.Sequential:
     """Conv (same padding for stride 1), norm, ReLU. The conv has a bias only without norm."""
     conv = layers_for(ndim).conv(

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -18,7 +18,8 @@ from csc.models.layers import (
     make_norm,
 )
 
-PADDING_TYPES = ("reflect", "replicate", "zeros")
+PaddingType = Literal["reflect", "replicate", "zeros"]  # the toolkit's choices, torch's names
+PADDING_TYPES: tuple[PaddingType, ...] = get_args(PaddingType)
 DROPOUT = 0.2  # in each residual block when use_dropout is set, as in the toolkit
 
 
@@ -26,7 +27,13 @@ class ResidualBlock(nn.Module):
     """x + (conv, norm, ReLU, [dropout], conv, norm)(x); channels and shape kept."""
 
     def __init__(
-        self, ndim: int, channels: int, *, norm: str | None, use_dropout: bool, padding_type: str
+        self,
+        ndim: int,
+        channels: int,
+        *,
+        norm: str | None,
+        use_dropout: bool,
+        padding_type: PaddingType,
     ) -> None:
         super().__init__()
         conv = layers_for(ndim).conv
@@ -62,7 +69,7 @@ class ResidualNet(nn.Module):
         n_downsampling: int = 2,
         norm: str | None = "instance",
         use_dropout: bool = False,
-        padding_type: str = "reflect",
+        padding_type: PaddingType = "reflect",
     ) -> None:
         super().__init__()
         check_positive(in_channels=in_channels, out_channels=out_channels, ngf=ngf)
@@ -72,11 +79,12 @@ class ResidualNet(nn.Module):
         check_choice("norm", norm, NORMS)
         check_choice("padding_type", padding_type, PADDING_TYPES)
         self.ndim, self.ngf, self.n_downsampling = ndim, ngf, n_downsampling
-        options = {"norm": norm, "padding_mode": padding_type}
         widths = [ngf * 2**level for level in range(n_downsampling + 1)]
-        stem = conv_norm_act(ndim, in_channels, ngf, kernel_size=7, **options)
+        stem = conv_norm_act(
+            ndim, in_channels, ngf, kernel_size=7, norm=norm, padding_mode=padding_type
+        )
         downs = [
-            conv_norm_act(ndim, narrow, wide, stride=2, **options)
+            conv_norm_act(ndim, narrow, wide, stride=2, norm=norm, padding_mode=padding_type)
             for narrow, wide in itertools.pairwise(widths)
         ]
         blocks = [
