@@ -599,11 +599,19 @@ def _check_spatial_transforms(transforms: Mapping[str, Any] | None) -> None:
         bad = [a for a in axes if a not in AXES]
         if bad:
             raise ValueError(f"spatial_transforms['{name}'] has unknown axes {bad}; use z, y, x")
-        if name == "mirror" and not all(_is_number(p) and 0 <= p <= 1 for p in axes.values()):
+        if (
+            name == "mirror"
+            and isinstance(axes, Mapping)
+            and not all(_is_number(p) and 0 <= p <= 1 for p in axes.values())
+        ):
             raise ValueError(
                 f"spatial_transforms['mirror'] probabilities must be in [0, 1]: {axes}"
             )
-        if name == "rotate" and not all(_is_range(r) for r in axes.values()):
+        if (
+            name == "rotate"
+            and isinstance(axes, Mapping)
+            and not all(_is_range(r) for r in axes.values())
+        ):
             raise ValueError(
                 f"spatial_transforms['rotate'] needs [min, max] degrees per axis: {axes}"
             )

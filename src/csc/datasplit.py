@@ -243,7 +243,7 @@ def _match(
     if found is None:
         return None
     new = {k: v for k, v in found.groupdict().items() if v is not None}
-    if not all(filters.get(k, lambda _: True)(v) for k, v in new.items()):
+    if not all(filters[k](v) for k, v in new.items() if k in filters):
         return None
     return {**bound, **new}
 
@@ -296,6 +296,8 @@ def _filter_by_scale(
     by_crop: dict[tuple[str, str], set[str]], options: CrawlOptions, lister: Lister
 ) -> dict[tuple[str, str], set[str]]:
     """Keep a class of a crop only if its s0 voxel size is <= the requested one on every axis."""
+    wanted = options.scale
+    assert wanted is not None, "called only when the crawl filters by scale"
     keys = [(d, c, label) for (d, c), labels in by_crop.items() for label in sorted(labels)]
 
     def s0_scale(key: tuple[str, str, str]) -> list[float]:
@@ -307,7 +309,7 @@ def _filter_by_scale(
 
     kept: dict[tuple[str, str], set[str]] = {}
     for (dataset, crop, label), scale in zip(keys, lister.map(s0_scale, keys), strict=True):
-        if is_fine_enough(scale, options.scale):
+        if is_fine_enough(scale, wanted):
             kept.setdefault((dataset, crop), set()).add(label)
     return kept
 
@@ -583,24 +585,29 @@ def _absolute(root: str, folder: Path) -> str:
 # --- From a config ---------------------------------------------------------------------------
 
 
+def crawl_scale(config: TrainConfig) -> tuple[float, ...] | None:
+    """The voxel size (nm per axis) a crawled class must reach, from `filter_by_scale`."""
+    wanted = config.filter_by_scale
+    if wanted is True:
+        return tuple(float(s) for s in config.target_array_info.scale)
+    if wanted is False:
+        return None
+    if isinstance(wanted, tuple):
+        return tuple(float(s) for s in wanted) or None
+    return (float(wanted),)
+
+
 def options_from_config(config: TrainConfig) -> tuple[CrawlOptions, SplitOptions]:
     """The crawl and split that `csc train` uses when the config's datasplit CSV is missing."""
     search_path = config.search_path
     if config.use_s3:
         search_path = s3_search_path(search_path, config.s3_bucket)
-    scale = config.filter_by_scale
-    if scale is True:
-        scale = config.target_array_info.scale
-    elif scale is False:
-        scale = None
-    elif not isinstance(scale, tuple):
-        scale = (scale,)
     crawl_options = CrawlOptions(
         search_path=search_path,
         raw_name=config.raw_name,
         crop_name=config.crop_name,
         classes=config.classes,
-        scale=tuple(float(s) for s in scale) if scale else None,
+        scale=crawl_scale(config),
         endpoint_url=config.s3_endpoint_url,
         s3_timeout_s=config.s3_timeout_s,
         s3_retry_budget_s=config.s3_retry_budget_s,

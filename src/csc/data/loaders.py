@@ -180,7 +180,8 @@ def _label_disagrees(reader: MetadataReader, label: ArraySource) -> ArraySource 
 def _missing_labels_message(label: ArraySource) -> str:
     assert label.chunking is not None
     fill = label.chunking.fill_value
-    reads = {label.absent: "background", label.unknown: "not annotated"}.get(fill, "foreground")
+    meanings: dict[float | None, str] = {label.absent: "background", label.unknown: "not annotated"}
+    reads = meanings.get(fill, "foreground")
     return (
         f"{label.url}: its CellMap metadata (complement_counts) counts {label.foreground} "
         f"foreground voxels, but no chunk of it is stored, so it reads as {fill:g} ({reads}) "
@@ -240,8 +241,8 @@ def fill_foreground(crops: Sequence[Crop], *, endpoint_url: str | None = None) -
 class Loaders:
     """The training loader (exactly `iterations_per_epoch` batches per epoch) and validation."""
 
-    train: torch.utils.data.DataLoader
-    validate: torch.utils.data.DataLoader | None
+    train: torch.utils.data.DataLoader[Any]
+    validate: torch.utils.data.DataLoader[Any] | None
     sampler: EpochSampler
 
 

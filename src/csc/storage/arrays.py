@@ -42,7 +42,7 @@ def make_compressor(name: str) -> Any:
     """A numcodecs codec by csc's name for it; Zstd level 6 is what public CellMap raw uses."""
     import numcodecs
 
-    codecs = {
+    codecs: dict[str, Callable[[], Any]] = {
         "zstd": lambda: numcodecs.Zstd(level=6),
         "blosc-lz4": lambda: numcodecs.Blosc(
             cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE

@@ -99,7 +99,8 @@ def _retrying_filesystem_class() -> type:
     """s3fs's filesystem with each request and each whole-file read in csc's retry loop."""
     import s3fs
 
-    class RetryingS3FileSystem(s3fs.S3FileSystem):
+    # s3fs ships no annotations, so its class is Any to mypy.
+    class RetryingS3FileSystem(s3fs.S3FileSystem):  # type: ignore[misc]
         csc_options = S3Options()
 
         async def _call_s3(self, method: str, *args: Any, **kwargs: Any) -> Any:
