@@ -16,26 +16,24 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from csc.checkpoints import (
-    load_for_resume,
-    prune_checkpoints,
-    rng_state,
-    save_best,
-    save_checkpoint,
-    set_rng_state,
-    to_safe,
-    unwrap,
-)
-from csc.config import TrainConfig
-from csc.models.loading import (
     CheckpointReadError,
     CheckpointWarning,
     best_epoch,
     find_checkpoints,
     load_best_val,
+    load_for_resume,
     load_latest,
-    read_scalars,
+    prune_checkpoints,
+    rng_state,
+    save_best,
+    save_checkpoint,
+    set_rng_state,
     state_path,
+    to_safe,
 )
+from csc.config import TrainConfig
+from csc.runtime import unwrap
+from csc.tracking import read_scalars
 
 NAME = "2d_unet"
 

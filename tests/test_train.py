@@ -325,7 +325,7 @@ def test_example_configs_build_their_models(name: str) -> None:
     """The examples resolve, and their models take their patch shapes (checked before data)."""
     from csc.config import load_config
     from csc.data import PatchSpec
-    from csc.training import make_model
+    from csc.runtime import make_model
 
     config = load_config(Path(__file__).parents[1] / "examples" / name)
     spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
