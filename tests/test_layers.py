@@ -73,4 +73,3 @@ def test_models_know_architectures_not_files(path: Path) -> None:
     """csc.models imports neither data, storage nor checkpoints (its `load_latest` and
     `load_best_val` are looked up in csc.checkpoints by name, on first use)."""
     assert not csc_imports(path) & {"data", "storage", "checkpoints"}
-

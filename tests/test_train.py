@@ -308,6 +308,18 @@ def test_user_code_loads_the_latest_and_best_weights(data: Path, tmp_path: Path)
     assert best == result.best_epoch
 
 
+def test_a_checkpoint_rebuilds_its_model_alone(data: Path, tmp_path: Path) -> None:
+    """`load_model(path)`: no config needed, for an epoch, `best` and a training state."""
+    from csc.checkpoints import load_model
+
+    result = train(config_of(data, tmp_path, epochs=1))
+    for name in ("2d_unet_1.pth", "2d_unet_best.pth", "2d_unet_1.state.pth"):
+        model = load_model(tmp_path / "checkpoints" / name)
+        assert isinstance(model, UNet) and model.ndim == 2 and model.num_levels == 2
+        for key, value in result.model.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+
+
 def test_a_config_file_run_as_a_script_trains(data: Path, tmp_path: Path) -> None:
     """`python config.py` with the examples' closing lines: `from csc import train`."""
     lines = [f"{key} = {value!r}" for key, value in settings(data, tmp_path, epochs=1).items()]
