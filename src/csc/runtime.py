@@ -9,15 +9,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from csc.config import TrainConfig
-from csc.data import PatchSpec
 from csc.distributed import Dist
 from csc.models import build_model, check_input_shape
+
+if TYPE_CHECKING:  # only its type: csc.checkpoints, which imports this, never reads data
+    from csc.data import PatchSpec
 
 AUTOCAST_DTYPES = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DDP/DataParallel and torch.compile

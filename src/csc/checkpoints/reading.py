@@ -349,7 +349,8 @@ def load_model(path: str | os.PathLike[str]) -> nn.Module:
             f"{path} holds weights but not how to build their model (saved by an earlier csc, "
             "the challenge toolkit, or from a config's own `model`): build the model as its "
             "config does (csc.build_model(model_name, num_classes=..., **model_kwargs)) and "
-            "load the weights with csc.checkpoints.load_weights(model, torch.load(path))"
+            "load the weights into it with csc.checkpoints.load_weights(model, "
+            "torch.load(path, weights_only=True))"
         )
     model = ModelArguments(**stored).build()
     load_weights(model, weights, source=str(path))
