@@ -66,13 +66,13 @@ def measure(folder: Path, multiple: int, cache_mb: int) -> dict[str, float]:
     from csc.data.datasets import PatchSpec
     from csc.datasplit import ensure_datasplit
     from csc.prediction import box_region, load_predictor, write_predictions
-    from csc.training import make_model
+    from csc.runtime import make_model
 
     config = build_config(settings(folder, cache_mb))
     ensure_datasplit(config, echo=lambda _: None)
     weights = folder / "weights.pth"
     if not weights.exists():
-        spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
+        spec = PatchSpec.from_config(config)
         torch.manual_seed(0)
         torch.save(make_model(config, spec).state_dict(), weights)
     counts = MULTIPLES[multiple]

@@ -16,26 +16,27 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from csc.checkpoints import (
-    load_for_resume,
-    prune_checkpoints,
-    rng_state,
-    save_best,
-    save_checkpoint,
-    set_rng_state,
-    to_safe,
-    unwrap,
-)
-from csc.config import TrainConfig
-from csc.models.loading import (
     CheckpointReadError,
     CheckpointWarning,
     best_epoch,
     find_checkpoints,
     load_best_val,
+    load_for_resume,
     load_latest,
-    read_scalars,
+    load_model,
+    prune_checkpoints,
+    read_run,
+    rng_state,
+    save_best,
+    save_checkpoint,
+    set_rng_state,
     state_path,
+    to_safe,
 )
+from csc.config import TrainConfig
+from csc.models import UNet
+from csc.runtime import ModelArguments, unwrap
+from csc.tracking import read_scalars
 
 NAME = "2d_unet"
 
@@ -285,6 +286,52 @@ def test_wrapped_models_load_each_others_weights(template: str) -> None:
     target = tiny_model(seed=2)
     assert load_latest(template.replace("{model_name}", NAME), Compiled(target)) == 1
     assert same_weights(target, source)
+
+
+def test_read_run_reads_an_epoch_by_number(template: str) -> None:
+    models = save_epochs(template, [1, 2, 3])
+    config = TrainConfig(model_save_path=template)
+    found = read_run(config, 2, model_name=NAME)
+    assert found is not None and found.epoch == 2 and found.train_state is None
+    model = tiny_model(seed=0)
+    model.load_state_dict(found.model_state)
+    assert same_weights(model, models[2])
+    with pytest.raises(FileNotFoundError, match=r"epoch 5.*\[1, 2, 3\]"):
+        read_run(config, 5, model_name=NAME)
+
+
+def test_a_model_file_rebuilds_its_model(template: str) -> None:
+    """`load_model` needs no config: the model file holds its `ModelArguments`."""
+    arguments = ModelArguments("2d_unet", 2, {"num_levels": 2, "base_channels": 2})
+    model = arguments.build()
+    save_checkpoint(
+        model.state_dict(),
+        None,
+        template=template,
+        model_name=NAME,
+        epoch=1,
+        model_arguments=arguments,
+    )
+    path = Path(template.format(model_name=NAME, epoch=1))
+    rebuilt = load_model(path)
+    assert isinstance(rebuilt, UNet) and rebuilt.ndim == 2 and same_weights(rebuilt, model)
+    weights = torch.load(path, weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in weights.values())
+    model.load_state_dict(weights)  # still a plain state_dict
+
+
+def test_a_model_file_without_arguments_says_what_to_do(template: str) -> None:
+    """Files of earlier versions and the toolkit, and arguments holding objects (which would
+    not read back as themselves), leave the model to be built by the caller."""
+    model = tiny_model(seed=0)
+    save_checkpoint(model.state_dict(), None, template=template, model_name=NAME, epoch=1)
+    odd = ModelArguments("2d_unet", 2, {"activation": nn.ReLU})
+    save_checkpoint(
+        model.state_dict(), None, template=template, model_name=NAME, epoch=2, model_arguments=odd
+    )
+    for epoch in (1, 2):
+        with pytest.raises(ValueError, match=r"not how to build their model.*load_weights"):
+            load_model(template.format(model_name=NAME, epoch=epoch))
 
 
 # --- Pruning ------------------------------------------------------------------------------

@@ -19,17 +19,11 @@ from click.testing import CliRunner, Result
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from csc.checkpoints import RunWriteError, start_run
+from csc.checkpoints import CheckpointWarning, RunWriteError, best_epoch, start_run, state_path
 from csc.cli import cli
 from csc.config import build_config
-from csc.models.loading import (
-    CheckpointWarning,
-    best_epoch,
-    read_scalars,
-    state_path,
-    validation_by_epoch,
-)
 from csc.synth import SynthSpec, write_synthetic
+from csc.tracking import read_scalars, validation_by_epoch
 from csc.training import train
 from tests.faults import assert_unchanged, snapshot
 
@@ -339,7 +333,7 @@ def test_prediction_from_a_state_file_uses_the_model_file_beside_it(
 ) -> None:
     """The state holds no second copy of the weights: `csc predict --checkpoint X.state.pth`
     loads X.pth."""
-    from csc.prediction import checkpoint_weights
+    from csc.checkpoints import checkpoint_weights
 
     folder = old_run / "checkpoints"
     config = build_config(settings(data, old_run))

@@ -8,21 +8,24 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).parents[1] / "src" / "csc"
-# config/storage -> datasplit -> data -> models, losses, metrics -> checkpoints, tracking
-# -> training, prediction -> cli and the public API (`csc/__init__`). `synth` writes data and
-# sits beside the datasplit. `storage` is a package (csc.storage.*) that imports no other csc
-# module: config may read it, never the other way round. `registries` (names and where they
-# live; no csc import) is below all.
+# config/storage -> datasplit -> data -> models, losses, metrics, optim -> runtime, tracking,
+# distributed -> checkpoints -> training, prediction -> cli and the public API
+# (`csc/__init__`). `synth` writes data and sits beside the datasplit; `runtime` holds what
+# training and prediction share (device, precision, building and unwrapping the model).
+# `storage` is a package (csc.storage.*) that imports no other csc module: config may read it,
+# never the other way round. `registries` (names and where they live; no csc import) is below all.
 LAYERS = [
     {"registries"},
     {"config", "storage"},
     {"synth", "datasplit"},
     {"data"},
-    {"models", "losses", "metrics"},
-    {"checkpoints", "tracking", "distributed"},
+    {"models", "losses", "metrics", "optim"},
+    {"runtime", "tracking", "distributed"},
+    {"checkpoints"},
     {"training", "prediction", "evaluation", "processing", "launch"},
     {"cli", "__main__", "__init__"},
 ]
+INFERENCE = ("prediction", "processing", "evaluation")  # siblings of training, never its users
 
 
 def layer_of(module: str) -> int:
@@ -33,16 +36,24 @@ def layer_of(module: str) -> int:
 
 
 def csc_imports(path: Path) -> set[str]:
-    """Top-level csc submodules that a file imports (csc.x.y counts as x)."""
+    """Top-level csc submodules that a file imports (csc.x.y counts as x; ``from csc import
+    x`` too when x is a module), at module level or inside functions."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         names = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module == "csc" and node.level == 0:
+            names = [f"csc.{alias.name}" for alias in node.names if is_module(alias.name)]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [node.module]
         found |= {n.split(".")[1] for n in names if n.startswith("csc.")}
     return found
+
+
+def is_module(name: str) -> bool:
+    """Whether csc.`name` is a module or package (not a name such as ``__version__``)."""
+    return (SRC / f"{name}.py").is_file() or (SRC / name / "__init__.py").is_file()
 
 
 @pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")), ids=lambda p: p.name)
@@ -84,3 +95,17 @@ def test_only_storage_opens_zarr_and_tensorstore(path: Path) -> None:
 @pytest.mark.parametrize("path", sorted(STORAGE.rglob("*.py")), ids=lambda p: p.name)
 def test_storage_imports_no_other_csc_module(path: Path) -> None:
     assert csc_imports(path) <= {"storage"}, f"csc.storage.{path.stem} imports {csc_imports(path)}"
+
+
+@pytest.mark.parametrize("module", INFERENCE)
+def test_inference_does_not_import_training(module: str) -> None:
+    """What prediction shares with training comes from csc.runtime, csc.optim or
+    csc.checkpoints, not from the training loop."""
+    assert "training" not in csc_imports(SRC / f"{module}.py")
+
+
+@pytest.mark.parametrize("path", sorted((SRC / "models").rglob("*.py")), ids=lambda p: p.name)
+def test_models_know_architectures_not_files(path: Path) -> None:
+    """csc.models imports neither data, storage nor checkpoints (its `load_latest` and
+    `load_best_val` are looked up in csc.checkpoints by name, on first use)."""
+    assert not csc_imports(path) & {"data", "storage", "checkpoints"}

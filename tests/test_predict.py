@@ -27,9 +27,9 @@ from csc.prediction import (
     window_starts,
 )
 from csc.processing import process
+from csc.runtime import make_model
 from csc.storage import blocks
 from csc.synth import SynthSpec, write_synthetic
-from csc.training import make_model
 
 CLASSES = ("nuc", "mito", "er")
 # Crops of 16 x 64 x 64 label voxels at 4 nm: 8 x 32 x 32 output voxels at 8 nm.

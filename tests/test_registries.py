@@ -16,6 +16,7 @@ from csc.config import DEFAULT_SPATIAL_TRANSFORMS, build_config
 from csc.data.transforms import SPATIAL_TRANSFORMS
 from csc.losses import LOSSES, SegmentationLoss
 from csc.models import MODELS
+from csc.optim import OPTIMIZERS, SCHEDULERS
 
 
 def entries(registry: Mapping[str, Any]) -> list[Any]:
@@ -65,6 +66,8 @@ def test_builders_hold_exactly_the_registry_names() -> None:
     assert list(MODELS) == list(registries.MODELS)
     assert list(LOSSES) == list(registries.LOSSES)
     assert list(SPATIAL_TRANSFORMS) == list(registries.SPATIAL_TRANSFORMS)
+    assert list(OPTIMIZERS) == list(registries.OPTIMIZERS)
+    assert list(SCHEDULERS) == list(registries.SCHEDULERS)
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from csc.models.loading import read_scalars
-from csc.tracking import NullTracker, TensorBoardTracker, make_tracker
+from csc.tracking import NullTracker, TensorBoardTracker, make_tracker, read_scalars
 
 
 def read_events(log_dir: Path) -> EventAccumulator:

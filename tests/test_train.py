@@ -310,6 +310,18 @@ def test_user_code_loads_the_latest_and_best_weights(data: Path, tmp_path: Path)
     assert best == result.best_epoch
 
 
+def test_a_checkpoint_rebuilds_its_model_alone(data: Path, tmp_path: Path) -> None:
+    """`load_model(path)`: no config needed, for an epoch, `best` and a training state."""
+    from csc.checkpoints import load_model
+
+    result = train(config_of(data, tmp_path, epochs=1))
+    for name in ("2d_unet_1.pth", "2d_unet_best.pth", "2d_unet_1.state.pth"):
+        model = load_model(tmp_path / "checkpoints" / name)
+        assert isinstance(model, UNet) and model.ndim == 2 and model.num_levels == 2
+        for key, value in result.model.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+
+
 @pytest.mark.slow
 def test_a_config_file_run_as_a_script_trains(data: Path, tmp_path: Path) -> None:
     """`python config.py` with the examples' closing lines: `from csc import train`."""
@@ -328,7 +340,7 @@ def test_example_configs_build_their_models(name: str) -> None:
     """The examples resolve, and their models take their patch shapes (checked before data)."""
     from csc.config import load_config
     from csc.data.datasets import PatchSpec
-    from csc.training import make_model
+    from csc.runtime import make_model
 
     config = load_config(Path(__file__).parents[1] / "examples" / name)
     spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)

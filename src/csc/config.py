@@ -78,9 +78,16 @@ class ArrayInfo:
     scale: tuple[float, ...]
 
     @property
+    def plane_axis(self) -> int | None:
+        """The one rule for a 2D patch: its singleton axis in (z, y, x), 0 for a 2-element
+        (y, x) shape, else the first axis of size 1; None for a 3D patch."""
+        if len(self.shape) == 2:
+            return 0
+        return tuple(self.shape).index(1) if 1 in self.shape else None
+
+    @property
     def is_2d(self) -> bool:
-        """A 2-element shape, or a 3-element shape with a singleton axis, is a 2D patch."""
-        return len(self.shape) == 2 or 1 in self.shape
+        return self.plane_axis is not None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,6 @@ not depend on the block shape.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import math
@@ -24,13 +23,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from csc.checkpoints import load_for_resume, model_path
+from csc.checkpoints import checkpoint_weights, load_weights
 from csc.config import DEFAULT_PREDICTION_CHECKPOINT, TrainConfig, load_config
 from csc.data.datasets import Crop, PatchDataset, PatchSpec
 from csc.data.geometry import Grid
 from csc.data.loaders import check_crops, load_crops
 from csc.datasplit import DatasplitRow, input_stores, read_datasplit, s3_options, select_crops
-from csc.models.loading import load_weights, strip_wrapper_prefixes
+from csc.runtime import autocast, channels_last_format, choose_device, make_model
 from csc.storage import (
     InputStores,
     MetadataReader,
@@ -41,7 +40,6 @@ from csc.storage import (
     multiscales_attrs,
     staged_group,
 )
-from csc.training import AUTOCAST_DTYPES, channels_last_format, choose_device, make_model
 
 Vec3 = tuple[float, float, float]
 GAUSSIAN_SIGMA = 1 / 8  # of the window size: weights fall to ~0.0003 of the centre's at edges
@@ -115,10 +113,11 @@ def load_predictor(
     orthoplanes: bool = False,
     overlap: float | None = None,
     progress: bool = True,
+    spec: PatchSpec | None = None,
 ) -> Predictor:
     """The config's model with the weights `checkpoint` names (latest, best, or a file), as
-    training resumes them."""
-    spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
+    training resumes them; `spec` is the config's (`PatchSpec.from_config`) unless given."""
+    spec = spec or PatchSpec.from_config(config)
     specs = [spec]
     if orthoplanes:
         specs = orthoplane_specs(spec)
@@ -145,31 +144,6 @@ def load_predictor(
         progress=progress,
         checkpoint=source,
     )
-
-
-def checkpoint_weights(config: TrainConfig, checkpoint: str) -> tuple[dict[str, Any], str]:
-    """The model weights of `checkpoint`: "latest" or "best" of `model_name` (as `load_model`
-    resumes them), or a .pth file; and where they came from."""
-    if checkpoint in ("latest", "best"):
-        wanted = dataclasses.replace(config, load_model=checkpoint, model_to_load=config.model_name)
-        resumed = load_for_resume(wanted)
-        if resumed is None:
-            template = config.model_save_path.replace("{model_name}", config.model_name)
-            raise FileNotFoundError(
-                f"no {checkpoint} checkpoint of {config.model_name} matches {template}: train "
-                "first (csc train), or pass --checkpoint PATH"
-            )
-        return resumed.model_state, str(resumed.path)
-    path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass latest, best or a file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # a NAME_e.state.pth training state
-    elif isinstance(state, dict) and "model" in state and "optimizer" in state:
-        path = model_path(path)  # a training state whose weights are the model file's
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    return strip_wrapper_prefixes(state), str(path)
 
 
 def orthoplane_specs(spec: PatchSpec) -> list[PatchSpec]:
@@ -201,13 +175,17 @@ def _move_plane(grid: Grid, source: int, axis: int) -> Grid:
 
 
 def crop_regions(
-    config: TrainConfig, *, crops: Sequence[str] = (), all_crops: bool = False
+    config: TrainConfig,
+    *,
+    crops: Sequence[str] = (),
+    all_crops: bool = False,
+    spec: PatchSpec | None = None,
 ) -> list[Region]:
     """The annotated extents of datasplit crops: those named in `crops` (crop or dataset/crop,
     globs allowed), all of them, or by default the validation crops."""
     rows = read_datasplit(config.datasplit_path)
     chosen = select_rows(rows, crops, all_crops=all_crops, source=str(config.datasplit_path))
-    spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
+    spec = spec or PatchSpec.from_config(config)
     resolved = load_crops(chosen, config.classes, spec, s3=s3_options(config))
     # A crop over raw with no stored chunk would be predicted from zeros: refused here too.
     check_crops(
@@ -396,15 +374,9 @@ def _forward(
     inputs = reader.read_inputs(requests).to(predictor.device, non_blocking=True)
     if predictor.memory_format is not None:
         inputs = inputs.contiguous(memory_format=predictor.memory_format)
-    dtype = AUTOCAST_DTYPES[predictor.precision]
-    autocast = (
-        torch.autocast(predictor.device.type, dtype=dtype)
-        if dtype is not None
-        else contextlib.nullcontext()
-    )
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast(predictor.device, predictor.precision):
         logits = predictor.model(inputs).float()
-    expected = (len(inputs), len(predictor.classes), *_squeezed(spec.target.shape, spec))
+    expected = (len(inputs), len(predictor.classes), *spec.in_plane(spec.target.shape))
     if tuple(logits.shape) != expected:
         raise ValueError(
             f"the model returned {tuple(logits.shape)} for input {tuple(inputs.shape)}; "
@@ -414,10 +386,6 @@ def _forward(
     if spec.plane_axis is not None:  # 2D: (B, C, H, W) -> (B, C, *window) with the singleton
         probabilities = np.expand_dims(probabilities, spec.plane_axis + 2)
     return probabilities
-
-
-def _squeezed(shape: Sequence[int], spec: PatchSpec) -> tuple[int, ...]:
-    return tuple(n for k, n in enumerate(shape) if k != spec.plane_axis)
 
 
 def make_readers(predictor: Predictor, region: Region, config: TrainConfig) -> list[PatchDataset]:
@@ -489,16 +457,22 @@ def predict(
     `predictions_path`)."""
     if not isinstance(config, TrainConfig):
         config = load_config(config)
+    spec = PatchSpec.from_config(config)
     if bbox is not None:
         if crops or all_crops or dataset is None:
             raise ValueError("--bbox needs --dataset NAME and goes without --crops and --all")
         regions = [box_region(config, dataset, bbox)]
     else:
-        regions = crop_regions(config, crops=crops, all_crops=all_crops)
+        regions = crop_regions(config, crops=crops, all_crops=all_crops, spec=spec)
     output = output or config.predictions_path.format(model_name=config.model_name)
     check_free(output, regions, overwrite=overwrite, inputs=input_stores(config))
     predictor = load_predictor(
-        config, checkpoint=checkpoint, orthoplanes=orthoplanes, overlap=overlap, progress=progress
+        config,
+        checkpoint=checkpoint,
+        orthoplanes=orthoplanes,
+        overlap=overlap,
+        progress=progress,
+        spec=spec,
     )
     return write_predictions(
         config, regions, predictor, output=output, encoding=encoding, overwrite=overwrite

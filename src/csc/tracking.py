@@ -1,4 +1,5 @@
-"""Where a run's numbers, images and notes go: a small `Tracker` interface.
+"""Where a run's numbers, images and notes go: a small `Tracker` interface, and reading the
+scalars back from TensorBoard files (`read_scalars`).
 
 The training loop calls ``tracker.log({"train/loss": x}, step)`` and ``tracker.close()`` and
 never imports tensorboard; `make_tracker` picks TensorBoard or nothing.
@@ -8,9 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+
+VALIDATION_TAG = "validation"  # the scalar the training loop logs once per epoch
+EPOCH_TAG = "epoch"  # logged at the same step as VALIDATION_TAG, value = epoch number
+START = 1  # tensorboard's SessionLog.START: a (re)started run; steps from here on are new
 
 
 class Tracker(Protocol):
@@ -83,7 +88,7 @@ class TensorBoardTracker:
 
     def restart_at(self, step: int) -> None:
         """A restart marker, as ``SummaryWriter(purge_step=step)`` writes: TensorBoard and
-        `csc.models.loading.read_scalars` drop the steps >= `step` of earlier event files."""
+        `read_scalars` drop the steps >= `step` of earlier event files."""
         from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
         start = SessionLog(status=SessionLog.START)
@@ -99,3 +104,60 @@ def make_tracker(log_dir: str | Path | None, *, enabled: bool = True) -> Tracker
     if log_dir is None or not enabled:
         return NullTracker()
     return TensorBoardTracker(log_dir)
+
+
+def read_scalars(log_dir: str | Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a scalar from every event file under `log_dir`, sorted by step.
+
+    Files are read in the order they were created. When several runs wrote the same step (a
+    resumed run), the latest written wins; a restart marker (``SummaryWriter(purge_step=S)``,
+    written when a run resumes at step S) hides every step >= S written before it, as
+    TensorBoard does, so the steps an interrupted run logged after its last checkpoint are gone.
+    """
+    latest: dict[int, float] = {}
+    for events in _event_files(Path(log_dir)):
+        for event in events:
+            if event.HasField("session_log") and event.session_log.status == START:
+                latest = {step: value for step, value in latest.items() if step < event.step}
+            for value in event.summary.value:
+                if value.tag == tag:
+                    latest[event.step] = _scalar(value)
+    return sorted(latest.items())
+
+
+def _event_files(log_dir: Path) -> list[list[Any]]:
+    """The events of each event file under `log_dir`, files by creation (first wall time)."""
+    # Imported here: tensorboard takes half a second to import and only this function needs it.
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    files = []
+    for path in sorted(log_dir.rglob("*tfevents*")):
+        if path.is_file():
+            events = list(LegacyEventFileLoader(str(path)).Load())
+            if events:
+                files.append((events[0].wall_time, str(path), events))
+    return [events for _, _, events in sorted(files, key=lambda item: item[:2])]
+
+
+def _scalar(value: Any) -> float:
+    """A summary value's number: ``simple_value`` (torch's writer) or a scalar tensor."""
+    if value.HasField("simple_value"):
+        return float(value.simple_value)
+    from tensorboard.util.tensor_util import make_ndarray
+
+    return float(make_ndarray(value.tensor))
+
+
+def validation_by_epoch(log_dir: str | Path) -> dict[int, float]:
+    """The ``validation`` score of each epoch, in epoch order.
+
+    The epoch of a score is the ``epoch`` scalar logged at the same step. Logs without an
+    ``epoch`` tag (the existing toolkit's) count validations: the i-th by step (from 0) is
+    epoch i + 1, the epoch that was validated (the existing toolkit loaded epoch i, one before).
+    """
+    scores = read_scalars(log_dir, VALIDATION_TAG)
+    epoch_at = {step: round(value) for step, value in read_scalars(log_dir, EPOCH_TAG)}
+    if not epoch_at:
+        return {i + 1: value for i, (_, value) in enumerate(scores)}
+    by_epoch = {epoch_at[step]: value for step, value in scores if step in epoch_at}
+    return dict(sorted(by_epoch.items()))

@@ -7,7 +7,6 @@ The module is callable, so a config file can end with
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -28,6 +27,7 @@ from csc.checkpoints import (
     drop_old_states,
     link_best,
     load_for_resume,
+    load_weights,
     log_dir,
     prune_checkpoints,
     rng_state,
@@ -35,36 +35,26 @@ from csc.checkpoints import (
     set_rng_state,
     start_run,
     to_safe,
-    unwrap,
 )
-from csc.config import TrainConfig, check_keywords, format_config, load_config
+from csc.config import TrainConfig, format_config, load_config
 from csc.data.datasets import PatchSpec
 from csc.data.loaders import Loaders, build_loaders, read_crops
 from csc.datasplit import ensure_datasplit
 from csc.distributed import Dist
 from csc.losses import build_loss, check_criterion, pos_weight_from_counts
 from csc.metrics import SegmentationMetrics
-from csc.models import build_model, check_input_shape
-from csc.models.loading import load_weights
+from csc.optim import PER_STEP_SCHEDULERS, make_optimizer, make_scheduler
+from csc.runtime import (
+    autocast,
+    channels_last_format,
+    choose_device,
+    make_model,
+    model_arguments,
+    unwrap,
+    wrap_model,
+)
 from csc.tracking import Tracker, make_tracker
 
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "radam": torch.optim.RAdam,
-    "sgd": torch.optim.SGD,
-}
-SCHEDULERS: dict[str, Any] = {
-    "cosine": torch.optim.lr_scheduler.CosineAnnealingLR,
-    "onecycle": torch.optim.lr_scheduler.OneCycleLR,
-    "plateau": torch.optim.lr_scheduler.ReduceLROnPlateau,
-    "step": torch.optim.lr_scheduler.StepLR,
-}
-PER_STEP_SCHEDULERS = (
-    torch.optim.lr_scheduler.CosineAnnealingLR,
-    torch.optim.lr_scheduler.OneCycleLR,
-)
-AUTOCAST_DTYPES = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 DATA_BOUND_SHARE = 0.3  # of an epoch spent waiting for batches: warn that the run is data-bound
 
 
@@ -97,6 +87,7 @@ class Run:
 
     config: TrainConfig
     device: torch.device
+    spec: PatchSpec  # the patch shapes, built once from the config
     loaders: Loaders
     model: torch.nn.Module
     ema: AveragedModel | None
@@ -238,29 +229,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def choose_device(name: str | None) -> torch.device:
-    """The config's device, else cuda, then mps, then cpu. A `device` this machine lacks is a
-    `ValueError` naming the key."""
-    if name is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        missing = f"torch {torch.__version__} sees no CUDA GPU here"
-    elif device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        missing = f"this machine has {torch.cuda.device_count()} CUDA GPU(s), cuda:0 on"
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        missing = "MPS (Apple GPU) is not available here"
-    else:
-        return device
-    raise ValueError(
-        f"device {name!r}: {missing}; set device = None to use what there is, or 'cpu'"
-    )
-
-
 # --- Building the run ----------------------------------------------------------------------
 
 
@@ -273,7 +241,7 @@ def setup(config: TrainConfig, place: Dist | None = None) -> Run:
     place = place or Dist()
     device = distributed.rank_device(place, choose_device(config.device))
     distributed.init(place, device)
-    spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
+    spec = PatchSpec.from_config(config)
     model = make_model(config, spec).to(device)
     check_model_output(model, config, spec, device)
     memory_format = channels_last_format(config, device, spec)
@@ -293,7 +261,7 @@ def setup(config: TrainConfig, place: Dist | None = None) -> Run:
     model = wrap_model(model, config, place, device)
     tracker = make_tracker(log_dir(config), enabled=place.is_main)
     tracker.log_text("config", "```\n" + format_config(config) + "\n```", 0)
-    crops = distributed.from_main(place, lambda: read_crops(config))  # metadata read once
+    crops = distributed.from_main(place, lambda: read_crops(config, spec=spec))  # read once
     loaders = build_loaders(  # its crops carry the foreground counts for pos_weight
         config,
         rank=place.rank,
@@ -301,11 +269,12 @@ def setup(config: TrainConfig, place: Dist | None = None) -> Run:
         device_type=device.type,
         processes_per_machine=place.local_world_size,
         crops=crops,
+        spec=spec,
     )
     loss_fn = make_loss(config, loaders, device)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "16-mixed")
     parts = (loaders, model, ema, loss_fn, optimizer, scheduler, scaler, tracker)
-    return Run(config, device, *parts, place, memory_format)
+    return Run(config, device, spec, *parts, place, memory_format)
 
 
 def make_loss(config: TrainConfig, loaders: Loaders, device: torch.device) -> torch.nn.Module:
@@ -320,60 +289,6 @@ def make_loss(config: TrainConfig, loaders: Loaders, device: torch.device) -> to
     return loss.to(device)
 
 
-def channels_last_format(
-    config: TrainConfig, device: torch.device, spec: PatchSpec
-) -> torch.memory_format | None:
-    """channels_last (2D) or channels_last_3d when `channels_last` says so; by default on
-    CUDA with bf16/fp16 autocast, where tensor-core convolutions want channels innermost."""
-    use = config.channels_last
-    if use is None:
-        use = device.type == "cuda" and config.precision != "32"
-    if not use:
-        return None
-    return torch.channels_last if spec.plane_axis is not None else torch.channels_last_3d
-
-
-def wrap_model(
-    model: torch.nn.Module, config: TrainConfig, place: Dist, device: torch.device
-) -> torch.nn.Module:
-    """torch.compile (when `compile`), then DDP under torchrun (gradients averaged over
-    ranks at every backward; rank 0's initial weights are broadcast to the others)."""
-    if config.compile:
-        options = config.compile if isinstance(config.compile, dict) else {}
-        model = torch.compile(model, **options)  # type: ignore[assignment]
-    if place.enabled:
-        device_ids = [device] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    return model
-
-
-def without_ddp(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DDP (compiled, if it was): for validation, which must not run DDP's
-    per-forward collectives when ranks validate different numbers of batches."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model.module
-    return model
-
-
-def make_model(config: TrainConfig, spec: PatchSpec) -> torch.nn.Module:
-    """The config's `model`, or `model_name` from the registry with `model_kwargs`; checked
-    against the patch shape before any data is read."""
-    shape = tuple(n for axis, n in enumerate(spec.input.shape) if axis != spec.plane_axis)
-    model = config.model
-    if model is None:
-        kwargs = dict(config.model_kwargs)
-        if config.model_name == "vitnet":
-            kwargs.setdefault("img_size", shape)
-        model = build_model(config.model_name, num_classes=len(config.classes), **kwargs)
-    if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    try:
-        check_input_shape(model, shape)
-    except ValueError as error:  # name the config key the shape came from
-        raise ValueError(f"input_array_info: {error}") from None
-    return model
-
-
 def check_model_output(
     model: torch.nn.Module, config: TrainConfig, spec: PatchSpec, device: torch.device
 ) -> None:
@@ -381,7 +296,7 @@ def check_model_output(
     read: its output must have one channel per class and the target patch's shape, and, when
     it has the input's shape, the input's voxel size (csc's models predict on the input's
     grid). A `ValueError` names input_array_info and target_array_info otherwise."""
-    shape, target = in_plane(spec.input.shape, spec), in_plane(spec.target.shape, spec)
+    shape, target = spec.in_plane(spec.input.shape), spec.in_plane(spec.target.shape)
     output = zero_forward(model, (1, 1, *shape), device)
     inputs, targets = config.input_array_info, config.target_array_info
     keys = f"input_array_info {inputs.shape}, target_array_info {targets.shape}"
@@ -400,18 +315,13 @@ def check_model_output(
             f"csc's models predict on the input's grid: set target_array_info = "
             f"{same_as_input} (or use a model whose output has the target's shape)"
         )
-    if target == shape and in_plane(spec.target.scale, spec) != in_plane(spec.input.scale, spec):
+    if target == shape and spec.in_plane(spec.target.scale) != spec.in_plane(spec.input.scale):
         raise ValueError(
             f"target_array_info scale {targets.scale} differs from input_array_info scale "
             f"{inputs.scale}, but the model's output "
             "has the input's shape, so it predicts on the input's grid: the target would cover "
             f"another field of view. Set target_array_info = {same_as_input}"
         )
-
-
-def in_plane(values: Sequence[Any], spec: PatchSpec) -> tuple[Any, ...]:
-    """A (z, y, x) shape or scale without the 2D patch's singleton axis."""
-    return tuple(value for axis, value in enumerate(values) if axis != spec.plane_axis)
 
 
 def zero_forward(
@@ -435,51 +345,6 @@ def zero_forward(
         kind = type(output).__name__
         raise ValueError(f"the model must return one tensor (B, C, *spatial), got a {kind}")
     return output
-
-
-def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """`optimizer`: an instance (used as is), a class, or a name in OPTIMIZERS."""
-    choice = config.optimizer
-    if isinstance(choice, torch.optim.Optimizer):
-        held = {id(p) for group in choice.param_groups for p in group["params"]}
-        if not any(id(p) in held for p in model.parameters()):
-            raise ValueError(
-                "optimizer is an instance over other parameters than the model's, so training "
-                "would change nothing; give a name or class, or build it on the `model` you set"
-            )
-        return choice
-    if isinstance(choice, str):
-        choice = OPTIMIZERS[choice.lower()]
-    return choice(model.parameters(), lr=config.learning_rate)
-
-
-def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
-    """`scheduler`: None, an instance, a class (given `scheduler_kwargs`) or a name. Named
-    cosine and onecycle span the run's optimizer steps; plateau steps on the monitored score."""
-    choice, kwargs = config.scheduler, dict(config.scheduler_kwargs)
-    if choice is None or not isinstance(choice, str | type):
-        if kwargs:
-            what = "None" if choice is None else f"an instance of {type(choice).__name__}"
-            raise ValueError(
-                f"scheduler_kwargs {sorted(kwargs)} need a scheduler name or class, but "
-                f"scheduler is {what}"
-            )
-        return choice
-    steps = config.epochs * math.ceil(
-        config.iterations_per_epoch / config.gradient_accumulation_steps
-    )
-    if isinstance(choice, str):
-        name = choice.lower()
-        choice = SCHEDULERS[name]
-        defaults = {
-            "cosine": {"T_max": steps},
-            "onecycle": {"max_lr": config.learning_rate, "total_steps": steps},
-            "plateau": {"mode": "min" if config.low_is_best else "max"},
-            "step": {"step_size": max(1, config.epochs // 3)},
-        }[name]
-        kwargs = {**defaults, **kwargs}
-    check_keywords(choice, kwargs, key="scheduler_kwargs", num_positional=1)
-    return choice(optimizer, **kwargs)
 
 
 def class_pos_weight(config: TrainConfig, loaders: Loaders) -> torch.Tensor:
@@ -636,7 +501,7 @@ def train_step(run: Run, batch: Mapping[str, torch.Tensor], *, step_now: bool) -
     if run.skipped.buffers is None:  # after resume: the buffers a skipped step goes back to
         run.skipped.buffers = [buffer.detach().clone() for buffer in run.model.buffers()]
     inputs, target = to_device(run, batch)
-    with autocast(run):
+    with autocast(run.device, run.config.precision):
         loss = run.loss_fn(run.model(inputs).float(), target)
     run.scaler.scale(loss / run.config.gradient_accumulation_steps).backward()
     if not step_now:
@@ -738,13 +603,6 @@ def to_device(run: Run, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor
     return inputs, batch["output"].to(run.device, non_blocking=True)
 
 
-def autocast(run: Run) -> contextlib.AbstractContextManager[Any]:
-    dtype = AUTOCAST_DTYPES[run.config.precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(run.device.type, dtype=dtype)
-
-
 def validate(run: Run, epoch: int) -> dict[str, Any] | None:
     """Mean loss and metrics over the validation tiles (EMA weights when `ema_decay` is set),
     limited by `validation_time_limit` (at least one batch) or the batch limit set in the
@@ -753,7 +611,7 @@ def validate(run: Run, epoch: int) -> dict[str, Any] | None:
     loader, config = run.loaders.validate, run.config
     if loader is None:
         return None
-    model = run.ema.module if run.ema is not None else without_ddp(run.model)
+    model = run.ema.module if run.ema is not None else unwrap(run.model, keep_compiled=True)
     distributed.broadcast_buffers(run.place, model)  # every rank validates rank 0's model
     model.eval()
     metrics = SegmentationMetrics(config.classes)
@@ -762,7 +620,7 @@ def validate(run: Run, epoch: int) -> dict[str, Any] | None:
     with torch.no_grad():
         for batch in loader:
             inputs, target = to_device(run, batch)
-            with autocast(run):
+            with autocast(run.device, run.config.precision):
                 logits = model(inputs).float()
             total += float(run.loss_fn(logits, target)) * len(inputs)
             count += len(inputs)
@@ -876,7 +734,8 @@ def save(run: Run, epoch: int, *, improved: bool) -> None:
         "config": to_safe(config),
     }
     names = {"template": config.model_save_path, "model_name": config.model_name}
-    save_checkpoint(weights, state, epoch=epoch, **names)
+    arguments = model_arguments(config, run.spec)  # stored with the weights: `load_model`
+    save_checkpoint(weights, state, epoch=epoch, model_arguments=arguments, **names)
     if improved:  # a kill before this line leaves `best` behind: `start_run` repairs it
         link_best(epoch=epoch, **names)
     drop_old_states(best_epoch=run.best_epoch, **names)

@@ -22,18 +22,19 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from csc.config import ArrayInfo
+from csc.config import ArrayInfo, TrainConfig
 from csc.data.geometry import Grid, Inside, Plan, plan_read, shift_plan, source_map
 from csc.data.sampling import Sampled, resample
 from csc.data.sources import Box, DataWarning, PendingRead, RegionRead, region_cache
 from csc.data.transforms import Draws, Normalize, sample_generator, spatial_matrix, uniforms
 from csc.storage import DEFAULT_CHUNK_CACHE_MB, ArraySource, Vec3, open_array
 
+T = TypeVar("T")
 Transform = Callable[[torch.Tensor], torch.Tensor]
 BIG_PATCH_VOXELS = 2**17  # patches this big are read and resampled a thread per core
 _POOLS: dict[int, ThreadPoolExecutor] = {}  # per process id: a fork does not inherit threads
@@ -77,28 +78,34 @@ class PatchSpec:
     plane_axis: int | None = None  # 0, 1 or 2 for a 2D patch (dropped from tensors), else None
 
     @classmethod
+    def from_config(cls, config: TrainConfig) -> PatchSpec:
+        """The spec of a config's `input_array_info` and `target_array_info`: built once per
+        run (training, prediction) and passed down."""
+        return cls.from_arrays(config.input_array_info, config.target_array_info)
+
+    @classmethod
     def from_arrays(cls, input_info: ArrayInfo, target_info: ArrayInfo) -> PatchSpec:
-        (input_grid, input_plane), (target_grid, target_plane) = (
-            _grid(input_info),
-            _grid(target_info),
-        )
-        if input_plane != target_plane:
+        if input_info.plane_axis != target_info.plane_axis:
             raise ValueError(
                 f"input_array_info {input_info.shape} and target_array_info {target_info.shape} "
                 "must have their singleton (2D) axis in the same place"
             )
-        return cls(input_grid, target_grid, input_plane)
+        return cls(_grid(input_info), _grid(target_info), input_info.plane_axis)
+
+    def in_plane(self, values: Sequence[T]) -> tuple[T, ...]:
+        """A (z, y, x) shape or scale as the model sees it: without a 2D patch's singleton
+        axis (unchanged for 3D)."""
+        return tuple(value for axis, value in enumerate(values) if axis != self.plane_axis)
 
 
-def _grid(info: ArrayInfo) -> tuple[Grid, int | None]:
+def _grid(info: ArrayInfo) -> Grid:
     """A (z, y, x) grid for a config shape; a 2-element (y, x) shape gets a singleton z."""
     shape, scale = tuple(int(s) for s in info.shape), tuple(float(s) for s in info.scale)
     if len(shape) == 2 and len(scale) == 2:
-        return Grid((1, *shape), (scale[0], *scale)), 0
+        return Grid((1, *shape), (scale[0], *scale))
     if len(shape) != 3 or len(scale) != 3:
         raise ValueError(f"a patch has 2 or 3 axes, got shape {shape} and scale {scale}")
-    plane = shape.index(1) if 1 in shape else None
-    return Grid(shape, scale), plane
+    return Grid(shape, scale)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -247,12 +247,16 @@ class Loaders:
 
 
 def read_crops(
-    config: TrainConfig, rows: Sequence[DatasplitRow] | None = None
+    config: TrainConfig,
+    rows: Sequence[DatasplitRow] | None = None,
+    *,
+    spec: PatchSpec | None = None,
 ) -> tuple[list[Crop], list[Crop]]:
-    """The training and validation crops of a config (rows default to its datasplit CSV),
-    from their metadata and, for the weighted sampler, foreground counts."""
+    """The training and validation crops of a config (rows default to its datasplit CSV, the
+    spec to `PatchSpec.from_config`), from their metadata and, for the weighted sampler,
+    foreground counts."""
     rows = read_datasplit(config.datasplit_path) if rows is None else rows
-    spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
+    spec = spec or PatchSpec.from_config(config)
     crops = load_crops(rows, config.classes, spec, s3=s3_options(config))
     # Before any voxel is read (on rank 0 under torchrun, which shares the crops).
     check_crops(crops, spec, datasplit=str(config.datasplit_path), s3=s3_options(config))
@@ -275,12 +279,13 @@ def build_datasets(
     rank: int = 0,
     world_size: int = 1,
     crops: tuple[list[Crop], list[Crop]] | None = None,
+    spec: PatchSpec | None = None,
 ) -> tuple[TrainPatches, ValidationTiles | None]:
     """The training and validation datasets of a config (rows default to its datasplit CSV;
     `crops`, from `read_crops`, skip reading metadata); under torchrun, validation holds this
     rank's share of the tiles."""
-    train, validate = read_crops(config, rows) if crops is None else crops
-    spec = PatchSpec.from_arrays(config.input_array_info, config.target_array_info)
+    spec = spec or PatchSpec.from_config(config)
+    train, validate = read_crops(config, rows, spec=spec) if crops is None else crops
     common = {
         "chunk_cache_mb": config.chunk_cache_mb,
         "crop_cache_mb": config.crop_cache_mb,
@@ -328,13 +333,14 @@ def build_loaders(
     device_type: str = "cpu",
     processes_per_machine: int = 1,
     crops: tuple[list[Crop], list[Crop]] | None = None,
+    spec: PatchSpec | None = None,
 ) -> Loaders:
     """DataLoaders for a config: an epoch of the training loader is exactly
     `iterations_per_epoch` batches of `batch_size` (per rank under torchrun); validation tiles
     come in a fixed order. Worker defaults depend on the device the batches go to and on how
     many training processes share this machine's cores."""
     train_set, validate_set = build_datasets(
-        config, rows, rank=rank, world_size=world_size, crops=crops
+        config, rows, rank=rank, world_size=world_size, crops=crops, spec=spec
     )
     sampler = EpochSampler(
         train_set.num_samples, start_epoch=start_epoch, rank=rank, world_size=world_size

@@ -6,11 +6,18 @@ and `ViTVNet` keep the CellMap challenge toolkit's constructor names and argumen
 `load_latest` and `load_best_val` load csc checkpoints into a model (see docs/training.md).
 """
 
-from csc.models.loading import load_best_val, load_latest
+import importlib
+from typing import Any
+
 from csc.models.registry import MODELS, build_model, check_input_shape
 from csc.models.resnet import ResidualNet, ResNet
 from csc.models.unet import UNet, UNet_2D, UNet_3D
 from csc.models.vit import ViTVNet
+
+# The challenge toolkit's names for loading checkpoints, kept here at the compatibility
+# boundary. They live in csc.checkpoints, which imports csc.models to rebuild a model, so they
+# are resolved on first use (a module __getattr__), never imported here: no import circle.
+CHECKPOINT_NAMES = ("load_best_val", "load_latest")
 
 __all__ = [
     "MODELS",
@@ -25,3 +32,10 @@ __all__ = [
     "load_best_val",
     "load_latest",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """`load_latest` and `load_best_val` from csc.checkpoints (see CHECKPOINT_NAMES)."""
+    if name in CHECKPOINT_NAMES:
+        return getattr(importlib.import_module("csc.checkpoints"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -61,8 +61,8 @@ def check_input_shape(model: nn.Module, shape: Sequence[int]) -> None:
 
     ``shape`` may carry singleton axes beyond the model's dimension: a (1, 128, 128) patch is
     checked as (128, 128) for a 2D model. Models without a known ``divisor`` always pass.
+    ``model`` is the architecture itself: `csc.runtime.unwrap` takes DDP and compile off.
     """
-    model = _unwrap(model)
     divisor, ndim = getattr(model, "divisor", None), getattr(model, "ndim", None)
     if not isinstance(divisor, int) or not isinstance(ndim, int):
         return
@@ -82,14 +82,3 @@ def check_input_shape(model: nn.Module, shape: Sequence[int]) -> None:
         )
     if error:
         raise ValueError(error)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile (``_orig_mod``) and DDP/DataParallel (``module``) wrappers."""
-    while True:
-        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif isinstance(inner := getattr(model, "_orig_mod", None), nn.Module):
-            model = inner
-        else:
-            return model

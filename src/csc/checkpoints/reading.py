@@ -1,8 +1,9 @@
-"""Find and load saved weights: the latest epoch by number, or the best one by validation score.
+"""Find and read checkpoints: paths, the latest epoch by number or the best by validation
+score, loading weights into a model, and rebuilding a model from its checkpoint alone.
 
 A checkpoint is a model file, ``model_save_path`` with ``{model_name}`` and ``{epoch}`` filled
 (``checkpoints/2d_unet_3.pth``), holding the plain ``state_dict``, and beside it the training
-state (``checkpoints/2d_unet_3.state.pth``), written by `csc.checkpoints`. Both load with
+state (``checkpoints/2d_unet_3.state.pth``), written by `csc.checkpoints.saving`. Both load with
 ``torch.load(path, weights_only=True)``. The model file is written last, so an epoch whose model
 file exists is complete.
 """
@@ -22,11 +23,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from csc.config import TrainConfig
+from csc.runtime import ModelArguments, strip_wrapper_prefixes, unwrap
+from csc.tracking import validation_by_epoch
+
 STATE_SUFFIX = ".state"  # the training state of "x_3.pth" is "x_3.state.pth"
-VALIDATION_TAG = "validation"  # the scalar the training loop logs once per epoch
-EPOCH_TAG = "epoch"  # logged at the same step as VALIDATION_TAG, value = epoch number
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DDP/DataParallel and torch.compile
-START = 1  # tensorboard's SessionLog.START: a (re)started run; steps from here on are new
+# The key of the model file's state_dict `_metadata` (which torch saves and loads with it, and
+# load_state_dict ignores unless a module has this path) that holds its `ModelArguments`.
+MODEL_ARGUMENTS = "csc:model_arguments"
 
 
 class CheckpointWarning(UserWarning):
@@ -118,27 +122,9 @@ def template_files(
     return found
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP/DataParallel (``.module``) and torch.compile (``._orig_mod``)."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-            model = model.module
-        elif isinstance(inner := getattr(model, "_orig_mod", None), nn.Module):
-            model = inner
-        else:
-            return model
-
-
-def strip_wrapper_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
-    """The state dict without ``module.``/``_orig_mod.`` prefixes that every key shares."""
-    stripped = state
-    while stripped:
-        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in stripped)), "")
-        if not prefix:
-            break
-        stripped = {key[len(prefix) :]: value for key, value in stripped.items()}
-    # An unchanged state dict keeps its `_metadata` (module versions that load_state_dict uses).
-    return stripped if isinstance(stripped, dict) else dict(stripped)
+# What `load_for_resume` returns: epoch, path (the model file), model_state and train_state
+# (None when the checkpoint has no training state file, e.g. one from the existing toolkit).
+Resumed = Checkpoint
 
 
 def read_checkpoint(model_path: Path, *, epoch: int, with_state: bool = False) -> Checkpoint:
@@ -250,63 +236,6 @@ def load_best_val(
     return epoch
 
 
-def read_scalars(log_dir: str | Path, tag: str) -> list[tuple[int, float]]:
-    """(step, value) of a scalar from every event file under `log_dir`, sorted by step.
-
-    Files are read in the order they were created. When several runs wrote the same step (a
-    resumed run), the latest written wins; a restart marker (``SummaryWriter(purge_step=S)``,
-    written when a run resumes at step S) hides every step >= S written before it, as
-    TensorBoard does, so the steps an interrupted run logged after its last checkpoint are gone.
-    """
-    latest: dict[int, float] = {}
-    for events in _event_files(Path(log_dir)):
-        for event in events:
-            if event.HasField("session_log") and event.session_log.status == START:
-                latest = {step: value for step, value in latest.items() if step < event.step}
-            for value in event.summary.value:
-                if value.tag == tag:
-                    latest[event.step] = _scalar(value)
-    return sorted(latest.items())
-
-
-def _event_files(log_dir: Path) -> list[list[Any]]:
-    """The events of each event file under `log_dir`, files by creation (first wall time)."""
-    # Imported here: tensorboard takes half a second to import and only this function needs it.
-    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
-
-    files = []
-    for path in sorted(log_dir.rglob("*tfevents*")):
-        if path.is_file():
-            events = list(LegacyEventFileLoader(str(path)).Load())
-            if events:
-                files.append((events[0].wall_time, str(path), events))
-    return [events for _, _, events in sorted(files, key=lambda item: item[:2])]
-
-
-def _scalar(value: Any) -> float:
-    """A summary value's number: ``simple_value`` (torch's writer) or a scalar tensor."""
-    if value.HasField("simple_value"):
-        return float(value.simple_value)
-    from tensorboard.util.tensor_util import make_ndarray
-
-    return float(make_ndarray(value.tensor))
-
-
-def validation_by_epoch(log_dir: str | Path) -> dict[int, float]:
-    """The ``validation`` score of each epoch, in epoch order.
-
-    The epoch of a score is the ``epoch`` scalar logged at the same step. Logs without an
-    ``epoch`` tag (the existing toolkit's) count validations: the i-th by step (from 0) is
-    epoch i + 1, the epoch that was validated (the existing toolkit loaded epoch i, one before).
-    """
-    scores = read_scalars(log_dir, VALIDATION_TAG)
-    epoch_at = {step: round(value) for step, value in read_scalars(log_dir, EPOCH_TAG)}
-    if not epoch_at:
-        return {i + 1: value for i, (_, value) in enumerate(scores)}
-    by_epoch = {epoch_at[step]: value for step, value in scores if step in epoch_at}
-    return dict(sorted(by_epoch.items()))
-
-
 def best_epoch(
     log_dir: str | Path, *, low_is_best: bool = True, smoothing_window: int = 1
 ) -> int | None:
@@ -334,3 +263,95 @@ def centred_mean(values: np.ndarray, window: int) -> np.ndarray:
         raise ValueError(f"smoothing_window must be an integer >= 1, got {window}")
     before, after = (window - 1) // 2, window // 2
     return np.array([values[max(0, i - before) : i + after + 1].mean() for i in range(len(values))])
+
+
+# --- A run's checkpoint by name; weights and models from files ----------------------------
+
+
+def read_run(
+    config: TrainConfig, which: str | int, *, model_name: str, with_state: bool = False
+) -> Checkpoint | None:
+    """The checkpoint `which` of `model_name` under the config's paths; None when there is
+    nothing to load.
+
+    ``"latest"``: the highest epoch that reads (damaged files fall back to the previous epoch
+    with a warning). ``"best"``: the epoch with the best smoothed validation score in its
+    TensorBoard logs (`best_epoch`). An epoch number: that epoch. A missing file for a best or
+    numbered epoch is a `FileNotFoundError`.
+    """
+    search_path = config.model_save_path.replace("{model_name}", model_name)
+    if which == "latest":
+        return read_latest(search_path, with_state=with_state)
+    if isinstance(which, int):
+        return read_epoch(search_path, which, with_state=with_state)
+    log_dir = config.logs_save_path.replace("{model_name}", model_name)
+    epoch = best_epoch(
+        log_dir, low_is_best=config.low_is_best, smoothing_window=config.smoothing_window
+    )
+    if epoch is None:
+        return None
+    return read_epoch(search_path, epoch, with_state=with_state)
+
+
+def load_for_resume(config: TrainConfig) -> Resumed | None:
+    """The checkpoint `config.load_model` asks for (`read_run`) of `config.model_to_load`,
+    with its training state when saved; None when there is nothing to load."""
+    if config.load_model is None:
+        return None
+    return read_run(config, config.load_model, model_name=config.model_to_load, with_state=True)
+
+
+def checkpoint_weights(config: TrainConfig, checkpoint: str) -> tuple[dict[str, Any], str]:
+    """The model weights of `checkpoint`: "latest" or "best" of `model_name` (as `load_model`
+    resumes them), or a .pth file (`read_weights`); and where they came from."""
+    if checkpoint not in ("latest", "best"):
+        weights, path = read_weights(Path(checkpoint).expanduser())
+        return weights, str(path)
+    # With the training state, as resume reads it: a latest epoch whose state does not read is
+    # passed over here too, so these are the weights a resume would continue from.
+    found = read_run(config, checkpoint, model_name=config.model_name, with_state=True)
+    if found is None:
+        template = config.model_save_path.replace("{model_name}", config.model_name)
+        raise FileNotFoundError(
+            f"no {checkpoint} checkpoint of {config.model_name} matches {template}: train "
+            "first (csc train), or pass --checkpoint PATH"
+        )
+    return found.model_state, str(found.path)
+
+
+def read_weights(path: Path) -> tuple[dict[str, Any], Path]:
+    """The weights in a .pth file, and the file they came from: a model file's state dict; a
+    training state's raw weights (``"model"``, kept when the model file holds the EMA's), or
+    else those of the model file beside it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass latest, best or a file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a NAME_e.state.pth training state
+    elif isinstance(state, dict) and "model" in state and "optimizer" in state:
+        path = model_path(path)  # a training state whose weights are the model file's
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    return strip_wrapper_prefixes(state), path
+
+
+def load_model(path: str | os.PathLike[str]) -> nn.Module:
+    """The model of a checkpoint file (``2d_unet_3.pth``, ``2d_unet_best.pth``; for a training
+    state, its model file), rebuilt from the `ModelArguments` saved in it, with its weights.
+
+    Model files saved by csc before this version, by the challenge toolkit, or of a config's
+    own `model` do not say how to build their model: a `ValueError` says what to do instead.
+    """
+    path = model_path(Path(path).expanduser())
+    weights, _ = read_weights(path)
+    stored = getattr(weights, "_metadata", {}).get(MODEL_ARGUMENTS)
+    if not isinstance(stored, dict):
+        raise ValueError(
+            f"{path} holds weights but not how to build their model (saved by an earlier csc, "
+            "the challenge toolkit, or from a config's own `model`): build the model as its "
+            "config does (csc.build_model(model_name, num_classes=..., **model_kwargs)) and "
+            "load the weights into it with csc.checkpoints.load_weights(model, "
+            "torch.load(path, weights_only=True))"
+        )
+    model = ModelArguments(**stored).build()
+    load_weights(model, weights, source=str(path))
+    return model
