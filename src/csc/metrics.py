@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F  # noqa: N812 (torch's own spelling)
 from torch import Tensor
 
 __all__ = [

@@ -58,12 +58,13 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> Any
     if isinstance(choice, str):
         name = choice.lower()
         choice = SCHEDULERS[name]
-        defaults = {
+        defaults_by_name: dict[str, dict[str, Any]] = {
             "cosine": {"T_max": steps},
             "onecycle": {"max_lr": config.learning_rate, "total_steps": steps},
             "plateau": {"mode": "min" if config.low_is_best else "max"},
             "step": {"step_size": max(1, config.epochs // 3)},
-        }[name]
+        }
+        defaults = defaults_by_name[name]
         kwargs = {**defaults, **kwargs}
     check_keywords(choice, kwargs, key="scheduler_kwargs", num_positional=1)
     return choice(optimizer, **kwargs)

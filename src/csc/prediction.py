@@ -29,7 +29,13 @@ from csc.data.datasets import Crop, PatchDataset, PatchSpec
 from csc.data.geometry import Grid
 from csc.data.loaders import check_crops, load_crops
 from csc.datasplit import DatasplitRow, input_stores, read_datasplit, s3_options, select_crops
-from csc.runtime import autocast, channels_last_format, choose_device, make_model
+from csc.runtime import (
+    autocast,
+    channels_last_format,
+    choose_device,
+    in_memory_format,
+    make_model,
+)
 from csc.storage import (
     InputStores,
     MetadataReader,
@@ -126,9 +132,7 @@ def load_predictor(
     state, source = checkpoint_weights(config, checkpoint)
     load_weights(model, state, source=source)
     memory_format = channels_last_format(config, device, spec)
-    model = model.to(device).eval()
-    if memory_format is not None:
-        model = model.to(memory_format=memory_format)
+    model = in_memory_format(model.to(device).eval(), memory_format)
     return Predictor(
         model,
         device,
@@ -414,7 +418,7 @@ def make_readers(predictor: Predictor, region: Region, config: TrainConfig) -> l
 
 def predict_volume(predictor: Predictor, region: Region, config: TrainConfig) -> np.ndarray:
     """The whole region's probabilities (C, Z, Y, X) in memory (small regions, tests)."""
-    grid = OutputGrid.covering(region, config.target_array_info.scale)
+    grid = OutputGrid.covering(region, _vec(config.target_array_info.scale))
     out = np.zeros((len(predictor.classes), *grid.shape), dtype=np.float32)
     readers = make_readers(predictor, region, config)
     for box, values in predict_blocks(predictor, region, grid, readers):
@@ -511,7 +515,7 @@ def write_predictions(
     encoding = encoding or config.prediction_encoding
     written = []
     for region in regions:
-        grid = OutputGrid.covering(region, config.target_array_info.scale)
+        grid = OutputGrid.covering(region, _vec(config.target_array_info.scale))
         path = output_path(output, region)
         write_region(predictor, region, grid, config, path, encoding=encoding, overwrite=overwrite)
         written.append(Written(region, path, grid))
@@ -561,9 +565,9 @@ def _create_arrays(
     return arrays
 
 
-def _ints(values: Sequence[Any]) -> tuple[int, int, int]:
+def _ints(values: Sequence[Any] | np.ndarray) -> tuple[int, int, int]:
     return (int(values[0]), int(values[1]), int(values[2]))
 
 
-def _vec(values: Sequence[Any]) -> Vec3:
+def _vec(values: Sequence[Any] | np.ndarray) -> Vec3:
     return (float(values[0]), float(values[1]), float(values[2]))

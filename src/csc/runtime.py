@@ -69,6 +69,14 @@ def channels_last_format(
     return torch.channels_last if spec.plane_axis is not None else torch.channels_last_3d
 
 
+def in_memory_format(model: nn.Module, memory_format: torch.memory_format | None) -> nn.Module:
+    """The model with its parameters in `memory_format` (unchanged for None)."""
+    if memory_format is None:
+        return model
+    # Module.to takes memory_format (torch's documented signature); its stub's overloads omit it.
+    return model.to(memory_format=memory_format)  # type: ignore[call-overload]
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelArguments:
     """What `build_model` is given for a registry model: enough to build it again from a
@@ -114,6 +122,7 @@ def wrap_model(
     ranks at every backward; rank 0's initial weights are broadcast to the others)."""
     if config.compile:
         options = config.compile if isinstance(config.compile, dict) else {}
+        # torch.compile of a module returns an OptimizedModule (a Module); its stub says Callable.
         model = torch.compile(model, **options)  # type: ignore[assignment]
     if place.enabled:
         device_ids = [device] if device.type == "cuda" else None
@@ -130,8 +139,10 @@ def unwrap(model: nn.Module, *, keep_compiled: bool = False) -> nn.Module:
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
             model = model.module
-        elif not keep_compiled and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+        elif not keep_compiled and isinstance(
+            inner := getattr(model, "_orig_mod", None), nn.Module
+        ):
+            model = inner
         else:
             return model
 

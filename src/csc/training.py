@@ -37,7 +37,7 @@ from csc.checkpoints import (
     to_safe,
 )
 from csc.config import TrainConfig, format_config, load_config
-from csc.data.datasets import PatchSpec
+from csc.data.datasets import PatchSpec, TrainPatches
 from csc.data.loaders import Loaders, build_loaders, read_crops
 from csc.datasplit import ensure_datasplit
 from csc.distributed import Dist
@@ -48,6 +48,7 @@ from csc.runtime import (
     autocast,
     channels_last_format,
     choose_device,
+    in_memory_format,
     make_model,
     model_arguments,
     unwrap,
@@ -74,7 +75,7 @@ class SkippedSteps:
     in_epoch: int = 0
     in_a_row: int = 0  # across epochs; `max_nonfinite_steps` of them stop the run
     pending: bool = False  # a loss since the last step was not finite (gradient accumulation)
-    buffers: list[torch.Tensor] | None = None  # the model's buffers after the last update
+    buffers: list[torch.Tensor] = dataclasses.field(default_factory=list)  # after the last update
 
 
 class NonFiniteTrainingError(ValueError):
@@ -245,8 +246,7 @@ def setup(config: TrainConfig, place: Dist | None = None) -> Run:
     model = make_model(config, spec).to(device)
     check_model_output(model, config, spec, device)
     memory_format = channels_last_format(config, device, spec)
-    if memory_format is not None:
-        model = model.to(memory_format=memory_format)
+    model = in_memory_format(model, memory_format)
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer)
     check_criterion(config.criterion, config.criterion_kwargs)
@@ -349,7 +349,9 @@ def zero_forward(
 
 def class_pos_weight(config: TrainConfig, loaders: Loaders) -> torch.Tensor:
     """Per class (background / foreground) volume over the training crops that annotate it."""
-    crops = loaders.train.dataset.crops
+    dataset = loaders.train.dataset
+    assert isinstance(dataset, TrainPatches), "the training loader samples TrainPatches"
+    crops = dataset.crops
     foreground, total = np.zeros(len(config.classes)), np.zeros(len(config.classes))
     for crop in crops:
         for k, label in enumerate(crop.labels):
@@ -420,7 +422,7 @@ def load_optimizer_state(
             f"start from its weights with a new run (model_name='NEW_NAME' "
             f"model_to_load={config.model_name!r})"
         )
-    optimizer.load_state_dict(saved)
+    optimizer.load_state_dict(dict(saved))
 
 
 # --- The loop ------------------------------------------------------------------------------
@@ -498,7 +500,7 @@ def train_step(run: Run, batch: Mapping[str, torch.Tensor], *, step_now: bool) -
     """Forward and backward of one batch; an optimizer step every
     `gradient_accumulation_steps` batches (and at the end of the epoch), skipped when a loss
     since the last step or the gradients are not finite (`skip_step`). Returns the loss."""
-    if run.skipped.buffers is None:  # after resume: the buffers a skipped step goes back to
+    if not run.skipped.buffers:  # after resume: the buffers a skipped step goes back to
         run.skipped.buffers = [buffer.detach().clone() for buffer in run.model.buffers()]
     inputs, target = to_device(run, batch)
     with autocast(run.device, run.config.precision):
@@ -537,7 +539,7 @@ def gradient_norm(run: Run) -> torch.Tensor:
         return torch.zeros((), device=run.device)
     if run.config.max_grad_norm is not None:
         return torch.nn.utils.clip_grad_norm_(parameters, run.config.max_grad_norm)
-    return torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
 
 
 def optimizer_step(run: Run) -> None:
@@ -642,7 +644,9 @@ def validate(run: Run, epoch: int) -> dict[str, Any] | None:
     return scores
 
 
-def log_validation(run: Run, scores: dict[str, Any], example: tuple | None) -> None:
+def log_validation(
+    run: Run, scores: dict[str, Any], example: tuple[torch.Tensor, ...] | None
+) -> None:
     """TensorBoard: `validation`, `metrics/{name}/{class}` and per class an image of raw,
     ground truth and prediction side by side (middle slice of a 3D patch)."""
     values = {"validation": scores["loss"]}
@@ -733,13 +737,14 @@ def save(run: Run, epoch: int, *, improved: bool) -> None:
         "stale_epochs": run.stale_epochs,
         "config": to_safe(config),
     }
-    names = {"template": config.model_save_path, "model_name": config.model_name}
+    template, name = config.model_save_path, config.model_name
     arguments = model_arguments(config, run.spec)  # stored with the weights: `load_model`
-    save_checkpoint(weights, state, epoch=epoch, model_arguments=arguments, **names)
+    save_checkpoint(
+        weights, state, template=template, model_name=name, epoch=epoch, model_arguments=arguments
+    )
     if improved:  # a kill before this line leaves `best` behind: `start_run` repairs it
-        link_best(epoch=epoch, **names)
-    drop_old_states(best_epoch=run.best_epoch, **names)
+        link_best(template=template, model_name=name, epoch=epoch)
+    drop_old_states(template, name, best_epoch=run.best_epoch)
     if config.keep_last_checkpoints is not None:
-        prune_checkpoints(
-            keep_last=config.keep_last_checkpoints, best_epoch=run.best_epoch, **names
-        )
+        keep = config.keep_last_checkpoints
+        prune_checkpoints(template, name, keep_last=keep, best_epoch=run.best_epoch)

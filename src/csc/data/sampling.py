@@ -356,7 +356,7 @@ def _sample_linear(items: Sequence[tuple[Plan, np.ndarray]]) -> list[tuple[np.nd
     call; float32, zero outside the array. Slices along an aligned axis are the channels of
     a 2D grid (4 taps, not 8)."""
     import torch
-    import torch.nn.functional as F  # noqa: N812
+    import torch.nn.functional as F  # noqa: N812 (torch's own spelling)
 
     first, boxes = items[0]
     num, channels = len(items), boxes.shape[0]

@@ -263,7 +263,7 @@ class GaussianBlur(_Random):
 
     def apply(self, x: Any) -> Any:
         import torch
-        import torch.nn.functional as F  # noqa: N812
+        import torch.nn.functional as F  # noqa: N812 (torch's own spelling)
 
         sigma = _uniform(*self.sigma)
         radius = max(1, math.ceil(3 * sigma))
