@@ -13,16 +13,18 @@ SRC = Path(__file__).parents[1] / "src" / "csc"
 # (`csc/__init__`). `synth` writes data and sits beside the datasplit; `runtime` holds what
 # training and prediction share (device, precision, building and unwrapping the model).
 # `storage` is a package (csc.storage.*) that imports no other csc module: config may read it,
-# never the other way round. `registries` (names and where they live; no csc import) is below all.
+# never the other way round. `registries` (names and where they live; no csc import) is below all,
+# with `manifests` (the challenge's shipped CSVs and their readers). `utils` is the challenge
+# toolkit's names over csc's commands (the compatibility boundary), below cli.
 LAYERS = [
-    {"registries"},
+    {"registries", "manifests"},
     {"config", "storage"},
     {"synth", "datasplit"},
     {"data"},
     {"models", "losses", "metrics", "optim"},
     {"runtime", "tracking", "distributed"},
     {"checkpoints"},
-    {"training", "prediction", "evaluation", "processing", "launch"},
+    {"training", "prediction", "evaluation", "processing", "launch", "utils"},
     {"cli", "__main__", "__init__"},
 ]
 INFERENCE = ("prediction", "processing", "evaluation")  # siblings of training, never its users

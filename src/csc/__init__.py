@@ -3,6 +3,9 @@
 The functions a user calls are here: ``csc.train(config_path)``, ``csc.predict``, ``csc.process``,
 ``csc.evaluate``, ``csc.load_config``, ``csc.TrainConfig`` and ``csc.build_model``. They are
 imported on first use, so ``import csc`` (and ``csc --help``) stays free of numpy, zarr and torch.
+``csc.predict`` and ``csc.process`` are the challenge toolkit's functions (its keywords and crop
+spellings, from `csc.utils`), which also take csc's keywords and call csc.prediction.predict and
+csc.processing.process (docs/utils.md).
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ __version__ = "0.1.0"
 # public name -> the module that owns it
 PUBLIC_API = {
     "train": "csc.training",
-    "predict": "csc.prediction",
-    "process": "csc.processing",
+    "predict": "csc.utils",  # the toolkit's keywords over csc.prediction.predict
+    "process": "csc.utils",  # the toolkit's keywords over csc.processing.process
     "evaluate": "csc.evaluation",
     "load_config": "csc.config",
     "TrainConfig": "csc.config",
@@ -38,9 +41,8 @@ if TYPE_CHECKING:
     from csc.config import TrainConfig, load_config
     from csc.evaluation import evaluate
     from csc.models import build_model
-    from csc.prediction import predict
-    from csc.processing import process
     from csc.training import train
+    from csc.utils import predict, process
 
 
 def __getattr__(name: str) -> Any:

@@ -53,6 +53,34 @@ PATH_KEYS = (
     "processed_path",
 )
 
+# The challenge toolkit's path constants, for configs and scripts that import them
+# (docs/utils.md). csc's own defaults, as relative paths: a config resolves them against its
+# folder like every path it sets, and csc.predict / csc.process resolve their path arguments
+# the same way. TrainConfig.raw_name and crop_name equal RAW_NAME and CROP_NAME (a test holds).
+BASE_DATA_PATH = "data"
+SEARCH_PATH = DEFAULT_SEARCH_PATH  # data/{dataset}/{dataset}.zarr/recon-1/{name}
+RAW_NAME = "em/fibsem-uint8"
+CROP_NAME = "labels/groundtruth/{crop}/{label}"
+PREDICTIONS_PATH = f"{BASE_DATA_PATH}/predictions/{{dataset}}.zarr/{{crop}}"
+PROCESSED_PATH = f"{BASE_DATA_PATH}/processed/{{dataset}}.zarr/{{crop}}"
+SUBMISSION_PATH = f"{BASE_DATA_PATH}/submission.zarr"
+TRUTH_PATH = f"{BASE_DATA_PATH}/ground_truth.zarr"
+# The classes scored as instances (connected objects), in the challenge's order.
+INSTANCE_CLASSES = (
+    "nuc",
+    "vim",
+    "ves",
+    "endo",
+    "lyso",
+    "ld",
+    "perox",
+    "mito",
+    "np",
+    "mt",
+    "cell",
+    "instance",
+)
+
 # One entry per spatial transform; also the example its error messages show.
 DEFAULT_SPATIAL_TRANSFORMS: dict[str, Any] = {
     "mirror": {"axes": {"x": 0.5, "y": 0.5}},  # probability of flipping each axis

@@ -184,17 +184,19 @@ def crop_regions(
     crops: Sequence[str] = (),
     all_crops: bool = False,
     spec: PatchSpec | None = None,
+    rows: Sequence[DatasplitRow] | None = None,
 ) -> list[Region]:
-    """The annotated extents of datasplit crops: those named in `crops` (crop or dataset/crop,
-    globs allowed), all of them, or by default the validation crops."""
-    rows = read_datasplit(config.datasplit_path)
-    chosen = select_rows(rows, crops, all_crops=all_crops, source=str(config.datasplit_path))
+    """The annotated extents of datasplit crops (or of `rows`, e.g. a fresh crawl): those named
+    in `crops` (crop or dataset/crop, globs allowed), all of them, or by default the validation
+    crops."""
+    source = str(config.datasplit_path) if rows is None else f"the crawl of {config.search_path}"
+    if rows is None:
+        rows = read_datasplit(config.datasplit_path)
+    chosen = select_rows(rows, crops, all_crops=all_crops, source=source)
     spec = spec or PatchSpec.from_config(config)
     resolved = load_crops(chosen, config.classes, spec, s3=s3_options(config))
     # A crop over raw with no stored chunk would be predicted from zeros: refused here too.
-    check_crops(
-        resolved, spec, datasplit=str(config.datasplit_path), labels=False, s3=s3_options(config)
-    )
+    check_crops(resolved, spec, datasplit=source, labels=False, s3=s3_options(config))
     return [
         Region(row.dataset, row.crop, f"{row.raw_root}/{row.raw_path}", crop.low, crop.high)
         for row, crop in zip(chosen, resolved, strict=True)
@@ -455,10 +457,11 @@ def predict(
     overlap: float | None = None,
     encoding: str | None = None,
     progress: bool = True,
+    rows: Sequence[DatasplitRow] | None = None,
 ) -> list[Written]:
     """`csc predict`: the regions asked for (datasplit crops, by default the validation ones,
     or a box in one dataset), predicted with the `checkpoint` weights into `output` (default:
-    `predictions_path`)."""
+    `predictions_path`). `rows` replaces the datasplit's crops (csc.predict passes a crawl)."""
     if not isinstance(config, TrainConfig):
         config = load_config(config)
     spec = PatchSpec.from_config(config)
@@ -467,7 +470,7 @@ def predict(
             raise ValueError("--bbox needs --dataset NAME and goes without --crops and --all")
         regions = [box_region(config, dataset, bbox)]
     else:
-        regions = crop_regions(config, crops=crops, all_crops=all_crops, spec=spec)
+        regions = crop_regions(config, crops=crops, all_crops=all_crops, spec=spec, rows=rows)
     output = output or config.predictions_path.format(model_name=config.model_name)
     check_free(output, regions, overwrite=overwrite, inputs=input_stores(config))
     predictor = load_predictor(
