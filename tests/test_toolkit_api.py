@@ -123,7 +123,9 @@ def test_an_unsafe_config_is_reported_or_refused_under_force_safe_config(
 ) -> None:
     path = write_config(UNSAFE)
     monkeypatch.setenv("FORCE_SAFE_CONFIG", "1")
-    with pytest.raises(ValueError, match=r"imports os \(line 1\), which FORCE_SAFE_CONFIG refuses"):
+    with pytest.raises(
+        ValueError, match=r"imports os \(line 1\), which a safe load \(FORCE_SAFE_CONFIG"
+    ):
         load_safe_config(path)
     assert not (path.parent / "ran.txt").exists()  # refused before it ran
     monkeypatch.delenv("FORCE_SAFE_CONFIG")
@@ -135,16 +137,20 @@ def test_an_unsafe_config_is_reported_or_refused_under_force_safe_config(
         f"warning: config {path} imports subprocess (line 2)",
         f"warning: config {path} calls eval (line 5)",
     ]
-    with pytest.raises(ValueError, match="FORCE_SAFE_CONFIG refuses"):
+    with pytest.raises(ValueError, match="or force_safe\\) refuses"):
         load_safe_config(path, force_safe=True)
+    monkeypatch.setenv("FORCE_SAFE_CONFIG", "true")
+    assert load_safe_config(path, force_safe=False).value == 2  # the argument wins
 
 
 # --- Manifests, crops and templates ----------------------------------------------------------
 
 
-def test_tested_classes_and_test_crops_come_from_the_shipped_manifests() -> None:
+def test_tested_classes_and_test_crops_come_from_the_shipped_manifests(tmp_path: Path) -> None:
     classes = get_tested_classes()
     assert len(classes) == len(set(classes)) == 48 and classes[:2] == ["ecs", "pm"]
+    (tmp_path / "mine.csv").write_text("nuc\nmito\n")
+    assert get_tested_classes(tmp_path / "mine.csv") == ["nuc", "mito"]
     crops = get_test_crops()
     assert [c.id for c in crops] == [*range(557, 563), *range(980, 990)]
     first = crops[0]

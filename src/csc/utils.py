@@ -54,7 +54,8 @@ Vec3 = tuple[float, float, float]
 ConfigArg = TrainConfig | str | os.PathLike[str]
 UNSAFE_MODULES = ("os", "subprocess", "sys")  # a config importing these is reported
 UNSAFE_CALLS = ("eval", "exec")
-FORCE_SAFE_ENV = "FORCE_SAFE_CONFIG"  # set to 1/true/yes/on: such a config is refused
+FORCE_SAFE_ENV = "FORCE_SAFE_CONFIG"  # set to one of TRUE_WORDS: such a config is refused
+TRUE_WORDS = ("1", "true", "yes", "on")
 TEST = "test"  # the crops spelling for the challenge's test crops
 ALL = "*"  # the crops spelling for every crop
 # What the toolkit's output templates may be, below a root folder: csc's layout.
@@ -73,6 +74,8 @@ class SafeConfig:
         self._path = path
 
     def __getattr__(self, name: str) -> Any:  # called only for names the file lacks
+        if name.startswith("_"):  # copy and pickle look these up before __init__ ran
+            raise AttributeError(name)
         raise AttributeError(f"config {self._path} defines no {name!r}")
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -102,16 +105,11 @@ def load_safe_config(
         raise FileNotFoundError(f"config file not found: {path}")
     findings = unsafe_findings(path)
     if force_safe is None:
-        force_safe = os.environ.get(FORCE_SAFE_ENV, "").strip().lower() in (
-            "1",
-            "true",
-            "yes",
-            "on",
-        )
+        force_safe = os.environ.get(FORCE_SAFE_ENV, "").strip().lower() in TRUE_WORDS
     if findings and force_safe:
         raise ValueError(
-            f"{path} {findings[0]}, which FORCE_SAFE_CONFIG refuses: remove it from the config, "
-            f"or unset FORCE_SAFE_CONFIG to run it ({len(findings)} finding(s))"
+            f"{path} {findings[0]}, which a safe load (FORCE_SAFE_CONFIG or force_safe) refuses: "
+            f"remove it from the config, or load it unforced ({len(findings)} finding(s))"
         )
     for finding in findings:
         print(f"warning: config {path} {finding}", file=sys.stderr)
@@ -126,21 +124,23 @@ def unsafe_findings(path: Path) -> list[str]:
         return []  # running it reports the error, with the file's line
     found = []
     for node in ast.walk(tree):
-        modules = []
-        if isinstance(node, ast.Import):
-            modules = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            modules = [node.module]
-        for module in modules:
-            if module.split(".")[0] in UNSAFE_MODULES:
-                found.append((node.lineno, f"imports {module} (line {node.lineno})"))
-        if (
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            for module in _imported(node):
+                if module.split(".")[0] in UNSAFE_MODULES:
+                    found.append((node.lineno, f"imports {module} (line {node.lineno})"))
+        elif (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Name)
             and node.func.id in UNSAFE_CALLS
         ):
             found.append((node.lineno, f"calls {node.func.id} (line {node.lineno})"))
     return [text for _, text in sorted(found)]
+
+
+def _imported(node: ast.Import | ast.ImportFrom) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    return [node.module] if node.module and node.level == 0 else []
 
 
 # --- Classes, crops and templates ------------------------------------------------------------
@@ -165,9 +165,12 @@ class TestCrop:
         return f"crop{self.id}"
 
 
-def get_tested_classes() -> list[str]:
-    """The 48 classes the challenge scores (tested_classes.csv, shipped with csc)."""
-    return list(manifests.scored_classes())
+def get_tested_classes(csv_path: str | os.PathLike[str] | None = None) -> list[str]:
+    """The 48 classes the challenge scores (tested_classes.csv, shipped with csc), or the
+    names in another such file (one a line)."""
+    if csv_path is None:
+        return list(manifests.scored_classes())
+    return [line.strip() for line in Path(csv_path).read_text().splitlines() if line.strip()]
 
 
 def get_test_crops() -> list[TestCrop]:
