@@ -243,6 +243,8 @@ def test_make_datasplit_csv_writes_csc_s_crawl(
     dry = tmp_path / "dry.csv"
     make_datasplit_csv(classes=["mito"], search_path=search_path, csv_path=dry, dry_run=True)
     assert not dry.exists() and "crop3/[mito]" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="the test crops have no ground truth to split"):
+        make_datasplit_csv(crops=["test"], search_path=search_path, csv_path=dry)
 
 
 def test_make_s3_datasplit_csv_crawls_a_bucket(

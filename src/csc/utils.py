@@ -284,7 +284,7 @@ def make_datasplit_csv(
         crop_name=crop_name,
         classes=tuple(classes),
         datasets=_globs(datasets),
-        crops=parse_crops(_globs(crops)).patterns,
+        crops=_crop_globs(crops),
         scale=_scale(scale),
     )
     return _write_split(options, force_all_classes, validation_prob, csv_path, dry_run=dry_run)
@@ -325,6 +325,13 @@ def _globs(patterns: Sequence[str]) -> tuple[str, ...]:
     """Names or globs; the toolkit's ["*"] (every one) is csc's empty filter."""
     names = (patterns,) if isinstance(patterns, str) else tuple(patterns)
     return () if ALL in names else names
+
+
+def _crop_globs(crops: Sequence[str]) -> tuple[str, ...]:
+    selection = parse_crops(_globs(crops))
+    if selection.test:
+        raise ValueError("crops=['test']: the test crops have no ground truth to split; name crops")
+    return selection.patterns
 
 
 def _scale(scale: float | Sequence[float] | None) -> tuple[float, ...] | None:
