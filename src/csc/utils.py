@@ -250,13 +250,13 @@ def layout_root(template: str | os.PathLike[str], keyword: str) -> str:
     template such as PREDICTIONS_PATH; other templates are refused."""
     text = os.fspath(template).rstrip("/")
     for suffix in LAYOUT_SUFFIXES:
-        root = text.removesuffix(suffix)
-        if root != text and not get_formatted_fields(root):
-            return root or "."
+        root = f"/{text}".removesuffix(suffix)  # "/": a template may be the suffix alone
+        if root != f"/{text}" and not get_formatted_fields(root):
+            return root[1:] or "."
     raise ValueError(
         f"{keyword}={text!r}: csc's layout is ROOT/{{dataset}}.zarr/{{crop}}/{{label}}, so give "
         f"a template ending in {LAYOUT_SUFFIXES[1]} (like csc.config.PREDICTIONS_PATH) with "
-        "no other fields, or pass csc's output=ROOT (input=ROOT for process)"
+        "no other fields; csc.prediction.predict and csc.processing.process take plain folders"
     )
 
 
