@@ -327,21 +327,22 @@ def test_predict_takes_the_toolkit_s_keywords(tiny_synth: Path, tmp_path: Path) 
 
 
 def test_predict_searches_where_its_keywords_say(tiny_synth: Path, tmp_path: Path) -> None:
-    """`search_path=` replaces the config's; a relative one is relative to the config's folder,
-    like the config's own paths."""
-    config = train_config(tiny_synth, tmp_path / "run")
+    """`search_path=` replaces the config's; relative paths are relative to the config's
+    folder, like the config's own paths, also for a loaded `TrainConfig`."""
+    path = train_config(tiny_synth, tmp_path / "run")
     (tmp_path / "run/data").symlink_to(tiny_synth)
-    text = config.read_text().replace(f'search_path = "{tiny_synth}/{SEARCH}"', "")
-    config.write_text(text + 'search_path = "/nowhere/{dataset}/{name}"\n')
+    text = path.read_text().replace(f'search_path = "{tiny_synth}/{SEARCH}"', "")
+    path.write_text(text + 'search_path = "/nowhere/{dataset}/{name}"\n')
     (written,) = csc.predict(
-        config,
+        load_config(path),
         crops="3",
         search_path=f"data/{SEARCH}",
-        output_path=f"{tmp_path}/out/{{dataset}}.zarr/{{crop}}",  # not into the linked data
+        output_path="out/{dataset}.zarr/{crop}",  # not into the linked data
         do_orthoplanes=False,
         progress=False,
     )
     assert written.region.dataset == "jrc_synth2" and written.region.name == "crop3"
+    assert written.path == tmp_path / "run/out/jrc_synth2.zarr/crop3"
 
 
 def test_process_takes_the_toolkit_s_keywords(tiny_synth: Path, tmp_path: Path) -> None:
