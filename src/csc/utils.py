@@ -359,7 +359,7 @@ def _write_split(
     if dry_run:
         print(format_rows(rows), end="")
         return rows
-    path = write_datasplit(rows, csv_path, overwrite=True)  # replaces only a datasplit CSV
+    path = write_datasplit(rows, Path(csv_path), overwrite=True)  # replaces only a datasplit CSV
     print(f"wrote datasplit {path} ({summarise(rows)}) from {options.search_path}")
     return rows
 
@@ -524,7 +524,9 @@ def with_paths(config: TrainConfig, changes: Mapping[str, str]) -> TrainConfig:
     if all(getattr(config, key) == value for key, value in changes.items()):
         return config
     folder = _folder(config)
-    resolved = {key: _anchored(key, value, folder, config) for key, value in changes.items()}
+    resolved: dict[str, Any] = {
+        key: _anchored(key, value, folder, config) for key, value in changes.items()
+    }
     changed = dataclasses.replace(config, **resolved)
     validate(changed)
     return changed
