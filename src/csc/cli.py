@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -91,7 +91,7 @@ class Spelled(click.Option):
     (e.g. ``-vr``, ``--search_path``), accepted and listed in `--help` next to csc's."""
 
     def __init__(
-        self, param_decls: list[str], *, toolkit: tuple[str, ...] = (), **attrs: Any
+        self, param_decls: Sequence[str], *, toolkit: tuple[str, ...] = (), **attrs: Any
     ) -> None:
         super().__init__([*param_decls, *toolkit], **attrs)
         self.toolkit = toolkit
@@ -310,12 +310,6 @@ def _config_with(
     return load_config(config_file, changes, strict=strict)
 
 
-def _is_2d(config: Any) -> bool:
-    from csc.data.datasets import PatchSpec
-
-    return PatchSpec.from_config(config).plane_axis is not None
-
-
 def _crop_names(text: str | None) -> tuple[str, ...]:
     """--crops as csc's crop patterns: the toolkit's numbers N mean cropN; its 'test' (the
     challenge's test crops) is refused until csc can predict those."""
@@ -448,7 +442,7 @@ def predict(
     with user_errors():
         resolved = _config_with(config_file, overrides, strict=strict, **locations)
         _warn_locations(locations, datasplit_path=resolved.datasplit_path)
-        if toolkit_default and not orthoplanes and _is_2d(resolved):
+        if toolkit_default and not orthoplanes and resolved.input_array_info.is_2d:
             click.echo("orthoplanes: on (the toolkit's default for 2D models; -so: off)", err=True)
             orthoplanes = True
         from csc.prediction import predict as run
