@@ -192,9 +192,11 @@ def predict_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def config_file(predict_data: Path, tmp_path: Path) -> Path:
-    """A 2D config file (the model saved as epoch 1) with a threshold process_func."""
+    """A 2D config file (the model saved as epoch 1) with a threshold process_func; big
+    batches without overlap keep orthoplanes (three planes of windows) fast."""
     save_weights(config_of(predict_data, tmp_path))
-    lines = [f"{key} = {value!r}" for key, value in settings(predict_data, tmp_path).items()]
+    fast = settings(predict_data, tmp_path, prediction_batch_size=512, prediction_overlap=0.0)
+    lines = [f"{key} = {value!r}" for key, value in fast.items()]
     lines.append("process_func = lambda p: (p > 0.5).astype('uint8')")
     path = tmp_path / "config.py"
     path.write_text("\n".join(lines) + "\n")
@@ -206,37 +208,41 @@ def prediction(folder: Path, name: str = "nuc") -> tuple[np.ndarray, dict[str, A
     return np.asarray(group["s0"][...]), dict(group.attrs)
 
 
-@pytest.mark.slow
-def test_predict_and_process_with_the_toolkits_flags(
-    config_file: Path, predict_data: Path, tmp_path: Path
+def test_toolkit_predict_spelling_turns_orthoplanes_on_for_2d(
+    config_file: Path, tmp_path: Path
 ) -> None:
     config = str(config_file)
-    locations = ["-s", f"{predict_data}/{SEARCH}", "-r", "em/fibsem-uint8", "-n", CROP_NAME]
     toolkit = invoke("predict", config, "-c", "1", "-o", f"{tmp_path}/tk/{{dataset}}.zarr/{{crop}}")
     assert toolkit.exit_code == 0, toolkit.output
     assert "orthoplanes: on (the toolkit's default for 2D models" in toolkit.stderr
-    own = invoke("predict", config, "--crops", "crop1", "--output", f"{tmp_path}/own")
-    assert own.exit_code == 0, own.output
-    on = invoke(
-        "predict", config, "--crops", "crop1", "--output", f"{tmp_path}/on", "--orthoplanes"
-    )
-    assert on.exit_code == 0, on.output
-    skipped = invoke("predict", config, "-c", "1", "-o", f"{tmp_path}/so", "-so", *locations)
-    assert skipped.exit_code == 0, skipped.output
-    assert "warning: --search-path, --raw-name, --crop-name: csc predict finds crops" in (
-        skipped.stderr
-    )
+    own = ["predict", config, "--crops", "crop1", "--output", f"{tmp_path}/on", "--orthoplanes"]
+    assert invoke(*own).exit_code == 0
     values, attrs = prediction(tmp_path / "tk")
     assert attrs["csc_prediction"]["orthoplanes"] is True
     np.testing.assert_array_equal(values, prediction(tmp_path / "on")[0])
-    assert prediction(tmp_path / "own")[1]["csc_prediction"]["orthoplanes"] is False
-    np.testing.assert_array_equal(prediction(tmp_path / "so")[0], prediction(tmp_path / "own")[0])
 
-    again = ["predict", config, "-c", "1", "-o", f"{tmp_path}/tk"]
-    assert invoke(*again).exit_code == 1
-    assert invoke(*again, "-O").exit_code == 0
 
-    source = f"{tmp_path}/tk/{{dataset}}.zarr/{{crop}}"
+@pytest.mark.slow
+def test_toolkit_predict_and_process_flags_give_csc_results(
+    config_file: Path, predict_data: Path, tmp_path: Path
+) -> None:
+    config = str(config_file)
+    own = invoke("predict", config, "--crops", "crop1", "--output", f"{tmp_path}/own")
+    assert own.exit_code == 0, own.output
+    locations = ["-s", f"{predict_data}/{SEARCH}", "-r", "em/fibsem-uint8", "-n", CROP_NAME]
+    skipped = ["predict", config, "-c", "1", "-o", f"{tmp_path}/so", "-so", *locations]
+    done = invoke(*skipped)
+    assert done.exit_code == 0, done.output
+    assert "warning: --search-path, --raw-name, --crop-name: csc predict finds crops" in (
+        done.stderr
+    )
+    values, attrs = prediction(tmp_path / "so")
+    assert attrs["csc_prediction"]["orthoplanes"] is False
+    np.testing.assert_array_equal(values, prediction(tmp_path / "own")[0])
+    assert invoke(*skipped).exit_code == 1  # kept without -O
+    assert invoke(*skipped, "-O").exit_code == 0
+
+    source = f"{tmp_path}/so/{{dataset}}.zarr/{{crop}}"
     processed = invoke(
         *("process", config, "-c", "1", "-i", source, "-o", f"{tmp_path}/ptk"),
         *("-O", "-d", "cpu", "-w", "2"),
@@ -244,7 +250,7 @@ def test_predict_and_process_with_the_toolkits_flags(
     assert processed.exit_code == 0, processed.output
     assert "warning: --device cpu: csc process hands process_func NumPy" in processed.stderr
     assert "warning: --max-workers 2: csc process works one block at a time" in processed.stderr
-    mine = invoke("process", config, "--crops", "crop1", "--input", f"{tmp_path}/tk")
+    mine = invoke("process", config, "--crops", "crop1", "--input", f"{tmp_path}/so")
     assert mine.exit_code == 0, mine.output
     masks = prediction(tmp_path / "ptk")[0]
     np.testing.assert_array_equal(masks, prediction(tmp_path / "processed")[0])
