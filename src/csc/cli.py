@@ -3,17 +3,21 @@
 Imports of numpy, zarr and torch happen inside the commands, so `csc --help` starts instantly.
 Option defaults are read from their torch-free homes (`TrainConfig` for the options that mirror a
 config key, `SplitOptions` for the split, `csc.storage` for the S3 waits), not written here.
+The challenge toolkit's spellings (`make-datasplit`, `-vr`, `--search_path`, `-so`, ...) are
+extra names of csc's commands and options (`TOOLKIT_COMMANDS`, `Spelled`); docs/cli.md lists them.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from csc import __version__
 from csc.config import (
@@ -77,7 +81,49 @@ def _show_warning(message: Warning | str, *_args: Any, **_kwargs: Any) -> None:
     click.echo(f"warning: {message}", err=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# The challenge toolkit's command names -> csc's commands of the same job.
+TOOLKIT_COMMANDS = {"make-datasplit": "datasplit", "get-counts": "counts"}
+TOOLKIT_SPELLED = "csc.toolkit_spelled"  # ctx.meta key: a toolkit-only option name was typed
+
+
+class Spelled(click.Option):
+    """An option that the challenge toolkit spells differently too: `toolkit` holds its names
+    (e.g. ``-vr``, ``--search_path``), accepted and listed in `--help` next to csc's."""
+
+    def __init__(
+        self, param_decls: Sequence[str], *, toolkit: tuple[str, ...] = (), **attrs: Any
+    ) -> None:
+        super().__init__([*param_decls, *toolkit], **attrs)
+        self.toolkit = toolkit
+
+
+class ToolkitCommand(click.Command):
+    """A command that notes in `ctx.meta[TOOLKIT_SPELLED]` whether a toolkit-only option name
+    was typed, for the one default that follows the spelling (predict's orthoplanes)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        names = {name for p in self.params if isinstance(p, Spelled) for name in p.toolkit}
+        typed = itertools.takewhile(lambda arg: arg != "--", args)
+        ctx.meta[TOOLKIT_SPELLED] = any(arg.split("=", 1)[0] in names for arg in typed)
+        return super().parse_args(ctx, args)
+
+
+class Commands(click.Group):
+    """csc's commands, also found under the challenge toolkit's names (`TOOLKIT_COMMANDS`)."""
+
+    command_class = ToolkitCommand
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return super().get_command(ctx, TOOLKIT_COMMANDS.get(cmd_name, cmd_name))
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_commands(ctx, formatter)
+        rows = [(alias, f"Same as `csc {name}`.") for alias, name in TOOLKIT_COMMANDS.items()]
+        with formatter.section("The challenge toolkit's names"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="csc")
 def cli() -> None:
     """Train segmentation models on CellMap-style volume EM data (OME-NGFF zarr, local or S3)."""
@@ -204,21 +250,124 @@ def train(config_file: str, overrides: tuple[str, ...], strict: bool, nproc: int
         click.echo(summary(result, resolved.logs_save_path.format(model_name=resolved.model_name)))
 
 
+TOOLKIT_LAYOUT = "{dataset}.zarr/{crop}"  # how the toolkit's output path templates end
+
+
+def _layout_folder(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """The folder csc writes {dataset}.zarr/{crop} groups under; the toolkit's template
+    FOLDER/{dataset}.zarr/{crop} names the same folder."""
+    if value is None or not value.rstrip("/").endswith(TOOLKIT_LAYOUT):
+        folder = value
+    else:
+        folder = value.rstrip("/").removesuffix(TOOLKIT_LAYOUT).rstrip("/") or "."
+    if folder is not None and ("{" in folder or "}" in folder):
+        raise click.BadParameter(
+            f"{value!r}: give a folder, or FOLDER/{TOOLKIT_LAYOUT} (the layout csc writes)"
+        )
+    return folder
+
+
+def _location_command(function: Callable[..., Any]) -> Callable[..., Any]:
+    """predict's options that set the config's data locations (the toolkit's -s, -r, -n)."""
+    options = [
+        click.option(
+            "--search-path",
+            cls=Spelled,
+            toolkit=("-s", "--search_path"),
+            default=None,
+            help="Sets the config's search_path (a local path is relative to here).",
+        ),
+        click.option(
+            "--raw-name",
+            cls=Spelled,
+            toolkit=("-r", "--raw_name"),
+            default=None,
+            help="Sets the config's raw_name.",
+        ),
+        click.option(
+            "--crop-name",
+            cls=Spelled,
+            toolkit=("-n", "--crop_name"),
+            default=None,
+            help="Sets the config's crop_name.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _config_with(
+    config_file: str, overrides: tuple[str, ...], *, strict: bool, **options: str | None
+) -> Any:
+    """The config with its KEY=VALUE overrides and the options that set a key (None: unset)."""
+    from csc.config import load_config, parse_overrides
+
+    changes = parse_overrides(overrides)
+    changes.update({key: value for key, value in options.items() if value is not None})
+    if options.get("search_path") and not is_url(changes["search_path"]):
+        changes["search_path"] = os.path.abspath(changes["search_path"])  # as typed, from here
+    return load_config(config_file, changes, strict=strict)
+
+
+def _crop_names(text: str | None) -> tuple[str, ...]:
+    """--crops as csc's crop patterns: the toolkit's numbers N mean cropN; its 'test' (the
+    challenge's test crops) is refused until csc can predict those."""
+    names = _comma_list(text)
+    if "test" in names:
+        raise ValueError(
+            "--crops test (the challenge's test crops) is not supported yet; give crop names "
+            "or numbers, e.g. --crops 1,2 (crop1, crop2)"
+        )
+    return tuple(f"crop{name}" if name.isdigit() else name for name in names)
+
+
+def _warn_locations(locations: dict[str, str | None], *, datasplit_path: str) -> None:
+    """Say that predict's location options do not move the crops it reads (never silently)."""
+    given = [f"--{key.replace('_', '-')}" for key, value in locations.items() if value is not None]
+    if given:
+        warnings.warn(
+            f"{', '.join(given)}: csc predict finds crops and raw through the datasplit CSV "
+            f"{datasplit_path}; these set the config's keys only",
+            stacklevel=2,
+        )
+
+
+def _warn_unused(*, device: str | None, max_workers: int | None) -> None:
+    """Say which of the toolkit's process options change nothing in csc (never silently)."""
+    if device is not None:
+        warnings.warn(
+            f"--device {device}: csc process hands process_func NumPy blocks; no device is used",
+            stacklevel=2,
+        )
+    if max_workers is not None and max_workers > 1:
+        warnings.warn(
+            f"--max-workers {max_workers}: csc process works one block at a time", stacklevel=2
+        )
+
+
 @cli.command()
 @_config_command
 @click.option(
     "--crops",
+    cls=Spelled,
+    toolkit=("-c",),
     default=None,
-    help="Comma list of crops (crop or dataset/crop, globs); default: validation crops.",
+    help="Comma list of crops (crop or dataset/crop, globs; a number N is cropN); default: "
+    "validation crops.",
 )
 @click.option("--all", "all_crops", is_flag=True, help="Every crop in the datasplit.")
 @click.option("--bbox", default=None, help="A box z0,y0,x0,z1,y1,x1 in nm; needs --dataset.")
 @click.option("--dataset", default=None, help="The dataset of --bbox.")
 @click.option(
     "--output",
+    cls=Spelled,
+    toolkit=("-o", "--output-path", "--output_path"),
     default=None,
     type=click.Path(file_okay=False),
-    help="Output folder; default: the config's predictions_path.",
+    callback=_layout_folder,
+    help="Output folder (or the toolkit's FOLDER/{dataset}.zarr/{crop}); default: the "
+    "config's predictions_path.",
 )
 @click.option(
     "--checkpoint",
@@ -239,13 +388,26 @@ def train(config_file: str, overrides: tuple[str, ...], strict: bool, nproc: int
     help="Stored probabilities; default: prediction_encoding.",
 )
 @click.option(
-    "--orthoplanes", is_flag=True, help="2D models: average predictions along z, y and x planes."
+    "--orthoplanes",
+    is_flag=True,
+    help="2D models: average predictions along z, y and x planes [default: off; on when a "
+    "toolkit-only name such as -c, -o, -O is typed].",
+)
+@click.option(
+    "skip_orthoplanes",
+    cls=Spelled,
+    toolkit=("-so", "--skip-orthoplanes", "--skip_orthoplanes"),
+    is_flag=True,
+    help="The toolkit's: no orthoplanes (its default for 2D models is on).",
 )
 @click.option(
     "--overwrite",
+    cls=Spelled,
+    toolkit=("-O",),
     is_flag=True,
     help="Replace crop groups an earlier csc predict wrote (nothing else).",
 )
+@_location_command
 def predict(
     config_file: str,
     overrides: tuple[str, ...],
@@ -259,28 +421,35 @@ def predict(
     overlap: float | None,
     encoding: str | None,
     orthoplanes: bool,
+    skip_orthoplanes: bool,
     overwrite: bool,
+    **locations: str | None,
 ) -> None:
     """Predict crops or a box with a trained model into OME-NGFF zarr.
 
     Writes OUTPUT/{dataset}.zarr/{crop}/{class}/s0 per class: probabilities with the voxel
     size and translation of the target grid, readable by neuroglancer.
     """
-    from csc.config import load_config
-
+    if orthoplanes and skip_orthoplanes:
+        raise click.UsageError("--orthoplanes and --skip-orthoplanes contradict each other")
     box = None
     if bbox is not None:
         try:
             box = tuple(float(v) for v in bbox.split(","))
         except ValueError:
             raise click.BadParameter(f"{bbox!r} is not z0,y0,x0,z1,y1,x1 in nm") from None
+    toolkit_default = click.get_current_context().meta.get(TOOLKIT_SPELLED) and not skip_orthoplanes
     with user_errors():
-        resolved = load_config(config_file, overrides, strict=strict)
+        resolved = _config_with(config_file, overrides, strict=strict, **locations)
+        _warn_locations(locations, datasplit_path=resolved.datasplit_path)
+        if toolkit_default and not orthoplanes and resolved.input_array_info.is_2d:
+            click.echo("orthoplanes: on (the toolkit's default for 2D models; -so: off)", err=True)
+            orthoplanes = True
         from csc.prediction import predict as run
 
         written = run(
             resolved,
-            crops=_comma_list(crops),
+            crops=_crop_names(crops),
             all_crops=all_crops,
             bbox=box,
             dataset=dataset,
@@ -304,21 +473,52 @@ def predict(
 @click.option(
     "--input",
     "source",
+    cls=Spelled,
+    toolkit=("-i", "--input-path", "--input_path"),
     default=None,
     type=click.Path(file_okay=False),
-    help="Predictions to process; default: the config's predictions_path.",
+    callback=_layout_folder,
+    help="Predictions to process (or the toolkit's FOLDER/{dataset}.zarr/{crop}); default: "
+    "the config's predictions_path.",
 )
 @click.option(
     "--output",
+    cls=Spelled,
+    toolkit=("-o", "--output-path", "--output_path"),
     default=None,
     type=click.Path(file_okay=False),
-    help="Output folder; default: the config's processed_path.",
+    callback=_layout_folder,
+    help="Output folder (or the toolkit's FOLDER/{dataset}.zarr/{crop}); default: the "
+    "config's processed_path.",
 )
-@click.option("--crops", default=None, help="Comma list of crops (crop or dataset/crop, globs).")
+@click.option(
+    "--crops",
+    cls=Spelled,
+    toolkit=("-c",),
+    default=None,
+    help="Comma list of crops (crop or dataset/crop, globs; a number N is cropN).",
+)
 @click.option(
     "--overwrite",
+    cls=Spelled,
+    toolkit=("-O",),
     is_flag=True,
     help="Replace crop groups an earlier csc process wrote (nothing else).",
+)
+@click.option(
+    "--device",
+    cls=Spelled,
+    toolkit=("-d",),
+    default=None,
+    help="Sets the config's device; csc's process_func gets NumPy blocks, so none is used.",
+)
+@click.option(
+    "--max-workers",
+    cls=Spelled,
+    toolkit=("-w", "--max_workers"),
+    type=click.IntRange(min=1),
+    default=None,
+    help="The toolkit's thread count; csc processes one block at a time.",
 )
 def process(
     config_file: str,
@@ -328,16 +528,17 @@ def process(
     output: str | None,
     crops: str | None,
     overwrite: bool,
+    device: str | None,
+    max_workers: int | None,
 ) -> None:
     """Apply the config's process_func to predictions, block by block."""
-    from csc.config import load_config
-
     with user_errors():
-        resolved = load_config(config_file, overrides, strict=strict)
+        resolved = _config_with(config_file, overrides, strict=strict, device=device)
+        _warn_unused(device=device, max_workers=max_workers)
         from csc.processing import process as run
 
         written = run(
-            resolved, source=source, output=output, crops=_comma_list(crops), overwrite=overwrite
+            resolved, source=source, output=output, crops=_crop_names(crops), overwrite=overwrite
         )
     for path in written:
         click.echo(f"wrote {path}")
@@ -366,37 +567,66 @@ def _crawl_command(function: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option(
             "--search-path",
+            cls=Spelled,
+            toolkit=("-sp", "--search_path"),
             default=None,
             help=f"Template with {{dataset}} and {{name}}. [default: {DEFAULT_SEARCH_PATH}; "
             f"with --s3: {DEFAULT_S3_SEARCH_PATH} in the bucket]",
         ),
         click.option(
             "--raw-name",
+            cls=Spelled,
+            toolkit=("-rn", "--raw_name"),
             default=TrainConfig.raw_name,
             show_default=True,
             help="Raw group, filled in for {name}.",
         ),
         click.option(
             "--crop-name",
+            cls=Spelled,
+            toolkit=("-cn", "--crop_name"),
             default=TrainConfig.crop_name,
             show_default=True,
             help="Label group of one class of one crop, filled in for {name}.",
         ),
         click.option(
             "--classes",
+            cls=Spelled,
+            toolkit=("-c",),
             default=",".join(TrainConfig.classes),
             show_default=True,
             help="Comma list.",
         ),
-        click.option("--datasets", default=None, help="Comma list of dataset names or globs."),
-        click.option("--crops", default=None, help="Comma list of crop names or globs."),
+        click.option(
+            "--datasets",
+            cls=Spelled,
+            toolkit=("-ds",),
+            default=None,
+            help="Comma list of dataset names or globs [default: all].",
+        ),
+        click.option(
+            "--crops",
+            cls=Spelled,
+            toolkit=("-cr",),
+            default=None,
+            help="Comma list of crop names or globs [default: all].",
+        ),
         click.option(
             "--scale",
+            cls=Spelled,
+            toolkit=("-s",),
             default=None,
             help="Keep a class of a crop only if its s0 voxel size (nm) is <= this on "
             "every axis: one number, y,x or z,y,x.",
         ),
-        click.option("--s3", "use_s3", is_flag=True, help="Crawl an S3 bucket instead."),
+        click.option(
+            "--s3",
+            "use_s3",
+            cls=Spelled,
+            toolkit=("-s3", "--use-s3", "--use_s3"),
+            is_flag=True,
+            help="Crawl an S3 bucket instead.",
+        ),
         click.option("--bucket", default=TrainConfig.s3_bucket, show_default=True),
         click.option(
             "--endpoint-url",
@@ -445,8 +675,8 @@ def _crawl_options(options: dict[str, Any]) -> Any:
         raw_name=options.pop("raw_name"),
         crop_name=options.pop("crop_name"),
         classes=_comma_list(options.pop("classes")),
-        datasets=_comma_list(options.pop("datasets")),
-        crops=_comma_list(options.pop("crops")),
+        datasets=_everything_or(options.pop("datasets")),
+        crops=_everything_or(options.pop("crops")),
         scale=scale_values,
         endpoint_url=options.pop("endpoint_url"),
         s3_timeout_s=options.pop("s3_timeout"),
@@ -454,10 +684,31 @@ def _crawl_options(options: dict[str, Any]) -> Any:
     )
 
 
+def _everything_or(text: str | None) -> tuple[str, ...]:
+    """A comma list of names or globs; the toolkit's 'all' (like no list) means every one."""
+    names = _comma_list(text)
+    return () if names == ("all",) else names
+
+
+# The toolkit's force-all-classes flags -> csc's --force-all-classes choice.
+TOOLKIT_FORCE = {"force_both": "both", "force_train": "train", "force_validate": "validate"}
+
+
+def _force_all_classes(options: dict[str, Any]) -> str:
+    """--force-all-classes, or the one toolkit flag -fa, -ft or -fv given instead."""
+    flags = [choice for flag, choice in TOOLKIT_FORCE.items() if options.pop(flag)]
+    source = click.get_current_context().get_parameter_source("force_all_classes")
+    if len(flags) > 1 or (flags and source is ParameterSource.COMMANDLINE):
+        raise click.UsageError("give one of --force-all-classes, -fa, -ft and -fv")
+    return flags[0] if flags else str(options["force_all_classes"])
+
+
 @cli.command()
 @_crawl_command
 @click.option(
     "--validate-ratio",
+    cls=Spelled,
+    toolkit=("-vr", "--validate_ratio"),
     default=SplitOptions.validate_ratio,  # csc datasplit's own, not validation_prob
     show_default=True,
     help="Share of crops for validation (one at least, given two crops).",
@@ -469,12 +720,36 @@ def _crawl_options(options: dict[str, Any]) -> Any:
     show_default=True,
     help="Move crops lacking a class out of this split (both: leave them out).",
 )
+@click.option(
+    "force_both", cls=Spelled, toolkit=("-fa",), is_flag=True, help="= --force-all-classes both"
+)
+@click.option(
+    "force_train", cls=Spelled, toolkit=("-ft",), is_flag=True, help="= --force-all-classes train"
+)
+@click.option(
+    "force_validate",
+    cls=Spelled,
+    toolkit=("-fv",),
+    is_flag=True,
+    help="= --force-all-classes validate",
+)
 @click.option("--seed", default=SplitOptions.seed, show_default=True, help="Seed of the split.")
 @click.option(
-    "--csv-path", default=TrainConfig.datasplit_path, show_default=True, type=click.Path()
+    "--csv-path",
+    cls=Spelled,
+    toolkit=("-cp", "--csv_path"),
+    default=TrainConfig.datasplit_path,
+    show_default=True,
+    type=click.Path(),
 )
 @click.option("--relative", is_flag=True, help="Write local roots relative to the CSV's folder.")
-@click.option("--dry-run", is_flag=True, help="Print the table; write nothing.")
+@click.option(
+    "--dry-run",
+    cls=Spelled,
+    toolkit=("--dry_run",),
+    is_flag=True,
+    help="Print the table; write nothing.",
+)
 @click.option(
     "--overwrite", is_flag=True, help="Replace an existing datasplit CSV (no other file)."
 )
@@ -489,7 +764,7 @@ def datasplit(**options: Any) -> None:
     )
 
     crawl_options = _crawl_options(options)
-    force = options["force_all_classes"]
+    force = _force_all_classes(options)
     split_options = SplitOptions(
         options["validate_ratio"], options["seed"], None if force == "none" else force
     )
@@ -507,9 +782,6 @@ def datasplit(**options: Any) -> None:
             rows, options["csv_path"], relative=options["relative"], overwrite=options["overwrite"]
         )
     click.echo(f"wrote {path}: {summarise(rows)}")
-
-
-cli.add_command(datasplit, name="make-datasplit")
 
 
 def _table(rows: Any) -> str:
