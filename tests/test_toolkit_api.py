@@ -350,22 +350,23 @@ def test_process_takes_the_toolkit_s_keywords(tiny_synth: Path, tmp_path: Path) 
     config.write_text(config.read_text() + "\nprocess_func = lambda x: x > 0.5\n")
     predictions = f"{tmp_path}/preds/{{dataset}}.zarr/{{crop}}"
     csc.predict(config, crops="1,4", output_path=predictions, progress=False)
-    written = csc.process(
-        config,
-        crops="4",
-        input_path=predictions,
-        output_path=f"{tmp_path}/done/{{dataset}}.zarr/{{crop}}/{{label}}",
-        max_workers=2,
-        progress=False,
-    )
+    with pytest.warns(UserWarning, match="max_workers=2: csc process works one block at a time"):
+        written = csc.process(
+            config,
+            crops="4",
+            input_path=predictions,
+            output_path=f"{tmp_path}/done/{{dataset}}.zarr/{{crop}}/{{label}}",
+            max_workers=2,
+            progress=False,
+        )
     assert written == [tmp_path / "done/jrc_synth2.zarr/crop4"]
     source = read_s0(tmp_path / "preds/jrc_synth2.zarr/crop4/er")[0]
     result = read_s0(written[0] / "er")[0]
     np.testing.assert_array_equal(result, (source / 255 > 0.5).astype(np.uint8))
     with pytest.raises(ValueError, match=r"no predicted crop in .*preds matches crop557,"):
         csc.process(config, crops="test", input_path=predictions, progress=False)
-    with pytest.raises(ValueError, match="device='cuda': csc process calls process_func on numpy"):
-        csc.process(config, input_path=predictions, device="cuda")
+    with pytest.warns(UserWarning, match="device='cuda': csc process hands process_func numpy"):
+        csc.process(config, input_path=predictions, device="cuda", overwrite=True, progress=False)
 
 
 def test_csc_predict_and_process_are_the_toolkit_adapters() -> None:

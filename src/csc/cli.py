@@ -250,21 +250,17 @@ def train(config_file: str, overrides: tuple[str, ...], strict: bool, nproc: int
         click.echo(summary(result, resolved.logs_save_path.format(model_name=resolved.model_name)))
 
 
-TOOLKIT_LAYOUT = "{dataset}.zarr/{crop}"  # how the toolkit's output path templates end
-
-
-def _layout_folder(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+def _layout_folder(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """The folder csc writes {dataset}.zarr/{crop} groups under; the toolkit's template
     FOLDER/{dataset}.zarr/{crop} names the same folder."""
-    if value is None or not value.rstrip("/").endswith(TOOLKIT_LAYOUT):
-        folder = value
-    else:
-        folder = value.rstrip("/").removesuffix(TOOLKIT_LAYOUT).rstrip("/") or "."
-    if folder is not None and ("{" in folder or "}" in folder):
-        raise click.BadParameter(
-            f"{value!r}: give a folder, or FOLDER/{TOOLKIT_LAYOUT} (the layout csc writes)"
-        )
-    return folder
+    if value is None or "{" not in value:
+        return value
+    from csc.utils import layout_root
+
+    try:
+        return layout_root(value, f"--{param.name}")
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 def _location_command(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -310,40 +306,28 @@ def _config_with(
     return load_config(config_file, changes, strict=strict)
 
 
-def _crop_names(text: str | None) -> tuple[str, ...]:
-    """--crops as csc's crop patterns: the toolkit's numbers N mean cropN; its 'test' (the
-    challenge's test crops) is refused until csc can predict those."""
-    names = _comma_list(text)
-    if "test" in names:
+def _crop_selection(text: str | None) -> Any:
+    """--crops as csc's crop patterns (`csc.utils.parse_crops`: the toolkit's numbers N mean
+    cropN, '*' all); its 'test' (the challenge's test crops) is refused until csc predicts them."""
+    from csc.utils import parse_crops
+
+    selection = parse_crops(text)
+    if selection.test:
         raise ValueError(
             "--crops test (the challenge's test crops) is not supported yet; give crop names "
             "or numbers, e.g. --crops 1,2 (crop1, crop2)"
         )
-    return tuple(f"crop{name}" if name.isdigit() else name for name in names)
+    return selection
 
 
-def _warn_locations(locations: dict[str, str | None], *, datasplit_path: str) -> None:
-    """Say that predict's location options do not move the crops it reads (never silently)."""
-    given = [f"--{key.replace('_', '-')}" for key, value in locations.items() if value is not None]
-    if given:
-        warnings.warn(
-            f"{', '.join(given)}: csc predict finds crops and raw through the datasplit CSV "
-            f"{datasplit_path}; these set the config's keys only",
-            stacklevel=2,
-        )
+def _crawled_rows(config: Any, locations: dict[str, str | None]) -> Any:
+    """predict's -s/-r/-n say where the crops are: crawled there (as the toolkit does), not
+    read from the datasplit CSV; None when none is given."""
+    if all(value is None for value in locations.values()):
+        return None
+    from csc.datasplit import crawl, options_from_config
 
-
-def _warn_unused(*, device: str | None, max_workers: int | None) -> None:
-    """Say which of the toolkit's process options change nothing in csc (never silently)."""
-    if device is not None:
-        warnings.warn(
-            f"--device {device}: csc process hands process_func NumPy blocks; no device is used",
-            stacklevel=2,
-        )
-    if max_workers is not None and max_workers > 1:
-        warnings.warn(
-            f"--max-workers {max_workers}: csc process works one block at a time", stacklevel=2
-        )
+    return crawl(options_from_config(config)[0]).crops
 
 
 @cli.command()
@@ -441,16 +425,16 @@ def predict(
     toolkit_default = click.get_current_context().meta.get(TOOLKIT_SPELLED) and not skip_orthoplanes
     with user_errors():
         resolved = _config_with(config_file, overrides, strict=strict, **locations)
-        _warn_locations(locations, datasplit_path=resolved.datasplit_path)
         if toolkit_default and not orthoplanes and resolved.input_array_info.is_2d:
             click.echo("orthoplanes: on (the toolkit's default for 2D models; -so: off)", err=True)
             orthoplanes = True
+        selection = _crop_selection(crops)
         from csc.prediction import predict as run
 
         written = run(
             resolved,
-            crops=_crop_names(crops),
-            all_crops=all_crops,
+            crops=selection.patterns,
+            all_crops=all_crops or selection.all_crops,
             bbox=box,
             dataset=dataset,
             output=output,
@@ -459,6 +443,7 @@ def predict(
             orthoplanes=orthoplanes,
             overlap=overlap,
             encoding=encoding,
+            rows=_crawled_rows(resolved, locations),
         )
     for item in written:
         grid = item.grid
@@ -534,12 +519,12 @@ def process(
     """Apply the config's process_func to predictions, block by block."""
     with user_errors():
         resolved = _config_with(config_file, overrides, strict=strict, device=device)
-        _warn_unused(device=device, max_workers=max_workers)
         from csc.processing import process as run
+        from csc.utils import warn_unused_process_options
 
-        written = run(
-            resolved, source=source, output=output, crops=_crop_names(crops), overwrite=overwrite
-        )
+        warn_unused_process_options(device=device, max_workers=max_workers)
+        patterns = _crop_selection(crops).patterns
+        written = run(resolved, source=source, output=output, crops=patterns, overwrite=overwrite)
     for path in written:
         click.echo(f"wrote {path}")
 

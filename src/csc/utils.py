@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from string import Formatter
@@ -464,16 +465,12 @@ def process(
     `crops`: None (every predicted crop), "test", a comma list or "*". `input_path` and
     `output_path` are templates ROOT/{dataset}.zarr/{crop} (defaults: the config's
     predictions_path and processed_path if it sets them, else PREDICTIONS_PATH and
-    PROCESSED_PATH next to the config). `device` may only be None or "cpu" (process_func
-    gets numpy arrays); `max_workers` is checked and has no effect (blocks run one by one).
+    PROCESSED_PATH next to the config). `device` and `max_workers` change nothing in csc
+    (process_func gets numpy blocks, one at a time): a warning says so when they would.
     """
-    if device not in (None, "cpu"):
-        raise ValueError(
-            f"device={device!r}: csc process calls process_func on numpy arrays on the CPU; "
-            "move the data to a device inside process_func, and drop device"
-        )
     if max_workers is not None and (not isinstance(max_workers, int) or max_workers < 1):
         raise ValueError(f"max_workers must be a positive integer or None, got {max_workers!r}")
+    warn_unused_process_options(device=device, max_workers=max_workers)
     selection = parse_crops(crops)
     patterns = get_test_crop_names() if selection.test else selection.patterns
     config = _load(config_path)
@@ -486,6 +483,22 @@ def process(
     return csc_process(
         with_paths(config, changes), crops=patterns, overwrite=overwrite, progress=progress
     )
+
+
+def warn_unused_process_options(*, device: str | None, max_workers: int | None) -> None:
+    """The toolkit's process options that would change nothing in csc, said, never silent:
+    process_func gets numpy blocks on the CPU, one block at a time."""
+    if device not in (None, "cpu"):
+        warnings.warn(
+            f"device={device!r}: csc process hands process_func numpy blocks on the CPU; no "
+            "device is used (move the data to a device inside process_func)",
+            stacklevel=3,
+        )
+    if max_workers is not None and max_workers > 1:
+        warnings.warn(
+            f"max_workers={max_workers}: csc process works one block at a time; it has no effect",
+            stacklevel=3,
+        )
 
 
 # The toolkit's folders, used where neither the call nor the config names one.
