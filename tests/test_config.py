@@ -330,4 +330,4 @@ def test_every_config_key_is_documented() -> None:
 
 def test_config_keys_match_the_dataclass() -> None:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert set(CONFIG_KEYS) == names - {"config_path", "extras"}
+    assert set(CONFIG_KEYS) == names - {"config_path", "extras", "search_path_candidates"}

@@ -16,7 +16,7 @@ SRC = Path(__file__).parents[1] / "src" / "csc"
 # never the other way round. `registries` (names and where they live; no csc import) is below all.
 LAYERS = [
     {"registries"},
-    {"config", "storage"},
+    {"config", "storage", "classes"},
     {"synth", "datasplit"},
     {"data"},
     {"models", "losses", "metrics", "optim"},

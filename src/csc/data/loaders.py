@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from csc.classes import exclusions
 from csc.config import TrainConfig
 from csc.data.datasets import (
     Crop,
@@ -290,6 +291,7 @@ def build_datasets(
         "chunk_cache_mb": config.chunk_cache_mb,
         "crop_cache_mb": config.crop_cache_mb,
         "target_transform": config.target_value_transforms,
+        "exclusions": exclusions(config.classes) if config.use_mutual_exclusion else None,
     }
     train_set = TrainPatches(
         train,
