@@ -15,8 +15,8 @@ SRC = Path(__file__).parents[1] / "src" / "csc"
 # `storage` is a package (csc.storage.*) that imports no other csc module: config may read it,
 # never the other way round. `registries` (names and where they live; no csc import) is below all.
 LAYERS = [
-    {"registries"},
-    {"config", "storage", "classes"},
+    {"registries", "manifests"},
+    {"config", "storage"},
     {"synth", "datasplit"},
     {"data"},
     {"models", "losses", "metrics", "optim"},

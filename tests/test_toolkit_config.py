@@ -17,12 +17,12 @@ import pytest
 import torch
 import zarr
 
-from csc.classes import class_ids, exclusions
 from csc.config import ArrayInfo, ConfigWarning, build_config, load_config
 from csc.data.datasets import PatchSpec
 from csc.data.loaders import build_datasets
 from csc.datasplit import NoCropsError, ensure_datasplit, read_datasplit
 from csc.losses import build_loss
+from csc.manifests.classes import class_ids, exclusions
 from csc.prediction import predict, prediction_transform
 from csc.processing import process, to_logits
 from csc.synth import SynthSpec, write_synthetic

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from csc import registries
-from csc.classes import CLASSES_TABLE, unlisted
+from csc.manifests.classes import CLASSES_TABLE, unlisted
 from csc.storage import S3_RETRY_BUDGET_S, S3_TIMEOUT_S, bucket_url, is_url
 
 # Names accepted where the config gives a string instead of an object, read from their one home

@@ -141,7 +141,7 @@ class PatchDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
         self.spec = spec
         self.raw_transform = raw_transform
         self.target_transform = target_transform
-        # Per class, the classes that exclude it (`csc.classes.exclusions`): where one of them
+        # Per class, the classes that exclude it (`csc.manifests.classes`): where one of them
         # is present, a class its crop does not annotate is known absent. None: no inference.
         self.exclusions = exclusions
         self.chunk_cache_mb = chunk_cache_mb

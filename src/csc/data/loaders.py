@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from csc.classes import exclusions
 from csc.config import TrainConfig
 from csc.data.datasets import (
     Crop,
@@ -28,6 +27,7 @@ from csc.data.datasets import (
 )
 from csc.data.sources import DataWarning
 from csc.datasplit import DatasplitRow, read_datasplit, s3_options
+from csc.manifests.classes import exclusions
 from csc.storage import (
     ArraySource,
     MetadataReader,
