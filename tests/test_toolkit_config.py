@@ -293,7 +293,7 @@ def test_a_toolkit_2d_config_trains_predicts_and_processes(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from csc.training import train
+    from csc import train  # as the toolkit's `if __name__ == "__main__"` block calls it
 
     path = write(examples, TOOLKIT_2D)
     monkeypatch.chdir(tmp_path)
