@@ -124,7 +124,7 @@ def test_the_config_runs_in_its_folder_and_the_callers_folder_comes_back(
     examples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (examples / "classes.txt").write_text("nuc\nmito\n")
-    path = write(examples, 'classes = open("classes.txt").read().split()\n')
+    path = write(examples, 'with open("classes.txt") as file:\n    classes = file.read().split()\n')
     monkeypatch.chdir(tmp_path)
     config = load_config(path)
     assert config.classes == ("nuc", "mito")

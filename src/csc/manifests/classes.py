@@ -23,7 +23,7 @@ def class_ids(table: Path = CLASSES_TABLE) -> dict[str, frozenset[int]]:
     """Per class name, its own id and the ids of the classes it includes."""
     with open(table, newline="") as file:
         rows = [row for row in csv.reader(file) if row]
-    ids = {}
+    ids: dict[str, frozenset[int]] = {}
     for name, own, *included in rows:
         parts = ",".join(included).split(",")
         ids[name] = frozenset([int(own), *(int(p) for p in parts if p.strip())])
