@@ -239,7 +239,11 @@ def test_a_misspelled_key_holding_an_imported_class_still_warns(write_config: Wr
         ("spatial_transforms = {'mirror': {'axes': ['x']}}", "must look like"),
         ("spatial_transforms = {'transpose': {'axes': {'x': 1}}}", "must look like"),
         ("device = 'cuda:abc'", "device must be None"),
-        ("filter_by_scale = (8, 8)", "one voxel size \\(nm\\) per axis"),
+        (  # two numbers are (y, x): for 2D patches only
+            "input_array_info = {'shape': (8, 8, 8), 'scale': (8, 8, 8)}\nfilter_by_scale = (8, 8)",
+            "one voxel size \\(nm\\) per axis",
+        ),
+        ("filter_by_scale = (8, 8, 8, 8)", "one voxel size \\(nm\\) per axis"),
         ("target_array_info = {'shape': (8, 8, 8), 'scale': (8, 8, 8)}", "both be 2D or both 3D"),
         ("train_raw_value_transforms = 3", "must be a callable"),
         ("use_s3 = 'yes'", "use_s3 must be True or False"),
@@ -330,4 +334,4 @@ def test_every_config_key_is_documented() -> None:
 
 def test_config_keys_match_the_dataclass() -> None:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert set(CONFIG_KEYS) == names - {"config_path", "extras"}
+    assert set(CONFIG_KEYS) == names - {"config_path", "extras", "search_path_candidates"}

@@ -9,6 +9,7 @@ imports torch, so ``csc config`` stays instant for configs that do not import it
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -19,11 +20,12 @@ import sys
 import traceback
 import types
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from csc import registries
+from csc.manifests.classes import CLASSES_TABLE, unlisted
 from csc.storage import S3_RETRY_BUDGET_S, S3_TIMEOUT_S, bucket_url, is_url
 
 # Names accepted where the config gives a string instead of an object, read from their one home
@@ -91,7 +93,7 @@ DEFAULT_SPATIAL_TRANSFORMS: dict[str, Any] = {
 
 
 class ConfigWarning(UserWarning):
-    """A config name csc does not read but that looks like a misspelled key."""
+    """A config name that looks like a misspelled key, or a setting that can have no effect."""
 
 
 class ConfigFileError(Exception):
@@ -100,17 +102,24 @@ class ConfigFileError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class ArrayInfo:
-    """Patch shape in voxels and voxel size in nm, both in (z, y, x) order (or (y, x) for 2D)."""
+    """Patch shape in voxels and voxel size in nm, both (z, y, x); a 2-element (y, x) pair of
+    shape and scale is the plane (1, y, x) (`__post_init__`)."""
 
     shape: tuple[int, ...]
     scale: tuple[float, ...]
 
+    def __post_init__(self) -> None:
+        # The toolkit's 2D form, shape (y, x) and scale (y, x), is the plane (1, y, x) whose
+        # singleton z takes y's voxel size; normalised here, once, so that everything after
+        # (patch grids, prediction's output grid, raw levels) sees three axes.
+        if len(self.shape) == 2 and len(self.scale) == 2:
+            object.__setattr__(self, "shape", (1, *self.shape))
+            object.__setattr__(self, "scale", (self.scale[0], *self.scale))
+
     @property
     def plane_axis(self) -> int | None:
-        """The one rule for a 2D patch: its singleton axis in (z, y, x), 0 for a 2-element
-        (y, x) shape, else the first axis of size 1; None for a 3D patch."""
-        if len(self.shape) == 2:
-            return 0
+        """The one rule for a 2D patch: its singleton axis in (z, y, x), the first axis of size
+        1; None for a 3D patch (a 2-element (y, x) info became (1, y, x) when built)."""
         return tuple(self.shape).index(1) if 1 in self.shape else None
 
     @property
@@ -123,6 +132,9 @@ class TrainConfig:
     """Every setting of a training run. Field names are the config file's names."""
 
     # Where things go. Templates: {model_name}, {epoch}; {dataset}, {name} in search_path.
+    # The folder that model_save_path, logs_save_path and datasplit_path are relative to when
+    # the config does not set them (the toolkit's key); None: the config's folder.
+    base_experiment_path: str | None = None
     model_save_path: str = "checkpoints/{model_name}_{epoch}.pth"
     logs_save_path: str = "tensorboard/{model_name}"
     datasplit_path: str = "datasplit.csv"
@@ -139,6 +151,9 @@ class TrainConfig:
     filter_by_scale: bool | float | tuple[float, ...] = False
     force_all_classes: str | None = "validate"
     weighted_sampler: bool = True
+    # A class a crop does not annotate is known to be absent where a class that excludes it
+    # (no shared ids in the classes table, e.g. mito and nuc) is present there: 0, not NaN.
+    use_mutual_exclusion: bool = False
     spatial_transforms: dict[str, Any] | None = dataclasses.field(
         default_factory=lambda: _copy(DEFAULT_SPATIAL_TRANSFORMS)
     )
@@ -176,6 +191,7 @@ class TrainConfig:
     ema_decay: float | None = None
     random_seed: int = 42
     device: str | None = None
+    debug_memory: bool = False  # print (and log) peak host and GPU memory after every epoch
     # torch.compile the model: True, or torch.compile's keyword arguments (e.g. {"mode":
     # "max-autotune"}); the first batches are slow while it compiles.
     compile: bool | dict[str, Any] = False
@@ -194,15 +210,23 @@ class TrainConfig:
     prediction_block_shape: tuple[int, int, int] = (64, 256, 256)  # output voxels held at once
     prediction_encoding: str = "uint8"  # probabilities as uint8 (p * 255) or float16
     prediction_batch_size: int | None = None  # windows per forward pass; None: batch_size
-    process_func: Callable[..., Any] | None = None  # (probabilities block) -> array
+    # Raw transform for prediction windows (the toolkit's key); None: val_raw_value_transforms.
+    value_transforms: Callable[..., Any] | None = None
+    process_func: Callable[..., Any] | None = None  # (one class's block) -> array
+    # What process_func gets: "probabilities" in [0, 1], or "logits" (their inverse sigmoid,
+    # what the toolkit's process_func gets, as the toolkit stores the model's raw output).
+    process_input: str = "probabilities"
     processed_path: str = "predictions/{model_name}_processed"
     # Provenance: the file it came from and the public names csc does not read.
     config_path: str | None = None
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Where a config that leaves search_path at its default looks for data, in order
+    # (search_path is the first that exists); empty when the config sets search_path.
+    search_path_candidates: tuple[str, ...] = ()
 
 
 # Fields that are bookkeeping, not config keys a user sets.
-_INTERNAL_FIELDS = ("config_path", "extras")
+_INTERNAL_FIELDS = ("config_path", "extras", "search_path_candidates")
 CONFIG_KEYS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(TrainConfig) if f.name not in _INTERNAL_FIELDS
 )
@@ -232,16 +256,33 @@ def load_config(
 
 
 def run_config_file(config_path: Path) -> dict[str, Any]:
-    """Execute the file in a fresh namespace with its folder importable; return its globals."""
+    """Execute the file in a fresh namespace with its folder importable and as the working
+    directory (so ``open("classes.txt")`` in it reads its neighbour); return its globals."""
     folder = str(config_path.parent)
     sys.path.insert(0, folder)
     try:
-        return runpy.run_path(str(config_path), run_name="__csc_config__")
+        with config_folder(config_path):
+            return runpy.run_path(str(config_path), run_name="__csc_config__")
     except (Exception, SystemExit) as error:  # sys.exit() in a config is its error too
         raise ConfigFileError(_user_traceback(error, config_path)) from error
     finally:
         if folder in sys.path:
             sys.path.remove(folder)
+
+
+@contextlib.contextmanager
+def config_folder(config_path: str | os.PathLike[str] | None) -> Iterator[None]:
+    """The config file's folder as working directory for the body, as the toolkit runs its
+    configs, and the caller's again afterwards; unchanged for a config without a file."""
+    if config_path is None:
+        yield
+        return
+    previous = os.getcwd()
+    os.chdir(Path(config_path).parent)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def _user_traceback(error: BaseException, config_path: Path) -> str:
@@ -311,7 +352,22 @@ def build_config(
         **kwargs, config_path=str(config_path) if config_path else None, extras=extras
     )
     validate(config)
+    _report_unlisted(config, source=config_path)
     return config
+
+
+def _report_unlisted(config: TrainConfig, *, source: Path | None) -> None:
+    """Warn when use_mutual_exclusion meets classes the classes table does not list: nothing
+    is inferred for them (as in the toolkit), which the user should know."""
+    missing = unlisted(config.classes) if config.use_mutual_exclusion else []
+    if missing:
+        where = f" in {source}" if source else ""
+        warnings.warn(
+            f"use_mutual_exclusion{where}: classes {', '.join(missing)} are not in the classes "
+            f"table ({CLASSES_TABLE}); no absent voxels are inferred for or from them",
+            ConfigWarning,
+            stacklevel=3,
+        )
 
 
 def _report_typos(extras: Mapping[str, Any], *, strict: bool, source: Path | None) -> None:
@@ -414,16 +470,64 @@ def _copy(value: Any) -> Any:
     return value
 
 
+# The outputs that base_experiment_path anchors when the config leaves them at their defaults.
+EXPERIMENT_KEYS = ("model_save_path", "logs_save_path", "datasplit_path")
+
+
 def _resolve_paths(kwargs: dict[str, Any], config_dir: Path) -> dict[str, Any]:
-    """Relative local paths (and templates) become absolute, anchored at the config's folder."""
+    """Relative local paths (and templates) become absolute, anchored at the config's folder,
+    or at base_experiment_path for the outputs (EXPERIMENT_KEYS) the config does not set. A
+    search_path left at its default looks where csc and the toolkit would (`default_search`)."""
+    given = set(kwargs)
+    base = kwargs.get("base_experiment_path")
+    if isinstance(base, os.PathLike):
+        base = kwargs["base_experiment_path"] = os.fspath(base)
+    if isinstance(base, str) and base:
+        base = kwargs["base_experiment_path"] = _anchored(base, config_dir)
     use_s3 = kwargs.get("use_s3", TrainConfig.use_s3)
+    if not use_s3 and _is_default_search_path(kwargs.get("search_path")):
+        kwargs.update(default_search(config_dir))
     for key in PATH_KEYS:
         if key == "search_path" and use_s3:
             continue  # on S3 the search path is relative to the bucket
         value = kwargs.get(key, getattr(TrainConfig, key))
-        if isinstance(value, str) and not is_url(value) and not os.path.isabs(value):
-            kwargs[key] = os.path.normpath(config_dir / os.path.expanduser(value))
+        folder = config_dir
+        if isinstance(base, str) and base and key in EXPERIMENT_KEYS and key not in given:
+            folder = Path(base)
+        if isinstance(value, str):
+            kwargs[key] = _anchored(value, folder)
     return kwargs
+
+
+def _anchored(value: str, folder: Path) -> str:
+    """A relative local path (or template) joined to `folder`; URLs and absolute paths stay."""
+    if is_url(value) or os.path.isabs(value):
+        return value
+    return os.path.normpath(folder / os.path.expanduser(value))
+
+
+def _is_default_search_path(value: Any) -> bool:
+    """Whether a config's search_path is unset or spelled as csc's default (the toolkit's
+    layout below a data folder), which `default_search` then resolves."""
+    return value is None or (
+        isinstance(value, str) and os.path.normpath(value) == os.path.normpath(DEFAULT_SEARCH_PATH)
+    )
+
+
+def default_search(config_dir: Path) -> dict[str, Any]:
+    """Where a config that leaves search_path at its default finds data: ``data/`` next to
+    the config (csc's layout), then ``data/`` one folder up (the toolkit's checkout: configs in
+    ``examples/``, data in ``data/`` beside it). search_path is the first whose data folder
+    exists, else the first; both are kept so that an empty crawl can name every place."""
+    folders = dict.fromkeys((config_dir, config_dir.parent))  # the root is its own parent
+    candidates = tuple(os.path.normpath(folder / DEFAULT_SEARCH_PATH) for folder in folders)
+    found = [c for c in candidates if os.path.isdir(data_root(c))]
+    return {"search_path": (found or candidates)[0], "search_path_candidates": candidates}
+
+
+def data_root(search_path: str) -> str:
+    """The folder a search path template starts in: everything before its first field."""
+    return os.path.dirname(search_path.split("{", 1)[0]) or "."
 
 
 def s3_search_path(search_path: str | None, bucket: str) -> str:
@@ -497,7 +601,8 @@ def _check_counts(config: TrainConfig) -> None:
         raise ValueError(
             f"filter_by_scale must be True/False, a voxel size in nm or one per axis, got {scale!r}"
         )
-    if isinstance(scale, tuple) and len(scale) != len(config.input_array_info.scale):
+    lengths = (2, 3) if config.input_array_info.is_2d else (3,)  # 2: (y, x) of a 2D patch
+    if isinstance(scale, tuple) and len(scale) not in lengths:
         raise ValueError(
             f"filter_by_scale {scale} needs one voxel size (nm) per axis of input_array_info "
             f"{config.input_array_info.scale}, or a single number for all axes"
@@ -532,7 +637,15 @@ def _check_choices(config: TrainConfig) -> None:
     ):
         if isinstance(getattr(config, key), str):
             _require_choice(key, getattr(config, key).lower(), names, hint=" (or a torch object)")
-    for key in ("low_is_best", "use_s3", "weighted_sampler", "weight_loss"):
+    bools = (
+        "low_is_best",
+        "use_s3",
+        "weighted_sampler",
+        "weight_loss",
+        "use_mutual_exclusion",
+        "debug_memory",
+    )
+    for key in bools:
         if not isinstance(getattr(config, key), bool):
             raise ValueError(f"{key} must be True or False, got {getattr(config, key)!r}")
     if not isinstance(config.compile, bool | dict):
@@ -550,8 +663,13 @@ def _check_choices(config: TrainConfig) -> None:
         )
 
 
+# What csc process hands process_func (TrainConfig.process_input).
+PROCESS_INPUTS = ("probabilities", "logits")
+
+
 def _check_prediction(config: TrainConfig) -> None:
     _require_choice("prediction_encoding", config.prediction_encoding, PREDICTION_ENCODINGS)
+    _require_choice("process_input", config.process_input, PROCESS_INPUTS)
     overlap = config.prediction_overlap
     if not _is_number(overlap) or not 0 <= overlap < 1:
         raise ValueError(f"prediction_overlap must be in [0, 1), e.g. 0.25, got {overlap!r}")
@@ -618,6 +736,12 @@ def _check_templates(config: TrainConfig) -> None:
     for key in ("logs_save_path", "datasplit_path", "raw_name", "s3_bucket"):
         if not isinstance(getattr(config, key), str) or not getattr(config, key):
             raise ValueError(f"{key} must be a non-empty string, got {getattr(config, key)!r}")
+    base = config.base_experiment_path
+    if base is not None and (not isinstance(base, str) or not base or is_url(base)):
+        raise ValueError(
+            "base_experiment_path must be a local folder (where checkpoints/, tensorboard/ and "
+            f"datasplit.csv go unless set), or None for the config's folder; got {base!r}"
+        )
 
 
 def _check_spatial_transforms(transforms: Mapping[str, Any] | None) -> None:
@@ -666,6 +790,7 @@ def _check_objects(config: TrainConfig) -> None:
         "train_raw_value_transforms",
         "val_raw_value_transforms",
         "target_value_transforms",
+        "value_transforms",
         "process_func",
     )
     for key in keys:

@@ -24,7 +24,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from csc.config import DEFAULT_SEARCH_PATH, ConfigWarning, TrainConfig, s3_search_path
+from csc.config import (
+    DEFAULT_SEARCH_PATH,
+    ConfigWarning,
+    TrainConfig,
+    data_root,
+    s3_search_path,
+)
 from csc.storage import (
     FINEST,
     S3_RETRY_BUDGET_S,
@@ -98,6 +104,10 @@ class CrawlReport:
     crops: list[DatasplitRow]
     skipped: list[str]
     num_requests: int
+
+
+class NoCropsError(ValueError):
+    """A crawl found no crop with the classes asked for."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -597,9 +607,12 @@ def crawl_scale(config: TrainConfig) -> tuple[float, ...] | None:
     return (float(wanted),)
 
 
-def options_from_config(config: TrainConfig) -> tuple[CrawlOptions, SplitOptions]:
-    """The crawl and split that `csc train` uses when the config's datasplit CSV is missing."""
-    search_path = config.search_path
+def options_from_config(
+    config: TrainConfig, *, search_path: str | None = None
+) -> tuple[CrawlOptions, SplitOptions]:
+    """The crawl and split that `csc train` uses when the config's datasplit CSV is missing;
+    `search_path` (one of its `search_path_candidates`) instead of the config's."""
+    search_path = search_path or config.search_path
     if config.use_s3:
         search_path = s3_search_path(search_path, config.s3_bucket)
     crawl_options = CrawlOptions(
@@ -645,14 +658,44 @@ def ensure_datasplit(config: TrainConfig, *, echo: Callable[[str], None] = print
         check_classes(rows, config, source=path)
         check_raw_name(rows, config, source=path)
         return path
-    crawl_options, split_options = options_from_config(config)
-    rows, report = make_datasplit(crawl_options, split_options)
+    rows, report, crawl_options = crawl_config(config)
     check_classes(rows, config, source=None)
     write_datasplit(rows, path)
     echo(f"wrote datasplit {path} ({summarise(rows)}) from {crawl_options.search_path}")
     for line in report:
         echo(f"skipped {line}")
     return path
+
+
+def crawl_config(config: TrainConfig) -> tuple[list[DatasplitRow], list[str], CrawlOptions]:
+    """The crawl and split of the config's data: the rows, a line per crop left out, and the
+    crawl made. A config that leaves search_path at its default tries each of its
+    `search_path_candidates` in turn; when none holds crops the error names every one."""
+    places = config.search_path_candidates or (config.search_path,)
+    failures: list[tuple[str, Exception]] = []
+    for place in dict.fromkeys((config.search_path, *places)):  # the chosen one first
+        crawl_options, split_options = options_from_config(config, search_path=place)
+        try:
+            rows, report = make_datasplit(crawl_options, split_options)
+        except (NoCropsError, FileNotFoundError) as error:  # nothing there, or no such folder
+            failures.append((place, error))
+            continue
+        return rows, report, crawl_options
+    if len(failures) == 1:
+        raise failures[0][1]
+    looked = "".join(f"\n  {place}: {_failure(place, error)}" for place, error in failures)
+    raise NoCropsError(
+        f"no crops with classes {','.join(config.classes)} found in any place csc looked for "
+        f"the data of {config.config_path or 'the config'} (search_path at its default):{looked}\n"
+        "put the data under one of them (e.g. `csc synth data`, or the challenge's "
+        "fetch-data into data/), or set search_path to where it is"
+    )
+
+
+def _failure(search_path: str, error: Exception) -> str:
+    """Why a crawl of `search_path` found nothing, in a line."""
+    root = data_root(search_path)
+    return f"no folder {root}" if not os.path.isdir(root) else str(error).splitlines()[0]
 
 
 def check_classes(
@@ -732,7 +775,7 @@ def make_datasplit(
     rows, excluded = split(report.crops, crawl_options.classes, split_options)
     if not rows:
         reasons = "".join(f"\n  {line}" for line in report.skipped + excluded)
-        raise ValueError(
+        raise NoCropsError(
             f"no crops with classes {','.join(crawl_options.classes)} found under "
             f"{crawl_options.search_path}; check the search path, crop name and classes{reasons}"
         )

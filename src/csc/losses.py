@@ -245,11 +245,14 @@ def build_loss(
     """A loss from a registry name, a csc or torch loss class, or a loss instance.
 
     `pos_weight` (``(C,)``) goes only to losses whose constructor takes it (``bce``,
-    ``dice_bce``, ``torch.nn.BCEWithLogitsLoss``); a ``pos_weight`` in `criterion_kwargs` wins.
+    ``dice_bce``, ``torch.nn.BCEWithLogitsLoss``); a ``pos_weight`` in `criterion_kwargs` wins,
+    in the toolkit's shape too (``w[:, None, None]``: per class, trailing singleton axes).
     Torch losses are wrapped in `MaskedLoss`. An instance is used as given (a torch one
     wrapped), without `criterion_kwargs` or `pos_weight`.
     """
     kwargs = dict(criterion_kwargs or {})
+    if kwargs.get("pos_weight") is not None:
+        kwargs["pos_weight"] = per_class(kwargs["pos_weight"])
     criterion = check_criterion(criterion, kwargs)
     if isinstance(criterion, nn.Module):
         return criterion if isinstance(criterion, SegmentationLoss) else MaskedLoss(criterion)
@@ -258,6 +261,16 @@ def build_loss(
     if issubclass(criterion, SegmentationLoss):
         return criterion(**kwargs)
     return MaskedLoss(criterion, **kwargs)
+
+
+def per_class(weight: Any) -> Tensor:
+    """A per-class weight as ``(C,)``: the toolkit's ``(C, 1, 1)`` (or ``(C, 1, 1, 1)``) weights
+    classes on the channel axis of ``(B, C, *spatial)``, which `MaskedLoss` moves last. Other
+    shapes stay as given."""
+    tensor = torch.as_tensor(weight, dtype=torch.float32)
+    if tensor.dim() > 1 and all(n == 1 for n in tensor.shape[1:]):
+        return tensor.reshape(-1)
+    return tensor
 
 
 def check_criterion(

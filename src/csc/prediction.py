@@ -143,11 +143,19 @@ def load_predictor(
         block_shape=config.prediction_block_shape,
         precision=config.precision,
         memory_format=memory_format,
-        raw_transform=config.val_raw_value_transforms,
+        raw_transform=prediction_transform(config),
         chunk_cache_mb=config.chunk_cache_mb,
         progress=progress,
         checkpoint=source,
     )
+
+
+def prediction_transform(config: TrainConfig) -> Any:
+    """The raw transform of prediction windows: `value_transforms` (the toolkit's key for
+    it), else validation's `val_raw_value_transforms` (None: csc's default normalisation)."""
+    if config.value_transforms is not None:
+        return config.value_transforms
+    return config.val_raw_value_transforms
 
 
 def orthoplane_specs(spec: PatchSpec) -> list[PatchSpec]:

@@ -3,7 +3,9 @@
 
 `process_func(probabilities) -> array` gets one class's probabilities as float32 in [0, 1],
 (Z, Y, X), one block (`prediction_block_shape`) at a time, and returns an array of the same
-shape (any numeric or bool dtype; bool is stored as uint8).
+shape (any numeric or bool dtype; bool is stored as uint8). With ``process_input = "logits"``
+it gets their logits instead, log(p / (1 - p)) (-inf and inf at 0 and 1), which is what the
+challenge toolkit's process_func gets: the toolkit stores the model's raw outputs.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def process(
                     config.process_func,
                     block_shape=config.prediction_block_shape,
                     progress=progress,
+                    logits=config.process_input == "logits",
                 )
     return targets
 
@@ -126,9 +129,11 @@ def process_array(
     *,
     block_shape: tuple[int, int, int],
     progress: bool = True,
+    logits: bool = False,
 ) -> None:
-    """One class group: `function` over the probabilities of `source`/s0 block by block into
-    `group`/`name`/s0, with the source's OME-NGFF metadata."""
+    """One class group: `function` over the probabilities (or, with `logits`, their logits)
+    of `source`/s0 block by block into `group`/`name`/s0, with the source's OME-NGFF
+    metadata."""
     stored = open_group(str(source), mode="r")
     array = stored["s0"]
     attrs = dict(stored.attrs)
@@ -142,6 +147,8 @@ def process_array(
         parts, desc=f"{source.parent.name}/{name}", unit="block", disable=None if progress else True
     ):
         values = np.asarray(array[box], dtype=np.float32) / np.float32(scale)
+        if logits:
+            values = to_logits(values)
         result = np.asarray(function(values))
         _check_result(result, values, function)
         if result.dtype == bool:
@@ -156,6 +163,12 @@ def process_array(
                 compressor="zstd",
             )
         out[box] = result
+
+
+def to_logits(probabilities: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)), float32: -inf at 0 and inf at 1, where the stored encoding saturated."""
+    with np.errstate(divide="ignore"):
+        return (np.log(probabilities) - np.log1p(-probabilities)).astype(np.float32)
 
 
 def _check_result(result: np.ndarray, values: np.ndarray, function: Callable[..., Any]) -> None:

@@ -36,7 +36,7 @@ from csc.checkpoints import (
     start_run,
     to_safe,
 )
-from csc.config import TrainConfig, format_config, load_config
+from csc.config import TrainConfig, config_folder, format_config, load_config
 from csc.data.datasets import PatchSpec, TrainPatches
 from csc.data.loaders import Loaders, build_loaders, read_crops
 from csc.datasplit import ensure_datasplit
@@ -134,7 +134,8 @@ def train(
     if not isinstance(config, TrainConfig):
         config = load_config(config, overrides, strict=strict)
     place = distributed.from_env()
-    return distributed.report_failure(place)(run_epochs)(config, place)
+    with config_folder(config.config_path):  # the config's code runs where it was written
+        return distributed.report_failure(place)(run_epochs)(config, place)
 
 
 def run_epochs(config: TrainConfig, place: Dist) -> TrainResult:
@@ -160,6 +161,8 @@ def run_epochs(config: TrainConfig, place: Dist) -> TrainResult:
             losses = result.losses[-config.iterations_per_epoch :]
             skipped = run.skipped.in_epoch
             say(epoch_line(epoch, losses, scores, run.throughput, skipped_steps=skipped))
+            if config.debug_memory:
+                say(memory_line(run))
             warn_if_data_bound(run, say)
             result.last_epoch = epoch
             if stop:
@@ -202,6 +205,22 @@ def epoch_line(
             f"{throughput.data_wait_fraction:.0%} waiting for data"
         )
     return line
+
+
+def memory_line(run: Run) -> str:
+    """`debug_memory`: this process's peak memory so far (MiB), logged as memory/* scalars."""
+    import resource  # POSIX only; debug_memory is read nowhere else
+
+    # ru_maxrss: KiB on Linux, bytes on macOS.
+    unit = 1 if sys.platform == "darwin" else 1024
+    peaks = {"memory/host_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit}
+    if run.device.type == "cuda":
+        peaks["memory/gpu_allocated_peak_mib"] = torch.cuda.max_memory_allocated(run.device)
+        peaks["memory/gpu_reserved_peak_mib"] = torch.cuda.max_memory_reserved(run.device)
+    mib = {key: value / 2**20 for key, value in peaks.items()}
+    run.tracker.log(mib, run.global_step)
+    parts = (f"{key.removeprefix('memory/')} {value:.0f}" for key, value in mib.items())
+    return "memory (MiB): " + ", ".join(parts)
 
 
 def warn_if_data_bound(run: Run, say: Any) -> None:

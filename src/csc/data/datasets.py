@@ -99,10 +99,8 @@ class PatchSpec:
 
 
 def _grid(info: ArrayInfo) -> Grid:
-    """A (z, y, x) grid for a config shape; a 2-element (y, x) shape gets a singleton z."""
+    """The (z, y, x) grid of a config shape (a 2-element one is (1, y, x) by now: ArrayInfo)."""
     shape, scale = tuple(int(s) for s in info.shape), tuple(float(s) for s in info.scale)
-    if len(shape) == 2 and len(scale) == 2:
-        return Grid((1, *shape), (scale[0], *scale))
     if len(shape) != 3 or len(scale) != 3:
         raise ValueError(f"a patch has 2 or 3 axes, got shape {shape} and scale {scale}")
     return Grid(shape, scale)
@@ -135,6 +133,7 @@ class PatchDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
         target_transform: Transform | None = None,
         chunk_cache_mb: int = DEFAULT_CHUNK_CACHE_MB,
         crop_cache_mb: int = DEFAULT_CROP_CACHE_MB,
+        exclusions: Sequence[Sequence[int]] | None = None,
     ) -> None:
         if not crops:
             raise ValueError("no crops to sample from")
@@ -142,6 +141,9 @@ class PatchDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
         self.spec = spec
         self.raw_transform = raw_transform
         self.target_transform = target_transform
+        # Per class, the classes that exclude it (`csc.manifests.classes`): where one of them
+        # is present, a class its crop does not annotate is known absent. None: no inference.
+        self.exclusions = exclusions
         self.chunk_cache_mb = chunk_cache_mb
         self.crop_cache_mb = crop_cache_mb
         self._regions: dict[tuple[int, str], _RegionState] = {}
@@ -415,6 +417,18 @@ class PatchDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
             missing -= set(classes)
         for k in missing:
             out[k] = np.nan
+        if self.exclusions is not None:
+            self._infer_absent(missing, out)
+
+    def _infer_absent(self, missing: set[int], out: np.ndarray) -> None:
+        """0 for each unannotated class of `missing` where an annotated class that excludes
+        it is present (target > 0, as the toolkit's inference reads it); NaN stays elsewhere."""
+        assert self.exclusions is not None
+        for k in sorted(missing):
+            for j in self.exclusions[k]:
+                if j not in missing:
+                    with np.errstate(invalid="ignore"):  # NaN (not annotated) is not present
+                        out[k][out[j] > 0] = 0
 
     def _target(
         self,

@@ -27,6 +27,7 @@ from csc.data.datasets import (
 )
 from csc.data.sources import DataWarning
 from csc.datasplit import DatasplitRow, read_datasplit, s3_options
+from csc.manifests.classes import exclusions
 from csc.storage import (
     ArraySource,
     MetadataReader,
@@ -290,6 +291,7 @@ def build_datasets(
         "chunk_cache_mb": config.chunk_cache_mb,
         "crop_cache_mb": config.crop_cache_mb,
         "target_transform": config.target_value_transforms,
+        "exclusions": exclusions(config.classes) if config.use_mutual_exclusion else None,
     }
     train_set = TrainPatches(
         train,
