@@ -266,9 +266,7 @@ def test_toolkit_crop_lists_and_templates(config_file: Path) -> None:
     assert "Error: --crops test (the challenge's test crops) is not supported yet" in test.output
     assert invoke("process", config, "--crops", "crop1,test").exit_code == 1
     layout = invoke("predict", config, "-o", "out/{crop}")
-    assert (
-        layout.exit_code == 2 and "csc's layout is ROOT/{dataset}.zarr/{crop}" in layout.output
-    )
+    assert layout.exit_code == 2 and "csc's layout is ROOT/{dataset}.zarr/{crop}" in layout.output
     both = invoke("predict", config, "--orthoplanes", "-so")
     assert both.exit_code == 2 and "contradict" in both.output
     unknown = invoke("predict", config, "-c", "99")

@@ -325,9 +325,9 @@ def _crawled_rows(config: Any, locations: dict[str, str | None]) -> Any:
     read from the datasplit CSV; None when none is given."""
     if all(value is None for value in locations.values()):
         return None
-    from csc.datasplit import crawl, options_from_config
+    from csc.datasplit import crawl_config
 
-    return crawl(options_from_config(config)[0]).crops
+    return crawl_config(config)[0]
 
 
 @cli.command()

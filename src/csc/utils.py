@@ -39,10 +39,9 @@ from csc.datasplit import (
     CrawlOptions,
     DatasplitRow,
     SplitOptions,
-    crawl,
+    crawl_config,
     format_rows,
     make_datasplit,
-    options_from_config,
     summarise,
     write_datasplit,
 )
@@ -411,7 +410,7 @@ def predict(
     config = with_paths(config, changes)
     rows = None
     if set(changes) & set(searched) or not Path(config.datasplit_path).is_file():
-        rows = crawl(options_from_config(config)[0]).crops
+        rows = crawl_config(config)[0]
     orthoplanes = do_orthoplanes and config.input_array_info.is_2d
     # Imported here: csc.utils stays free of torch, for the command line's --help.
     from csc.prediction import predict as csc_predict
