@@ -12,7 +12,7 @@ from typing import Any
 from csc.models.registry import MODELS, build_model, check_input_shape
 from csc.models.resnet import ResidualNet, ResNet
 from csc.models.unet import UNet, UNet_2D, UNet_3D
-from csc.models.vit import ViTVNet
+from csc.models.vit import ViTNet, ViTVNet
 
 # The challenge toolkit's names for loading checkpoints, kept here at the compatibility
 # boundary. They live in csc.checkpoints, which imports csc.models to rebuild a model, so they
@@ -26,6 +26,7 @@ __all__ = [
     "UNet",
     "UNet_2D",
     "UNet_3D",
+    "ViTNet",
     "ViTVNet",
     "build_model",
     "check_input_shape",
