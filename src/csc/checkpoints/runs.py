@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from csc.checkpoints.reading import (
+    EXTRAS,
     Resumed,
     best_path,
     find_checkpoints,
@@ -230,7 +231,8 @@ def _refuse_existing_run(config: TrainConfig, resumed: Resumed | None) -> None:
     checkpoints, logs = _existing_files(config)
     if not checkpoints and not logs:
         return
-    folders = sorted({str(path.parent) for path in checkpoints})
+    owners = (p.parent.parent if p.parent.name == EXTRAS else p.parent for p in checkpoints)
+    folders = sorted({str(folder) for folder in owners})  # csc-extras counts as its folder
     folders += [str(log_dir(config))] if logs else []
     files = checkpoints + logs
     shown = ", ".join(path.name for path in files[:3])

@@ -330,11 +330,10 @@ class ViTNet(nn.Module):
         self.decoder = Decoder(
             self.ndim, hidden_size, bridge, skip_channels, decoder, grid=grid, norm=norm
         )
-        self.reg_head = nn.Sequential(
-            layers_for(self.ndim).conv(decoder[-1], out_channels, 3, padding=1)
-        )
-        nn.init.normal_(self.reg_head[0].weight, std=1e-5)
-        nn.init.zeros_(self.reg_head[0].bias)
+        head = layers_for(self.ndim).conv(decoder[-1], out_channels, 3, padding=1)
+        nn.init.normal_(head.weight, std=1e-5)  # the toolkit's: logits start near 0
+        nn.init.zeros_(head.bias)
+        self.reg_head = nn.Sequential(head)
 
     def _check(
         self,
@@ -378,8 +377,9 @@ class ViTNet(nn.Module):
     @property
     def attention_weights(self) -> list[torch.Tensor]:
         """Each block's last attention probabilities (B, heads, N, N); built with ``vis``."""
-        blocks = self.transformer.encoder.layer
-        return [w for block in blocks if (w := block.get_submodule("attn").weights) is not None]
+        attentions = [block.get_submodule("attn") for block in self.transformer.encoder.layer]
+        weights = [getattr(attention, "weights", None) for attention in attentions]
+        return [w for w in weights if isinstance(w, torch.Tensor)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, in_channels, *img_size)
