@@ -19,7 +19,6 @@ from csc.models.layers import (
     check_choice,
     check_positive,
     conv_bias,
-    conv_norm_act_layers,
     layers_for,
     make_activation,
     make_norm,
@@ -111,38 +110,42 @@ class ResidualNet(nn.Module):
         check_choice("padding_type", padding_type, PADDING_TYPES)
         check_choice("activation", activation, list(ACTIVATIONS))
         self.ndim, self.ngf, self.n_downsampling = ndim, ngf, n_downsampling
+        self.norm, self.activation = norm, activation
         widths = [ngf * 2**level for level in range(n_downsampling + 1)]
-        bias, pairs = conv_bias(norm), list(itertools.pairwise(widths))
-        act = {"norm": norm, "activation": activation, "inplace": False}
-        stem = padded_conv(ndim, in_channels, ngf, 7, padding_type=padding_type, bias=bias)
+        pairs = list(itertools.pairwise(widths))
+        stem = padded_conv(
+            ndim, in_channels, ngf, 7, padding_type=padding_type, bias=conv_bias(norm)
+        )
         stem += [make_norm(norm, ndim, ngf), make_activation(activation)]
         downs = [
-            layer
-            for narrow, wide in pairs
-            for layer in conv_norm_act_layers(ndim, narrow, wide, stride=2, padding=1, **act)
+            layer for narrow, wide in pairs for layer in self._resample(narrow, wide, up=False)
         ]
         options = {"use_dropout": use_dropout, "padding_type": padding_type}
         blocks = [
             ResidualBlock(ndim, widths[-1], norm=norm, activation=activation, **options)
             for _ in range(n_blocks)
         ]
-        ups = [layer for narrow, wide in reversed(pairs) for layer in self._up(wide, narrow, act)]
+        ups = [
+            layer
+            for narrow, wide in reversed(pairs)
+            for layer in self._resample(wide, narrow, up=True)
+        ]
         head = padded_conv(ndim, ngf, out_channels, 7, padding_type=padding_type, bias=True)
         self.model = nn.Sequential(*stem, *downs, *blocks, *ups, *head)
 
-    def _up(self, in_channels: int, out_channels: int, act: dict[str, Any]) -> list[nn.Module]:
-        """2x transposed conv (3-wide, so output = 2 * input exactly), norm, activation."""
-        conv = layers_for(self.ndim).conv_transpose(
-            in_channels,
-            out_channels,
-            3,
-            stride=2,
-            padding=1,
-            output_padding=1,
-            bias=conv_bias(act["norm"]),
-        )
-        norm = make_norm(act["norm"], self.ndim, out_channels)
-        return [conv, norm, make_activation(act["activation"])]
+    def _resample(self, in_channels: int, out_channels: int, *, up: bool) -> list[nn.Module]:
+        """A 3-wide stride-2 conv (down 2x) or transposed conv (``up``: exactly 2x the input),
+        then norm and activation."""
+        layers, bias = layers_for(self.ndim), conv_bias(self.norm)
+        conv: nn.Module
+        if not up:
+            conv = layers.conv(in_channels, out_channels, 3, stride=2, padding=1, bias=bias)
+        else:
+            conv = layers.conv_transpose(
+                in_channels, out_channels, 3, stride=2, padding=1, output_padding=1, bias=bias
+            )
+        norm = make_norm(self.norm, self.ndim, out_channels)
+        return [conv, norm, make_activation(self.activation)]
 
     @property
     def divisor(self) -> int:
