@@ -152,6 +152,8 @@ def test_resnet_takes_the_toolkits_arguments() -> None:
     assert "model.9.conv_block.4.weight" in keys  # after the dropout
     leaky = ResNet(2, output_nc=1, ngf=4, n_blocks=0, activation=nn.LeakyReLU)
     assert isinstance(leaky.model[3], nn.LeakyReLU)
+    same = ResNet(2, output_nc=1, ngf=4, n_blocks=0, padding_type="Same")
+    assert isinstance(same.model[0], nn.ReflectionPad2d)
     with pytest.raises(ValueError, match="padding_type='valid'"):
         ResNet(2, padding_type="valid")
     with pytest.raises(ValueError, match=r"norm_layer .* is not one csc builds"):

@@ -187,7 +187,8 @@ class ResNet(ResidualNet):
     ``ndims``, ``input_nc`` and ``output_nc`` (None: ``ngf``, as the toolkit) are its
     ``ndim``, ``in_channels`` and ``out_channels``; ``norm_layer`` (a torch BatchNorm or
     InstanceNorm class) and ``activation`` (a torch activation class) map to csc's names;
-    the other keyword arguments (``ngf``, ``n_blocks``, ``padding_type``, ...) pass through.
+    the other keyword arguments (``ngf``, ``n_blocks``, ``padding_type``, ...) pass through
+    (``padding_type`` in any case; "same" is "reflect", as in the toolkit).
     """
 
     def __init__(
@@ -199,6 +200,9 @@ class ResNet(ResidualNet):
         activation: Any = nn.ReLU,
         **options: Any,
     ) -> None:
+        if isinstance(options.get("padding_type"), str):  # the toolkit's: any case, "same"
+            padding = options["padding_type"].lower()
+            options["padding_type"] = "reflect" if padding == "same" else padding
         if options.get("padding_type") == "valid":
             raise ValueError(
                 "padding_type='valid' shrinks the output below the input, which csc's "
