@@ -9,7 +9,7 @@ The module names give the toolkit's state_dict keys (``transformer.embeddings.hy
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -426,7 +426,7 @@ def vit_options(config: str | Mapping[str, Any] | Any) -> dict[str, Any]:
     return options
 
 
-def _check_toolkit_layout(field: Any, options: Mapping[str, Any]) -> None:
+def _check_toolkit_layout(field: Callable[[str], Any], options: Mapping[str, Any]) -> None:
     """ValueError unless the config's skips are the ones csc's `ViTNet` builds."""
     widths = list(options["encoder_channels"])
     num_pools = int(math.log2(options["patch_size"])) - 1
