@@ -16,7 +16,11 @@ import torch
 from torch import nn
 
 from csc.checkpoints import load_weights, save_checkpoint
+from csc.config import build_config
 from csc.models import ResNet, UNet, UNet_2D, UNet_3D, ViTVNet, check_input_shape
+from csc.synth import write_synthetic
+from csc.training import train
+from tests.test_train import SPEC, settings
 
 TOOLKIT = json.loads((Path(__file__).parent / "data" / "toolkit_models.json").read_text())
 # models.json's entries by the call that built them, and csc's equivalent call.
@@ -178,3 +182,31 @@ def test_vitvnet_takes_positional_arguments_and_a_config() -> None:
         ViTVNet(2, {**config, "n_skip": 4}, (32, 32, 32), **tiny)
     with pytest.raises(ValueError, match="unknown ViTVNet config 'R50'"):
         ViTVNet(2, "R50")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("toolkit-data")
+    write_synthetic(out, SPEC)
+    return out
+
+
+@pytest.mark.slow
+def test_csc_training_fine_tunes_a_toolkit_checkpoint_and_saves_toolkit_keys(
+    data: Path, tmp_path: Path
+) -> None:
+    """A config's own `UNet_2D` with ``model_to_load`` naming the toolkit's file: csc trains
+    on from its weights and writes weights the toolkit's class loads strictly."""
+    entry = TOOLKIT["models"]["UNet_2D(1, 3)"]
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    torch.save(toolkit_state(entry, seed=0), folder / "toolkit_unet_5.pth")
+    overrides = {"model_name": "tuned", "model_to_load": "toolkit_unet", "epochs": 1}
+    config = build_config(settings(data, tmp_path, model=UNet_2D(1, 3), **overrides))
+    result = train(config)
+    assert (result.first_epoch, result.last_epoch) == (1, 1)  # a fine-tune: epochs from 1
+    written = torch.load(folder / "tuned_1.pth", weights_only=True)
+    assert layout(written) == expected_layout(entry)
+    UNet_2D(1, 3).load_state_dict(written)  # strict
+    started = torch.load(folder / "toolkit_unet_5.pth", weights_only=True)
+    assert not torch.equal(written["outc.conv.weight"], started["outc.conv.weight"])
