@@ -20,6 +20,7 @@ from csc.checkpoints.reading import (
     legacy_best_path,
     legacy_state_path,
     load_for_resume,
+    model_path,
     state_files,
     state_path,
     template_files,
@@ -139,11 +140,10 @@ def move_legacy_files(template: str, model_name: str) -> list[Path]:
     the toolkit's loaders read them as epochs) into ``csc-extras``; return the new paths.
     A file whose new place is taken already stays where it is."""
     moved = []
-    legacy_best = legacy_best_path(template, model_name)
-    pairs = [(legacy_best, best_path(template, model_name))]
-    for path in find_checkpoints(template, model_name).values():
-        pairs.append((legacy_state_path(path), state_path(path)))
-    pairs.append((legacy_state_path(legacy_best), state_path(best_path(template, model_name))))
+    pairs = [(legacy_best_path(template, model_name), best_path(template, model_name))]
+    states = legacy_state_path(Path(template.replace("{model_name}", model_name)))
+    for _, state in template_files(str(states), {"epoch": "[0-9]+|best"}):
+        pairs.append((state, state_path(model_path(state))))  # also of unfinished epochs
     for old, new in pairs:
         if old.is_file() and not new.exists():
             new.parent.mkdir(parents=True, exist_ok=True)
