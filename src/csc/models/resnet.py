@@ -120,9 +120,15 @@ class ResidualNet(nn.Module):
         downs = [
             layer for narrow, wide in pairs for layer in self._resample(narrow, wide, up=False)
         ]
-        options = {"use_dropout": use_dropout, "padding_type": padding_type}
         blocks = [
-            ResidualBlock(ndim, widths[-1], norm=norm, activation=activation, **options)
+            ResidualBlock(
+                ndim,
+                widths[-1],
+                norm=norm,
+                use_dropout=use_dropout,
+                padding_type=padding_type,
+                activation=activation,
+            )
             for _ in range(n_blocks)
         ]
         ups = [

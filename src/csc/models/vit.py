@@ -332,7 +332,8 @@ class ViTNet(nn.Module):
         )
         head = layers_for(self.ndim).conv(decoder[-1], out_channels, 3, padding=1)
         nn.init.normal_(head.weight, std=1e-5)  # the toolkit's: logits start near 0
-        nn.init.zeros_(head.bias)
+        if head.bias is not None:  # always: the conv is built with a bias
+            nn.init.zeros_(head.bias)
         self.reg_head = nn.Sequential(head)
 
     def _check(
