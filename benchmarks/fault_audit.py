@@ -82,9 +82,9 @@ FRESH = (
 # A resumed run rewrites its own best copy and drops the training state of epochs before the
 # last two (its own documented housekeeping: the weights stay).
 RESUME_REWRITES = (
-    "checkpoints/2d_unet_best.pth",
-    "checkpoints/2d_unet_best.state.pth",
-    "checkpoints/2d_unet_1.state.pth",
+    "checkpoints/csc-extras/2d_unet_best.pth",
+    "checkpoints/csc-extras/2d_unet_best.state.pth",
+    "checkpoints/csc-extras/2d_unet_1.state.pth",
 )
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import random
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -19,11 +21,19 @@ from csc.checkpoints import (
     CheckpointReadError,
     CheckpointWarning,
     best_epoch,
+    drop_old_states,
     find_checkpoints,
+    get_best_val_epoch,
+    get_latest_checkpoint_epoch,
+    get_model,
+    legacy_state_path,
+    link_best,
     load_best_val,
     load_for_resume,
     load_latest,
     load_model,
+    load_weights,
+    model_path,
     prune_checkpoints,
     read_run,
     rng_state,
@@ -83,6 +93,11 @@ def save_epochs(template: str, epochs: Sequence[int]) -> dict[int, nn.Module]:
     return models
 
 
+def files_under(folder: Path) -> list[str]:
+    """Every file below `folder`, as sorted relative paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
 def same_weights(model: nn.Module, expected: nn.Module) -> bool:
     ours, theirs = model.state_dict(), expected.state_dict()
     return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -97,7 +112,7 @@ def test_save_writes_weights_only_files(template: str) -> None:
         model.state_dict(), train_state(model, 3), template=template, model_name=NAME, epoch=3
     )
     assert path == Path(template).parent / "2d_unet_3.pth"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["2d_unet_3.pth", "2d_unet_3.state.pth"]
+    assert files_under(path.parent) == ["2d_unet_3.pth", "csc-extras/2d_unet_3.state.pth"]
     weights = torch.load(path, weights_only=True)
     loaded = tiny_model(seed=1)
     loaded.load_state_dict(weights)  # a plain state_dict
@@ -114,14 +129,19 @@ def test_save_writes_weights_only_files(template: str) -> None:
 def test_save_best_writes_best_copy(template: str) -> None:
     model = tiny_model(seed=0)
     path = save_best(model.state_dict(), {"epoch": 4}, template=template, model_name=NAME)
-    assert path.name == "2d_unet_best.pth" and state_path(path).name == "2d_unet_best.state.pth"
+    folder = Path(template).parent / "csc-extras"
+    assert path == folder / "2d_unet_best.pth"
+    assert state_path(path) == folder / "2d_unet_best.state.pth"
     assert torch.load(state_path(path), weights_only=True) == {"epoch": 4}
     assert find_checkpoints(template, NAME) == {}  # the best copy is not an epoch
 
 
 def test_state_path() -> None:
-    assert state_path(Path("out/2d_unet_3.pth")) == Path("out/2d_unet_3.state.pth")
-    assert state_path(Path("out/2d_unet_3.pt")) == Path("out/2d_unet_3.pt.state")
+    assert state_path(Path("out/2d_unet_3.pth")) == Path("out/csc-extras/2d_unet_3.state.pth")
+    assert state_path(Path("out/2d_unet_3.pt")) == Path("out/csc-extras/2d_unet_3.pt.state")
+    assert legacy_state_path(Path("out/2d_unet_3.pth")) == Path("out/2d_unet_3.state.pth")
+    assert model_path(Path("out/csc-extras/2d_unet_3.state.pth")) == Path("out/2d_unet_3.pth")
+    assert model_path(Path("out/2d_unet_3.state.pth")) == Path("out/2d_unet_3.pth")
 
 
 def test_to_safe_keeps_only_plain_data(tmp_path: Path) -> None:
@@ -172,7 +192,7 @@ def test_failed_write_leaves_previous_checkpoints(
     with pytest.raises(OSError, match="disk full"):
         save_epochs(template, [2])
     monkeypatch.undo()
-    assert sorted(p.name for p in folder.iterdir()) == ["2d_unet_1.pth", "2d_unet_1.state.pth"]
+    assert files_under(folder) == ["2d_unet_1.pth", "csc-extras/2d_unet_1.state.pth"]
     model = tiny_model(seed=5)
     assert load_latest(template.replace("{model_name}", NAME), model) == 1
     assert same_weights(model, models[1])
@@ -347,7 +367,8 @@ def test_prune_keeps_last_epochs_and_best(template: str) -> None:
         f"2d_unet_{e}{suffix}" for e in (1, 3, 4) for suffix in (".pth", ".state.pth")
     )
     assert list(find_checkpoints(template, NAME)) == [2, 5, 6]
-    assert (folder / "2d_unet_best.pth").exists() and (folder / "2d_unet_5.state.pth").exists()
+    extras = folder / "csc-extras"
+    assert (extras / "2d_unet_best.pth").exists() and (extras / "2d_unet_5.state.pth").exists()
 
 
 # --- Best epoch from TensorBoard logs ---------------------------------------------------
@@ -435,3 +456,122 @@ def test_missing_best_checkpoint_is_a_clear_error(template: str, tmp_path: Path)
         load_best_val(
             str(tmp_path / "logs"), template.replace("{model_name}", NAME), tiny_model(seed=0)
         )
+
+
+# --- The toolkit's loaders and file names --------------------------------------------------
+
+
+def toolkit_latest_epoch(pattern: str, model_name: str) -> int | None:
+    """What the toolkit's latest loader does: int() of what follows ``{model_name}_`` in every
+    file matching its wildcard (measured to crash on ``2d_unet_best.pth``)."""
+    epochs = [int(Path(p).stem.removeprefix(f"{model_name}_")) for p in glob.glob(pattern)]
+    return max(epochs, default=None)
+
+
+def test_toolkit_wildcards_match_only_model_files(template: str) -> None:
+    save_epochs(template, [1, 2, 3])
+    link_best(template=template, model_name=NAME, epoch=2)
+    folder = Path(template).parent
+    assert toolkit_latest_epoch(str(folder / f"{NAME}_*.pth"), NAME) == 3
+    assert sorted(p.name for p in folder.glob("*.pth")) == [f"{NAME}_{e}.pth" for e in (1, 2, 3)]
+    assert (folder / "csc-extras" / f"{NAME}_best.pth").samefile(folder / f"{NAME}_2.pth")
+
+
+def test_load_latest_takes_the_toolkits_wildcard(template: str) -> None:
+    models = save_epochs(template, [1, 2, 10])
+    folder = Path(template).parent
+    for legacy in ("2d_unet_best.pth", "2d_unet_10.state.pth", ".2d_unet_11.pth.1a2b3c4d.tmp"):
+        (folder / legacy).write_bytes(b"")  # an earlier csc's names: not epochs
+    for pattern in (f"{folder}/2d_unet_*.pth", f"{folder}/*.pth", f"{folder}/*"):
+        model = tiny_model(seed=0)
+        assert load_latest(pattern, model) == 10, pattern
+        assert same_weights(model, models[10])
+    assert get_latest_checkpoint_epoch(f"{folder}/2d_unet_*.pth") == 10
+    assert get_latest_checkpoint_epoch(template.replace("{model_name}", NAME)) == 10
+    assert get_latest_checkpoint_epoch(f"{folder}/other_*.pth") is None
+
+
+def test_wildcard_over_several_runs_takes_the_newest_run(template: str) -> None:
+    save_epochs(template, [1, 2, 3])
+    other = tiny_model(seed=7)
+    save_checkpoint(other.state_dict(), None, template=template, model_name="other", epoch=1)
+    for epoch in (1, 2, 3):  # 2d_unet's files are older than other_1.pth
+        os.utime(Path(template.format(model_name=NAME, epoch=epoch)), (1e9, 1e9))
+    model = tiny_model(seed=0)
+    assert load_latest(f"{Path(template).parent}/*.pth", model) == 1
+    assert same_weights(model, other)
+
+
+def test_load_best_val_takes_low_is_best_positionally(template: str, tmp_path: Path) -> None:
+    models = save_epochs(template, [1, 2, 3])
+    log_dir = tmp_path / "tensorboard" / NAME
+    write_log(log_dir, [0.2, 0.9, 0.5], epochs=[1, 2, 3])
+    model = tiny_model(seed=0)
+    assert load_best_val(str(log_dir), template.replace("{model_name}", NAME), model, False) == 2
+    assert same_weights(model, models[2])
+    assert get_best_val_epoch(str(log_dir)) == 1
+    assert get_best_val_epoch(str(log_dir), False, 1) == 2
+
+
+def test_get_model_loads_what_load_model_names(template: str, tmp_path: Path) -> None:
+    models = save_epochs(template, [1, 2, 3])
+    write_log(tmp_path / "tensorboard" / NAME, [0.5, 0.1, 0.9], epochs=[1, 2, 3])
+    paths = {
+        "model_name": NAME,
+        "model_save_path": template,
+        "logs_save_path": str(tmp_path / "tensorboard" / "{model_name}"),
+    }
+    for load_model_, epoch in (("latest", 3), ("best", 2), (None, 0)):
+        config = types.SimpleNamespace(model=tiny_model(seed=0), load_model=load_model_, **paths)
+        assert get_model(config) == epoch
+        assert epoch == 0 or same_weights(config.model, models[epoch])
+    fresh = types.SimpleNamespace(model=tiny_model(seed=0), base_experiment_path=tmp_path / "new")
+    assert get_model(fresh) == 0  # nothing saved yet under the toolkit's default paths
+    with pytest.raises(ValueError, match=r"get_model needs config\.model"):
+        get_model(TrainConfig())
+
+
+def test_an_earlier_csc_layout_is_read(template: str) -> None:
+    """States and best beside the model files (csc before csc-extras) still resume."""
+    models = save_epochs(template, [1, 2])
+    folder = Path(template).parent
+    for epoch in (1, 2):  # back to the earlier layout
+        state = state_path(folder / f"{NAME}_{epoch}.pth")
+        state.rename(legacy_state_path(folder / f"{NAME}_{epoch}.pth"))
+    resumed = load_for_resume(TrainConfig(model_save_path=template, load_model="latest"))
+    assert resumed is not None and resumed.epoch == 2 and resumed.train_state is not None
+    assert resumed.train_state["epoch"] == 2
+    model = tiny_model(seed=0)
+    load_weights(model, resumed.model_state)
+    assert same_weights(model, models[2])
+    assert drop_old_states(template, NAME, best_epoch=None, keep=1) == [
+        folder / f"{NAME}_1.state.pth"
+    ]
+
+
+def test_a_unet_saved_with_csc_earlier_layer_names_loads() -> None:
+    """csc's UNet before it took the toolkit's names: encoders/decoders/head, renamed."""
+    torch.manual_seed(0)
+    model = UNet(2, 1, 2, base_channels=2, num_levels=2).eval()
+    renames = {  # the module paths now -> then (csc's UNet until the toolkit's names)
+        "inc.double_conv.": "encoders.0.",
+        "down1.maxpool_conv.1.double_conv.": "encoders.1.",
+        "down2.maxpool_conv.1.double_conv.": "encoders.2.",
+        "up1.up.": "decoders.0.up.",
+        "up1.conv.double_conv.": "decoders.0.conv.",
+        "up2.up.": "decoders.1.up.",
+        "up2.conv.double_conv.": "decoders.1.conv.",
+        "outc.conv.": "head.",
+    }
+    old = {}
+    for key, value in model.state_dict().items():
+        prefix = next(p for p in renames if key.startswith(p))
+        rest = key.removeprefix(prefix)
+        if prefix.endswith("double_conv."):  # index 0, 1 | 3, 4 -> "0.0", "0.1" | "1.0", "1.1"
+            index, rest = rest.split(".", 1)
+            rest = f"{int(index) // 3}.{int(index) % 3}.{rest}"
+        old[renames[prefix] + rest] = value
+    assert {"encoders.1.1.1.running_var", "decoders.1.conv.0.0.weight", "head.bias"} <= set(old)
+    loaded = UNet(2, 1, 2, base_channels=2, num_levels=2).eval()
+    load_weights(loaded, old)
+    assert same_weights(loaded, model)

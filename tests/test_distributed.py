@@ -135,9 +135,11 @@ def test_two_ranks_train_log_once_reduce_validation_and_resume(data: Path, tmp_p
     # One writer: one event file, one set of checkpoints, one line per epoch.
     log_dir = tmp_path / "tensorboard/recording"
     assert len(list(log_dir.iterdir())) == 1
-    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    expected = [f"recording_{e}{s}.pth" for e in ("1", "2") for s in ("", ".state")]
-    assert names == [*expected, "recording_best.pth"]  # best: a link to the best epoch's file
+    folder = tmp_path / "checkpoints"
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    expected = ["recording_1.pth", "recording_2.pth"]
+    expected += [f"csc-extras/recording_{e}.state.pth" for e in ("1", "2")]
+    assert names == sorted([*expected, "csc-extras/recording_best.pth"])  # best: a link
     assert done.stdout.count("epoch 1: training loss") == 1
     assert done.stdout.count("trained epochs 1-2") == 1
     assert "samples/s" in done.stdout and "waiting for data" in done.stdout

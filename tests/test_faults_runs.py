@@ -181,8 +181,12 @@ def test_a_fresh_start_can_move_the_old_run_aside_whole(data: Path, run: Path) -
         else:
             assert digest(run / name) == sha, name
     names = sorted(p.name for p in (run / "checkpoints").glob("2d_unet_*"))
-    assert names == ["2d_unet_1.pth", "2d_unet_1.state.pth", "2d_unet_best.pth"]
-    assert (run / "checkpoints/2d_unet_best.pth").samefile(run / "checkpoints/2d_unet_1.pth")
+    assert names == ["2d_unet_1.pth"]
+    extras = sorted(p.name for p in (run / "checkpoints/csc-extras").iterdir())
+    assert extras == ["2d_unet_1.state.pth", "2d_unet_best.pth"]
+    assert (run / "checkpoints/csc-extras/2d_unet_best.pth").samefile(
+        run / "checkpoints/2d_unet_1.pth"
+    )
     assert len(list((run / "tensorboard/2d_unet").iterdir())) == 1
     assert [step for step, _ in read_scalars(run / "tensorboard/2d_unet", "loss")] == [1, 2]
 
@@ -209,8 +213,9 @@ def test_logs_without_checkpoints_are_moved_aside_whole(data: Path, run: Path) -
 def test_resuming_the_best_epoch_refuses_to_overwrite_later_epochs(data: Path, run: Path) -> None:
     best = best_epoch(run / "tensorboard/2d_unet")
     assert best is not None
-    for suffix in (".pth", ".state.pth"):  # a later epoch than any best
-        shutil.copy(run / f"checkpoints/2d_unet_3{suffix}", run / f"checkpoints/2d_unet_4{suffix}")
+    folder = run / "checkpoints"
+    for epoch_3 in (folder / "2d_unet_3.pth", state_path(folder / "2d_unet_3.pth")):
+        shutil.copy(epoch_3, str(epoch_3).replace("_3.", "_4."))  # a later epoch than any best
     config = write_config(data, run)
     before = snapshot(run)
     line = error_line(csc_train(config, "epochs=1", "load_model='best'"))
@@ -228,15 +233,15 @@ def test_a_stale_best_is_repaired_from_the_states_best_epoch(data: Path, run: Pa
     folder = run / "checkpoints"
     best = torch.load(state_path(folder / "2d_unet_3.pth"), weights_only=True)["best_epoch"]
     other = next(e for e in (1, 2, 3) if e != best)
-    shutil.copy(folder / f"2d_unet_{other}.pth", folder / "2d_unet_best.pth")  # stale
+    best_file = folder / "csc-extras/2d_unet_best.pth"
+    shutil.copy(folder / f"2d_unet_{other}.pth", best_file)  # stale
     before = snapshot(run)
     start = start_run(build_config(settings(data, run)))
     assert start.resumed is not None and start.resumed.epoch == 3
-    assert any(
-        f"{folder / '2d_unet_best.pth'} did not hold the best epoch" in n for n in start.notes
-    ), start.notes
-    assert digest(folder / "2d_unet_best.pth") == digest(folder / f"2d_unet_{best}.pth")
-    assert_unchanged({k: v for k, v in before.items() if k != "checkpoints/2d_unet_best.pth"}, run)
+    assert any(f"{best_file} did not hold the best epoch" in n for n in start.notes), start.notes
+    assert digest(best_file) == digest(folder / f"2d_unet_{best}.pth")
+    changed = "checkpoints/csc-extras/2d_unet_best.pth"
+    assert_unchanged({k: v for k, v in before.items() if k != changed}, run)
 
 
 def test_orphan_temporary_files_of_the_run_are_removed_at_the_next_start(
@@ -245,7 +250,9 @@ def test_orphan_temporary_files_of_the_run_are_removed_at_the_next_start(
     folder = run / "checkpoints"
     orphans = [
         ".2d_unet_4.pth.1a2b3c4d.tmp",
-        ".2d_unet_4.state.pth.deadbeef.tmp",
+        "csc-extras/.2d_unet_4.state.pth.deadbeef.tmp",
+        "csc-extras/.2d_unet_best.pth.0badf00d.tmp",
+        ".2d_unet_4.state.pth.deadbeef.tmp",  # where an earlier csc wrote them
         ".2d_unet_best.pth.0badf00d.tmp",
     ]
     kept = [
@@ -258,8 +265,9 @@ def test_orphan_temporary_files_of_the_run_are_removed_at_the_next_start(
         (folder / name).write_bytes(b"PK\x03\x04 half a checkpoint")
     before = snapshot(run)
     start = start_run(build_config(settings(data, run)))
-    assert any("removed 3 temporary file(s)" in note for note in start.notes), start.notes
+    assert any("removed 5 temporary file(s)" in note for note in start.notes), start.notes
     assert sorted(p.name for p in folder.glob("*.tmp*")) == sorted(kept)
+    assert not list(folder.glob("csc-extras/*.tmp*"))
     assert_unchanged({k: v for k, v in before.items() if Path(k).name not in orphans}, run)
 
 
@@ -312,6 +320,28 @@ def test_a_toolkit_checkpoint_without_state_resumes_its_weights_and_numbering(
     assert_unchanged(before, tmp_path)
 
 
+def test_a_run_of_an_earlier_csc_resumes_and_its_files_move_into_csc_extras(
+    data: Path, run: Path
+) -> None:
+    """csc before csc-extras kept training states and `best` beside the model files
+    (2d_unet_3.state.pth, 2d_unet_best.pth), where the toolkit's latest loader reads "best"
+    as an epoch: a resume reads them, continues at epoch 4 and moves them into csc-extras."""
+    folder, extras = run / "checkpoints", run / "checkpoints/csc-extras"
+    for path in extras.iterdir():
+        path.rename(folder / path.name)  # the earlier layout
+    extras.rmdir()
+    moved = [*sorted(p.name for p in folder.glob("*.state.pth")), "2d_unet_best.pth"]
+    result = csc_train(write_config(data, run), "epochs=1")
+    assert result.exit_code == 0, result.output
+    assert f"moved {len(moved)} training state / best file(s) of an earlier csc" in result.output
+    steps = [step for step, _ in read_scalars(run / "tensorboard/2d_unet", "loss")]
+    assert steps == list(range(1, 4 * ITERATIONS + 1))  # epoch 4 continues the run
+    names = sorted(p.name for p in folder.glob("2d_unet_*.pth"))
+    assert names == [f"2d_unet_{e}.pth" for e in (1, 2, 3, 4)]  # the toolkit's int() reads all
+    assert {*moved, "2d_unet_4.state.pth"} >= {p.name for p in extras.iterdir()}
+    assert (extras / "2d_unet_4.state.pth").is_file() and (extras / "2d_unet_best.pth").is_file()
+
+
 # --- 5. Disk: full training states only where resume and best need them -------------------
 
 
@@ -320,8 +350,8 @@ def test_states_are_kept_for_the_last_two_epochs_and_best_only(old_run: Path) ->
     state = torch.load(state_path(folder / "2d_unet_3.pth"), weights_only=True)
     best = state["best_epoch"]
     assert state["model"] is None  # the weights are the model file's, not stored twice
-    assert (folder / "2d_unet_best.pth").samefile(folder / f"2d_unet_{best}.pth")
-    states = sorted(p.name for p in folder.glob("*.state.pth"))
+    assert (folder / "csc-extras/2d_unet_best.pth").samefile(folder / f"2d_unet_{best}.pth")
+    states = sorted(p.name for p in folder.glob("csc-extras/*.state.pth"))
     assert states == sorted({f"2d_unet_{e}.state.pth" for e in (2, 3, best)})
     assert sorted(p.name for p in folder.glob("2d_unet_[0-9].pth")) == [
         f"2d_unet_{e}.pth" for e in (1, 2, 3)
@@ -337,7 +367,7 @@ def test_prediction_from_a_state_file_uses_the_model_file_beside_it(
 
     folder = old_run / "checkpoints"
     config = build_config(settings(data, old_run))
-    weights, source = checkpoint_weights(config, str(folder / "2d_unet_3.state.pth"))
+    weights, source = checkpoint_weights(config, str(state_path(folder / "2d_unet_3.pth")))
     assert source == str(folder / "2d_unet_3.pth")
     saved = torch.load(folder / "2d_unet_3.pth", weights_only=True)
     assert weights.keys() == saved.keys()
@@ -390,9 +420,10 @@ def test_a_checkpoint_write_that_fails_is_one_line_and_keeps_earlier_checkpoints
     with file_size_limit((model_bytes + state_bytes) // 2):
         result = csc_train(config, "epochs=1")
     line = error_line(result)
-    assert f"cannot write {folder / '2d_unet_4.state.pth'}: File too large" in line
+    state_4 = state_path(folder / "2d_unet_4.pth")
+    assert f"cannot write {state_4}: File too large" in line
     assert "earlier checkpoints are kept" in line
-    assert not list(folder.glob(".*.tmp")) and not (folder / "2d_unet_4.state.pth").exists()
+    assert not list(folder.rglob(".*.tmp")) and not state_4.exists()
     assert not (folder / "2d_unet_4.pth").exists()
     assert_unchanged(before, run)
 

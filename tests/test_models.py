@@ -17,6 +17,7 @@ from csc.models import (
     UNet,
     UNet_2D,
     UNet_3D,
+    ViTNet,
     ViTVNet,
     build_model,
     check_input_shape,
@@ -139,7 +140,7 @@ def test_check_input_shape_passes_good_shapes() -> None:
 
 
 def test_check_input_shape_vitnet_needs_img_size() -> None:
-    model = ViTVNet(2, img_size=(32, 32, 32), **TINY_TRANSFORMER)
+    model = ViTNet(2, img_size=(32, 32, 32), **TINY_TRANSFORMER)
     check_input_shape(model, (32, 32, 32))
     with pytest.raises(
         ValueError, match=r"built for img_size \(32, 32, 32\), got .* \(16, 16, 16\)"
@@ -149,7 +150,7 @@ def test_check_input_shape_vitnet_needs_img_size() -> None:
         ValueError, match=r"does not match .* build it with img_size=\(64, 64, 64\)"
     ):
         check_input_shape(model, (64, 64, 64))
-    with pytest.raises(ValueError, match=r"try \(32, 32, 32\) or \(48, 48, 48\) \(and ViTVNet"):
+    with pytest.raises(ValueError, match=r"try \(32, 32, 32\) or \(48, 48, 48\) \(and ViTNet"):
         check_input_shape(model, (40, 40, 40))
     with pytest.raises(ValueError, match=r"img_size \(40, 40\) is not divisible by 16"):
-        ViTVNet(2, img_size=(40, 40))
+        ViTNet(2, img_size=(40, 40))

@@ -103,9 +103,13 @@ def test_a_run_logs_every_tag_and_saves_loadable_checkpoints(data: Path, tmp_pat
     for epoch in (1, 2):
         weights = torch.load(folder / f"2d_unet_{epoch}.pth", weights_only=True)
         assert all(isinstance(v, torch.Tensor) for v in weights.values())
-        state = torch.load(folder / f"2d_unet_{epoch}.state.pth", weights_only=True)
+        state = torch.load(folder / f"csc-extras/2d_unet_{epoch}.state.pth", weights_only=True)
         assert state["epoch"] == epoch and state["global_step"] == 3 * epoch
-    assert (folder / "2d_unet_best.pth").is_file()
+    assert (folder / "csc-extras/2d_unet_best.pth").is_file()
+    assert sorted(p.name for p in folder.glob("2d_unet_*.pth")) == [
+        "2d_unet_1.pth",
+        "2d_unet_2.pth",
+    ]
     assert not list(folder.glob("*.tmp*"))
 
 
@@ -257,7 +261,7 @@ def test_a_data_bound_run_is_reported_with_the_settings_to_change(
 def test_ema_weights_are_validated_and_saved(data: Path, tmp_path: Path) -> None:
     train(config_of(data, tmp_path, ema_decay=0.9, epochs=1))
     weights = torch.load(tmp_path / "checkpoints/2d_unet_1.pth", weights_only=True)
-    state = torch.load(tmp_path / "checkpoints/2d_unet_1.state.pth", weights_only=True)
+    state = torch.load(tmp_path / "checkpoints/csc-extras/2d_unet_1.state.pth", weights_only=True)
     name = next(k for k in weights if k.endswith("weight"))
     assert not torch.equal(weights[name], state["model"][name])  # the average, not the last
     assert state["ema"] is not None
@@ -281,11 +285,11 @@ def test_early_stopping_and_pruning(data: Path, tmp_path: Path) -> None:
         )
     )
     assert result.last_epoch == 2 and result.best_epoch == 1
-    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pth"))
-    kept = ["2d_unet_1.pth", "2d_unet_1.state.pth", "2d_unet_2.pth", "2d_unet_2.state.pth"]
-    assert names == [*kept, "2d_unet_best.pth"]
     folder = tmp_path / "checkpoints"
-    assert (folder / "2d_unet_best.pth").samefile(folder / "2d_unet_1.pth")
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.pth"))
+    kept = ["2d_unet_1.pth", "2d_unet_2.pth", "csc-extras/2d_unet_1.state.pth"]
+    assert names == [*kept, "csc-extras/2d_unet_2.state.pth", "csc-extras/2d_unet_best.pth"]
+    assert (folder / "csc-extras/2d_unet_best.pth").samefile(folder / "2d_unet_1.pth")
 
 
 def test_without_validation_crops_it_says_so_and_trains(
@@ -315,7 +319,7 @@ def test_a_checkpoint_rebuilds_its_model_alone(data: Path, tmp_path: Path) -> No
     from csc.checkpoints import load_model
 
     result = train(config_of(data, tmp_path, epochs=1))
-    for name in ("2d_unet_1.pth", "2d_unet_best.pth", "2d_unet_1.state.pth"):
+    for name in ("2d_unet_1.pth", "csc-extras/2d_unet_best.pth", "csc-extras/2d_unet_1.state.pth"):
         model = load_model(tmp_path / "checkpoints" / name)
         assert isinstance(model, UNet) and model.ndim == 2 and model.num_levels == 2
         for key, value in result.model.state_dict().items():

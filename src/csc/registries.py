@@ -32,7 +32,7 @@ MODELS: dict[str, ModelEntry] = {
     "2d_resnet": ModelEntry("csc.models.resnet:ResidualNet", {"ndim": 2, "in_channels": 1}),
     "3d_resnet": ModelEntry("csc.models.resnet:ResidualNet", {"ndim": 3, "in_channels": 1}),
     # 2D or 3D as len(img_size); training passes the patch shape as img_size.
-    "vitnet": ModelEntry("csc.models.vit:ViTVNet", {"in_channels": 1}),
+    "vitnet": ModelEntry("csc.models.vit:ViTNet", {"in_channels": 1}),
 }
 OPTIMIZERS: dict[str, str] = {
     "adam": "torch.optim:Adam",

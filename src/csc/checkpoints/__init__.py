@@ -2,8 +2,9 @@
 rebuild a model from its checkpoint alone (see docs/training.md).
 
 Modules: `reading` (paths, finding and reading checkpoints, the best epoch, loading weights
-and models), `saving` (atomic writes, the best link, pruning, RNG states) and `runs` (one run's
-files kept apart from another's: `start_run`).
+and models), `saving` (atomic writes, the best link, pruning, RNG states), `runs` (one run's
+files kept apart from another's: `start_run`) and `toolkit` (the challenge toolkit's
+`get_model`, `get_latest_checkpoint_epoch`, `get_best_val_epoch`).
 """
 
 from csc.checkpoints.reading import (
@@ -12,10 +13,13 @@ from csc.checkpoints.reading import (
     CheckpointWarning,
     Resumed,
     best_epoch,
+    best_path,
     centred_mean,
     checkpoint_weights,
     find_checkpoints,
     format_checkpoint_path,
+    legacy_best_path,
+    legacy_state_path,
     load_best_val,
     load_for_resume,
     load_latest,
@@ -27,6 +31,7 @@ from csc.checkpoints.reading import (
     read_latest,
     read_run,
     read_weights,
+    state_files,
     state_path,
 )
 from csc.checkpoints.runs import RunStart, check_destinations, log_dir, start_run
@@ -42,6 +47,7 @@ from csc.checkpoints.saving import (
     set_rng_state,
     to_safe,
 )
+from csc.checkpoints.toolkit import get_best_val_epoch, get_latest_checkpoint_epoch, get_model
 
 __all__ = [
     "Checkpoint",
@@ -52,12 +58,18 @@ __all__ = [
     "RunWriteError",
     "atomic_save",
     "best_epoch",
+    "best_path",
     "centred_mean",
     "check_destinations",
     "checkpoint_weights",
     "drop_old_states",
     "find_checkpoints",
     "format_checkpoint_path",
+    "get_best_val_epoch",
+    "get_latest_checkpoint_epoch",
+    "get_model",
+    "legacy_best_path",
+    "legacy_state_path",
     "link_best",
     "load_best_val",
     "load_for_resume",
@@ -77,6 +89,7 @@ __all__ = [
     "save_checkpoint",
     "set_rng_state",
     "start_run",
+    "state_files",
     "state_path",
     "to_safe",
 ]

@@ -2,10 +2,14 @@
 score, loading weights into a model, and rebuilding a model from its checkpoint alone.
 
 A checkpoint is a model file, ``model_save_path`` with ``{model_name}`` and ``{epoch}`` filled
-(``checkpoints/2d_unet_3.pth``), holding the plain ``state_dict``, and beside it the training
-state (``checkpoints/2d_unet_3.state.pth``), written by `csc.checkpoints.saving`. Both load with
-``torch.load(path, weights_only=True)``. The model file is written last, so an epoch whose model
-file exists is complete.
+(``checkpoints/2d_unet_3.pth``), holding the plain ``state_dict`` as the challenge toolkit
+writes it. csc's own files sit in a ``csc-extras`` folder beside it, so that nothing else
+matches the toolkit's ``{model_name}_*.pth``: the training state
+(``checkpoints/csc-extras/2d_unet_3.state.pth``, written by `csc.checkpoints.saving`) and the
+``best`` link (``checkpoints/csc-extras/2d_unet_best.pth``). Earlier csc versions kept both
+beside the model files (``2d_unet_3.state.pth``, ``2d_unet_best.pth``); those are still read.
+Every file loads with ``torch.load(path, weights_only=True)``. The model file is written last,
+so an epoch whose model file exists is complete.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from csc.runtime import ModelArguments, strip_wrapper_prefixes, unwrap
 from csc.tracking import validation_by_epoch
 
 STATE_SUFFIX = ".state"  # the training state of "x_3.pth" is "x_3.state.pth"
+EXTRAS = "csc-extras"  # the folder beside the model files that holds csc's other files
 # The key of the model file's state_dict `_metadata` (which torch saves and loads with it, and
 # load_state_dict ignores unless a module has this path) that holds its `ModelArguments`.
 MODEL_ARGUMENTS = "csc:model_arguments"
@@ -57,20 +62,55 @@ def format_checkpoint_path(template: str, *, model_name: str, epoch: int | str) 
 
 
 def state_path(model_path: Path) -> Path:
-    """Where the training state of a model file lives: ``x_3.pth`` -> ``x_3.state.pth``."""
+    """Where the training state of a model file goes: ``x_3.pth`` ->
+    ``csc-extras/x_3.state.pth`` (beside it when the model file is in ``csc-extras``)."""
+    beside = legacy_state_path(model_path)
+    if beside.parent.name == EXTRAS:
+        return beside
+    return beside.parent / EXTRAS / beside.name
+
+
+def legacy_state_path(model_path: Path) -> Path:
+    """Where csc before the ``csc-extras`` folder put it: ``x_3.pth`` -> ``x_3.state.pth``."""
     model_path = Path(model_path)
     if model_path.suffix == ".pth":
         return model_path.with_suffix(STATE_SUFFIX + ".pth")
     return model_path.with_name(model_path.name + STATE_SUFFIX)
 
 
+def state_files(model_path: Path) -> tuple[Path, Path]:
+    """Both places a model file's training state may be: `state_path`, `legacy_state_path`."""
+    return state_path(model_path), legacy_state_path(model_path)
+
+
+def existing_state(model_path: Path) -> Path | None:
+    """The training state file of a model file that exists (the current place first)."""
+    return next((path for path in state_files(model_path) if path.is_file()), None)
+
+
+def best_path(template: str, model_name: str) -> Path:
+    """The ``best`` link: ``checkpoints/csc-extras/2d_unet_best.pth``."""
+    beside = legacy_best_path(template, model_name)
+    return beside.parent / EXTRAS / beside.name
+
+
+def legacy_best_path(template: str, model_name: str) -> Path:
+    """Where csc before the ``csc-extras`` folder put ``best``: ``2d_unet_best.pth``."""
+    return format_checkpoint_path(template, model_name=model_name, epoch="best")
+
+
 def model_path(state_file: Path) -> Path:
-    """The model file of a training state (`state_path` inverted): ``x_3.state.pth`` ->
-    ``x_3.pth``; the path unchanged when it is no state file's name."""
+    """The model file of a training state (`state_path` inverted, also for the earlier place):
+    ``csc-extras/x_3.state.pth`` -> ``x_3.pth``; the path unchanged when it is no state file's
+    name."""
     state_file = Path(state_file)
     for suffix, model_suffix in ((STATE_SUFFIX + ".pth", ".pth"), (STATE_SUFFIX, "")):
         if state_file.name.endswith(suffix):
-            return state_file.with_name(state_file.name[: -len(suffix)] + model_suffix)
+            name = state_file.name[: -len(suffix)] + model_suffix
+            folder = state_file.parent
+            if folder.name == EXTRAS and not (folder / name).is_file():
+                folder = folder.parent  # an epoch's state; a best copy's model is beside it
+            return folder / name
     return state_file
 
 
@@ -84,11 +124,40 @@ def find_checkpoints(template: str, model_name: str) -> dict[int, Path]:
 
 
 def epoch_files(search_path: str) -> dict[int, Path]:
-    """`find_checkpoints` for a template whose ``{model_name}`` is filled already."""
+    """`find_checkpoints` for a template whose ``{model_name}`` is filled already, or for the
+    toolkit's wildcard form (``checkpoints/2d_unet_*.pth``, ``checkpoints/*.pth``: see
+    `wildcard_files`)."""
     if "{epoch}" not in search_path:
-        raise ValueError(f"checkpoint path {search_path!r} must contain {{epoch}}")
+        if glob.has_magic(search_path):
+            return wildcard_files(search_path)
+        raise ValueError(
+            f"checkpoint path {search_path!r} must contain {{epoch}} (csc's form, "
+            "checkpoints/2d_unet_{epoch}.pth) or a wildcard (checkpoints/2d_unet_*.pth)"
+        )
     found = {int(fields["epoch"]): path for fields, path in template_files(search_path)}
     return dict(sorted(found.items()))
+
+
+def wildcard_files(pattern: str) -> dict[int, Path]:
+    """The files matching the glob `pattern` whose name ends in an epoch number before its
+    extension (``2d_unet_12.pth``), by epoch, in ascending order.
+
+    Others are passed over: csc's ``best`` and training states (also an earlier csc's
+    ``2d_unet_best.pth`` and ``2d_unet_3.state.pth``), hidden and temporary files. When files
+    of several runs match (``*.pth`` over ``unet_3.pth`` and ``resnet_5.pth``), the run whose
+    file was modified last counts, as the toolkit picks the newest file.
+    """
+    runs: dict[str, dict[int, Path]] = {}
+    for name in sorted(glob.glob(pattern)):
+        path = Path(name)
+        match = re.fullmatch(r"(.*?)([0-9]+)", path.name.removesuffix(path.suffix))
+        if match and not path.name.startswith(".") and path.is_file():
+            run = match[1] + path.suffix  # e.g. "2d_unet_.pth"
+            runs.setdefault(str(path.parent / run), {})[int(match[2])] = path
+    if not runs:
+        return {}
+    newest = max(runs.values(), key=lambda files: max(p.stat().st_mtime for p in files.values()))
+    return dict(sorted(newest.items()))
 
 
 def template_files(
@@ -132,9 +201,9 @@ def read_checkpoint(model_path: Path, *, epoch: int, with_state: bool = False) -
     model_state = torch.load(model_path, map_location="cpu", weights_only=True)
     if not isinstance(model_state, Mapping):
         raise ValueError(f"{model_path} holds a {type(model_state).__name__}, not a state dict")
-    train_state = None
-    if with_state and state_path(model_path).exists():
-        train_state = torch.load(state_path(model_path), map_location="cpu", weights_only=True)
+    train_state, state = None, existing_state(model_path) if with_state else None
+    if state is not None:
+        train_state = torch.load(state, map_location="cpu", weights_only=True)
     return Checkpoint(epoch, Path(model_path), strip_wrapper_prefixes(model_state), train_state)
 
 
@@ -185,18 +254,60 @@ def read_epoch(search_path: str, epoch: int, *, with_state: bool = False) -> Che
 def load_weights(
     model: nn.Module, model_state: Mapping[str, torch.Tensor], *, source: str = "the checkpoint"
 ) -> None:
-    """Copy weights into `model`, whether it or the saved one was wrapped by DDP/compile. Weights
-    of another architecture are a ValueError naming `source` and the first mismatches."""
+    """Copy weights into `model`, whether it or the saved one was wrapped by DDP/compile, and
+    from a UNet saved by csc before its layers took the toolkit's names (`legacy_unet_keys`).
+    Weights of another architecture are a ValueError naming `source` and the first mismatches."""
+    target = unwrap(model)
+    weights = strip_wrapper_prefixes(model_state)
+    if any(key.startswith("encoders.0.") for key in weights) and "inc" in dict(
+        target.named_children()
+    ):
+        weights = legacy_unet_keys(weights)
     try:
-        unwrap(model).load_state_dict(strip_wrapper_prefixes(model_state))
+        target.load_state_dict(weights)
     except RuntimeError as error:
         lines = [_shorten(line.strip()) for line in str(error).splitlines()[1:] if line.strip()]
         shown = "; ".join(lines[:3]) + (f"; and {len(lines) - 3} more" if len(lines) > 3 else "")
         raise ValueError(
             f"the weights in {source} do not fit the model this config builds ({shown}); check "
             "model_name and model_kwargs against the run that saved them, or load another "
-            "checkpoint"
+            f"checkpoint{_legacy_hint(weights)}"
         ) from None
+
+
+def legacy_unet_keys(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A csc UNet's weights from before its layers took the toolkit's names, renamed:
+    ``encoders.0`` -> ``inc``, ``encoders.i`` -> ``down{i}.maxpool_conv.1``, ``decoders.j`` ->
+    ``up{j+1}``, ``head`` -> ``outc.conv``; each double conv's two (conv, norm, ReLU) blocks
+    become one ``double_conv`` Sequential. Keys that fit no rule are kept as they are."""
+    has_norm = any(key.startswith("encoders.0.0.1.") for key in weights)
+    per_block = 3 if has_norm else 2  # a block without norm is (conv, ReLU) now
+    renamed = {}
+    for key, value in weights.items():
+        new = re.sub(r"^encoders\.0\.", "inc.", key)
+        new = re.sub(r"^encoders\.([0-9]+)\.", r"down\1.maxpool_conv.1.", new)
+        new = re.sub(r"^decoders\.([0-9]+)\.", lambda m: f"up{int(m[1]) + 1}.", new)
+        new = re.sub(r"^head\.", "outc.conv.", new)
+        new = re.sub(
+            r"^(inc|down[0-9]+\.maxpool_conv\.1|up[0-9]+\.conv)\.([01])\.([01])\.",
+            lambda m: f"{m[1]}.double_conv.{int(m[2]) * per_block + int(m[3])}.",
+            new,
+        )
+        renamed[new] = value
+    return renamed
+
+
+def _legacy_hint(weights: Mapping[str, torch.Tensor]) -> str:
+    """A note for weights in the layer names csc used before the toolkit's."""
+    if not any(
+        key.startswith(("encoders.", "decoders.", "embed.", "model.0.0.")) for key in weights
+    ):
+        return ""
+    return (
+        " (they have the layer names csc used before its models took the toolkit's; only a "
+        "UNet with upsample='transposed' and batch or group norm is renamed on load: retrain "
+        "others)"
+    )
 
 
 def _shorten(text: str, limit: int = 160) -> str:
@@ -206,8 +317,9 @@ def _shorten(text: str, limit: int = 160) -> str:
 def load_latest(search_path: str, model: nn.Module) -> int | None:
     """Load the highest-numbered epoch of `search_path` into `model`; its epoch, or None.
 
-    `search_path` is ``model_save_path`` with ``{model_name}`` filled and ``{epoch}`` left in.
-    Damaged files fall back to the previous epoch with a `CheckpointWarning`.
+    `search_path` is ``model_save_path`` with ``{model_name}`` filled and ``{epoch}`` left in,
+    or the toolkit's wildcard form (``checkpoints/2d_unet_*.pth``; `wildcard_files`). Damaged
+    files fall back to the previous epoch with a `CheckpointWarning`.
     """
     checkpoint = read_latest(search_path)
     if checkpoint is None:
@@ -220,7 +332,6 @@ def load_best_val(
     logs_save_path: str,
     model_save_path: str,
     model: nn.Module,
-    *,
     low_is_best: bool = True,
     smoothing_window: int = 1,
 ) -> int | None:

@@ -12,10 +12,16 @@ import time
 from pathlib import Path
 
 from csc.checkpoints.reading import (
+    EXTRAS,
     Resumed,
+    best_path,
     find_checkpoints,
     format_checkpoint_path,
+    legacy_best_path,
+    legacy_state_path,
     load_for_resume,
+    model_path,
+    state_files,
     state_path,
     template_files,
 )
@@ -66,6 +72,12 @@ def start_run(config: TrainConfig, *, is_main: bool = True) -> RunStart:
     if own is None and any(_existing_files(config)):
         notes.append(move_run_aside(config, reason=_move_reason(config)))
     if own is not None:
+        legacy = move_legacy_files(**names)
+        if legacy:
+            notes.append(
+                f"moved {len(legacy)} training state / best file(s) of an earlier csc into "
+                f"{legacy[0].parent}, where the toolkit's loaders do not read them as epochs"
+            )
         moved = move_damaged_aside(config, resumed_epoch=own.epoch)
         if moved:
             notes.append(
@@ -91,23 +103,53 @@ def log_dir(config: TrainConfig) -> Path:
 
 def run_files(template: str, model_name: str) -> list[Path]:
     """The checkpoint files of `model_name`: epoch and ``best`` model files, and their training
-    states (also those of an epoch whose model file was never written)."""
-    search = template.replace("{model_name}", model_name)
+    states (also those of an epoch whose model file was never written), in the current places
+    and an earlier csc's."""
+    found = [path for search in _file_templates(template, model_name) for path in _matches(search)]
+    return sorted(set(found))
+
+
+def _file_templates(template: str, model_name: str) -> list[str]:
+    """Templates (``{epoch}`` left in) of every file `run_files` lists."""
+    model = Path(template.replace("{model_name}", model_name))
+    best = best_path(template, model_name)
+    return [str(path) for path in (model, *state_files(model), best, state_path(best))]
+
+
+def _matches(search: str) -> list[Path]:
     epochs = {"epoch": "[0-9]+|best"}
-    found = template_files(search, epochs) + template_files(str(state_path(Path(search))), epochs)
-    return sorted({path for _, path in found})
+    if "{epoch}" not in search:  # `best` in csc-extras, a path without placeholders
+        return [Path(search)] if os.path.isfile(search) else []
+    return [path for _, path in template_files(search, epochs)]
 
 
 def temporary_files(template: str, model_name: str) -> list[Path]:
     """The temporary files `atomic_save` leaves when killed while writing a file of
     `run_files` (``.2d_unet_3.pth.1a2b3c4d.tmp``)."""
-    search = Path(template.replace("{model_name}", model_name))
     found = []
-    for model_file in (search, state_path(search)):
-        temporary = model_file.with_name(TEMPORARY.format(name=model_file.name, hex="{hex}"))
+    for search in _file_templates(template, model_name):
+        file = Path(search)
+        temporary = file.with_name(TEMPORARY.format(name=file.name, hex="{hex}"))
         patterns = {"epoch": "[0-9]+|best", "hex": "[0-9a-f]{8}"}
         found += [path for _, path in template_files(str(temporary), patterns)]
     return sorted(set(found))
+
+
+def move_legacy_files(template: str, model_name: str) -> list[Path]:
+    """Move an earlier csc's training states and ``best`` from beside the model files (where
+    the toolkit's loaders read them as epochs) into ``csc-extras``; return the new paths.
+    A file whose new place is taken already stays where it is."""
+    moved = []
+    pairs = [(legacy_best_path(template, model_name), best_path(template, model_name))]
+    states = legacy_state_path(Path(template.replace("{model_name}", model_name)))
+    for _, state in template_files(str(states), {"epoch": "[0-9]+|best"}):
+        pairs.append((state, state_path(model_path(state))))  # also of unfinished epochs
+    for old, new in pairs:
+        if old.is_file() and not new.exists():
+            new.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(old, new)
+            moved.append(new)
+    return moved
 
 
 def remove_temporary_files(template: str, model_name: str) -> list[Path]:
@@ -189,7 +231,8 @@ def _refuse_existing_run(config: TrainConfig, resumed: Resumed | None) -> None:
     checkpoints, logs = _existing_files(config)
     if not checkpoints and not logs:
         return
-    folders = sorted({str(path.parent) for path in checkpoints})
+    owners = (p.parent.parent if p.parent.name == EXTRAS else p.parent for p in checkpoints)
+    folders = sorted({str(folder) for folder in owners})  # csc-extras counts as its folder
     folders += [str(log_dir(config))] if logs else []
     files = checkpoints + logs
     shown = ", ".join(path.name for path in files[:3])
@@ -243,7 +286,7 @@ def move_damaged_aside(config: TrainConfig, *, resumed_epoch: int) -> list[Path]
     for epoch, path in found.items():
         if epoch <= resumed_epoch:
             continue
-        for file in (path, state_path(path)):
+        for file in (path, *state_files(path)):
             if file.exists():
                 target = file.with_name(f"{file.name}.damaged-{stamp}")
                 os.rename(file, target)

@@ -1,13 +1,14 @@
 """Save checkpoints atomically and prune old ones.
 
 Each epoch writes two files from ``model_save_path``: the training state
-(``2d_unet_3.state.pth``: optimizer, scheduler, scaler, EMA, epoch, step, RNG states, best
-score, config) and then the model's plain ``state_dict`` (``2d_unet_3.pth``), which marks the
-epoch as complete. Each file is written under a temporary name in the same folder and renamed,
-so a crash never leaves a half-written file under a checkpoint's name. Everything stored is
-plain data (`to_safe`), so ``torch.load(path, weights_only=True)`` reads every file.
-Training states are kept for the last two epochs and the best one (`drop_old_states`); the
-``best`` file is a hard link to the best epoch's model file (`link_best`).
+(``csc-extras/2d_unet_3.state.pth``: optimizer, scheduler, scaler, EMA, epoch, step, RNG
+states, best score, config) and then the model's plain ``state_dict`` (``2d_unet_3.pth``),
+which marks the epoch as complete. Each file is written under a temporary name in the same
+folder and renamed, so a crash never leaves a half-written file under a checkpoint's name.
+Everything stored is plain data (`to_safe`), so ``torch.load(path, weights_only=True)`` reads
+every file. Training states are kept for the last two epochs and the best one
+(`drop_old_states`); ``csc-extras/2d_unet_best.pth`` is a hard link to the best epoch's model
+file (`link_best`). Only the model files match the toolkit's ``{model_name}_*.pth``.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ import torch
 
 from csc.checkpoints.reading import (
     MODEL_ARGUMENTS,
+    best_path,
     find_checkpoints,
     format_checkpoint_path,
+    legacy_best_path,
+    state_files,
     state_path,
 )
 from csc.runtime import ModelArguments
@@ -125,8 +129,9 @@ def save_best(
     template: str,
     model_name: str,
 ) -> Path:
-    """Write the ``best`` copy (``2d_unet_best.pth`` and its ``.state.pth``); return its path."""
-    path = format_checkpoint_path(template, model_name=model_name, epoch="best")
+    """Write the ``best`` copy (``csc-extras/2d_unet_best.pth`` and its ``.state.pth``);
+    return its path."""
+    path = best_path(template, model_name)
     _write_pair(model_state, train_state, path)
     return path
 
@@ -212,12 +217,13 @@ def _raise_write_error(error: BaseException, path: Path) -> None:
 
 
 def link_best(*, template: str, model_name: str, epoch: int) -> Path:
-    """Make ``best`` (``2d_unet_best.pth``) the model file of `epoch`: a hard link (no extra
-    bytes), else a copy; replaced atomically. Return its path."""
+    """Make ``best`` (``csc-extras/2d_unet_best.pth``) the model file of `epoch`: a hard link
+    (no extra bytes), else a copy; replaced atomically. Return its path."""
     source = format_checkpoint_path(template, model_name=model_name, epoch=epoch)
-    best = format_checkpoint_path(template, model_name=model_name, epoch="best")
+    best = best_path(template, model_name)
     temporary = _temporary(best)
     try:
+        best.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(source, temporary)
         except OSError:  # a file system without hard links: copy the bytes
@@ -230,8 +236,11 @@ def link_best(*, template: str, model_name: str, epoch: int) -> Path:
         temporary.unlink(missing_ok=True)
         _raise_write_error(error, best)
         raise
-    # Earlier csc versions copied the training state too; that copy would disagree with `best`.
-    state_path(best).unlink(missing_ok=True)
+    # Earlier csc versions copied the training state too, and kept `best` beside the model
+    # files, where the toolkit's loaders read "best" as an epoch: both would disagree now.
+    legacy = legacy_best_path(template, model_name)
+    for stale in (*state_files(best), legacy, *state_files(legacy)):
+        stale.unlink(missing_ok=True)
     return best
 
 
@@ -241,7 +250,7 @@ def repair_best(template: str, model_name: str, best_epoch: int | None) -> Path 
     if best_epoch is None:
         return None
     source = format_checkpoint_path(template, model_name=model_name, epoch=best_epoch)
-    best = format_checkpoint_path(template, model_name=model_name, epoch="best")
+    best = best_path(template, model_name)
     if not source.is_file():
         return None  # nothing to agree with (deleted by hand); `best` is left as it is
     if best.is_file() and (
@@ -264,10 +273,10 @@ def drop_old_states(
     needed = set(list(checkpoints)[-keep:]) | {best_epoch}
     removed = []
     for epoch, path in checkpoints.items():
-        state = state_path(path)
-        if epoch not in needed and state.is_file():
-            state.unlink()
-            removed.append(state)
+        for state in state_files(path) if epoch not in needed else ():
+            if state.is_file():
+                state.unlink()
+                removed.append(state)
     return removed
 
 
@@ -287,7 +296,7 @@ def prune_checkpoints(
     for epoch, path in checkpoints.items():
         if epoch in keep:
             continue
-        for file in (path, state_path(path)):
+        for file in (path, *state_files(path)):
             if file.exists():
                 file.unlink()
                 removed.append(file)

@@ -9,15 +9,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn import functional
 
 NORMS = ("batch", "instance", "group", None)
 UPSAMPLES = ("transposed", "linear")
 MAX_GROUPS = 8  # group norm: 8 groups, fewer when the channel count is not a multiple of 8
-PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]  # torch's conv padding_mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,16 +28,40 @@ class Layers:
     max_pool: type[nn.MaxPool2d] | type[nn.MaxPool3d]
     batch_norm: type[nn.BatchNorm2d] | type[nn.BatchNorm3d]
     instance_norm: type[nn.InstanceNorm2d] | type[nn.InstanceNorm3d]
+    reflection_pad: type[nn.ReflectionPad2d] | type[nn.ReflectionPad3d]
+    replication_pad: type[nn.ReplicationPad2d] | type[nn.ReplicationPad3d]
     interpolation: str  # mode for torch.nn.Upsample
 
 
 LAYERS = {
     2: Layers(
-        nn.Conv2d, nn.ConvTranspose2d, nn.MaxPool2d, nn.BatchNorm2d, nn.InstanceNorm2d, "bilinear"
+        nn.Conv2d,
+        nn.ConvTranspose2d,
+        nn.MaxPool2d,
+        nn.BatchNorm2d,
+        nn.InstanceNorm2d,
+        nn.ReflectionPad2d,
+        nn.ReplicationPad2d,
+        "bilinear",
     ),
     3: Layers(
-        nn.Conv3d, nn.ConvTranspose3d, nn.MaxPool3d, nn.BatchNorm3d, nn.InstanceNorm3d, "trilinear"
+        nn.Conv3d,
+        nn.ConvTranspose3d,
+        nn.MaxPool3d,
+        nn.BatchNorm3d,
+        nn.InstanceNorm3d,
+        nn.ReflectionPad3d,
+        nn.ReplicationPad3d,
+        "trilinear",
     ),
+}
+# Activation names a model may take; none has parameters, so the choice never changes the keys.
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
 }
 
 
@@ -63,19 +86,34 @@ def check_positive(**values: int) -> None:
 
 
 def make_norm(norm: str | None, ndim: int, num_channels: int) -> nn.Module:
-    """A normalization layer over ``num_channels`` channels; ``None`` gives identity."""
+    """A normalization layer over ``num_channels`` channels; ``None`` gives identity.
+
+    "instance" has torch's defaults, as the toolkit's: no learned scale, no running stats,
+    so no state_dict entries."""
     check_choice("norm", norm, NORMS)
     layers = layers_for(ndim)
     if norm == "batch":
         return layers.batch_norm(num_channels)
     if norm == "instance":
-        return layers.instance_norm(num_channels, affine=True)
+        return layers.instance_norm(num_channels)
     if norm == "group":
         return nn.GroupNorm(math.gcd(MAX_GROUPS, num_channels), num_channels)
     return nn.Identity()
 
 
-def conv_norm_act(
+def conv_bias(norm: str | None) -> bool:
+    """Whether a conv before `norm` has a bias: not when the norm learns a shift of its own."""
+    return norm not in ("batch", "group")
+
+
+def make_activation(activation: str, *, inplace: bool = False) -> nn.Module:
+    """The activation layer named `activation` (a key of `ACTIVATIONS`)."""
+    check_choice("activation", activation, list(ACTIVATIONS))
+    kind = ACTIVATIONS[activation]
+    return kind() if kind is nn.GELU else kind(inplace=inplace)  # GELU has no in-place form
+
+
+def conv_norm_act_layers(
     ndim: int,
     in_channels: int,
     out_channels: int,
@@ -83,54 +121,125 @@ def conv_norm_act(
     norm: str | None,
     kernel_size: int = 3,
     stride: int = 1,
-    padding_mode: PaddingMode = "zeros",
-) -> nn.Sequential:
-    """Conv (same padding for stride 1), norm, ReLU. The conv has a bias only without norm."""
+    padding: int | None = None,
+    activation: str = "relu",
+    inplace: bool = True,
+) -> list[nn.Module]:
+    """Conv (same padding by default), norm (left out for ``None``), activation.
+
+    The conv has a bias unless the norm learns a shift (`conv_bias`)."""
     conv = layers_for(ndim).conv(
         in_channels,
         out_channels,
         kernel_size,
         stride=stride,
-        padding=kernel_size // 2,
-        padding_mode=padding_mode,
-        bias=norm is None,
+        padding=kernel_size // 2 if padding is None else padding,
+        bias=conv_bias(norm),
     )
-    return nn.Sequential(conv, make_norm(norm, ndim, out_channels), nn.ReLU(inplace=True))
+    norm_layer = [] if norm is None else [make_norm(norm, ndim, out_channels)]
+    return [conv, *norm_layer, make_activation(activation, inplace=inplace)]
 
 
-def double_conv(ndim: int, in_channels: int, out_channels: int, *, norm: str | None) -> nn.Module:
-    """Two 3-wide conv-norm-ReLU layers; the spatial shape is kept."""
-    return nn.Sequential(
-        conv_norm_act(ndim, in_channels, out_channels, norm=norm),
-        conv_norm_act(ndim, out_channels, out_channels, norm=norm),
-    )
+def conv_norm_act(
+    ndim: int, in_channels: int, out_channels: int, *, norm: str | None
+) -> nn.Sequential:
+    """`conv_norm_act_layers` of a 3-wide conv as one block (keys ``0`` conv, ``1`` norm)."""
+    return nn.Sequential(*conv_norm_act_layers(ndim, in_channels, out_channels, norm=norm))
 
 
-def upsample_by_2(ndim: int, in_channels: int, out_channels: int, upsample: str) -> nn.Module:
-    """Double the spatial shape: a transposed conv, or linear interpolation then a 1-wide conv."""
-    check_choice("upsample", upsample, UPSAMPLES)
-    layers = layers_for(ndim)
-    if upsample == "transposed":
-        return layers.conv_transpose(in_channels, out_channels, kernel_size=2, stride=2)
-    return nn.Sequential(
-        nn.Upsample(scale_factor=2, mode=layers.interpolation, align_corners=False),
-        layers.conv(in_channels, out_channels, kernel_size=1),
-    )
-
-
-class UpBlock(nn.Module):
-    """Upsample by 2, concatenate the encoder's skip tensor, then a double conv."""
+class DoubleConv(nn.Module):
+    """Two 3-wide conv-norm-ReLU layers in one Sequential, ``double_conv``; the spatial shape
+    is kept. Keys ``double_conv.0`` and ``.3`` are the convs, ``.1`` and ``.4`` the norms
+    (without norm: convs ``.0`` and ``.2``)."""
 
     def __init__(
-        self, ndim: int, in_channels: int, out_channels: int, *, norm: str | None, upsample: str
+        self,
+        ndim: int,
+        in_channels: int,
+        out_channels: int,
+        *,
+        norm: str | None,
+        mid_channels: int | None = None,
     ) -> None:
         super().__init__()
-        self.up = upsample_by_2(ndim, in_channels, out_channels, upsample)
-        self.conv = double_conv(ndim, 2 * out_channels, out_channels, norm=norm)
+        mid = out_channels if mid_channels is None else mid_channels
+        self.double_conv = nn.Sequential(
+            *conv_norm_act_layers(ndim, in_channels, mid, norm=norm),
+            *conv_norm_act_layers(ndim, mid, out_channels, norm=norm),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.double_conv(x)
+
+
+class Down(nn.Module):
+    """2x max-pooling, then a `DoubleConv`: one Sequential, ``maxpool_conv``."""
+
+    def __init__(self, ndim: int, in_channels: int, out_channels: int, *, norm: str | None) -> None:
+        super().__init__()
+        self.maxpool_conv = nn.Sequential(
+            layers_for(ndim).max_pool(2), DoubleConv(ndim, in_channels, out_channels, norm=norm)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool_conv(x)  # (B, out, *spatial // 2)
+
+
+def pad_to(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Zero-pad the spatial axes of `x` (B, C, *spatial) to `shape`, the smaller half first."""
+    pads: list[int] = []
+    for size, target in zip(reversed(x.shape[2:]), reversed(shape), strict=True):
+        missing = int(target) - int(size)  # F.pad takes the last axis first
+        pads += [missing // 2, missing - missing // 2]
+    return functional.pad(x, pads) if any(pads) else x
+
+
+class Up(nn.Module):
+    """Upsample by 2 (``up``), zero-pad to the skip's shape, concatenate [skip, x] on channels,
+    then a `DoubleConv` (``conv``).
+
+    "transposed": a learned 2x transposed conv to ``skip_channels``. "linear": bi/trilinear
+    interpolation (align_corners), channels kept; the double conv's first conv goes to
+    ``mid_channels``.
+    """
+
+    def __init__(
+        self,
+        ndim: int,
+        in_channels: int,
+        skip_channels: int,
+        out_channels: int,
+        *,
+        norm: str | None,
+        upsample: str,
+        mid_channels: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_choice("upsample", upsample, UPSAMPLES)
+        layers = layers_for(ndim)
+        self.up: nn.Module
+        if upsample == "transposed":
+            self.up = layers.conv_transpose(in_channels, skip_channels, kernel_size=2, stride=2)
+            in_channels = skip_channels
+        else:
+            self.up = nn.Upsample(scale_factor=2, mode=layers.interpolation, align_corners=True)
+        self.conv = DoubleConv(
+            ndim, skip_channels + in_channels, out_channels, norm=norm, mid_channels=mid_channels
+        )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = self.up(x)  # (B, out, *2 * spatial), the skip's shape
-        x = torch.cat([skip, x], dim=1)  # (B, 2 * out, *spatial)
+        x = pad_to(self.up(x), skip.shape[2:])  # (B, C, *skip spatial): odd sizes are padded
+        return self.conv(torch.cat([skip, x], dim=1))  # (B, out, *skip spatial)
+
+
+class OutputConv(nn.Module):
+    """A 1-wide conv with bias (``conv``) to the output channels: raw logits."""
+
+    def __init__(self, ndim: int, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = layers_for(ndim).conv(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
 
 

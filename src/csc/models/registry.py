@@ -60,7 +60,8 @@ def check_input_shape(model: nn.Module, shape: Sequence[int]) -> None:
     """Raise ValueError if ``model`` cannot take inputs of spatial ``shape``.
 
     ``shape`` may carry singleton axes beyond the model's dimension: a (1, 128, 128) patch is
-    checked as (128, 128) for a 2D model. Models without a known ``divisor`` always pass.
+    checked as (128, 128) for a 2D model. Models without a known ``divisor`` always pass; those
+    that pad odd sizes (``pads_odd_sizes``: the toolkit's UNets) need each size >= it.
     ``model`` is the architecture itself: `csc.runtime.unwrap` takes DDP and compile off.
     """
     divisor, ndim = getattr(model, "divisor", None), getattr(model, "ndim", None)
@@ -71,7 +72,12 @@ def check_input_shape(model: nn.Module, shape: Sequence[int]) -> None:
     if len(spatial) != ndim:
         raise ValueError(f"{label} is {ndim}D but input shape {tuple(shape)} has {len(shape)} axes")
     reason = getattr(model, "divisor_reason", "")
-    error = divisibility_error(spatial, divisor, f"{label} ({reason})" if reason else label)
+    described = f"{label} ({reason})" if reason else label
+    if getattr(model, "pads_odd_sizes", False):  # the toolkit's UNets: any size, padded
+        if min(spatial) < divisor:
+            raise ValueError(f"input shape {spatial} is smaller than {divisor} for {described}")
+        return
+    error = divisibility_error(spatial, divisor, described)
     img_size = getattr(model, "img_size", None)
     if error and img_size is not None:
         error += f" (and {label} takes only its img_size, {img_size})"
