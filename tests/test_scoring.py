@@ -1,0 +1,128 @@
+"""csc.scoring against the challenge toolkit's own per-label results (tests/data/golden)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from csc import scoring
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+CASES = sorted(p.stem for p in GOLDEN.glob("case_*.json"))
+# An exact IoU tie (two halves of a line, 12/28 each): OR-Tools' cost-scaling min-cost flow
+# matched pred 2, scipy's linear_sum_assignment matches pred 1. Case 009 has the same kind of tie
+# (two box halves, 2304/5120 each) and there OR-Tools matched pred 1, so no pred-id order
+# reproduces both; the remapped pred 2 then measures 8 nm where pred 1 measures 120 nm
+# (hausdorff_norm_sum 1.9064523 vs 1.8296167).
+TIE_BROKEN_BY_ORTOOLS = {"case_024"}
+
+
+def cases(names: list[str]) -> list[object]:
+    """`names` as params, the OR-Tools tie cases as strict xfails."""
+    reason = "exact IoU tie broken differently from OR-Tools (pred 1 vs its pred 2)"
+    mark = pytest.mark.xfail(strict=True, reason=reason)
+    return [pytest.param(n, marks=mark) if n in TIE_BROKEN_BY_ORTOOLS else n for n in names]
+
+
+def load(case: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    meta = json.loads((GOLDEN / f"{case}.json").read_text())
+    with np.load(GOLDEN / f"{case}.npz") as arrays:
+        return meta, {key: arrays[key] for key in arrays.files}
+
+
+def score(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> scoring.LabelScore:
+    mask_key = meta["mask_npz_key"]
+    return scoring.score_label(
+        arrays["truth"],
+        arrays["aligned_prediction"],
+        meta["test_crop_manifest_row"]["voxel_size"],
+        instance=meta["type"] == "instance",
+        mask=None if mask_key is None else arrays[mask_key],
+    )
+
+
+def assert_close(got: object, want: object, where: str) -> None:
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), where
+        for key in want:
+            assert_close(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list | tuple) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_close(g, w, f"{where}[{i}]")
+    elif isinstance(want, bool | str) or want is None:
+        assert got == want, f"{where}: {got!r} != {want!r}"
+    else:
+        assert isinstance(got, int | float), where
+        assert math.isclose(got, want, rel_tol=0, abs_tol=1e-6), f"{where}: {got} != {want}"
+
+
+def test_cases_are_all_here() -> None:
+    assert len(CASES) == 48  # the golden folder's per-label cases
+
+
+@pytest.mark.parametrize("case", cases(CASES))
+def test_score_label_matches_toolkit(case: str) -> None:
+    meta, arrays = load(case)
+    result = score(meta, arrays)
+    assert_close(result.as_dict(), meta["score_label_result"], "score_label_result")
+
+
+@pytest.mark.parametrize("case", cases(CASES))
+def test_combine_scores_single_crop_matches_toolkit(case: str) -> None:
+    meta, arrays = load(case)
+    combined = scoring.combine_scores({meta["class_label"]: [score(meta, arrays)]})
+    assert_close(combined, meta["combine_scores_single_crop"], "combine_scores_single_crop")
+
+
+INSTANCE_CASES = [c for c in CASES if load(c)[0]["type"] == "instance"]
+
+
+@pytest.mark.parametrize("case", cases(INSTANCE_CASES))
+def test_instance_intermediates_match_toolkit(case: str) -> None:
+    meta, arrays = load(case)
+    want = meta["intermediate"]
+    truth, aligned = arrays["truth"], arrays["aligned_prediction"]
+    if meta["mask_npz_key"] is not None:
+        truth = truth * arrays[meta["mask_npz_key"]]
+    vs = meta["test_crop_manifest_row"]["voxel_size"]
+    labels, num_pred = scoring.connected_components(aligned)
+    assert num_pred == want["n_pred_after_connected_components"]
+    np.testing.assert_array_equal(labels, arrays["relabelled_prediction"])
+    assert int(truth.max()) == want["nG_max_truth_id"]
+    if want["ratio_cutoff"] is not None:  # None where nG = 0: the check is never reached
+        assert_close(scoring.ratio_cutoff(int(truth.max())), want["ratio_cutoff"], "cutoff")
+    cap = scoring.max_distance(truth.shape, vs)
+    assert_close(cap, want["hausdorff_distance_max_nm"], "cap")
+    if "matching_error" in want:
+        assert want["matching_error"].startswith("TooManyInstancesError")
+        with pytest.raises(scoring.TooManyInstancesError):
+            scoring.match_instances(truth, labels)
+        return
+    mapping = scoring.match_instances(truth, labels)
+    assert mapping == {int(p): g for p, g in want["mapping_pred_to_truth"].items()}
+    remapped = labels.copy()
+    for p, g in mapping.items():
+        remapped[labels == p] = g
+    num_unmatched = num_pred - len(set(mapping) - {0})
+    distances = scoring.hausdorff_distances(truth, remapped, vs, num_unmatched=num_unmatched)
+    assert_close(distances, want["hausdorff_distances_nm"], "hausdorff_distances_nm")
+    normalized = [scoring.normalize_distance(d, vs) for d in distances]
+    assert_close(normalized, want["normalized_hausdorff"], "normalized_hausdorff")
+
+
+def test_too_many_instances_is_skipped_and_scores_one_alone() -> None:
+    truth = np.zeros((8, 8, 8), np.uint32)
+    truth[0, 0, 0] = 1
+    pred = np.zeros((8, 8, 8), np.uint8)
+    pred[::2, ::2, ::2] = 1  # 64 isolated voxels vs 1 truth: ratio 64 > 50.94
+    result = scoring.score_label(truth, pred, (8, 8, 8), instance=True)
+    assert result.status == "skipped_too_many_instances"
+    assert (result.tp, result.fp, result.fn, result.n_hausdorff) == (0, 0, 0, 0)
+    label = scoring.combine_scores({"mito": [result]})["label_scores"]
+    assert label["mito"]["combined_score"] == 1.0  # type: ignore[index]  # nested dict of object
