@@ -126,3 +126,21 @@ def test_too_many_instances_is_skipped_and_scores_one_alone() -> None:
     assert (result.tp, result.fp, result.fn, result.n_hausdorff) == (0, 0, 0, 0)
     label = scoring.combine_scores({"mito": [result]})["label_scores"]
     assert label["mito"]["combined_score"] == 1.0  # type: ignore[index]  # nested dict of object
+
+
+def test_semantic_both_empty_scores_one_alone() -> None:
+    # scoring.md §8 (golden 045, not in the folder): IoU 1.0 from the aggregation rule.
+    empty = np.zeros((4, 4, 4), np.uint8)
+    result = scoring.score_label(empty, empty, (8, 8, 8), instance=False)
+    assert (result.tp, result.fp, result.fn) == (0, 0, 0)
+    combined = scoring.combine_scores({"er": [result]})
+    assert combined["label_scores"] == {"er": {"iou": 1.0, "tp": 0, "fp": 0, "fn": 0}}
+
+
+def test_empty_prediction_gives_one_capped_entry_per_truth_instance() -> None:
+    # scoring.md §8 (golden 005, not in the folder): m truth instances, nothing predicted.
+    truth = np.zeros((32, 32, 32), np.uint32)
+    truth[2:5, 2:5, 2:5], truth[20:25, 20:25, 20:25] = 1, 2
+    result = scoring.score_label(truth, np.zeros_like(truth), (8, 8, 8), instance=True)
+    assert (result.tp, result.fp, result.fn, result.n_hausdorff) == (0, 0, 2, 2)
+    assert result.hausdorff_norm_sum == pytest.approx(2 * 0.9121806575139008, abs=1e-9)
