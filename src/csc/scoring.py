@@ -19,6 +19,9 @@ from numpy.typing import NDArray
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
+# The challenge's instance classes; every other label is scored as semantic.
+from csc.config import INSTANCE_CLASSES
+
 __all__ = [
     "INSTANCE_CLASSES",
     "LabelScore",
@@ -33,21 +36,6 @@ __all__ = [
     "score_label",
 ]
 
-# The challenge's instance classes (config.py INSTANCE_CLASSES); every other label is semantic.
-INSTANCE_CLASSES = (
-    "nuc",
-    "vim",
-    "ves",
-    "endo",
-    "lyso",
-    "ld",
-    "perox",
-    "mito",
-    "np",
-    "mt",
-    "cell",
-    "instance",
-)
 # Ratio cutoff constants (EvaluationConfig defaults): final, initial, decay factor.
 FINAL_RATIO, INITIAL_RATIO, RATIO_FACTOR = 10.0, 50.0, 5.0
 COST_SCALE = 1_000_000  # mcmf_cost_scale: matched pair costs int((1 - iou) * scale)
