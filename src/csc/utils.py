@@ -173,10 +173,11 @@ def get_tested_classes(csv_path: str | os.PathLike[str] | None = None) -> list[s
     return [line.strip() for line in Path(csv_path).read_text().splitlines() if line.strip()]
 
 
-def get_test_crops() -> list[TestCrop]:
-    """The challenge's test crops (test_crop_manifest.csv), one per crop id, in id order."""
+def get_test_crops(manifest: str | os.PathLike[str] | None = None) -> list[TestCrop]:
+    """The challenge's test crops, one per crop id, in id order, from the test crop manifest in
+    use (`manifest`, $CSC_TEST_CROP_MANIFEST_URL or the one shipped with csc)."""
     by_id: dict[int, list[manifests.ScoredCropRow]] = {}
-    for row in manifests.scored_crop_rows():
+    for row in manifests.scored_crop_rows(manifest):
         by_id.setdefault(row.id, []).append(row)
     return [_merge(rows) for _, rows in sorted(by_id.items())]
 
@@ -195,12 +196,15 @@ def _merge(rows: Sequence[manifests.ScoredCropRow]) -> TestCrop:
     )
 
 
-def get_test_crop_labels(crop_id: int | str) -> list[str]:
+def get_test_crop_labels(
+    crop_id: int | str, manifest: str | os.PathLike[str] | None = None
+) -> list[str]:
     """The classes scored in one test crop (``557`` or ``"crop557"``)."""
     number = int(str(crop_id).removeprefix("crop"))
-    labels = [row.class_label for row in manifests.scored_crop_rows() if row.id == number]
+    rows = manifests.scored_crop_rows(manifest)
+    labels = [row.class_label for row in rows if row.id == number]
     if not labels:
-        ids = sorted({row.id for row in manifests.scored_crop_rows()})
+        ids = sorted({row.id for row in rows})
         raise ValueError(f"crop {crop_id} is not a test crop; the test crops are {ids}")
     return labels
 

@@ -5,6 +5,10 @@
   space (voxel size and translation in nm, shape in voxels, each ``[z;y;x]``);
 - ``classes.csv``: class name, id and the atomic ids a composite class includes.
 
+The test crop manifest can be replaced by the user's own: a path given to `test_crop_rows`
+(the ``--test-crop-manifest`` options) or the challenge's variable ``CSC_TEST_CROP_MANIFEST_URL``
+(a local path or ``file://`` URL; csc reads no web address).
+
 This module imports nothing of csc, so any layer may read the manifests.
 """
 
@@ -14,9 +18,13 @@ import csv
 import dataclasses
 import functools
 import io
+import os
 from importlib import resources
+from pathlib import Path
 
 Vec3 = tuple[float, float, float]
+MANIFEST_VARIABLE = "CSC_TEST_CROP_MANIFEST_URL"  # the challenge's name for the override
+COLUMNS = ("crop_name", "dataset", "class_label", "voxel_size", "translation", "shape")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,21 +55,69 @@ def scored_classes() -> tuple[str, ...]:
     return tuple(line.strip() for line in lines if line.strip())
 
 
-@functools.cache
-def scored_crop_rows() -> tuple[ScoredCropRow, ...]:
-    """Every row of the test crop manifest (the scored crops and classes), in its order."""
-    reader = csv.DictReader(io.StringIO(read_text("test_crop_manifest.csv")))
-    return tuple(
-        ScoredCropRow(
-            int(row["crop_name"]),
-            row["dataset"],
-            row["class_label"],
-            _floats(row["voxel_size"]),
-            _floats(row["translation"]),
-            _ints(row["shape"]),
+def manifest_source(manifest: str | os.PathLike[str] | None = None) -> Path | None:
+    """The test crop manifest in use: `manifest`, else $CSC_TEST_CROP_MANIFEST_URL, else None
+    (the one shipped with csc)."""
+    chosen = manifest if manifest is not None else os.environ.get(MANIFEST_VARIABLE) or None
+    if chosen is None:
+        return None
+    text = os.fspath(chosen)
+    if text.startswith(("http://", "https://", "s3://")):
+        raise ValueError(
+            f"test crop manifest {text}: csc reads a local file; download it and pass its path "
+            f"(--test-crop-manifest or {MANIFEST_VARIABLE})"
         )
-        for row in reader
-    )
+    path = Path(text.removeprefix("file://")).expanduser()
+    if not path.is_file():
+        where = "--test-crop-manifest" if manifest is not None else MANIFEST_VARIABLE
+        raise FileNotFoundError(f"test crop manifest {path} ({where}) does not exist")
+    return path
+
+
+def scored_crop_rows(
+    manifest: str | os.PathLike[str] | None = None,
+) -> tuple[ScoredCropRow, ...]:
+    """Every row (a scored test crop and class) of the test crop manifest in use, in its order:
+    `manifest`, else $CSC_TEST_CROP_MANIFEST_URL, else the one shipped with csc."""
+    path = manifest_source(manifest)
+    if path is None:
+        return _parse(read_text("test_crop_manifest.csv"), "csc's test_crop_manifest.csv")
+    stat = path.stat()  # the cache key: an edited file is read again
+    return _read_rows(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.cache
+def _read_rows(path: Path, _mtime: int, _size: int) -> tuple[ScoredCropRow, ...]:
+    return _parse(path.read_text(encoding="utf-8"), str(path))
+
+
+@functools.cache
+def _parse(text: str, source: str) -> tuple[ScoredCropRow, ...]:
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
+    if missing:
+        raise ValueError(
+            f"test crop manifest {source} lacks the column(s) {', '.join(missing)}; it needs "
+            f"{','.join(COLUMNS)} with vectors written [z;y;x]"
+        )
+    rows = []
+    for line, row in enumerate(reader, start=2):
+        try:
+            rows.append(
+                ScoredCropRow(
+                    int(row["crop_name"].removeprefix("crop")),
+                    row["dataset"],
+                    row["class_label"],
+                    _floats(row["voxel_size"]),
+                    _floats(row["translation"]),
+                    _ints(row["shape"]),
+                )
+            )
+        except (ValueError, AttributeError) as error:
+            raise ValueError(
+                f"test crop manifest {source}, line {line}: {error}; vectors are [z;y;x]"
+            ) from None
+    return tuple(rows)
 
 
 def _floats(text: str) -> Vec3:
