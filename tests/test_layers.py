@@ -21,7 +21,7 @@ LAYERS = [
     {"config", "storage"},
     {"synth", "datasplit"},
     {"data"},
-    {"models", "losses", "metrics", "optim", "scoring"},
+    {"models", "losses", "metrics", "optim", "scoring", "alignment"},
     {"runtime", "tracking", "distributed"},
     {"checkpoints"},
     {"training", "prediction", "evaluation", "processing", "launch", "utils"},

@@ -4,9 +4,10 @@ tensorstore arrays, metadata reads and writes, atomic writes, retries and timeou
 Modules: `urls` (schemes, store roots), `errors` (`StorageError`), `s3` (endpoint, timeouts,
 retrying filesystems, error messages), `arrays` (zarr and tensorstore arrays, compressors),
 `files` (atomic writes, staged groups, csc's output marker, input stores, listings, thread
-maps) and `metadata` (OME-NGFF and CellMap attributes, chunk keys). Everything else in csc
-imports from here (`from csc.storage import ...`); this package imports no other csc module
-but `csc.__version__`.
+maps), `metadata` (OME-NGFF and CellMap attributes, chunk keys) and `labels` (label arrays
+read as the challenge reads a submission). Everything else in csc imports from here
+(`from csc.storage import ...`); this package imports no other csc module but
+`csc.__version__`.
 """
 
 from csc.storage.arrays import (
@@ -43,6 +44,7 @@ from csc.storage.files import (
     thread_map,
     write_text_atomic,
 )
+from csc.storage.labels import LabelArray, open_label_root, read_label
 from csc.storage.metadata import (
     AXES,
     FINEST,
@@ -97,6 +99,7 @@ __all__ = [
     "ArraySource",
     "Chunking",
     "InputStores",
+    "LabelArray",
     "Level",
     "MetadataReader",
     "Retry",
@@ -137,9 +140,11 @@ __all__ = [
     "names_in",
     "open_array",
     "open_group",
+    "open_label_root",
     "open_zarr",
     "parse_multiscales",
     "read_json",
+    "read_label",
     "s3_endpoint",
     "s3_errors",
     "s3_filesystem",
