@@ -24,7 +24,16 @@ LAYERS = [
     {"models", "losses", "metrics", "optim", "scoring", "alignment"},
     {"runtime", "tracking", "distributed"},
     {"checkpoints"},
-    {"training", "prediction", "evaluation", "processing", "launch", "utils"},
+    {
+        "training",
+        "prediction",
+        "evaluation",
+        "processing",
+        "launch",
+        "utils",
+        "packing",
+        "submission_check",
+    },
     {"cli", "__main__", "__init__"},
 ]
 INFERENCE = ("prediction", "processing", "evaluation")  # siblings of training, never its users

@@ -153,3 +153,21 @@ def _vec3(values: Any, what: str) -> Vec3:
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be 3 numbers (z, y, x) in nm, got {values!r}") from None
     return (z, y, x)
+
+
+def write_label(group: Any, name: str, data: np.ndarray, *, attrs: dict[str, Any]) -> None:
+    """`data` as the zarr-2 array `name` in `group`, laid out as the challenge's pack-results
+    writes it: zarr's default chunks, Blosc(lz4, 5, shuffle), C order, fill 0, keys z.y.x."""
+    from csc.storage.arrays import make_compressor
+
+    array = group.create_array(
+        name,
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks="auto",
+        compressors=make_compressor("blosc-lz4"),
+        fill_value=0,
+        chunk_key_encoding={"name": "v2", "separator": "."},
+    )
+    array[...] = data
+    array.attrs.update(attrs)
