@@ -326,3 +326,14 @@ def test_pack_results_reads_csc_ome_ngff_outputs(tmp_path: Path) -> None:
     packed = packed_array(report.zip_path, "crop9002/mito")[...]
     assert packed.dtype == np.uint8  # 2 ids: renumbered to fit
     np.testing.assert_array_equal(packed, np.select([ids == 7, ids == 300], [1, 2], 0))
+
+
+def test_a_label_that_cannot_be_read_fails_and_writes_nothing(tmp_path: Path) -> None:
+    crop = zarr.open_group(tmp_path / "synth_a.zarr" / "crop9001", mode="w", zarr_format=2)
+    array = crop.create_array("mito", shape=(32, 32, 32), dtype=np.uint8)
+    array.attrs["voxel_size"] = "eight"
+    with pytest.raises(ValueError, match=r"crop9001/mito attribute 'voxel_size' must be 3 numbers"):
+        pack_results(
+            str(tmp_path / "{dataset}.zarr/{crop}"), tmp_path / "s.zarr", manifest=MANIFEST
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth_a.zarr"]
