@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from csc.config import INSTANCE_CLASSES, PROCESS_FUNC_NAMES, TrainConfig, build_config
+from csc.config import (
+    INSTANCE_CLASSES,
+    PROCESS_FUNC_NAMES,
+    ConfigWarning,
+    TrainConfig,
+    build_config,
+)
 from csc.labelling import ClassJob, ProcessOptions, instances, watershed
 from csc.processing import process
 from csc.storage import multiscales_attrs, open_group, write_array
@@ -202,6 +208,8 @@ def test_unknown_process_func_name_is_a_config_error(tmp_path: Path) -> None:
         config_for(tmp_path, ("mito",), min_instance_size=-1)
     with pytest.raises(ValueError, match=r"process_threshold must be in \[0, 1\)"):
         config_for(tmp_path, ("mito",), process_threshold=1.5)
+    with pytest.warns(ConfigWarning, match="process_input = 'logits' has no effect"):
+        config_for(tmp_path, ("mito",), process_input="logits")
 
 
 def test_user_labels_per_block_get_consistent_ids(tmp_path: Path) -> None:

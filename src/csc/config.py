@@ -361,7 +361,22 @@ def build_config(
     )
     validate(config)
     _report_unlisted(config, source=config_path)
+    _report_unused_process_input(config, source=config_path)
     return config
+
+
+def _report_unused_process_input(config: TrainConfig, *, source: Path | None) -> None:
+    """Warn when process_input = "logits" meets csc's own methods, which threshold
+    probabilities (process_threshold) whatever it says."""
+    if config.process_input == "logits" and not callable(config.process_func):
+        where = f" in {source}" if source else ""
+        warnings.warn(
+            f"process_input = 'logits'{where} has no effect: csc's own process_func "
+            f"({config.process_func or 'instances'}) thresholds probabilities at "
+            "process_threshold; give a callable process_func to get logits",
+            ConfigWarning,
+            stacklevel=3,
+        )
 
 
 def _report_unlisted(config: TrainConfig, *, source: Path | None) -> None:

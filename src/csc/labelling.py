@@ -21,15 +21,15 @@ from scipy.sparse import csgraph
 
 from csc.storage import blocks
 
-CONNECTIVITY: Literal[26] = (
-    26  # voxels sharing a face, edge or corner touch: the scorer's cc3d default
-)
+# Voxels sharing a face, edge or corner touch: the scorer's cc3d default.
+CONNECTIVITY: Literal[26] = 26
 ID_DTYPE = np.uint32
 MASK_DTYPE = np.uint8  # 0/1
-# Memory a whole-crop labelling holds per voxel, bytes: the mask (1), cc3d's labels and its
-# working copy (4 + 4), the renumbered copy (4), with room; the watershed adds the float64
-# distance transform, its markers and its output (8 + 4 + 4) and skimage's queue.
-BYTES_PER_VOXEL = {"instances": 16, "watershed": 48}
+# Memory a whole-crop labelling may hold per voxel, bytes, with room: measured peaks (200^3
+# noise, 2026-12) were about 6 for connected components (the mask, cc3d's labels, the
+# renumbered copy) and 56 for the watershed (float64 distance transform, int64 markers and
+# labels, skimage's queue).
+BYTES_PER_VOXEL = {"instances": 16, "watershed": 64}
 
 Box = tuple[slice, ...]
 
