@@ -179,13 +179,19 @@ def test_watershed_splits_touching_balls(tmp_path: Path) -> None:
     assert attrs["csc_process"]["watershed_min_distance"] == 3
 
 
-def test_watershed_of_separate_objects_keeps_them_whole() -> None:
+def test_watershed_keeps_separate_objects_whole_and_empty_crops_empty() -> None:
     mask = np.zeros((6, 12, 12), dtype=bool)
     mask[1:5, 1:5, 1:5] = mask[1:5, 7:11, 7:11] = True
     job, outputs = array_job(mask, mask.shape)
     watershed(job)
     assert np.unique(outputs[0]).tolist() == [0, 1, 2]
     assert (outputs[0] > 0).sum() == mask.sum()
+    for memory_mb in (4096, 0):  # nothing above the threshold: no ids, whole or per block
+        for method in (instances, watershed):
+            options = ProcessOptions(memory_mb=memory_mb)
+            job, outputs = array_job(np.zeros((3, 5, 7)), (2, 2, 2), options)
+            method(job)
+            assert outputs[0].dtype == np.uint32 and not outputs[0].any()
 
 
 def test_named_threshold_gives_instance_classes_masks(tmp_path: Path) -> None:

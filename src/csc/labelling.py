@@ -153,6 +153,8 @@ def split_watershed(mask: np.ndarray, *, min_distance: int) -> np.ndarray:
     from skimage.segmentation import watershed as flood
 
     mask = np.ascontiguousarray(mask, dtype=bool)
+    if not mask.any():  # no peaks to seed (skimage's empty result has no usable shape)
+        return np.zeros(mask.shape, dtype=ID_DTYPE)
     regions = components(mask)
     distance = ndimage.distance_transform_edt(mask)
     # skimage's functions carry no annotations (no-untyped-call): their results are Any here.
