@@ -233,3 +233,28 @@ def test_user_labels_per_block_get_consistent_ids(tmp_path: Path) -> None:
     assert attrs["csc_process"]["method"] == "callable"
     assert attrs["csc_process"]["function"].endswith("label_block")
     assert attrs["image-label"] == {"version": "0.4"}
+
+
+def test_csc_process_without_process_func_on_the_command_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from csc.cli import cli
+
+    write_prediction(tmp_path / "predictions", {"mito": two_objects()})
+    lines = [
+        "classes = ['mito']",
+        f"search_path = '{tmp_path}/data/{{dataset}}/{{dataset}}.zarr/recon-1/{{name}}'",
+        f"predictions_path = '{tmp_path}/predictions'",
+        f"processed_path = '{tmp_path}/processed'",
+        f"prediction_block_shape = {BLOCK}",
+        "min_instance_size = 9",  # the 2 x 2 x 2 cube goes
+    ]
+    config = tmp_path / "config.py"
+    config.write_text("\n".join(lines) + "\n")
+    done = CliRunner().invoke(cli, ["process", str(config)])
+    assert done.exit_code == 0, done.output
+    assert "wrote" in done.output
+    labels, _ = processed(tmp_path, "mito")
+    assert np.unique(labels).tolist() == [0, 1]
+    done = CliRunner().invoke(cli, ["process", str(config), "process_func=blobs"])
+    assert done.exit_code != 0 and "unknown process_func 'blobs'" in done.output

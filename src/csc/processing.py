@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -157,45 +157,52 @@ def process_array(
     the probabilities of `source`/s0 into `group`/`name`/s0, with the source's OME-NGFF
     metadata, OME-NGFF label metadata for integer labels, and how it was made (csc_process)."""
     stored = open_group(str(source), mode="r")
-    array = stored["s0"]
-    attrs = dict(stored.attrs)
-    scale = 255.0 if array.dtype == np.uint8 else 1.0  # uint8 holds round(p * 255)
     child = group.require_group(name)
-    child.attrs.update({key: value for key, value in attrs.items() if key != "csc_prediction"})
-    made: list[Any] = []
-
-    def create(dtype: Any) -> Any:
-        made.append(
-            create_array(
-                child, "s0", shape=array.shape, chunks=array.chunks, dtype=dtype, compressor="zstd"
-            )
-        )
-        return made[0]
-
-    def read(box: tuple[slice, ...]) -> np.ndarray:
-        return np.asarray(array[box], dtype=np.float32) / np.float32(scale)
-
-    job = ClassJob(
-        read=read,
-        shape=tuple(array.shape),
-        block_shape=block_shape,
-        create=create,
+    child.attrs.update({k: v for k, v in stored.attrs.items() if k != "csc_prediction"})
+    job = class_job(
+        stored["s0"],
+        child,
         instance=name in INSTANCE_CLASSES,
+        block_shape=block_shape,
         options=options or ProcessOptions(),
-        progress=lambda boxes: tqdm(
-            boxes,
-            desc=f"{source.parent.name}/{name}",
-            unit="block",
-            disable=None if progress else True,
-        ),
+        desc=f"{source.parent.name}/{name}" if progress else None,
     )
     if callable(function):
         described = apply_callable(job, function, logits=logits)
     else:
         described = resolve(PROCESS_FUNCS[function or DEFAULT_PROCESS_FUNC])(job)
-    if made and np.issubdtype(made[0].dtype, np.integer):
+    if np.issubdtype(child["s0"].dtype, np.integer):
         child.attrs.update(image_label_attrs())
     child.attrs["csc_process"] = {"source": str(source), **described}
+
+
+def class_job(
+    array: Any,
+    child: Any,
+    *,
+    instance: bool,
+    block_shape: tuple[int, int, int],
+    options: ProcessOptions,
+    desc: str | None,
+) -> ClassJob:
+    """The job of one predicted class `array`: probabilities read by box, the output created
+    as `child`/s0 with the same shape and chunks, tqdm over blocks unless `desc` is None."""
+    scale = np.float32(255.0 if array.dtype == np.uint8 else 1.0)  # uint8 holds round(p * 255)
+
+    def read(box: tuple[slice, ...]) -> np.ndarray:
+        return np.asarray(array[box], dtype=np.float32) / scale
+
+    def create(dtype: Any) -> Any:
+        chunks = array.chunks
+        return create_array(
+            child, "s0", shape=array.shape, chunks=chunks, dtype=dtype, compressor="zstd"
+        )
+
+    def progress(boxes: Iterable[tuple[slice, ...]]) -> Iterable[tuple[slice, ...]]:
+        return tqdm(boxes, desc=desc, unit="block", disable=True if desc is None else None)
+
+    shape = tuple(array.shape)
+    return ClassJob(read, shape, block_shape, create, instance, options, progress)
 
 
 def apply_callable(job: ClassJob, function: Callable[..., Any], *, logits: bool) -> dict[str, Any]:
