@@ -82,7 +82,7 @@ def instances(job: ClassJob) -> dict[str, Any]:
     over the crop; semantic classes: `threshold`."""
     if not job.instance:
         return threshold(job)
-    return _label(job, "instances", lambda mask: components(mask))
+    return _label(job, "instances", components)
 
 
 def watershed(job: ClassJob) -> dict[str, Any]:
