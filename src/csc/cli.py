@@ -531,7 +531,7 @@ def process(
     device: str | None,
     max_workers: int | None,
 ) -> None:
-    """Apply the config's process_func to predictions, block by block."""
+    """Predictions to labels: instance ids and 0/1 masks (or the config's process_func)."""
     with user_errors():
         resolved = _config_with(config_file, overrides, strict=strict, device=device)
         from csc.processing import process as run
