@@ -392,3 +392,26 @@ def test_the_toolkit_adapter_predicts_and_processes_test_crops(
     )  # the toolkit's default for a 2D model
     done = csc.process(config, crops="test", input_path=out, manifest=manifest, progress=False)
     assert [p.name for p in done] == ["crop9001", "crop9002"]
+
+
+def test_test_crops_stream_their_raw_from_s3(
+    s3_env: str, s3_synth: str, tiny_synth: Path, tmp_path: Path
+) -> None:
+    """With use_s3 and no datasplit CSV, a test crop's raw is search_path inside the bucket."""
+    config = tiny_config_file(tiny_synth, tmp_path)
+    text = config.read_text().replace(f"search_path = '{tiny_synth}/{SEARCH}'", "")
+    config.write_text(text + f"use_s3 = True\ns3_bucket = '{s3_synth}-public'\n")
+    (tmp_path / "datasplit.csv").unlink()
+    manifest = write_manifest(tmp_path / "manifest.csv", TINY_ROWS[2:])
+    written = predict(
+        str(config), test_crops=True, manifest=manifest, checkpoint="latest", progress=False
+    )
+    assert written[0].region.raw_group == (
+        f"s3://{s3_synth}-public/jrc_synth2/jrc_synth2.zarr/recon-1/em/fibsem-uint8"
+    )
+    assert crop_groups(tmp_path / "predictions") == ["jrc_synth2.zarr/crop9002"]
+    missing = write_manifest(
+        tmp_path / "missing.csv", [(9009, "jrc_none", "er", *TINY_ROWS[2][3:])]
+    )
+    with pytest.raises(FileNotFoundError, match=r"no raw at s3://.*-public/jrc_none/jrc_none.zarr"):
+        predict(str(config), test_crops=True, manifest=missing, progress=False)

@@ -60,8 +60,10 @@ from csc.storage import (
     blocks,
     check_targets,
     create_array,
+    fs_path,
     is_s3,
     multiscales_attrs,
+    s3_errors,
     staged_group,
 )
 
@@ -435,9 +437,10 @@ def raw_places(config: TrainConfig, dataset: str) -> list[str]:
 
 
 def is_group(place: str, config: TrainConfig) -> bool:
-    """Whether a multiscale group (its .zattrs) is at `place`."""
+    """Whether a multiscale group (its .zattrs) is at `place` (one request on S3)."""
     reader = MetadataReader(place, s3=s3_options(config))
-    return bool(reader.json(f"{place}/.zattrs", missing_ok=True))
+    with s3_errors(place, reader.endpoint_url):
+        return bool(reader.fs.exists(fs_path(f"{place}/.zattrs")))
 
 
 def missing_raw_message(
