@@ -1,9 +1,10 @@
 """Sliding-window prediction into OME-NGFF zarr (docs/prediction.md).
 
-A region (a crop's annotated extent, or a box in nm) gets an output grid at the target voxel
-size. Windows of the target patch shape tile that grid with `prediction_overlap`; each window's
-probabilities are weighted by a Gaussian that falls towards the window's edges, and every output
-voxel is the weighted mean of the windows over it, so tile seams do not show. The grid is
+A region (a crop's annotated extent, a test crop's box from the test crop manifest, or a box
+in nm) gets an output grid at the target voxel size. Windows of the target patch shape tile
+that grid with `prediction_overlap`; each window's probabilities are weighted by a Gaussian
+that falls towards the window's edges, and every output voxel is the weighted mean of the
+windows over it, so tile seams do not show. The grid is
 computed block by block (`prediction_block_shape` output voxels at a time): a block takes every
 window that touches it, so memory is bounded by the block, not the volume, and the result does
 not depend on the block shape.
