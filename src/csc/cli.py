@@ -323,16 +323,20 @@ def _config_with(
 
 def _crop_selection(text: str | None) -> Any:
     """--crops as csc's crop patterns (`csc.utils.parse_crops`: the toolkit's numbers N mean
-    cropN, '*' all); its 'test' (the challenge's test crops) is refused until csc predicts them."""
+    cropN, '*' all, 'test' the challenge's test crops)."""
     from csc.utils import parse_crops
 
-    selection = parse_crops(text)
-    if selection.test:
-        raise ValueError(
-            "--crops test (the challenge's test crops) is not supported yet; give crop names "
-            "or numbers, e.g. --crops 1,2 (crop1, crop2)"
-        )
-    return selection
+    return parse_crops(text)
+
+
+MANIFEST_OPTION = click.option(
+    "--test-crop-manifest",
+    "manifest",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="The test crop manifest CSV for --crops test and test crop ids; default: "
+    "$CSC_TEST_CROP_MANIFEST_URL, else csc's copy of the challenge's.",
+)
 
 
 def _crawled_rows(config: Any, locations: dict[str, str | None]) -> Any:
@@ -352,10 +356,12 @@ def _crawled_rows(config: Any, locations: dict[str, str | None]) -> Any:
     cls=Spelled,
     toolkit=("-c",),
     default=None,
-    help="Comma list of crops (crop or dataset/crop, globs; a number N is cropN); default: "
+    help="Comma list of crops (crop or dataset/crop, globs; a number N is cropN, a test crop "
+    "if the datasplit has no such crop), or 'test' (the test crop manifest's); default: "
     "validation crops.",
 )
 @click.option("--all", "all_crops", is_flag=True, help="Every crop in the datasplit.")
+@MANIFEST_OPTION
 @click.option("--bbox", default=None, help="A box z0,y0,x0,z1,y1,x1 in nm; needs --dataset.")
 @click.option("--dataset", default=None, help="The dataset of --bbox.")
 @click.option(
@@ -413,6 +419,7 @@ def predict(
     strict: bool,
     crops: str | None,
     all_crops: bool,
+    manifest: str | None,
     bbox: str | None,
     dataset: str | None,
     output: str | None,
@@ -450,6 +457,8 @@ def predict(
             resolved,
             crops=selection.patterns,
             all_crops=all_crops or selection.all_crops,
+            test_crops=selection.test,
+            manifest=manifest,
             bbox=box,
             dataset=dataset,
             output=output,
@@ -462,8 +471,9 @@ def predict(
         )
     for item in written:
         grid = item.grid
+        classes = item.region.classes or resolved.classes
         click.echo(
-            f"wrote {item.path}: {len(resolved.classes)} classes, {grid.shape} voxels of "
+            f"wrote {item.path}: {len(classes)} classes, {grid.shape} voxels of "
             f"{grid.scale} nm from {grid.translation} nm"
         )
 
@@ -496,8 +506,10 @@ def predict(
     cls=Spelled,
     toolkit=("-c",),
     default=None,
-    help="Comma list of crops (crop or dataset/crop, globs; a number N is cropN).",
+    help="Comma list of crops (crop or dataset/crop, globs; a number N is cropN), or 'test' "
+    "(the test crop manifest's); default: every predicted crop.",
 )
+@MANIFEST_OPTION
 @click.option(
     "--overwrite",
     cls=Spelled,
@@ -527,6 +539,7 @@ def process(
     source: str | None,
     output: str | None,
     crops: str | None,
+    manifest: str | None,
     overwrite: bool,
     device: str | None,
     max_workers: int | None,
@@ -535,10 +548,11 @@ def process(
     with user_errors():
         resolved = _config_with(config_file, overrides, strict=strict, device=device)
         from csc.processing import process as run
-        from csc.utils import warn_unused_process_options
+        from csc.utils import scored_crop_patterns, warn_unused_process_options
 
         warn_unused_process_options(device=device, max_workers=max_workers)
-        patterns = _crop_selection(crops).patterns
+        selection = _crop_selection(crops)
+        patterns = scored_crop_patterns(manifest) if selection.test else selection.patterns
         written = run(resolved, source=source, output=output, crops=patterns, overwrite=overwrite)
     for path in written:
         click.echo(f"wrote {path}")

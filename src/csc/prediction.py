@@ -1,9 +1,10 @@
 """Sliding-window prediction into OME-NGFF zarr (docs/prediction.md).
 
-A region (a crop's annotated extent, or a box in nm) gets an output grid at the target voxel
-size. Windows of the target patch shape tile that grid with `prediction_overlap`; each window's
-probabilities are weighted by a Gaussian that falls towards the window's edges, and every output
-voxel is the weighted mean of the windows over it, so tile seams do not show. The grid is
+A region (a crop's annotated extent, a test crop's box from the test crop manifest, or a box
+in nm) gets an output grid at the target voxel size. Windows of the target patch shape tile
+that grid with `prediction_overlap`; each window's probabilities are weighted by a Gaussian
+that falls towards the window's edges, and every output voxel is the weighted mean of the
+windows over it, so tile seams do not show. The grid is
 computed block by block (`prediction_block_shape` output voxels at a time): a block takes every
 window that touches it, so memory is bounded by the block, not the volume, and the result does
 not depend on the block shape.
@@ -15,7 +16,8 @@ import dataclasses
 import itertools
 import math
 import os
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +25,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from csc import manifests
 from csc.checkpoints import checkpoint_weights, load_weights
-from csc.config import DEFAULT_PREDICTION_CHECKPOINT, TrainConfig, load_config
+from csc.config import (
+    DEFAULT_PREDICTION_CHECKPOINT,
+    DEFAULT_S3_SEARCH_PATH,
+    RAW_NAME,
+    TrainConfig,
+    load_config,
+    s3_search_path,
+)
 from csc.data.datasets import Crop, PatchDataset, PatchSpec
 from csc.data.geometry import Grid
 from csc.data.loaders import check_crops, load_crops
-from csc.datasplit import DatasplitRow, input_stores, read_datasplit, s3_options, select_crops
+from csc.datasplit import (
+    DatasplitRow,
+    crop_matches,
+    input_stores,
+    read_datasplit,
+    s3_options,
+    select_crops,
+)
+from csc.manifests import TestCrop
 from csc.runtime import (
     autocast,
     channels_last_format,
@@ -37,13 +55,16 @@ from csc.runtime import (
     make_model,
 )
 from csc.storage import (
+    ArraySource,
     InputStores,
     MetadataReader,
     blocks,
     check_targets,
     create_array,
+    fs_path,
     is_s3,
     multiscales_attrs,
+    s3_errors,
     staged_group,
 )
 
@@ -63,6 +84,7 @@ class Region:
     raw_group: str  # the raw multiscale group
     low: Vec3
     high: Vec3
+    classes: tuple[str, ...] | None = None  # the model's classes written; None: all of them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +97,8 @@ class OutputGrid:
 
     @classmethod
     def covering(cls, region: Region, scale: Vec3) -> OutputGrid:
+        """Voxels of `scale` from the region's low edge on (wherever it lies: 6 nm at 16 nm
+        voxels is voxel 0's edge), as many as reach its high edge."""
         low, high, size = (np.asarray(v, dtype=float) for v in (region.low, region.high, scale))
         shape = np.maximum(1, np.ceil((high - low) / size - 1e-6)).astype(int)
         return cls(_ints(shape), scale, _vec(low + size / 2))
@@ -193,15 +217,30 @@ def crop_regions(
     all_crops: bool = False,
     spec: PatchSpec | None = None,
     rows: Sequence[DatasplitRow] | None = None,
+    manifest: str | os.PathLike[str] | None = None,
 ) -> list[Region]:
     """The annotated extents of datasplit crops (or of `rows`, e.g. a fresh crawl): those named
     in `crops` (crop or dataset/crop, globs allowed), all of them, or by default the validation
-    crops."""
+    crops. A name cropN that matches no datasplit crop but is a test crop of the manifest is
+    that test crop (`manifest_regions`)."""
     source = str(config.datasplit_path) if rows is None else f"the crawl of {config.search_path}"
     if rows is None:
         rows = read_datasplit(config.datasplit_path)
-    chosen = select_rows(rows, crops, all_crops=all_crops, source=source)
+    patterns, ids = split_test_ids(rows, crops, manifest=manifest)
     spec = spec or PatchSpec.from_config(config)
+    regions = []
+    if patterns or not ids:
+        chosen = select_rows(rows, patterns, all_crops=all_crops, source=source)
+        regions = datasplit_regions(config, chosen, spec=spec, source=source)
+    if ids:
+        regions += manifest_regions(config, ids=ids, manifest=manifest, spec=spec, rows=rows)
+    return regions
+
+
+def datasplit_regions(
+    config: TrainConfig, chosen: Sequence[DatasplitRow], *, spec: PatchSpec, source: str
+) -> list[Region]:
+    """The annotated extents of the datasplit rows `chosen`, from their labels' metadata."""
     resolved = load_crops(chosen, config.classes, spec, s3=s3_options(config))
     # A crop over raw with no stored chunk would be predicted from zeros: refused here too.
     check_crops(resolved, spec, datasplit=source, labels=False, s3=s3_options(config))
@@ -209,6 +248,33 @@ def crop_regions(
         Region(row.dataset, row.crop, f"{row.raw_root}/{row.raw_path}", crop.low, crop.high)
         for row, crop in zip(chosen, resolved, strict=True)
     ]
+
+
+def split_test_ids(
+    rows: Sequence[DatasplitRow],
+    patterns: Sequence[str],
+    *,
+    manifest: str | os.PathLike[str] | None = None,
+) -> tuple[list[str], set[int]]:
+    """`patterns` as datasplit patterns and test crop ids: a name cropN that matches no crop
+    of `rows` and is a test crop of the manifest is that test crop; every other name stays a
+    datasplit pattern (the manifest is read only when some name matches no crop)."""
+    kept, ids = [], set()
+    known: set[int] | None = None
+    for pattern in patterns:
+        number = pattern.removeprefix("crop")
+        if any(crop_matches(r.dataset, r.crop, [pattern]) for r in rows) or not (
+            pattern.startswith("crop") and number.isdigit()
+        ):
+            kept.append(pattern)
+            continue
+        if known is None:
+            known = {crop.id for crop in manifests.scored_crops(manifest)}
+        if int(number) in known:
+            ids.add(int(number))
+        else:
+            kept.append(pattern)  # select_crops names it as matching nothing
+    return kept, ids
 
 
 def select_rows(
@@ -239,14 +305,8 @@ def box_region(config: TrainConfig, dataset: str, bbox: Sequence[float]) -> Regi
     group = f"{rows[0].raw_root}/{rows[0].raw_path}"
     raw = raw_source(group, config)
     low, high = (np.asarray(bbox[:3], dtype=float), np.asarray(bbox[3:], dtype=float))
-    raw_low, raw_high = raw.level.bounds()
-    if np.any(low < raw_low - 1e-6) or np.any(high > raw_high + 1e-6):
-        edges = zip("zyx", raw_low, raw_high, strict=True)
-        extent = ", ".join(f"{axis} {a:g} to {b:g}" for axis, a, b in edges)
-        raise ValueError(
-            f"--bbox {','.join(f'{v:g}' for v in bbox)} reaches outside the raw of {dataset} "
-            f"({raw.url}), which covers {extent} nm; choose a box inside it"
-        )
+    what = f"--bbox {','.join(f'{v:g}' for v in bbox)}"
+    check_inside(low, high, raw, what=what, dataset=dataset, hint="choose a box inside it")
     name = "bbox_" + "_".join(f"{v:g}" for v in bbox)
     return Region(dataset, name, group, _vec(low), _vec(high))
 
@@ -254,6 +314,181 @@ def box_region(config: TrainConfig, dataset: str, bbox: Sequence[float]) -> Regi
 def raw_source(group: str, config: TrainConfig) -> Any:
     reader = MetadataReader(group, s3=s3_options(config))
     return reader.source(group, config.input_array_info.scale, label=False)
+
+
+def check_inside(
+    low: np.ndarray,
+    high: np.ndarray,
+    raw: ArraySource,
+    *,
+    what: str,
+    dataset: str,
+    hint: str,
+    margin: float = 1e-6,
+) -> None:
+    """Refuse a box (world edges, nm) that reaches more than `margin` voxels of the raw's
+    level outside the raw."""
+    raw_low, raw_high = raw.level.bounds()
+    reach = margin * np.asarray(raw.level.scale)
+    if np.any(low < raw_low - reach) or np.any(high > raw_high + reach):
+        edges = zip("zyx", raw_low, raw_high, strict=True)
+        extent = ", ".join(f"{axis} {a:g} to {b:g}" for axis, a, b in edges)
+        raise ValueError(
+            f"{what} reaches outside the raw of {dataset} ({raw.url}), which covers {extent} "
+            f"nm; {hint}"
+        )
+
+
+# --- Test crops ------------------------------------------------------------------------------
+
+
+def manifest_regions(
+    config: TrainConfig,
+    *,
+    ids: Collection[int] | None = None,
+    manifest: str | os.PathLike[str] | None = None,
+    spec: PatchSpec | None = None,
+    rows: Sequence[DatasplitRow] | None = None,
+) -> list[Region]:
+    """The test crops of the manifest in use (all, or those `ids`), each with the model's
+    classes the manifest scores in it, in the raw of its dataset (`raw_groups`; `rows`: the
+    datasplit's, read from its CSV when None). Refused before any voxel is read: a dataset
+    with no raw, a crop outside its raw, raw with no chunk stored around a crop."""
+    source = manifests.manifest_name(manifest)
+    chosen = scored_in(config.classes, manifests.scored_crops(manifest), ids=ids, source=source)
+    groups = raw_groups(config, chosen, rows=rows)
+    regions = [
+        Region(crop.dataset, crop.name, groups[crop.dataset], *crop_box(crop), classes=classes)
+        for crop, classes in chosen
+    ]
+    check_regions(config, regions, spec=spec or PatchSpec.from_config(config), source=source)
+    return regions
+
+
+def scored_in(
+    classes: Sequence[str],
+    crops: Sequence[TestCrop],
+    *,
+    ids: Collection[int] | None,
+    source: str,
+) -> list[tuple[TestCrop, tuple[str, ...]]]:
+    """The crops (those `ids`, or all) with the model's `classes` each scores, in the model's
+    order; a crop scoring none is skipped with a warning, and none left is an error."""
+    picked = [crop for crop in crops if ids is None or crop.id in ids]
+    chosen = [(crop, tuple(n for n in classes if n in crop.class_labels)) for crop in picked]
+    skipped = [crop.name for crop, wanted in chosen if not wanted]
+    if skipped and len(skipped) < len(chosen):
+        warnings.warn(
+            f"test crop(s) {', '.join(skipped)} of {source} score none of the model's classes "
+            f"({', '.join(classes)}): skipped",
+            stacklevel=3,
+        )
+    chosen = [(crop, wanted) for crop, wanted in chosen if wanted]
+    if not chosen:
+        scored = sorted({name for crop in picked for name in crop.class_labels})
+        raise ValueError(
+            f"no test crop of {source} scores any of the model's classes "
+            f"({', '.join(classes)}); its crops score {', '.join(scored) or 'nothing'}"
+        )
+    return chosen
+
+
+def crop_box(crop: TestCrop) -> tuple[Vec3, Vec3]:
+    """World edges (nm) of a test crop's voxels, (z, y, x). Voxel i's centre is at translation
+    + i * voxel_size, as OME-NGFF translations are everywhere in csc (a datasplit crop with
+    that translation gets the same box), so the box starts half a voxel before it."""
+    size, translation = np.asarray(crop.voxel_size), np.asarray(crop.translation)
+    low = translation - size / 2
+    return _vec(low), _vec(low + size * np.asarray(crop.shape))
+
+
+def raw_groups(
+    config: TrainConfig,
+    chosen: Sequence[tuple[TestCrop, tuple[str, ...]]],
+    *,
+    rows: Sequence[DatasplitRow] | None,
+) -> dict[str, str]:
+    """Per dataset of the chosen crops, its raw multiscale group: that of its datasplit rows,
+    else the first of `raw_places` holding one. Every dataset with none is named in one
+    error."""
+    csv = Path(config.datasplit_path)
+    if rows is None:
+        rows = read_datasplit(csv) if csv.is_file() else []
+    from_rows = {row.dataset: f"{row.raw_root}/{row.raw_path}" for row in reversed(rows)}
+    found, missing = {}, {}
+    for dataset in dict.fromkeys(crop.dataset for crop, _ in chosen):
+        places = raw_places(config, dataset)
+        group = from_rows.get(dataset) or next((p for p in places if is_group(p, config)), None)
+        if group is None:
+            missing[dataset] = places
+        else:
+            found[dataset] = group
+    if missing:
+        raise FileNotFoundError(missing_raw_message(config, chosen, missing, csv=csv))
+    return found
+
+
+def raw_places(config: TrainConfig, dataset: str) -> list[str]:
+    """Where the config's search_path (and, left at its default, each place it stands for)
+    puts `dataset`'s raw; inside the bucket with use_s3."""
+    templates = dict.fromkeys((config.search_path, *config.search_path_candidates))
+    if config.use_s3:
+        templates = dict.fromkeys(s3_search_path(t, config.s3_bucket) for t in templates)
+    return [t.replace("{dataset}", dataset).replace("{name}", config.raw_name) for t in templates]
+
+
+def is_group(place: str, config: TrainConfig) -> bool:
+    """Whether a multiscale group (its .zattrs) is at `place` (one request on S3)."""
+    reader = MetadataReader(place, s3=s3_options(config))
+    with s3_errors(place, reader.endpoint_url):
+        return bool(reader.fs.exists(fs_path(f"{place}/.zattrs")))
+
+
+def missing_raw_message(
+    config: TrainConfig,
+    chosen: Sequence[tuple[TestCrop, tuple[str, ...]]],
+    missing: dict[str, list[str]],
+    *,
+    csv: Path,
+) -> str:
+    """What is missing, where csc looked, and how to get it."""
+    lines = []
+    for dataset, places in missing.items():
+        names = ", ".join(crop.name for crop, _ in chosen if crop.dataset == dataset)
+        public = s3_search_path(DEFAULT_S3_SEARCH_PATH, TrainConfig.s3_bucket)
+        url = public.replace("{dataset}", dataset).replace("{name}", RAW_NAME)
+        lines.append(
+            f"dataset {dataset} (test crop {names}): no rows of it in {csv} and no raw at "
+            f"{' or '.join(places)}; public copy: {url}"
+        )
+    how = (
+        "check the dataset names and search_path"
+        if config.use_s3
+        else "download the raw around each crop there (every level's metadata, the chunks at "
+        "the model's scale), or stream it from S3: set use_s3 = True in the config (or add "
+        "use_s3=True to the command)"
+    )
+    return "the raw of some test crops is not here:\n  " + "\n  ".join(lines) + f"\n{how}"
+
+
+def check_regions(
+    config: TrainConfig, regions: Sequence[Region], *, spec: PatchSpec, source: str
+) -> None:
+    """Refuse a test crop that lies outside its raw (by more than a raw voxel, at the model's
+    input scale) or over raw with no chunk stored where its windows read."""
+    crops = []
+    for region in regions:
+        raw = raw_source(region.raw_group, config)
+        low, high = np.asarray(region.low), np.asarray(region.high)
+        what = f"test crop {region.name} of {source} (z, y, x {_box_text(low, high)} nm)"
+        hint = "is the raw the crop's dataset, or the manifest row wrong?"
+        check_inside(low, high, raw, what=what, dataset=region.dataset, hint=hint, margin=1.0)
+        crops.append(Crop(f"{region.dataset}/{region.name}", raw, (), region.low, region.high))
+    check_crops(crops, spec, datasplit=source, labels=False, s3=s3_options(config))
+
+
+def _box_text(low: np.ndarray, high: np.ndarray) -> str:
+    return ", ".join(f"{a:g} to {b:g}" for a, b in zip(low, high, strict=True))
 
 
 # --- Windows and blending --------------------------------------------------------------------
@@ -456,6 +691,8 @@ def predict(
     *,
     crops: Sequence[str] = (),
     all_crops: bool = False,
+    test_crops: bool = False,
+    manifest: str | os.PathLike[str] | None = None,
     bbox: Sequence[float] | None = None,
     dataset: str | None = None,
     output: str | os.PathLike[str] | None = None,
@@ -467,18 +704,25 @@ def predict(
     progress: bool = True,
     rows: Sequence[DatasplitRow] | None = None,
 ) -> list[Written]:
-    """`csc predict`: the regions asked for (datasplit crops, by default the validation ones,
-    or a box in one dataset), predicted with the `checkpoint` weights into `output` (default:
+    """`csc predict`: the regions asked for (datasplit crops, by default the validation ones;
+    with `test_crops` the test crops of the test crop `manifest` in use; or a box in one
+    dataset), predicted with the `checkpoint` weights into `output` (default:
     `predictions_path`). `rows` replaces the datasplit's crops (csc.predict passes a crawl)."""
     if not isinstance(config, TrainConfig):
         config = load_config(config)
     spec = PatchSpec.from_config(config)
     if bbox is not None:
-        if crops or all_crops or dataset is None:
+        if crops or all_crops or test_crops or dataset is None:
             raise ValueError("--bbox needs --dataset NAME and goes without --crops and --all")
         regions = [box_region(config, dataset, bbox)]
+    elif test_crops:
+        if crops or all_crops:
+            raise ValueError("--crops test goes alone: without other crops and --all")
+        regions = manifest_regions(config, manifest=manifest, spec=spec, rows=rows)
     else:
-        regions = crop_regions(config, crops=crops, all_crops=all_crops, spec=spec, rows=rows)
+        regions = crop_regions(
+            config, crops=crops, all_crops=all_crops, spec=spec, rows=rows, manifest=manifest
+        )
     output = output or config.predictions_path.format(model_name=config.model_name)
     check_free(output, regions, overwrite=overwrite, inputs=input_stores(config))
     predictor = load_predictor(
@@ -544,21 +788,24 @@ def write_region(
     overwrite: bool = False,
 ) -> None:
     """Predict one region block by block into its group at `path`."""
+    names = region.classes or predictor.classes
+    channels = [predictor.classes.index(name) for name in names]
     with staged_group(path, command=PREDICT, overwrite=overwrite) as group:
-        arrays = _create_arrays(group, predictor, grid, encoding=encoding)
+        arrays = _create_arrays(group, predictor, grid, names, encoding=encoding)
         readers = make_readers(predictor, region, config)
         for box, values in predict_blocks(predictor, region, grid, readers):
-            for array, probabilities in zip(arrays, values, strict=True):
-                array[box] = encode(probabilities, encoding)
+            for array, channel in zip(arrays, channels, strict=True):
+                array[box] = encode(values[channel], encoding)
 
 
 def _create_arrays(
-    group: Any, predictor: Predictor, grid: OutputGrid, *, encoding: str
+    group: Any, predictor: Predictor, grid: OutputGrid, names: Sequence[str], *, encoding: str
 ) -> list[Any]:
-    """One class group per class, OME-NGFF 0.4 with one level s0, and its empty array."""
+    """One class group per class of `names`, OME-NGFF 0.4 with one level s0, and its empty
+    array."""
     chunks = tuple(min(CHUNK, n, b) for n, b in zip(grid.shape, predictor.block_shape, strict=True))
     arrays = []
-    for name in predictor.classes:
+    for name in names:
         child = group.require_group(name)
         child.attrs.update(multiscales_attrs(name, [(grid.scale, grid.translation)]))
         child.attrs["csc_prediction"] = {

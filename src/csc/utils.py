@@ -13,7 +13,7 @@ import dataclasses
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from string import Formatter
 from typing import TYPE_CHECKING, Any
@@ -45,12 +45,12 @@ from csc.datasplit import (
     summarise,
     write_datasplit,
 )
+from csc.manifests import TestCrop
 from csc.storage import is_url
 
 if TYPE_CHECKING:
     from csc.prediction import Written
 
-Vec3 = tuple[float, float, float]
 ConfigArg = TrainConfig | str | os.PathLike[str]
 UNSAFE_MODULES = ("os", "subprocess", "sys")  # a config importing these is reported
 UNSAFE_CALLS = ("eval", "exec")
@@ -146,25 +146,6 @@ def _imported(node: ast.Import | ast.ImportFrom) -> list[str]:
 # --- Classes, crops and templates ------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class TestCrop:
-    """A test crop as the toolkit's `get_test_crops` merges its manifest rows: the smallest
-    voxel size and translation and the largest shape over its classes, (z, y, x)."""
-
-    __test__ = False  # a data class, not a pytest test class
-
-    id: int
-    dataset: str
-    class_labels: tuple[str, ...]
-    voxel_size: Vec3  # nm
-    translation: Vec3  # nm
-    shape: tuple[int, int, int]  # voxels
-
-    @property
-    def name(self) -> str:
-        return f"crop{self.id}"
-
-
 def get_tested_classes(csv_path: str | os.PathLike[str] | None = None) -> list[str]:
     """The 48 classes the challenge scores (tested_classes.csv, shipped with csc), or the
     names in another such file (one a line)."""
@@ -176,24 +157,7 @@ def get_tested_classes(csv_path: str | os.PathLike[str] | None = None) -> list[s
 def get_test_crops(manifest: str | os.PathLike[str] | None = None) -> list[TestCrop]:
     """The challenge's test crops, one per crop id, in id order, from the test crop manifest in
     use (`manifest`, $CSC_TEST_CROP_MANIFEST_URL or the one shipped with csc)."""
-    by_id: dict[int, list[manifests.ScoredCropRow]] = {}
-    for row in manifests.scored_crop_rows(manifest):
-        by_id.setdefault(row.id, []).append(row)
-    return [_merge(rows) for _, rows in sorted(by_id.items())]
-
-
-def _merge(rows: Sequence[manifests.ScoredCropRow]) -> TestCrop:
-    def per_axis(values: Iterator[Sequence[float]], pick: Any) -> Any:
-        return tuple(pick(axis) for axis in zip(*values, strict=True))
-
-    return TestCrop(
-        rows[0].id,
-        rows[0].dataset,
-        tuple(row.class_label for row in rows),
-        per_axis((r.voxel_size for r in rows), min),
-        per_axis((r.translation for r in rows), min),
-        per_axis((r.shape for r in rows), max),
-    )
+    return list(manifests.scored_crops(manifest))
 
 
 def get_test_crop_labels(
@@ -244,9 +208,15 @@ def parse_crops(crops: str | Sequence[str] | None) -> CropSelection:
     return CropSelection(tuple(f"crop{n}" if n.isdigit() else n for n in names))
 
 
-def get_test_crop_names() -> tuple[str, ...]:
+def get_test_crop_names(manifest: str | os.PathLike[str] | None = None) -> tuple[str, ...]:
     """crop557, ...: the names the test crops' predictions carry."""
-    return tuple(crop.name for crop in get_test_crops())
+    return tuple(crop.name for crop in get_test_crops(manifest))
+
+
+def scored_crop_patterns(manifest: str | os.PathLike[str] | None = None) -> tuple[str, ...]:
+    """dataset/crop557, ...: the test crops of the manifest in use, as process selects
+    predicted crops (a datasplit crop of the same name in another dataset is not one)."""
+    return tuple(f"{crop.dataset}/{crop.name}" for crop in get_test_crops(manifest))
 
 
 def layout_root(template: str | os.PathLike[str], keyword: str) -> str:
@@ -387,11 +357,14 @@ def predict(
     encoding: str | None = None,
     bbox: Sequence[float] | None = None,
     dataset: str | None = None,
+    manifest: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> list[Written]:
     """The toolkit's `predict`, done by `csc.prediction.predict` (docs/utils.md).
 
-    `crops`: "test" (the default), a comma list ("1,2": crop1, crop2) or "*". `output_path`
+    `crops`: "test" (the default: the test crops of `manifest`, else
+    $CSC_TEST_CROP_MANIFEST_URL, else csc's copy), a comma list ("1,2": crop1, crop2) or "*".
+    `output_path`
     is a template ROOT/{dataset}.zarr/{crop} (default: the config's predictions_path if it
     sets one, else PREDICTIONS_PATH next to the config);
     `do_orthoplanes` averages z, y and x planes for a 2D model; `search_path`, `raw_name` and
@@ -399,11 +372,6 @@ def predict(
     do when the config's datasplit CSV does not exist. The keywords after them are csc's.
     """
     selection = parse_crops(() if bbox is not None and crops == TEST else crops)
-    if selection.test:
-        raise ValueError(
-            "crops='test': predicting the challenge's test crops is not built yet (issue 18); "
-            "name crops ('1,2' or '*') for now"
-        )
     if output is not None and output_path is not None:
         raise ValueError("give output_path (the toolkit's template) or output (a folder), not both")
     searched = {"search_path": search_path, "raw_name": raw_name, "crop_name": crop_name}
@@ -412,9 +380,7 @@ def predict(
     if output is None:
         changes["predictions_path"] = _layout(config, "predictions_path", output_path)
     config = with_paths(config, changes)
-    rows = None
-    if set(changes) & set(searched) or not Path(config.datasplit_path).is_file():
-        rows = crawl_config(config)[0]
+    rows = _crop_rows(config, selection, located=bool(set(changes) & set(searched)))
     orthoplanes = do_orthoplanes and config.input_array_info.is_2d
     # Imported here: csc.utils stays free of torch, for the command line's --help.
     from csc.prediction import predict as csc_predict
@@ -426,6 +392,8 @@ def predict(
         config,
         crops=selection.patterns,
         all_crops=selection.all_crops,
+        test_crops=selection.test,
+        manifest=manifest,
         bbox=bbox,
         dataset=dataset,
         output=output,
@@ -437,6 +405,19 @@ def predict(
         rows=rows,
         checkpoint=checkpoint,
     )
+
+
+def _crop_rows(
+    config: TrainConfig, selection: CropSelection, *, located: bool
+) -> list[DatasplitRow] | None:
+    """The crops predict chooses from: a crawl where the call says where the data are
+    (`located`) or the config's datasplit CSV does not exist, else None (the CSV). Test crops
+    need no crawl: their raw is the datasplit's, else at search_path (none: search_path)."""
+    if selection.test:
+        return [] if located else None
+    if located or not Path(config.datasplit_path).is_file():
+        return crawl_config(config)[0]
+    return None
 
 
 def _check_orthoplanes(config: TrainConfig) -> None:
@@ -461,11 +442,13 @@ def process(
     max_workers: int | None = None,
     overwrite: bool = False,
     *,
+    manifest: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> list[Path]:
     """The toolkit's `process`, done by `csc.processing.process` (docs/utils.md).
 
-    `crops`: None (every predicted crop), "test", a comma list or "*". `input_path` and
+    `crops`: None (every predicted crop), "test" (the predicted test crops of `manifest`, else
+    $CSC_TEST_CROP_MANIFEST_URL, else csc's copy), a comma list or "*". `input_path` and
     `output_path` are templates ROOT/{dataset}.zarr/{crop} (defaults: the config's
     predictions_path and processed_path if it sets them, else PREDICTIONS_PATH and
     PROCESSED_PATH next to the config). `device` and `max_workers` change nothing in csc
@@ -475,7 +458,7 @@ def process(
         raise ValueError(f"max_workers must be a positive integer or None, got {max_workers!r}")
     warn_unused_process_options(device=device, max_workers=max_workers)
     selection = parse_crops(crops)
-    patterns = get_test_crop_names() if selection.test else selection.patterns
+    patterns = scored_crop_patterns(manifest) if selection.test else selection.patterns
     config = _load(config_path)
     changes = {
         "predictions_path": _layout(config, "predictions_path", input_path, "input_path"),

@@ -43,6 +43,25 @@ class ScoredCropRow:
         return f"crop{self.id}"
 
 
+@dataclasses.dataclass(frozen=True)
+class TestCrop:
+    """A test crop as the challenge toolkit merges its manifest rows: the smallest voxel size
+    and translation and the largest shape over its classes, (z, y, x)."""
+
+    __test__ = False  # a data class, not a pytest test class
+
+    id: int
+    dataset: str
+    class_labels: tuple[str, ...]
+    voxel_size: Vec3  # nm
+    translation: Vec3  # nm, the world position of voxel 0 (its centre, as csc reads OME-NGFF)
+    shape: tuple[int, int, int]  # voxels
+
+    @property
+    def name(self) -> str:
+        return f"crop{self.id}"
+
+
 def read_text(name: str) -> str:
     """The text of a shipped manifest, e.g. ``tested_classes.csv``."""
     return resources.files(__name__).joinpath(name).read_text(encoding="utf-8")
@@ -84,6 +103,37 @@ def scored_crop_rows(
         return _parse(read_text("test_crop_manifest.csv"), "csc's test_crop_manifest.csv")
     stat = path.stat()  # the cache key: an edited file is read again
     return _read_rows(path, stat.st_mtime_ns, stat.st_size)
+
+
+def scored_crops(manifest: str | os.PathLike[str] | None = None) -> tuple[TestCrop, ...]:
+    """The test crops of the manifest in use (`scored_crop_rows`), one per crop id, in id
+    order, each merged over its rows."""
+    by_id: dict[int, list[ScoredCropRow]] = {}
+    for row in scored_crop_rows(manifest):
+        by_id.setdefault(row.id, []).append(row)
+    return tuple(_merge(rows) for _, rows in sorted(by_id.items()))
+
+
+def _merge(rows: list[ScoredCropRow]) -> TestCrop:
+    def smallest(values: list[Vec3]) -> Vec3:
+        z, y, x = (min(axis) for axis in zip(*values, strict=True))
+        return (z, y, x)
+
+    z, y, x = (max(axis) for axis in zip(*(r.shape for r in rows), strict=True))
+    return TestCrop(
+        rows[0].id,
+        rows[0].dataset,
+        tuple(row.class_label for row in rows),
+        smallest([r.voxel_size for r in rows]),
+        smallest([r.translation for r in rows]),
+        (z, y, x),
+    )
+
+
+def manifest_name(manifest: str | os.PathLike[str] | None = None) -> str:
+    """The test crop manifest in use, as messages name it."""
+    path = manifest_source(manifest)
+    return "csc's test_crop_manifest.csv" if path is None else str(path)
 
 
 @functools.cache
