@@ -21,10 +21,19 @@ LAYERS = [
     {"config", "storage"},
     {"synth", "datasplit"},
     {"data"},
-    {"models", "losses", "metrics", "optim", "scoring"},
+    {"models", "losses", "metrics", "optim", "scoring", "alignment"},
     {"runtime", "tracking", "distributed"},
     {"checkpoints"},
-    {"training", "prediction", "evaluation", "processing", "launch", "utils"},
+    {
+        "training",
+        "prediction",
+        "evaluation",
+        "processing",
+        "launch",
+        "utils",
+        "packing",
+        "submission_check",
+    },
     {"cli", "__main__", "__init__"},
 ]
 INFERENCE = ("prediction", "processing", "evaluation")  # siblings of training, never its users

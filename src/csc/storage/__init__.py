@@ -4,9 +4,11 @@ tensorstore arrays, metadata reads and writes, atomic writes, retries and timeou
 Modules: `urls` (schemes, store roots), `errors` (`StorageError`), `s3` (endpoint, timeouts,
 retrying filesystems, error messages), `arrays` (zarr and tensorstore arrays, compressors),
 `files` (atomic writes, staged groups, csc's output marker, input stores, listings, thread
-maps) and `metadata` (OME-NGFF and CellMap attributes, chunk keys). Everything else in csc
-imports from here (`from csc.storage import ...`); this package imports no other csc module
-but `csc.__version__`.
+maps), `metadata` (OME-NGFF and CellMap attributes, chunk keys), `labels` (label arrays
+read as the challenge reads a submission, written as pack-results writes them) and `zips`
+(zips written atomically, marked in their comment). Everything else in csc imports from here
+(`from csc.storage import ...`); this package imports no other csc module but
+`csc.__version__`.
 """
 
 from csc.storage.arrays import (
@@ -42,6 +44,14 @@ from csc.storage.files import (
     swap_in,
     thread_map,
     write_text_atomic,
+)
+from csc.storage.labels import (
+    TRANSLATION_KEYS,
+    VOXEL_SIZE_KEYS,
+    LabelArray,
+    open_label_root,
+    read_label,
+    write_label,
 )
 from csc.storage.metadata import (
     AXES,
@@ -84,6 +94,7 @@ from csc.storage.urls import (
     s3_url,
     split_store_path,
 )
+from csc.storage.zips import ZIP_MARKER, check_zip_replaceable, zip_command, zip_folder
 
 __all__ = [
     "AXES",
@@ -94,9 +105,13 @@ __all__ = [
     "S3_RETRY_BUDGET_S",
     "S3_TIMEOUT_S",
     "STORE_SUFFIXES",
+    "TRANSLATION_KEYS",
+    "VOXEL_SIZE_KEYS",
+    "ZIP_MARKER",
     "ArraySource",
     "Chunking",
     "InputStores",
+    "LabelArray",
     "Level",
     "MetadataReader",
     "Retry",
@@ -112,6 +127,7 @@ __all__ = [
     "bucket_url",
     "check_replaceable",
     "check_targets",
+    "check_zip_replaceable",
     "choose_level",
     "chunk_ranges",
     "clean_stale",
@@ -137,9 +153,11 @@ __all__ = [
     "names_in",
     "open_array",
     "open_group",
+    "open_label_root",
     "open_zarr",
     "parse_multiscales",
     "read_json",
+    "read_label",
     "s3_endpoint",
     "s3_errors",
     "s3_filesystem",
@@ -150,5 +168,8 @@ __all__ = [
     "tensorstore_used_here",
     "thread_map",
     "write_array",
+    "write_label",
     "write_text_atomic",
+    "zip_command",
+    "zip_folder",
 ]

@@ -84,16 +84,22 @@ def check_targets(targets: Sequence[Path], command: str, *, overwrite: bool) -> 
 
 
 @contextmanager
-def staged_group(path: Path, *, command: str, overwrite: bool = False) -> Iterator[Any]:
+def staged_group(
+    path: Path, *, command: str, overwrite: bool = False, standalone: bool = False
+) -> Iterator[Any]:
     """A zarr group written under a temporary name next to `path`, marked as `csc {command}`'s
     output and swapped in for `path` when the block ends without error; removed on error, so
     a crash never leaves a half-written group under the real name. What was at `path` is
-    replaced only if `overwrite` is given and `csc {command}` wrote it."""
+    replaced only if `overwrite` is given and `csc {command}` wrote it. `standalone`: `path`
+    is a zarr root of its own (a submission), not a group of the store around it."""
     clean_stale(path)
-    root = open_group(str(path.parent), mode="a")
     partial = _beside(path, "partial", os.getpid())
     try:
-        yield root.require_group(partial.name)
+        if standalone:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield open_group(str(partial), mode="w")
+        else:
+            yield open_group(str(path.parent), mode="a").require_group(partial.name)
         mark_csc_output(partial, command)
         swap_in(partial, path, command=command, overwrite=overwrite)
     finally:
