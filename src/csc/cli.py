@@ -24,6 +24,7 @@ from csc.config import (
     DEFAULT_PREDICTION_CHECKPOINT,
     DEFAULT_S3_SEARCH_PATH,
     DEFAULT_SEARCH_PATH,
+    DEFAULT_TRUTH_PATH,
     FORCE_ALL_CLASSES_CHOICES,
     PREDICTION_ENCODINGS,
     TrainConfig,
@@ -812,12 +813,27 @@ def counts(**options: Any) -> None:
         click.echo(f"wrote {options['csv_path']}")
 
 
+_MANIFEST_HELP = "Test crop manifest CSV to use; default: $CSC_TEST_CROP_MANIFEST_URL, else csc's."
+# Options of each mode of `csc evaluate`: predictions vs datasplit crops, or a submission.
+_PREDICTIONS_MODE = ("datasplit_path", "crops", "classes", "threshold", "boundary_tolerance")
+_SUBMISSION_MODE = ("result_file", "truth_path", "manifest", "instance_classes")
+
+
 @cli.command()
 @click.option(
     "--predictions",
-    required=True,
+    default=None,
     type=click.Path(),
     help="Folder csc predict wrote: {dataset}.zarr/{crop}/{class} groups.",
+)
+@click.option(
+    "-s",
+    "--submission-path",
+    "submission",
+    default=None,
+    type=click.Path(),
+    help="Score this challenge submission (zip, folder holding one zip, or zarr folder) as "
+    "the challenge does, instead of --predictions.",
 )
 @click.option(
     "--datasplit",
@@ -855,9 +871,54 @@ def counts(**options: Any) -> None:
     type=click.Path(dir_okay=False),
     help="Also write the results to this JSON file.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
-def evaluate(**options: Any) -> None:
-    """Score predictions against ground-truth crops: IoU, Dice, ..., Hausdorff95 (nm)."""
+@click.option(
+    "-r",
+    "--result-file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="With -s: write the public result here and the full one as <stem>_extended<suffix>.",
+)
+@click.option(
+    "-t",
+    "--truth-path",
+    default=DEFAULT_TRUTH_PATH,
+    show_default=True,
+    type=click.Path(),
+    help="With -s: the ground truth zarr (crop<id>/<label> arrays).",
+)
+@click.option(
+    "--test-crop-manifest", "manifest", default=None, type=click.Path(), help=_MANIFEST_HELP
+)
+@click.option(
+    "-ic",
+    "--instance-classes",
+    default=None,
+    help="With -s: comma list of the classes scored as instances; default: the challenge's.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a --json or -r file csc wrote.")
+@click.pass_context
+def evaluate(ctx: click.Context, /, **options: Any) -> None:
+    """Score predictions against ground-truth crops (IoU, Dice, ..., Hausdorff95 in nm), or
+    with -s a challenge submission as the challenge scores it."""
+    submission_mode = options["submission"] is not None
+    if submission_mode == (options["predictions"] is not None):
+        raise click.UsageError("give either --predictions (csc's scores) or -s (a submission)")
+    unused = _SUBMISSION_MODE if not submission_mode else (*_PREDICTIONS_MODE, "json_path")
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in unused
+        if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT
+    ]
+    if given:
+        mode = "-s (a submission)" if submission_mode else "--predictions"
+        raise click.UsageError(f"{', '.join(given)}: not an option of csc evaluate with {mode}")
+    if submission_mode:
+        _evaluate_submission(options)
+    else:
+        _evaluate_predictions(options)
+
+
+def _evaluate_predictions(options: dict[str, Any]) -> None:
     from csc.datasplit import read_datasplit, select_crops
     from csc.evaluation import check_json_path, format_table, write_json
     from csc.evaluation import evaluate as run
@@ -882,94 +943,22 @@ def evaluate(**options: Any) -> None:
         click.echo(f"wrote {json_path}")
 
 
-_MANIFEST_HELP = "Test crop manifest CSV to use; default: $CSC_TEST_CROP_MANIFEST_URL, else csc's."
+def _evaluate_submission(options: dict[str, Any]) -> None:
+    from csc.submissions import extended_path, format_result, score_submission
 
-
-@cli.command("pack-results")
-@click.option(
-    "-i",
-    "--input-search-path",
-    "input_template",
-    default="data/processed/{dataset}.zarr/{crop}",
-    show_default=True,
-    help="Where each test crop's labels are: {crop} (crop<id>) and {dataset} are filled.",
-)
-@click.option(
-    "-o",
-    "--output-path",
-    "output",
-    default="data/submission.zarr",
-    show_default=True,
-    type=click.Path(),
-    help="The submission zarr (suffix .zarr); the zip is written beside it (.zip).",
-)
-@click.option("--overwrite", is_flag=True, help="Replace a submission csc pack-results wrote.")
-@click.option(
-    "-w",
-    "--max-workers",
-    "workers",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Labels packed at once (threads); default: the CPU count.",
-)
-@click.option(
-    "--test-crop-manifest", "manifest", default=None, type=click.Path(), help=_MANIFEST_HELP
-)
-@click.option("--check", is_flag=True, help="Check the zip as csc check-submission does.")
-def pack_results(
-    input_template: str,
-    output: str,
-    overwrite: bool,
-    workers: int | None,
-    manifest: str | None,
-    check: bool,
-) -> None:
-    """Pack processed predictions into a challenge submission zarr and zip."""
+    result_file = options["result_file"]
     with user_errors():
-        from csc.packing import pack_results as run
-
-        report = run(
-            input_template, output, manifest=manifest, overwrite=overwrite, workers=workers
+        result = score_submission(
+            options["submission"],
+            options["truth_path"],
+            manifest=options["manifest"],
+            instance_classes=_comma_list(options["instance_classes"]) or None,
+            result_path=result_file,
+            overwrite=options["overwrite"],
         )
-    for line in report.missing:
-        click.echo(f"skipped {line}", err=True)
-    click.echo(
-        f"packed {len(report.packed)} labels of {report.num_crops} crops into {report.zarr_path}"
-    )
-    click.echo(f"wrote {report.zip_path} ({report.zip_bytes} bytes)")
-    if check:
-        _report_check(str(report.zip_path), manifest)
-
-
-@cli.command("check-submission")
-@click.argument("path", type=click.Path(exists=True))
-@click.option(
-    "--test-crop-manifest", "manifest", default=None, type=click.Path(), help=_MANIFEST_HELP
-)
-def check_submission(path: str, manifest: str | None) -> None:
-    """Check a submission zip (or folder) as the challenge will read it; exit 1 on errors."""
-    _report_check(path, manifest)
-
-
-def _report_check(path: str, manifest: str | None) -> None:
-    """Print the size and every finding about a submission; exit 1 if any is an error."""
-    from collections import Counter
-
-    from csc.submission_check import check_submission as run
-    from csc.submission_check import submission_size
-
-    with user_errors():
-        problems = run(path, manifest=manifest)
-        size = submission_size(path) if not any(p.where == path for p in problems) else None
-    if size is not None:
-        click.echo(f"{path}: {size[0]} bytes ({size[1]} uncompressed)")
-    for problem in problems:
-        click.echo(str(problem), err=problem.level == "error")
-    counts: Counter[str] = Counter(p.level for p in problems)
-    levels = {"error": "errors", "missing": "missing", "ignored": "ignored", "note": "notes"}
-    click.echo(", ".join(f"{counts[level]} {name}" for level, name in levels.items()))
-    if counts["error"]:
-        raise SystemExit(1)
+    click.echo(format_result(result))
+    if result_file:
+        click.echo(f"wrote {result_file} and {extended_path(result_file)}")
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "hausdorff_distances",
     "match_instances",
     "max_distance",
+    "missing_label_score",
     "normalize_distance",
     "ratio_cutoff",
     "score_label",
@@ -79,12 +80,10 @@ class LabelScore:
         out: dict[str, object] = {"tp": self.tp, "fp": self.fp, "fn": self.fn}
         if self.is_instance:
             out |= {"hausdorff_norm_sum": self.hausdorff_norm_sum, "n_hausdorff": self.n_hausdorff}
-        return out | {
-            "status": self.status,
-            "num_voxels": self.num_voxels,
-            "voxel_size": list(self.voxel_size),
-            "is_missing": self.is_missing,
-        }
+        where = {"num_voxels": self.num_voxels, "voxel_size": list(self.voxel_size)}
+        if self.is_missing:  # the toolkit's key order for a missing label
+            return out | where | {"is_missing": True, "status": self.status}
+        return out | {"status": self.status} | where | {"is_missing": False}
 
 
 def ratio_cutoff(num_truth: int) -> float:
@@ -288,6 +287,21 @@ def score_label(
     return _score_instance(truth, pred, vs)
 
 
+def missing_label_score(
+    truth: NDArray[Any], voxel_size: Sequence[float], *, instance: bool
+) -> LabelScore:
+    """A truth label that the submission lacks (the toolkit's `empty_label_score`): every
+    truth instance a false negative with normalised Hausdorff 0, or every voxel of the crop
+    (foreground or not) a false negative."""
+    vs = tuple(float(v) for v in voxel_size)
+    if not instance:
+        size = truth.size
+        return LabelScore(0, 0, size, size, vs, "missing", True)
+    ids = fastremap.unique(truth)
+    num_truth = int(np.count_nonzero(ids))
+    return LabelScore(0, 0, num_truth, truth.size, vs, "missing", True, 0.0, num_truth)
+
+
 def _score_semantic(
     truth: NDArray[np.bool_], pred: NDArray[np.bool_], vs: tuple[float, ...]
 ) -> LabelScore:
@@ -324,8 +338,16 @@ def _score_instance(
     )
 
 
-def combine_scores(scores: Mapping[str, Sequence[LabelScore]]) -> dict[str, object]:
-    """Per-class scores pooled over crops (label → its crops' results) and the overall means."""
+def combine_scores(
+    scores: Mapping[str, Sequence[LabelScore]], *, include_missing: bool = True
+) -> dict[str, object]:
+    """Per-class scores pooled over crops (label → its crops' results) and the overall means;
+    without `include_missing`, missing entries are left out (and classes with only those)."""
+    if not include_missing:
+        found = {
+            label: [r for r in results if not r.is_missing] for label, results in scores.items()
+        }
+        scores = {label: results for label, results in found.items() if results}
     label_scores = {label: _class_score(results) for label, results in scores.items()}
     instance = [s["combined_score"] for s in label_scores.values() if "combined_score" in s]
     semantic = [s["iou"] for s in label_scores.values() if "iou" in s]
