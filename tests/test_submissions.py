@@ -203,3 +203,8 @@ def test_csc_evaluate_takes_one_mode_and_only_its_options() -> None:
     assert mixed.exit_code == 2 and "--threshold: not an option of csc evaluate with -s" in (
         mixed.output
     )
+    other = ["evaluate", "--predictions", ".", "--test-crop-manifest", str(MANIFEST), "-r", "r"]
+    wrong = CliRunner().invoke(cli, other)
+    assert "--result-file, --test-crop-manifest: not an option of csc evaluate with --pred" in (
+        wrong.output
+    )

@@ -904,8 +904,9 @@ def evaluate(ctx: click.Context, /, **options: Any) -> None:
     if submission_mode == (options["predictions"] is not None):
         raise click.UsageError("give either --predictions (csc's scores) or -s (a submission)")
     unused = _SUBMISSION_MODE if not submission_mode else (*_PREDICTIONS_MODE, "json_path")
+    spelled = {p.name: max(p.opts, key=len) for p in ctx.command.params}
     given = [
-        f"--{name.replace('_', '-')}"
+        spelled[name]
         for name in unused
         if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT
     ]
@@ -959,6 +960,93 @@ def _evaluate_submission(options: dict[str, Any]) -> None:
     click.echo(format_result(result))
     if result_file:
         click.echo(f"wrote {result_file} and {extended_path(result_file)}")
+
+
+@cli.command("pack-results")
+@click.option(
+    "-i",
+    "--input-search-path",
+    "input_template",
+    default="data/processed/{dataset}.zarr/{crop}",
+    show_default=True,
+    help="Where each test crop's labels are: {crop} (crop<id>) and {dataset} are filled.",
+)
+@click.option(
+    "-o",
+    "--output-path",
+    "output",
+    default="data/submission.zarr",
+    show_default=True,
+    type=click.Path(),
+    help="The submission zarr (suffix .zarr); the zip is written beside it (.zip).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a submission csc pack-results wrote.")
+@click.option(
+    "-w",
+    "--max-workers",
+    "workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Labels packed at once (threads); default: the CPU count.",
+)
+@click.option(
+    "--test-crop-manifest", "manifest", default=None, type=click.Path(), help=_MANIFEST_HELP
+)
+@click.option("--check", is_flag=True, help="Check the zip as csc check-submission does.")
+def pack_results(
+    input_template: str,
+    output: str,
+    overwrite: bool,
+    workers: int | None,
+    manifest: str | None,
+    check: bool,
+) -> None:
+    """Pack processed predictions into a challenge submission zarr and zip."""
+    with user_errors():
+        from csc.packing import pack_results as run
+
+        report = run(
+            input_template, output, manifest=manifest, overwrite=overwrite, workers=workers
+        )
+    for line in report.missing:
+        click.echo(f"skipped {line}", err=True)
+    click.echo(
+        f"packed {len(report.packed)} labels of {report.num_crops} crops into {report.zarr_path}"
+    )
+    click.echo(f"wrote {report.zip_path} ({report.zip_bytes} bytes)")
+    if check:
+        _report_check(str(report.zip_path), manifest)
+
+
+@cli.command("check-submission")
+@click.argument("path", type=click.Path(exists=True))
+@click.option(
+    "--test-crop-manifest", "manifest", default=None, type=click.Path(), help=_MANIFEST_HELP
+)
+def check_submission(path: str, manifest: str | None) -> None:
+    """Check a submission zip (or folder) as the challenge will read it; exit 1 on errors."""
+    _report_check(path, manifest)
+
+
+def _report_check(path: str, manifest: str | None) -> None:
+    """Print the size and every finding about a submission; exit 1 if any is an error."""
+    from collections import Counter
+
+    from csc.submission_check import check_submission as run
+    from csc.submission_check import submission_size
+
+    with user_errors():
+        problems = run(path, manifest=manifest)
+        size = submission_size(path) if not any(p.where == path for p in problems) else None
+    if size is not None:
+        click.echo(f"{path}: {size[0]} bytes ({size[1]} uncompressed)")
+    for problem in problems:
+        click.echo(str(problem), err=problem.level == "error")
+    counts: Counter[str] = Counter(p.level for p in problems)
+    levels = {"error": "errors", "missing": "missing", "ignored": "ignored", "note": "notes"}
+    click.echo(", ".join(f"{counts[level]} {name}" for level, name in levels.items()))
+    if counts["error"]:
+        raise SystemExit(1)
 
 
 def main() -> None:

@@ -27,7 +27,17 @@ from csc.scoring import LabelScore, combine_scores, missing_label_score, score_l
 from csc.storage import LabelArray, NodeRoot, open_nodes, read_label, write_text_atomic
 from csc.submission_check import _check_members, _Files, _root
 
-__all__ = ["DEFAULT_TRUTH_PATH", "VERSION", "Submission", "find_submission", "score_submission"]
+__all__ = [
+    "DEFAULT_TRUTH_PATH",
+    "VERSION",
+    "Submission",
+    "extended_path",
+    "find_submission",
+    "format_result",
+    "match_crops",
+    "score_submission",
+    "truth_labels",
+]
 
 VERSION = f"csc {__version__}"  # the results' git_version: also what marks them as csc's
 FINEST = (1e-9, 1e-9, 1e-9)  # a target voxel size (nm) that picks a label's finest level
@@ -91,7 +101,8 @@ def _crop_folders(names: Sequence[str], prefix: str) -> dict[str, frozenset[str]
 
 
 def truth_labels(truth: str | os.PathLike[str]) -> dict[str, list[str]]:
-    """Crop -> its label arrays (sorted) in the ground truth zarr folder `truth`."""
+    """Crop -> its labels (sorted): the zarr arrays, or multiscale groups, in each crop group of
+    the ground truth zarr folder `truth`."""
     root = Path(truth)
     if not root.is_dir():
         raise FileNotFoundError(
@@ -99,7 +110,7 @@ def truth_labels(truth: str | os.PathLike[str]) -> dict[str, list[str]]:
             "crop<id>/<label> arrays"
         )
     crops = {
-        crop.name: sorted(n.name for n in crop.iterdir() if _is_array(n))
+        crop.name: sorted(n.name for n in crop.iterdir() if _is_node(n))
         for crop in sorted(root.iterdir())
         if crop.is_dir()
     }
@@ -109,8 +120,9 @@ def truth_labels(truth: str | os.PathLike[str]) -> dict[str, list[str]]:
     return crops
 
 
-def _is_array(path: Path) -> bool:
-    return (path / ".zarray").is_file() or (path / "zarr.json").is_file()
+def _is_node(path: Path) -> bool:
+    """A zarr array or group (a multiscale label) folder."""
+    return any((path / name).is_file() for name in (".zarray", ".zgroup", "zarr.json"))
 
 
 def match_crops(submitted: Sequence[str], truth: Sequence[str], where: Path) -> dict[str, str]:
