@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from csc.cli import cli
 from csc.packing import pack_results, submission_values
-from csc.storage import open_label_root, read_label
+from csc.storage import multiscales_attrs, open_label_root, read_label
 from csc.submission_check import Problem, check_submission
 
 SUBMISSIONS = Path(__file__).parent / "data" / "golden" / "submissions"
@@ -281,3 +281,59 @@ def test_check_submission_cli_exits_1_on_errors(tmp_path: Path) -> None:
         cli, ["check-submission", str(bad), "--test-crop-manifest", str(MANIFEST)]
     )
     assert result.exit_code == 1 and "1 errors" in result.output
+
+
+def test_check_submission_on_the_toolkits_own_zips() -> None:
+    missing_crop = levels(
+        check_submission(SUBMISSIONS / "s2_missing_crop" / "submission.zip", manifest=MANIFEST)
+    )
+    assert set(found.split(":")[0] for found in missing_crop["missing"]) == {
+        "crop9002/mito",
+        "crop9002/cyto",
+    }
+    missing_label = levels(
+        check_submission(SUBMISSIONS / "s3_missing_label" / "submission.zip", manifest=MANIFEST)
+    )
+    assert missing_label["missing"] == ["crop9001/er: label not submitted: scored as missing"]
+    assert missing_label["ignored"] == ["crop9001/ld: not in the manifest"]
+    assert "error" not in missing_crop and "error" not in missing_label
+
+
+def test_check_submission_reads_a_folder_and_the_one_zip_in_it(
+    processed: Path, tmp_path: Path
+) -> None:
+    report = pack(processed, tmp_path / "submission.zarr")
+    assert check_submission(report.zarr_path, manifest=MANIFEST) == []  # the zarr folder
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    (folder / "s.zip").write_bytes(report.zip_path.read_bytes())
+    assert check_submission(folder, manifest=MANIFEST) == []
+
+
+def test_pack_results_reads_csc_ome_ngff_outputs(tmp_path: Path) -> None:
+    crop = zarr.open_group(tmp_path / "synth_b.zarr" / "crop9002", mode="w", zarr_format=2)
+    mito = crop.require_group("mito")
+    mito.attrs.update(multiscales_attrs("mito", [([2.0] * 3, [0.0] * 3), ([4.0] * 3, [0.0] * 3)]))
+    ids = np.zeros((32, 32, 32), np.uint16)
+    ids[4:12, 4:12, 4:12], ids[20:28, 20:28, 20:28] = 300, 7
+    fine = np.zeros((64, 64, 64), np.uint16)
+    mito.create_array("s0", shape=fine.shape, dtype=fine.dtype)[...] = fine
+    mito.create_array("s1", shape=ids.shape, dtype=ids.dtype)[...] = ids
+    report = pack_results(
+        str(tmp_path / "{dataset}.zarr/{crop}"), tmp_path / "s.zarr", manifest=MANIFEST
+    )
+    assert report.packed == ("crop9002/mito",) and len(report.missing) == 4
+    packed = packed_array(report.zip_path, "crop9002/mito")[...]
+    assert packed.dtype == np.uint8  # 2 ids: renumbered to fit
+    np.testing.assert_array_equal(packed, np.select([ids == 7, ids == 300], [1, 2], 0))
+
+
+def test_a_label_that_cannot_be_read_fails_and_writes_nothing(tmp_path: Path) -> None:
+    crop = zarr.open_group(tmp_path / "synth_a.zarr" / "crop9001", mode="w", zarr_format=2)
+    array = crop.create_array("mito", shape=(32, 32, 32), dtype=np.uint8)
+    array.attrs["voxel_size"] = "eight"
+    with pytest.raises(ValueError, match=r"crop9001/mito attribute 'voxel_size' must be 3 numbers"):
+        pack_results(
+            str(tmp_path / "{dataset}.zarr/{crop}"), tmp_path / "s.zarr", manifest=MANIFEST
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth_a.zarr"]

@@ -66,25 +66,28 @@ def pack_results(
     check_targets([zarr_path], PACK, overwrite=overwrite)
     check_zip_replaceable(zip_path, PACK, overwrite=overwrite)
     found = [row for row in rows if sources[row].exists()]
-    missing = [f"{row.name}/{row.class_label} (not found at {sources[row]})" for row in rows]
-    missing = [m for row, m in zip(rows, missing, strict=True) if row not in found]
+    missing = tuple(
+        f"{row.name}/{row.class_label} (not found at {sources[row]})"
+        for row in rows
+        if row not in found
+    )
     if not found:
         raise ValueError(
             f"none of the {len(rows)} test crop labels was found under {input_template} (e.g. "
             f"{sources[rows[0]]}): point -i/--input-search-path at the processed predictions"
         )
+    crops = list(dict.fromkeys(row.name for row in rows))
     with staged_group(zarr_path, command=PACK, overwrite=overwrite, standalone=True) as root:
-        for crop in dict.fromkeys(row.name for row in rows):
+        for crop in crops:
             root.require_group(crop)  # every manifest crop: an empty one scores as missing
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
             list(pool.map(lambda row: _pack_row(root, row, sources[row]), found))
-    crops = list(dict.fromkeys(row.name for row in rows))
     # The root's .zattrs holds only csc's marker, the crops' only {}: the zip has the
     # toolkit's members (.zgroup, and .zarray, .zattrs, chunks per label) and no others.
     leave_out = {".zattrs", *(f"{crop}/.zattrs" for crop in crops)}
     zip_bytes = zip_folder(zarr_path, zip_path, command=PACK, leave_out=leave_out)
     packed = tuple(f"{row.name}/{row.class_label}" for row in found)
-    return PackReport(zarr_path, zip_path, zip_bytes, len(crops), packed, tuple(missing))
+    return PackReport(zarr_path, zip_path, zip_bytes, len(crops), packed, missing)
 
 
 def _source(template: str, row: ScoredCropRow) -> Path:

@@ -82,6 +82,7 @@ def check_submission(
     """Every finding about the submission zip or folder `path` against the manifest rows."""
     rows = scored_crop_rows(manifest)
     problems: list[Problem] = []
+    path = _the_zip_inside(Path(path))
     if os.path.isdir(path):
         folder = Path(path)
         names = {f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file()}
@@ -98,6 +99,15 @@ def check_submission(
         names = {i.filename for i in archive.infolist() if not i.is_dir()}
         problems += _check_zarr(_Files(frozenset(names), archive.read), rows)
     return problems
+
+
+def _the_zip_inside(path: Path) -> Path:
+    """The one zip at the top of the folder `path`, which the scorer reads instead of the
+    folder; else `path` itself."""
+    if not path.is_dir() or (path / ".zgroup").exists():
+        return path
+    zips = [entry for entry in path.iterdir() if entry.suffix == ".zip" and entry.is_file()]
+    return zips[0] if len(zips) == 1 else path
 
 
 def _check_members(archive: zipfile.ZipFile) -> list[Problem]:
