@@ -157,3 +157,20 @@ def test_far_apart_voxels_are_measured_as_the_distance_transform_measures(
     assert got == [float(np.float32(capped))]
     points = np.argwhere(a), np.argwhere(b)
     assert scoring._distance_of_points(*points, voxel_size) == want  # bit for bit
+
+
+def test_too_many_overlapping_pairs_skip_the_crop(monkeypatch: pytest.MonkeyPatch) -> None:
+    truth = np.zeros((8, 8, 8), np.uint32)
+    truth[:4], truth[4:] = 1, 2
+    pred = np.zeros((8, 8, 8), np.uint8)
+    pred[2:6] = 1  # one prediction over both truth instances: 2 overlapping pairs
+    monkeypatch.setattr(scoring, "MAX_OVERLAP_EDGES", 1)
+    result = scoring.score_label(truth, pred, (8, 8, 8), instance=True)
+    assert (result.status, result.tp, result.fp, result.fn) == (
+        "skipped_too_many_instances",
+        0,
+        0,
+        0,
+    )
+    monkeypatch.setattr(scoring, "MAX_OVERLAP_EDGES", 2)
+    assert scoring.score_label(truth, pred, (8, 8, 8), instance=True).status == "scored"
