@@ -93,6 +93,14 @@ def test_a_folder_a_folder_with_one_zip_and_a_zarr_folder_score_alike(tmp_path: 
     assert_matches(score(folder), want, "zarr folder")
 
 
+def test_an_empty_crop_group_scores_like_a_missing_crop(tmp_path: Path) -> None:
+    variant = rezip(GOLDEN / "s2_missing_crop" / "submission.zip", tmp_path / "v.zip", str)
+    with zipfile.ZipFile(variant, "a") as archive:
+        archive.writestr("crop9002/.zgroup", '{"zarr_format": 2}')
+    assert "crop9002" in find_submission(variant).crops
+    assert_matches(score(variant), expected("s2_missing_crop", "result_extended.json"), "empty")
+
+
 def test_the_zip_is_read_in_place_not_a_stale_extraction_beside_it(tmp_path: Path) -> None:
     # The toolkit would reuse <zip>.zarr if it exists; csc scores what the zip holds.
     submission = tmp_path / "submission.zip"
