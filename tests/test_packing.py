@@ -337,3 +337,26 @@ def test_a_label_that_cannot_be_read_fails_and_writes_nothing(tmp_path: Path) ->
             str(tmp_path / "{dataset}.zarr/{crop}"), tmp_path / "s.zarr", manifest=MANIFEST
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synth_a.zarr"]
+
+
+def test_a_coarse_csc_output_is_placed_by_voxel_edges(tmp_path: Path) -> None:
+    """An 8 nm prediction of a 2 nm crop, laid out as csc predict covers the crop (its grid's
+    edge on the crop's edge, OME-NGFF translation = voxel 0's centre), lands on the crop's
+    voxels exactly: each coarse voxel becomes 4 x 4 x 4 crop voxels, none shifted."""
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "crop_name,dataset,class_label,voxel_size,translation,shape\n"
+        "9003,synth_c,mito,[2;2;2],[7599;7599;7599],[32;32;32]\n"
+    )
+    group = zarr.open_group(tmp_path / "synth_c.zarr/crop9003/mito", mode="w", zarr_format=2)
+    # The crop's first voxel spans 7598-7600 nm, so the 8 nm grid starts at 7598: centre 7602.
+    group.attrs.update(multiscales_attrs("mito", [([8.0] * 3, [7602.0] * 3)]))
+    coarse = np.zeros((8, 8, 8), np.uint8)
+    coarse[1:3, 2:5, 6:8] = 1
+    group.create_array("s0", shape=coarse.shape, dtype=coarse.dtype)[...] = coarse
+    report = pack_results(
+        str(tmp_path / "{dataset}.zarr/{crop}"), tmp_path / "s.zarr", manifest=manifest
+    )
+    packed = packed_array(report.zip_path, "crop9003/mito")[...]
+    expected = coarse.repeat(4, 0).repeat(4, 1).repeat(4, 2)
+    np.testing.assert_array_equal(packed, expected)

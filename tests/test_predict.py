@@ -291,7 +291,7 @@ def test_process_applies_the_function_block_by_block(data: Path, tmp_path: Path)
         result, attrs = read_output(written[0], name)
         assert result.dtype == np.uint8
         np.testing.assert_array_equal(result, (source / 255 > 0.5).astype(np.uint8))
-        assert attrs["csc_processed"]["function"] == "threshold"
+        assert attrs["csc_process"]["function"] == "threshold"
         assert "multiscales" in attrs
     with pytest.raises(FileExistsError, match="pass --overwrite"):
         process(config, crops=("crop1",), progress=False)
@@ -299,8 +299,11 @@ def test_process_applies_the_function_block_by_block(data: Path, tmp_path: Path)
     with pytest.raises(ValueError, match="must return an array of the same shape"):
         process(shrink, output=tmp_path / "other", progress=False)
     assert not (tmp_path / "other/jrc_synth1.zarr/crop1").exists()  # nothing half-written
-    with pytest.raises(ValueError, match="set process_func in the config"):
-        process(build_config({**vars_of(config), "process_func": None}), progress=False)
+    default = build_config({**vars_of(config), "process_func": None})  # csc's "instances"
+    (done,) = process(default, output=tmp_path / "default", crops=("crop1",), progress=False)
+    nuc, attrs = read_output(done, "nuc")
+    assert nuc.dtype == np.uint32 and attrs["csc_process"]["method"] == "instances"
+    assert read_output(done, "er")[0].dtype == np.uint8  # a semantic class: thresholded
 
 
 def test_csc_predict_and_process_on_the_command_line(data: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -92,3 +93,24 @@ def test_config_lists_the_spatial_transforms() -> None:
     with pytest.raises(ValueError, match=f"key 'flip'; available: {available}$"):
         build_config({"spatial_transforms": {"flip": {"axes": {"x": 0.5}}}})
     build_config({"spatial_transforms": DEFAULT_SPATIAL_TRANSFORMS})
+
+
+@pytest.mark.parametrize(("name", "reference"), entries(registries.PROCESS_FUNCS))
+def test_process_func_entry_labels_a_class(name: str, reference: str) -> None:
+    """Each named method turns one instance class's probabilities into labels: 0 where p is
+    low, nonzero where it is high."""
+    from csc.labelling import ClassJob
+
+    method = registries.resolve(reference)
+    probabilities = np.zeros((4, 6, 6), dtype=np.float32)
+    probabilities[1:3, 1:4, 1:4] = 0.9
+    made: list[np.ndarray] = []
+    job = ClassJob(
+        read=lambda box: probabilities[box],
+        shape=probabilities.shape,
+        block_shape=(2, 3, 3),
+        create=lambda dtype: made.append(np.zeros(probabilities.shape, dtype)) or made[0],
+        instance=True,
+    )
+    assert method(job)["method"] == name
+    np.testing.assert_array_equal(made[0] > 0, probabilities > 0.5)

@@ -217,3 +217,39 @@ def test_downsample_on_coordinate_values() -> None:
     assert downsample(labels, is_label=True).item() == 0  # 3 of 8 present: absent
     labels[1, 0, 1] = 1
     assert downsample(labels, is_label=True).item() == 1  # a tie counts as present
+
+
+def test_test_crops_are_held_out_in_the_challenge_layout(tmp_path: Path) -> None:
+    spec = dataclasses.replace(TINY_SPEC, num_test_crops=1, test_crop_shape=(8, 16, 16))
+    crops = write_synthetic(tmp_path / "t", spec)
+    plain = write_synthetic(tmp_path / "p", TINY_SPEC)
+    # The training crops are the same bytes with or without test crops: they are added after.
+    assert [c for c in crops if not c.test] == plain
+    for dataset in ("jrc_synth1", "jrc_synth2"):
+        store = Path(dataset) / f"{dataset}.zarr"
+        assert checksums(tmp_path / "t" / store) != {}
+    tests = [c for c in crops if c.test]
+    assert [c.crop for c in tests] == ["crop1001", "crop1002"]
+    # Nothing of the test crops in the CellMap layout a datasplit crawls.
+    crawled = {p.parent.name for p in crop_groups(tmp_path / "t")}
+    assert crawled.isdisjoint({"crop1001", "crop1002"})
+    truth = zarr.open_group(str(tmp_path / "t/ground_truth.zarr"), mode="r")
+    rows = (tmp_path / "t/test_crop_manifest.csv").read_text().splitlines()
+    assert rows[0] == "crop_name,dataset,class_label,voxel_size,translation,shape"
+    assert len(rows) == 1 + sum(len(c.classes) for c in tests)
+    for crop in tests:
+        for name in crop.classes:
+            array = truth[f"{crop.crop}/{name}"]
+            assert array.shape == (8, 16, 16)
+            assert array.attrs["voxel_size"] == [4.0, 4.0, 4.0]
+            assert array.attrs["translation"] == list(crop.translation)
+            assert array.attrs["shape"] == [8, 16, 16]
+            # Instance classes: one uint32 id per object, 1..N; semantic ones 0/1.
+            values = np.unique(array[...])
+            if name in ("nuc", "mito"):
+                assert array.dtype == np.uint32
+                assert list(values) == list(range(len(values)))
+            else:
+                assert array.dtype == np.uint8 and set(values) <= {0, 1}
+            row = f"{crop.crop[4:]},{crop.dataset},{name},[4;4;4]"
+            assert any(line.startswith(row) for line in rows)

@@ -135,6 +135,13 @@ def cli() -> None:
 @click.option("--datasets", default=2, show_default=True, help="Number of datasets (zarr stores).")
 @click.option("--crops", default=3, show_default=True, help="Label crops per dataset.")
 @click.option(
+    "--test-crops",
+    default=0,
+    show_default=True,
+    help="Held-out test crops per dataset: labels in OUT_DIR/ground_truth.zarr, rows in "
+    "OUT_DIR/test_crop_manifest.csv (the challenge's layout).",
+)
+@click.option(
     "--shape",
     default="96,256,256",
     show_default=True,
@@ -178,6 +185,7 @@ def synth(out_dir: str, **options: Any) -> None:
     spec = SynthSpec(
         num_datasets=options["datasets"],
         num_crops=options["crops"],
+        num_test_crops=options["test_crops"],
         shape=options["shape"],
         crop_shape=options["crop_shape"],
         classes=tuple(c.strip() for c in options["classes"].split(",") if c.strip()),
@@ -189,9 +197,16 @@ def synth(out_dir: str, **options: Any) -> None:
     with user_errors():
         crops = write_synthetic(out_dir, spec, overwrite=overwrite)
     for crop in crops:
-        click.echo(f"{crop.dataset}/{crop.crop}: {', '.join(crop.classes)}")
+        held_out = " (test crop, held out)" if crop.test else ""
+        click.echo(f"{crop.dataset}/{crop.crop}: {', '.join(crop.classes)}{held_out}")
     datasets = len({c.dataset for c in crops}) or spec.num_datasets
-    click.echo(f"wrote {datasets} datasets with {len(crops)} crops to {out_dir}")
+    tests = sum(c.test for c in crops)
+    click.echo(f"wrote {datasets} datasets with {len(crops) - tests} crops to {out_dir}")
+    if tests:
+        click.echo(
+            f"and {tests} test crops: ground truth {os.path.join(out_dir, 'ground_truth.zarr')}, "
+            f"manifest {os.path.join(out_dir, 'test_crop_manifest.csv')}"
+        )
 
 
 def _config_command(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -517,7 +532,7 @@ def process(
     device: str | None,
     max_workers: int | None,
 ) -> None:
-    """Apply the config's process_func to predictions, block by block."""
+    """Predictions to labels: instance ids and 0/1 masks (or the config's process_func)."""
     with user_errors():
         resolved = _config_with(config_file, overrides, strict=strict, device=device)
         from csc.processing import process as run

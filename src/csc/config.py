@@ -35,6 +35,7 @@ OPTIMIZER_NAMES = tuple(sorted(registries.OPTIMIZERS))
 SCHEDULER_NAMES = tuple(sorted(registries.SCHEDULERS))
 LOSS_NAMES = tuple(sorted(registries.LOSSES))
 SPATIAL_TRANSFORM_NAMES = tuple(registries.SPATIAL_TRANSFORMS)
+PROCESS_FUNC_NAMES = tuple(sorted(registries.PROCESS_FUNCS))
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 PREDICTION_ENCODINGS = ("uint8", "float16")
 LOAD_MODEL_CHOICES = ("latest", "best", None)
@@ -213,11 +214,18 @@ class TrainConfig:
     prediction_batch_size: int | None = None  # windows per forward pass; None: batch_size
     # Raw transform for prediction windows (the toolkit's key); None: val_raw_value_transforms.
     value_transforms: Callable[..., Any] | None = None
-    process_func: Callable[..., Any] | None = None  # (one class's block) -> array
+    # A callable (one class's block) -> array, or the name of one of csc's own methods
+    # (registries.PROCESS_FUNCS); None: "instances".
+    process_func: Callable[..., Any] | str | None = None
     # What process_func gets: "probabilities" in [0, 1], or "logits" (their inverse sigmoid,
     # what the toolkit's process_func gets, as the toolkit stores the model's raw output).
     process_input: str = "probabilities"
     processed_path: str = "predictions/{model_name}_processed"
+    # csc's own methods (a named or unset process_func; a callable ignores them).
+    process_threshold: float = 0.5  # foreground: p > process_threshold, p in [0, 1]
+    min_instance_size: int = 0  # voxels of the prediction grid; smaller objects are removed
+    watershed_min_distance: int = 5  # voxels between two watershed seeds (peaks), per axis
+    process_memory_mb: int = 4096  # a crop labelled whole fits in this; else block by block
     # Provenance: the file it came from and the public names csc does not read.
     config_path: str | None = None
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -354,7 +362,22 @@ def build_config(
     )
     validate(config)
     _report_unlisted(config, source=config_path)
+    _report_unused_process_input(config, source=config_path)
     return config
+
+
+def _report_unused_process_input(config: TrainConfig, *, source: Path | None) -> None:
+    """Warn when process_input = "logits" meets csc's own methods, which threshold
+    probabilities (process_threshold) whatever it says."""
+    if config.process_input == "logits" and not callable(config.process_func):
+        where = f" in {source}" if source else ""
+        warnings.warn(
+            f"process_input = 'logits'{where} has no effect: csc's own process_func "
+            f"({config.process_func or 'instances'}) thresholds probabilities at "
+            "process_threshold; give a callable process_func to get logits",
+            ConfigWarning,
+            stacklevel=3,
+        )
 
 
 def _report_unlisted(config: TrainConfig, *, source: Path | None) -> None:
@@ -686,6 +709,20 @@ def _check_prediction(config: TrainConfig) -> None:
         )
     if config.prediction_batch_size is not None:
         _require_int(config, "prediction_batch_size", minimum=1)
+    _check_process(config)
+
+
+def _check_process(config: TrainConfig) -> None:
+    if isinstance(config.process_func, str):
+        _require_choice(
+            "process_func", config.process_func, PROCESS_FUNC_NAMES, hint=" (or a callable)"
+        )
+    level = config.process_threshold
+    if not _is_number(level) or not 0 <= level < 1:
+        raise ValueError(f"process_threshold must be in [0, 1), e.g. 0.5, got {level!r}")
+    _require_int(config, "min_instance_size", minimum=0)
+    _require_int(config, "watershed_min_distance", minimum=1)
+    _require_int(config, "process_memory_mb", minimum=0)
 
 
 def _require_choice(key: str, value: Any, choices: Sequence[Any], hint: str = "") -> None:
@@ -796,8 +833,13 @@ def _check_objects(config: TrainConfig) -> None:
     )
     for key in keys:
         value = getattr(config, key)
+        if key == "process_func" and isinstance(value, str):
+            continue  # a method's name, checked against registries.PROCESS_FUNCS
         if value is not None and not callable(value):
-            raise ValueError(f"{key} must be a callable (array -> array) or None, got {value!r}")
+            named = f", or one of {', '.join(PROCESS_FUNC_NAMES)}" if key == "process_func" else ""
+            raise ValueError(
+                f"{key} must be a callable (array -> array){named} or None, got {value!r}"
+            )
     if config.model is not None and not callable(config.model):
         raise ValueError(
             f"model must be a torch.nn.Module (or None to build model_name), got {config.model!r}"

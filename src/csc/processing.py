@@ -1,33 +1,44 @@
-"""`csc process`: the config's `process_func` applied block by block to predictions
-(docs/prediction.md), e.g. a threshold or connected components, into a new OME-NGFF store.
+"""`csc process`: predictions to labels, into a new OME-NGFF store (docs/prediction.md).
 
-`process_func(probabilities) -> array` gets one class's probabilities as float32 in [0, 1],
-(Z, Y, X), one block (`prediction_block_shape`) at a time, and returns an array of the same
-shape (any numeric or bool dtype; bool is stored as uint8). With ``process_input = "logits"``
-it gets their logits instead, log(p / (1 - p)) (-inf and inf at 0 and 1), which is what the
-challenge toolkit's process_func gets: the toolkit stores the model's raw outputs.
+The config's `process_func` says how: unset or a name (csc.registries.PROCESS_FUNCS) runs one
+of csc's own methods (csc.labelling): "instances", the default, gives instance classes
+(csc.config.INSTANCE_CLASSES) ids consistent over the whole crop and semantic classes p >
+process_threshold; "threshold" thresholds every class; "watershed" also splits touching objects.
+
+A callable, `process_func(probabilities) -> array`, gets one class's probabilities as float32
+in [0, 1], (Z, Y, X), one block (`prediction_block_shape`) at a time, and returns an array of
+the same shape (any numeric or bool dtype; bool is stored as uint8). With ``process_input =
+"logits"`` it gets their logits instead, log(p / (1 - p)) (-inf and inf at 0 and 1), which is
+what the challenge toolkit's process_func gets: the toolkit stores the model's raw outputs. The
+integer ids (any integer dtype but uint8) it returns for an instance class are made consistent
+across blocks: offset per block, then merged where they touch across a block face.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from csc.config import TrainConfig, load_config
+from csc.config import INSTANCE_CLASSES, TrainConfig, load_config
 from csc.datasplit import crop_matches, input_stores
-from csc.storage import blocks, check_targets, create_array, open_group, staged_group
-
-PROCESS_FUNC_HINT = (
-    "set process_func in the config: a function of one class's probabilities (float32 in "
-    "[0, 1], (Z, Y, X)) returning an array of the same shape, e.g. "
-    "process_func = lambda p: (p > 0.5).astype('uint8')"
+from csc.labelling import ID_DTYPE, ClassJob, ProcessOptions, stitch_blocks
+from csc.registries import PROCESS_FUNCS, resolve
+from csc.storage import (
+    blocks,
+    check_targets,
+    create_array,
+    image_label_attrs,
+    open_group,
+    staged_group,
 )
+
+DEFAULT_PROCESS_FUNC = "instances"  # what an unset process_func runs
 PROCESS = "process"  # the command named in the csc marker of its output groups
 
 
@@ -68,13 +79,12 @@ def process(
     overwrite: bool = False,
     progress: bool = True,
 ) -> list[Path]:
-    """Apply `process_func` to every predicted crop (or those matching `crops`, crop or
-    dataset/crop globs) of `source` (default: predictions_path) into `output` (default:
-    processed_path), with the same layout, voxel size and translation."""
+    """Apply `process_func` (a callable, or csc's method it names; unset: "instances") to
+    every predicted crop (or those matching `crops`, crop or dataset/crop globs) of `source`
+    (default: predictions_path) into `output` (default: processed_path), with the same
+    layout, voxel size and translation."""
     if not isinstance(config, TrainConfig):
         config = load_config(config)
-    if config.process_func is None:
-        raise ValueError(PROCESS_FUNC_HINT)
     names = {"model_name": config.model_name}
     source = source or config.predictions_path.format(**names)
     output = Path(output or config.processed_path.format(**names))
@@ -95,10 +105,21 @@ def process(
                     name,
                     config.process_func,
                     block_shape=config.prediction_block_shape,
+                    options=process_options(config),
                     progress=progress,
                     logits=config.process_input == "logits",
                 )
     return targets
+
+
+def process_options(config: TrainConfig) -> ProcessOptions:
+    """The settings of csc's own methods, from the config."""
+    return ProcessOptions(
+        threshold=config.process_threshold,
+        min_instance_size=config.min_instance_size,
+        watershed_min_distance=config.watershed_min_distance,
+        memory_mb=config.process_memory_mb,
+    )
 
 
 def check_not_source(
@@ -125,44 +146,102 @@ def process_array(
     source: Path,
     group: Any,
     name: str,
-    function: Callable[..., Any],
+    function: Callable[..., Any] | str | None,
     *,
     block_shape: tuple[int, int, int],
+    options: ProcessOptions | None = None,
     progress: bool = True,
     logits: bool = False,
 ) -> None:
-    """One class group: `function` over the probabilities (or, with `logits`, their logits)
-    of `source`/s0 block by block into `group`/`name`/s0, with the source's OME-NGFF
-    metadata."""
+    """One class group: `function` (a callable, a method's name, None for "instances") over
+    the probabilities of `source`/s0 into `group`/`name`/s0, with the source's OME-NGFF
+    metadata, OME-NGFF label metadata for integer labels, and how it was made (csc_process)."""
     stored = open_group(str(source), mode="r")
-    array = stored["s0"]
-    attrs = dict(stored.attrs)
-    scale = 255.0 if array.dtype == np.uint8 else 1.0  # uint8 holds round(p * 255)
     child = group.require_group(name)
-    child.attrs.update({key: value for key, value in attrs.items() if key != "csc_prediction"})
-    child.attrs["csc_processed"] = {"source": str(source), "function": _describe(function)}
-    out = None
-    parts = list(blocks(array.shape, block_shape))
-    for box in tqdm(
-        parts, desc=f"{source.parent.name}/{name}", unit="block", disable=None if progress else True
-    ):
-        values = np.asarray(array[box], dtype=np.float32) / np.float32(scale)
-        if logits:
-            values = to_logits(values)
-        result = np.asarray(function(values))
-        _check_result(result, values, function)
-        if result.dtype == bool:
-            result = result.astype(np.uint8)
-        if out is None:
-            out = create_array(
-                child,
-                "s0",
-                shape=array.shape,
-                chunks=array.chunks,
-                dtype=result.dtype,
-                compressor="zstd",
-            )
-        out[box] = result
+    child.attrs.update({k: v for k, v in stored.attrs.items() if k != "csc_prediction"})
+    job = class_job(
+        stored["s0"],
+        child,
+        instance=name in INSTANCE_CLASSES,
+        block_shape=block_shape,
+        options=options or ProcessOptions(),
+        desc=f"{source.parent.name}/{name}" if progress else None,
+    )
+    if callable(function):
+        described = apply_callable(job, function, logits=logits)
+    else:
+        described = resolve(PROCESS_FUNCS[function or DEFAULT_PROCESS_FUNC])(job)
+    if np.issubdtype(child["s0"].dtype, np.integer):
+        child.attrs.update(image_label_attrs())
+    child.attrs["csc_process"] = {"source": str(source), **described}
+
+
+def class_job(
+    array: Any,
+    child: Any,
+    *,
+    instance: bool,
+    block_shape: tuple[int, int, int],
+    options: ProcessOptions,
+    desc: str | None,
+) -> ClassJob:
+    """The job of one predicted class `array`: probabilities read by box, the output created
+    as `child`/s0 with the same shape and chunks, tqdm over blocks unless `desc` is None."""
+    scale = np.float32(255.0 if array.dtype == np.uint8 else 1.0)  # uint8 holds round(p * 255)
+
+    def read(box: tuple[slice, ...]) -> np.ndarray:
+        return np.asarray(array[box], dtype=np.float32) / scale
+
+    def create(dtype: Any) -> Any:
+        chunks = array.chunks
+        return create_array(
+            child, "s0", shape=array.shape, chunks=chunks, dtype=dtype, compressor="zstd"
+        )
+
+    def progress(boxes: Iterable[tuple[slice, ...]]) -> Iterable[tuple[slice, ...]]:
+        return tqdm(boxes, desc=desc, unit="block", disable=True if desc is None else None)
+
+    shape = tuple(array.shape)
+    return ClassJob(read, shape, block_shape, create, instance, options, progress)
+
+
+def apply_callable(job: ClassJob, function: Callable[..., Any], *, logits: bool) -> dict[str, Any]:
+    """A user's `function` block by block; integer ids of an instance class made consistent
+    over the crop (`csc.labelling.stitch_blocks`)."""
+    described = {"method": "callable", "function": _describe(function), "logits": logits}
+    boxes = list(blocks(job.shape, job.block_shape))
+    first = boxes[0]
+    result = _call(function, job.read(first), logits=logits)  # its dtype decides what follows
+    if job.instance and _is_ids(result.dtype):
+        pending = {_box_key(first): result}
+
+        def label(box: tuple[slice, ...]) -> np.ndarray:
+            early = pending.pop(_box_key(box), None)
+            return early if early is not None else _call(function, job.read(box), logits=logits)
+
+        out = job.create(ID_DTYPE)
+        stitch_blocks(job, out, label, min_size=0)
+        return {**described, "ids": "consistent over the crop, stitched across block faces"}
+    out = job.create(result.dtype)
+    for box in job.progress(boxes):
+        out[box] = result if box == first else _call(function, job.read(box), logits=logits)
+    return described
+
+
+def _call(function: Callable[..., Any], values: np.ndarray, *, logits: bool) -> np.ndarray:
+    argument = to_logits(values) if logits else values
+    result = np.asarray(function(argument))
+    _check_result(result, values, function)
+    return result.astype(np.uint8) if result.dtype == bool else result
+
+
+def _is_ids(dtype: np.dtype[Any]) -> bool:
+    """Integer results but bool and uint8 (masks, as the toolkit's examples return) are ids."""
+    return bool(np.issubdtype(dtype, np.integer)) and dtype != np.uint8
+
+
+def _box_key(box: tuple[slice, ...]) -> tuple[int, ...]:
+    return tuple(s.start for s in box)
 
 
 def to_logits(probabilities: np.ndarray) -> np.ndarray:

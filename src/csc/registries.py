@@ -1,11 +1,11 @@
-"""Every name a config may give for a model, optimizer, scheduler, loss or spatial transform,
-mapped to where its implementation lives (``"module:attribute"``).
+"""Every name a config may give for a model, optimizer, scheduler, loss, spatial transform or
+post-processing method, mapped to where its implementation lives (``"module:attribute"``).
 
 This is the one home of those names. It imports nothing of csc or torch: `csc.config` checks a
 file's names against these dicts when it loads it (so ``csc config`` stays torch-free), and the
 builders (`csc.models.build_model`, `csc.losses.build_loss`, csc's optimizer and scheduler
-builders, `csc.data.transforms.spatial_matrix`) import an entry only when they use it
-(`resolve`). tests/test_registries.py resolves every entry.
+builders, `csc.data.transforms.spatial_matrix`, `csc.processing.process`) import an entry only
+when they use it (`resolve`). tests/test_registries.py resolves every entry.
 """
 
 from __future__ import annotations
@@ -58,6 +58,14 @@ SPATIAL_TRANSFORMS: dict[str, str] = {
     "mirror": "csc.data.transforms:mirror",
     "transpose": "csc.data.transforms:transpose",
     "rotate": "csc.data.transforms:rotate",
+}
+
+# The names `process_func` may give instead of a callable: csc process's own methods, each a
+# function of one class's `csc.labelling.ClassJob` (docs/prediction.md).
+PROCESS_FUNCS: dict[str, str] = {
+    "threshold": "csc.labelling:threshold",  # every class: p > threshold, 0/1
+    "instances": "csc.labelling:instances",  # instance classes: connected components
+    "watershed": "csc.labelling:watershed",  # instance classes: components split by watershed
 }
 
 

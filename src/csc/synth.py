@@ -9,10 +9,21 @@ Layout (matching the public CellMap data)::
 
     OUT/{dataset}/{dataset}.zarr/recon-1/em/fibsem-uint8/s0..s2
     OUT/{dataset}/{dataset}.zarr/recon-1/labels/groundtruth/crop{N}/{class}/s0..s2
+
+With test crops (``--test-crops K``: K per dataset, held out of the layout above, so no
+datasplit trains on them), their labels go where the challenge keeps its ground truth and their
+target space into a test crop manifest of the challenge's columns::
+
+    OUT/ground_truth.zarr/crop{1000+N}/{class}     zarr v2, attrs voxel_size, translation, shape
+    OUT/test_crop_manifest.csv                     crop_name,dataset,class_label,voxel_size,...
+
+Instance classes (csc.config.INSTANCE_CLASSES) get one uint32 id per object there, the others
+uint8 0/1, as in the challenge's ground truth.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import shutil
 from collections.abc import Sequence
@@ -21,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from csc.config import INSTANCE_CLASSES
 from csc.storage import (
     annotation_attrs,
     level_transforms,
@@ -31,6 +43,9 @@ from csc.storage import (
 
 DEFAULT_CLASSES = ("nuc", "mito", "er")
 RAW_NAME = "em/fibsem-uint8"
+TRUTH_NAME = "ground_truth.zarr"  # the challenge's name for the test crops' ground truth
+MANIFEST_NAME = "test_crop_manifest.csv"
+FIRST_TEST_CROP = 1001  # test crop ids: 1001, 1002, ... (the training crops count from 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +96,8 @@ class SynthSpec:
     label_scale: float = 4.0  # nm per label voxel at s0; must divide raw_scale
     num_levels: int = 3
     noise: float = 12.0  # std of Gaussian noise in the raw, uint8 units
+    num_test_crops: int = 0  # held-out crops per dataset, labels only in OUT/ground_truth.zarr
+    test_crop_shape: tuple[int, int, int] = (32, 128, 128)  # voxels at label_scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +115,7 @@ class CropInfo:
     classes: tuple[str, ...]  # the annotated classes
     translation: tuple[float, float, float]  # nm, s0 voxel-0 centre
     shape: tuple[int, int, int]  # s0 voxels at label_scale
+    test: bool = False  # a held-out test crop (labels in OUT/ground_truth.zarr only)
 
 
 def write_synthetic(
@@ -108,31 +126,74 @@ def write_synthetic(
     out = Path(out_dir)
     names = [f"jrc_synth{i + 1}" for i in range(spec.num_datasets)]
     existing = [out / n for n in names if (out / n).exists()]
+    if spec.num_test_crops:
+        existing += [p for p in (out / TRUTH_NAME, out / MANIFEST_NAME) if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(
             f"{existing[0]} already exists; choose another folder or pass --overwrite to replace it"
         )
+    truth = _test_truth_group(out, spec)
     crops = []
     for index, name in enumerate(names):
         if (out / name).exists():
             shutil.rmtree(out / name)
         first_crop = 1 + index * spec.num_crops
-        crops += write_dataset(out / name / f"{name}.zarr", name, spec, index, first_crop)
+        crops += write_dataset(out / name / f"{name}.zarr", name, spec, index, first_crop, truth)
+    if truth is not None:
+        write_manifest(out / MANIFEST_NAME, [c for c in crops if c.test], spec)
     return crops
 
 
+def _test_truth_group(out: Path, spec: SynthSpec) -> Any:
+    """OUT/ground_truth.zarr, created fresh, when test crops are asked for."""
+    if not spec.num_test_crops:
+        return None
+    if (out / TRUTH_NAME).exists():
+        shutil.rmtree(out / TRUTH_NAME)
+    return open_group(str(out / TRUTH_NAME), mode="w")
+
+
+def write_manifest(path: Path, crops: Sequence[CropInfo], spec: SynthSpec) -> None:
+    """The test crops' rows in the challenge's test crop manifest format ([z;y;x] vectors)."""
+
+    def vector(values: Sequence[float]) -> str:
+        return "[" + ";".join(f"{v:g}" for v in values) + "]"
+
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["crop_name", "dataset", "class_label", "voxel_size", "translation", "shape"]
+        )
+        for crop in crops:
+            for name in crop.classes:
+                writer.writerow(
+                    [
+                        crop.crop.removeprefix("crop"),
+                        crop.dataset,
+                        name,
+                        vector((spec.label_scale,) * 3),
+                        vector(crop.translation),
+                        vector(crop.shape),
+                    ]
+                )
+
+
 def _check_spec(spec: SynthSpec) -> None:
-    if spec.num_datasets < 1 or spec.num_crops < 0:
-        raise ValueError("--datasets must be >= 1 and --crops >= 0")
+    if spec.num_datasets < 1 or spec.num_crops < 0 or spec.num_test_crops < 0:
+        raise ValueError("--datasets must be >= 1, --crops and --test-crops >= 0")
     ratio = spec.raw_scale / spec.label_scale
     if ratio != int(ratio) or ratio < 1:
         raise ValueError(f"label_scale {spec.label_scale} must divide raw_scale {spec.raw_scale}")
-    extent = [c * spec.label_scale for c in spec.crop_shape]
-    if any(e > s * spec.raw_scale for e, s in zip(extent, spec.shape, strict=True)):
-        raise ValueError(
-            f"--crop-shape {spec.crop_shape} at {spec.label_scale} nm does not fit in --shape "
-            f"{spec.shape} at {spec.raw_scale} nm; make the crops smaller or the volume larger"
-        )
+    shapes = [("--crop-shape", spec.crop_shape)]
+    if spec.num_test_crops:
+        shapes.append(("test crops", spec.test_crop_shape))
+    for option, shape in shapes:
+        extent = [c * spec.label_scale for c in shape]
+        if any(e > s * spec.raw_scale for e, s in zip(extent, spec.shape, strict=True)):
+            raise ValueError(
+                f"{option} {shape} at {spec.label_scale} nm does not fit in --shape "
+                f"{spec.shape} at {spec.raw_scale} nm; make the crops smaller or the volume larger"
+            )
     if not 0 <= spec.missing_class_prob < 1:
         raise ValueError(f"--missing-class-prob must be in [0, 1), got {spec.missing_class_prob}")
     if len(set(spec.classes)) != len(spec.classes) or not spec.classes:
@@ -146,9 +207,10 @@ def _check_spec(spec: SynthSpec) -> None:
 
 
 def write_dataset(
-    root: Path, name: str, spec: SynthSpec, index: int, first_crop: int
+    root: Path, name: str, spec: SynthSpec, index: int, first_crop: int, truth: Any = None
 ) -> list[CropInfo]:
-    """One zarr store: the raw pyramid and `spec.num_crops` label crops."""
+    """One zarr store: the raw pyramid and `spec.num_crops` label crops; and its
+    `spec.num_test_crops` held-out crops into the `truth` group."""
     rng = np.random.default_rng([spec.seed, index])
     extent_nm = np.array(spec.shape) * spec.raw_scale
     objects = place_objects(rng, spec.classes, extent_nm)
@@ -168,6 +230,9 @@ def write_dataset(
     crops = []
     for n in range(spec.num_crops):
         crops.append(write_crop(recon, name, f"crop{first_crop + n}", objects, spec, rng))
+    first_test = FIRST_TEST_CROP + index * spec.num_test_crops
+    for n in range(spec.num_test_crops):
+        crops.append(write_test_crop(truth, name, first_test + n, objects, spec, rng))
     return crops
 
 
@@ -194,12 +259,15 @@ def paint(
     shape: Sequence[int],
     scale: Sequence[float],
     translation: Sequence[float],
+    *,
+    ids: bool = False,
 ) -> np.ndarray:
     """Class map on a grid (voxel i centred at translation + i*scale, nm): 0 = background,
-    k + 1 = class k. Each ellipsoid is evaluated only within its bounding box."""
-    class_map = np.zeros(shape, dtype=np.uint8)
+    k + 1 = class k; with `ids`, n + 1 = objects[n] (uint32) instead. Each ellipsoid is
+    evaluated only within its bounding box."""
+    class_map = np.zeros(shape, dtype=np.uint32 if ids else np.uint8)
     scale_a, origin = np.asarray(scale, float), np.asarray(translation, float)
-    for obj in objects:
+    for number, obj in enumerate(objects, start=1):
         reach = float(obj.radii.max())
         lo = np.maximum(np.floor((obj.centre - reach - origin) / scale_a).astype(int), 0)
         hi = np.minimum(np.ceil((obj.centre + reach - origin) / scale_a).astype(int) + 1, shape)
@@ -217,7 +285,7 @@ def paint(
             )
             inside += (u / obj.radii[k]) ** 2
         box = class_map[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-        box[inside <= 1] = obj.class_index + 1
+        box[inside <= 1] = number if ids else obj.class_index + 1
     return class_map
 
 
@@ -251,21 +319,10 @@ def write_crop(
     rng: np.random.Generator,
 ) -> CropInfo:
     """One label crop: a random sub-region aligned to the raw voxel grid, one group per class."""
-    ratio = int(spec.raw_scale / spec.label_scale)
-    crop_raw_voxels = [-(-c // ratio) for c in spec.crop_shape]  # ceil: raw voxels it touches
-    offset = [
-        int(rng.integers(0, s - c + 1)) for s, c in zip(spec.shape, crop_raw_voxels, strict=True)
-    ]
-    # Label voxel 0 sits in the first corner of raw voxel `offset`: raw centre - s_raw/2 + s_lab/2.
-    translation = tuple(
-        o * spec.raw_scale - spec.raw_scale / 2 + spec.label_scale / 2 for o in offset
-    )
-    assert len(translation) == 3  # (z, y, x)
+    translation = place_crop(spec, spec.crop_shape, rng)
     label_scale = (spec.label_scale,) * 3
     class_map = paint(objects, spec.crop_shape, label_scale, translation)
-    annotated = [c for c in spec.classes if rng.random() >= spec.missing_class_prob]
-    if not annotated:
-        annotated = [spec.classes[int(rng.integers(len(spec.classes)))]]
+    annotated = annotated_classes(spec, rng)
     crop_group = recon.require_group(f"labels/groundtruth/{crop}")
     crop_group.attrs.update({"cellmap": {"annotation": {"class_names": annotated}}})
     for class_name in annotated:
@@ -280,6 +337,69 @@ def write_crop(
             label_name=class_name,
         )
     return CropInfo(dataset, crop, tuple(annotated), translation, spec.crop_shape)
+
+
+def place_crop(
+    spec: SynthSpec, shape: Sequence[int], rng: np.random.Generator
+) -> tuple[float, float, float]:
+    """The translation (nm, label voxel-0 centre) of a random crop aligned to the raw grid."""
+    ratio = int(spec.raw_scale / spec.label_scale)
+    crop_raw_voxels = [-(-c // ratio) for c in shape]  # ceil: raw voxels it touches
+    offset = [
+        int(rng.integers(0, s - c + 1)) for s, c in zip(spec.shape, crop_raw_voxels, strict=True)
+    ]
+    # Label voxel 0 sits in the first corner of raw voxel `offset`: raw centre - s_raw/2 + s_lab/2.
+    z, y, x = (o * spec.raw_scale - spec.raw_scale / 2 + spec.label_scale / 2 for o in offset)
+    return (z, y, x)
+
+
+def annotated_classes(spec: SynthSpec, rng: np.random.Generator) -> list[str]:
+    """The classes a crop annotates: each unless dropped by missing_class_prob, at least one."""
+    annotated = [c for c in spec.classes if rng.random() >= spec.missing_class_prob]
+    if not annotated:
+        annotated = [spec.classes[int(rng.integers(len(spec.classes)))]]
+    return annotated
+
+
+def write_test_crop(
+    truth: Any,  # the zarr group OUT/ground_truth.zarr
+    dataset: str,
+    crop_id: int,
+    objects: Sequence[Ellipsoid],
+    spec: SynthSpec,
+    rng: np.random.Generator,
+) -> CropInfo:
+    """One held-out crop in the challenge's ground-truth layout: crop{id}/{class}, instance
+    classes as one id per object (1..N in order of first voxel), others as 0/1."""
+    translation = place_crop(spec, spec.test_crop_shape, rng)
+    scale = (spec.label_scale,) * 3
+    owner = paint(objects, spec.test_crop_shape, scale, translation, ids=True)
+    object_class = np.array([-1] + [o.class_index for o in objects])
+    annotated = annotated_classes(spec, rng)
+    group = truth.require_group(f"crop{crop_id}")
+    for name in annotated:
+        inside = object_class[owner] == spec.classes.index(name)
+        if name in INSTANCE_CLASSES:
+            ids = np.where(inside, owner, 0).ravel()
+            values, first = np.unique(ids, return_index=True)
+            order = values[values != 0][np.argsort(first[values != 0], kind="stable")]
+            lookup = np.zeros(len(objects) + 1, dtype=np.uint32)
+            lookup[order] = np.arange(1, len(order) + 1, dtype=np.uint32)
+            data = lookup[owner] * inside
+        else:
+            data = inside.astype(np.uint8)
+        attrs = {"voxel_size": list(scale), "translation": list(translation)}
+        write_array(
+            group,
+            name,
+            data,
+            chunks=spec.chunks,
+            compressor=spec.compressor,
+            attrs=attrs | {"shape": list(spec.test_crop_shape)},
+        )
+    return CropInfo(
+        dataset, f"crop{crop_id}", tuple(annotated), translation, spec.test_crop_shape, test=True
+    )
 
 
 def write_pyramid(

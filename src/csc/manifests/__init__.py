@@ -62,7 +62,7 @@ def manifest_source(manifest: str | os.PathLike[str] | None = None) -> Path | No
     if chosen is None:
         return None
     text = os.fspath(chosen)
-    if text.startswith(("http://", "https://", "s3://")):
+    if "://" in text and not text.startswith("file://"):  # a web or bucket address
         raise ValueError(
             f"test crop manifest {text}: csc reads a local file; download it and pass its path "
             f"(--test-crop-manifest or {MANIFEST_VARIABLE})"

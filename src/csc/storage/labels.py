@@ -41,6 +41,9 @@ class LabelArray:
     voxel_size: Vec3 | None
     translation: Vec3 | None
     path: str  # where it was read (a folder path, or "<zip>/<path inside>"), for messages
+    # True for OME-NGFF levels, whose translation is the centre of voxel 0 (csc's outputs);
+    # the challenge reads every translation alike, which shifts a coarse level's resampling.
+    centred: bool = False
 
 
 def open_label_root(location: str | os.PathLike[str]) -> Any:
@@ -136,7 +139,11 @@ def _ome_level(group: Any, attrs: dict[str, Any], target: Vec3, where: str) -> L
     except KeyError:
         raise FileNotFoundError(f"{where}: 'multiscales' names {level.path}, not found") from None
     return LabelArray(
-        np.asarray(array[...]), level.scale, level.translation, f"{where}/{level.path}"
+        np.asarray(array[...]),
+        level.scale,
+        level.translation,
+        f"{where}/{level.path}",
+        centred=True,
     )
 
 

@@ -70,6 +70,12 @@ def multiscales_attrs(
     return {"multiscales": [{"version": "0.4", "name": name, "axes": axes, "datasets": datasets}]}
 
 
+def image_label_attrs() -> dict[str, Any]:
+    """The OME-NGFF 0.4 ``image-label`` attribute that marks a group's arrays as labels (integer
+    ids or 0/1), beside its ``multiscales``."""
+    return {"image-label": {"version": "0.4"}}
+
+
 def annotation_attrs(class_name: str, num_absent: int) -> dict[str, Any]:
     """CellMap's per-array annotation attributes for a 0/1 semantic label array."""
     return {
