@@ -34,6 +34,7 @@ LAYERS = [
         "utils",
         "packing",
         "submission_check",
+        "submissions",
     },
     {"cli", "__main__", "__init__"},
 ]

@@ -9,24 +9,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from csc import scoring
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 CASES = sorted(p.stem for p in GOLDEN.glob("case_*.json"))
-# An exact IoU tie (two halves of a line, 12/28 each): OR-Tools' cost-scaling min-cost flow
-# matched pred 2, scipy's linear_sum_assignment matches pred 1. Case 009 has the same kind of tie
-# (two box halves, 2304/5120 each) and there OR-Tools matched pred 1, so no pred-id order
-# reproduces both; the remapped pred 2 then measures 8 nm where pred 1 measures 120 nm
-# (hausdorff_norm_sum 1.9064523 vs 1.8296167).
-TIE_BROKEN_BY_ORTOOLS = {"case_024"}
-
-
-def cases(names: list[str]) -> list[object]:
-    """`names` as params, the OR-Tools tie cases as strict xfails."""
-    reason = "exact IoU tie broken differently from OR-Tools (pred 1 vs its pred 2)"
-    mark = pytest.mark.xfail(strict=True, reason=reason)
-    return [pytest.param(n, marks=mark) if n in TIE_BROKEN_BY_ORTOOLS else n for n in names]
+# Cases 009 and 024 hold exact IoU ties (two halves of one truth object), broken as OR-Tools
+# breaks them on the toolkit's graph: pred 1 in 009, pred 2 in 024.
 
 
 def load(case: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -66,14 +56,14 @@ def test_cases_are_all_here() -> None:
     assert len(CASES) == 48  # the golden folder's per-label cases
 
 
-@pytest.mark.parametrize("case", cases(CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_score_label_matches_toolkit(case: str) -> None:
     meta, arrays = load(case)
     result = score(meta, arrays)
     assert_close(result.as_dict(), meta["score_label_result"], "score_label_result")
 
 
-@pytest.mark.parametrize("case", cases(CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_combine_scores_single_crop_matches_toolkit(case: str) -> None:
     meta, arrays = load(case)
     combined = scoring.combine_scores({meta["class_label"]: [score(meta, arrays)]})
@@ -83,7 +73,7 @@ def test_combine_scores_single_crop_matches_toolkit(case: str) -> None:
 INSTANCE_CASES = [c for c in CASES if load(c)[0]["type"] == "instance"]
 
 
-@pytest.mark.parametrize("case", cases(INSTANCE_CASES))
+@pytest.mark.parametrize("case", INSTANCE_CASES)
 def test_instance_intermediates_match_toolkit(case: str) -> None:
     meta, arrays = load(case)
     want = meta["intermediate"]
@@ -144,3 +134,43 @@ def test_empty_prediction_gives_one_capped_entry_per_truth_instance() -> None:
     result = scoring.score_label(truth, np.zeros_like(truth), (8, 8, 8), instance=True)
     assert (result.tp, result.fp, result.fn, result.n_hausdorff) == (0, 0, 2, 2)
     assert result.hausdorff_norm_sum == pytest.approx(2 * 0.9121806575139008, abs=1e-9)
+
+
+@pytest.mark.parametrize("voxel_size", [(8.0, 8.0, 8.0), (3.48, 4.0, 4.0), (16.0, 4.0, 4.0)])
+def test_far_apart_voxels_are_measured_as_the_distance_transform_measures(
+    voxel_size: tuple[float, float, float],
+) -> None:
+    # A truth object and a prediction of the same id: a shifted copy plus a far speck, whose
+    # union box is mostly empty, so csc measures it point by point (k-d trees), not by EDT.
+    truth = np.zeros((48, 48, 48), np.uint32)
+    pred = np.zeros_like(truth)
+    truth[4:10, 5:12, 3:9] = 1
+    pred[5:11, 5:13, 3:8] = 1
+    pred[44, 40, 45] = 1
+    a, b = truth == 1, pred == 1
+    want = max(
+        ndimage.distance_transform_edt(~b, sampling=voxel_size)[a].max(),
+        ndimage.distance_transform_edt(~a, sampling=voxel_size)[b].max(),
+    )
+    capped = min(float(want), scoring.max_distance(truth.shape, voxel_size))
+    got = scoring.hausdorff_distances(truth, pred, voxel_size, num_unmatched=0)
+    assert got == [float(np.float32(capped))]
+    points = np.argwhere(a), np.argwhere(b)
+    assert scoring._distance_of_points(*points, voxel_size) == want  # bit for bit
+
+
+def test_too_many_overlapping_pairs_skip_the_crop(monkeypatch: pytest.MonkeyPatch) -> None:
+    truth = np.zeros((8, 8, 8), np.uint32)
+    truth[:4], truth[4:] = 1, 2
+    pred = np.zeros((8, 8, 8), np.uint8)
+    pred[2:6] = 1  # one prediction over both truth instances: 2 overlapping pairs
+    monkeypatch.setattr(scoring, "MAX_OVERLAP_EDGES", 1)
+    result = scoring.score_label(truth, pred, (8, 8, 8), instance=True)
+    assert (result.status, result.tp, result.fp, result.fn) == (
+        "skipped_too_many_instances",
+        0,
+        0,
+        0,
+    )
+    monkeypatch.setattr(scoring, "MAX_OVERLAP_EDGES", 2)
+    assert scoring.score_label(truth, pred, (8, 8, 8), instance=True).status == "scored"

@@ -24,6 +24,7 @@ from csc.config import (
     DEFAULT_PREDICTION_CHECKPOINT,
     DEFAULT_S3_SEARCH_PATH,
     DEFAULT_SEARCH_PATH,
+    DEFAULT_TRUTH_PATH,
     FORCE_ALL_CLASSES_CHOICES,
     PREDICTION_ENCODINGS,
     TrainConfig,
@@ -841,12 +842,27 @@ def counts(**options: Any) -> None:
         click.echo(f"wrote {options['csv_path']}")
 
 
+_MANIFEST_HELP = "Test crop manifest CSV to use; default: $CSC_TEST_CROP_MANIFEST_URL, else csc's."
+# Options of each mode of `csc evaluate`: predictions vs datasplit crops, or a submission.
+_PREDICTIONS_MODE = ("datasplit_path", "crops", "classes", "threshold", "boundary_tolerance")
+_SUBMISSION_MODE = ("result_file", "truth_path", "manifest", "instance_classes")
+
+
 @cli.command()
 @click.option(
     "--predictions",
-    required=True,
+    default=None,
     type=click.Path(),
     help="Folder csc predict wrote: {dataset}.zarr/{crop}/{class} groups.",
+)
+@click.option(
+    "-s",
+    "--submission-path",
+    "submission",
+    default=None,
+    type=click.Path(),
+    help="Score this challenge submission (zip, folder holding one zip, or zarr folder) as "
+    "the challenge does, instead of --predictions.",
 )
 @click.option(
     "--datasplit",
@@ -884,9 +900,55 @@ def counts(**options: Any) -> None:
     type=click.Path(dir_okay=False),
     help="Also write the results to this JSON file.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
-def evaluate(**options: Any) -> None:
-    """Score predictions against ground-truth crops: IoU, Dice, ..., Hausdorff95 (nm)."""
+@click.option(
+    "-r",
+    "--result-file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="With -s: write the public result here and the full one as <stem>_extended<suffix>.",
+)
+@click.option(
+    "-t",
+    "--truth-path",
+    default=DEFAULT_TRUTH_PATH,
+    show_default=True,
+    type=click.Path(),
+    help="With -s: the ground truth zarr (crop<id>/<label> arrays).",
+)
+@click.option(
+    "--test-crop-manifest", "manifest", default=None, type=click.Path(), help=_MANIFEST_HELP
+)
+@click.option(
+    "-ic",
+    "--instance-classes",
+    default=None,
+    help="With -s: comma list of the classes scored as instances; default: the challenge's.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a --json or -r file csc wrote.")
+@click.pass_context
+def evaluate(ctx: click.Context, /, **options: Any) -> None:
+    """Score predictions against ground-truth crops (IoU, Dice, ..., Hausdorff95 in nm), or
+    with -s a challenge submission as the challenge scores it."""
+    submission_mode = options["submission"] is not None
+    if submission_mode == (options["predictions"] is not None):
+        raise click.UsageError("give either --predictions (csc's scores) or -s (a submission)")
+    unused = _SUBMISSION_MODE if not submission_mode else (*_PREDICTIONS_MODE, "json_path")
+    spelled = {p.name: max(p.opts, key=len) for p in ctx.command.params}
+    given = [
+        spelled[name]
+        for name in unused
+        if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT
+    ]
+    if given:
+        mode = "-s (a submission)" if submission_mode else "--predictions"
+        raise click.UsageError(f"{', '.join(given)}: not an option of csc evaluate with {mode}")
+    if submission_mode:
+        _evaluate_submission(options)
+    else:
+        _evaluate_predictions(options)
+
+
+def _evaluate_predictions(options: dict[str, Any]) -> None:
     from csc.datasplit import read_datasplit, select_crops
     from csc.evaluation import check_json_path, format_table, write_json
     from csc.evaluation import evaluate as run
@@ -911,7 +973,22 @@ def evaluate(**options: Any) -> None:
         click.echo(f"wrote {json_path}")
 
 
-_MANIFEST_HELP = "Test crop manifest CSV to use; default: $CSC_TEST_CROP_MANIFEST_URL, else csc's."
+def _evaluate_submission(options: dict[str, Any]) -> None:
+    from csc.submissions import extended_path, format_result, score_submission
+
+    result_file = options["result_file"]
+    with user_errors():
+        result = score_submission(
+            options["submission"],
+            options["truth_path"],
+            manifest=options["manifest"],
+            instance_classes=_comma_list(options["instance_classes"]) or None,
+            result_path=result_file,
+            overwrite=options["overwrite"],
+        )
+    click.echo(format_result(result))
+    if result_file:
+        click.echo(f"wrote {result_file} and {extended_path(result_file)}")
 
 
 @cli.command("pack-results")

@@ -44,6 +44,7 @@ EXISTING_RUN_CHOICES = ("refuse", "move")  # a fresh run meeting another run's f
 FORCE_ALL_CLASSES_CHOICES = ("train", "validate", "both", None)
 AXES = ("z", "y", "x")
 DEFAULT_SEARCH_PATH = "data/{dataset}/{dataset}.zarr/recon-1/{name}"  # next to the config
+DEFAULT_TRUTH_PATH = "data/ground_truth.zarr"  # the challenge's ground truth zarr (TRUTH_PATH)
 # Inside the bucket when use_s3 is set: the layout of the public CellMap bucket.
 DEFAULT_S3_SEARCH_PATH = "{dataset}/{dataset}.zarr/recon-1/{name}"
 # Keys whose values are paths: relative ones are resolved against the config file's folder.

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -454,7 +454,7 @@ def report_dict(report: EvaluationReport) -> dict[str, Any]:
         {"dataset": s.dataset, "crop": s.crop, "class": s.class_name, "reason": s.reason}
         for s in report.skipped
     ]
-    return _finite(
+    return finite(
         {
             "predictions": report.predictions,
             "threshold": report.threshold,
@@ -467,14 +467,14 @@ def report_dict(report: EvaluationReport) -> dict[str, Any]:
     )
 
 
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
     """`value` with every NaN or infinite float replaced by None, in nested dicts and lists."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {key: _finite(v) for key, v in value.items()}
+        return {key: finite(v) for key, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value
 
 
@@ -482,29 +482,41 @@ def _finite(value: Any) -> Any:
 REPORT_KEYS = frozenset({"predictions", "threshold", "metrics", "results"})
 
 
-def check_json_path(path: str | Path, *, overwrite: bool) -> Path:
+def check_json_path(
+    path: str | Path,
+    *,
+    overwrite: bool,
+    is_ours: Callable[[Any], bool] | None = None,
+    option: str = "--json",
+    kind: str = "an evaluation report",
+) -> Path:
     """Refuse, before the work, a path the report cannot or must not be written to: a folder,
-    or an existing file unless `overwrite` is given and it is a report csc wrote."""
+    or an existing file unless `overwrite` is given and it is `kind` csc wrote (`is_ours` of
+    its parsed JSON; default: an evaluation report's keys)."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"--json {path} is a folder; give the JSON file's path")
+        raise ValueError(f"{option} {path} is a folder; give the JSON file's path")
     if not (path.exists() or path.is_symlink()):
         return path
     if not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
-    if not (path.is_file() and not path.is_symlink() and _is_report(path)):
+    if not (path.is_file() and not path.is_symlink() and _is_ours(path, is_ours or _is_report)):
         raise FileExistsError(
-            f"{path} is not an evaluation report csc wrote, so --overwrite will not replace it: "
-            "choose another --json path, or move the file away yourself"
+            f"{path} is not {kind} csc wrote, so --overwrite will not replace it: "
+            f"choose another {option} path, or move the file away yourself"
         )
     return path
 
 
-def _is_report(path: Path) -> bool:
+def _is_ours(path: Path, is_ours: Callable[[Any], bool]) -> bool:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
+    return is_ours(value)
+
+
+def _is_report(value: Any) -> bool:
     return isinstance(value, dict) and value.keys() >= REPORT_KEYS
 
 

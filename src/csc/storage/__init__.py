@@ -5,8 +5,9 @@ Modules: `urls` (schemes, store roots), `errors` (`StorageError`), `s3` (endpoin
 retrying filesystems, error messages), `arrays` (zarr and tensorstore arrays, compressors),
 `files` (atomic writes, staged groups, csc's output marker, input stores, listings, thread
 maps), `metadata` (OME-NGFF and CellMap attributes, chunk keys), `labels` (label arrays
-read as the challenge reads a submission, written as pack-results writes them) and `zips`
-(zips written atomically, marked in their comment). Everything else in csc imports from here
+read as the challenge reads a submission, written as pack-results writes them), `nodes`
+(zarr nodes of a folder or zip opened by path, no .zgroup needed) and `zips` (zips written
+atomically, marked in their comment). Everything else in csc imports from here
 (`from csc.storage import ...`); this package imports no other csc module but
 `csc.__version__`.
 """
@@ -71,6 +72,7 @@ from csc.storage.metadata import (
     parse_multiscales,
     read_json,
 )
+from csc.storage.nodes import NodeRoot, open_nodes
 from csc.storage.s3 import (
     S3_RETRY_BUDGET_S,
     S3_TIMEOUT_S,
@@ -115,6 +117,7 @@ __all__ = [
     "LabelArray",
     "Level",
     "MetadataReader",
+    "NodeRoot",
     "Retry",
     "S3Options",
     "S3RetryWarning",
@@ -156,6 +159,7 @@ __all__ = [
     "open_array",
     "open_group",
     "open_label_root",
+    "open_nodes",
     "open_zarr",
     "parse_multiscales",
     "read_json",
