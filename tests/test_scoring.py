@@ -164,7 +164,7 @@ def test_too_many_overlapping_pairs_skip_the_crop(monkeypatch: pytest.MonkeyPatc
     truth[:4], truth[4:] = 1, 2
     pred = np.zeros((8, 8, 8), np.uint8)
     pred[2:6] = 1  # one prediction over both truth instances: 2 overlapping pairs
-    monkeypatch.setattr(scoring, "MAX_OVERLAP_EDGES", 1)
+    monkeypatch.setenv("MAX_OVERLAP_EDGES", "1")  # the challenge's override
     result = scoring.score_label(truth, pred, (8, 8, 8), instance=True)
     assert (result.status, result.tp, result.fp, result.fn) == (
         "skipped_too_many_instances",
@@ -172,5 +172,22 @@ def test_too_many_overlapping_pairs_skip_the_crop(monkeypatch: pytest.MonkeyPatc
         0,
         0,
     )
-    monkeypatch.setattr(scoring, "MAX_OVERLAP_EDGES", 2)
+    monkeypatch.setenv("MAX_OVERLAP_EDGES", "2")
     assert scoring.score_label(truth, pred, (8, 8, 8), instance=True).status == "scored"
+
+
+def test_the_challenges_environment_overrides_the_ratio_cutoff(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    truth = np.zeros((8, 8, 8), np.uint32)
+    truth[0, 0, 0] = 1
+    pred = np.zeros((8, 8, 8), np.uint8)
+    pred[::2, ::2, :4:2] = 1  # 32 isolated voxels vs 1 truth: below the default 50.94
+    assert scoring.score_label(truth, pred, (8, 8, 8), instance=True).status == "scored"
+    monkeypatch.setenv("INITIAL_INSTANCE_RATIO_CUTOFF", "20")  # 10 + 20·e^-0.2 = 26.4 < 32
+    assert scoring.ratio_cutoff(1) == pytest.approx(10 + 20 * np.exp(-0.2))
+    result = scoring.score_label(truth, pred, (8, 8, 8), instance=True)
+    assert result.status == "skipped_too_many_instances"
+    monkeypatch.setenv("FINAL_INSTANCE_RATIO_CUTOFF", "ten")
+    with pytest.raises(ValueError, match=r"FINAL_INSTANCE_RATIO_CUTOFF='ten' must be a number"):
+        scoring.ratio_cutoff(1)

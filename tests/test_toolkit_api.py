@@ -4,10 +4,12 @@ configs and scripts use them, on tiny synthetic data."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
 import tomllib
+import zipfile
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch
 import zarr
 
 import csc
+from csc import utils
 from csc.config import DEFAULT_SEARCH_PATH, TrainConfig, load_config
 from csc.datasplit import CrawlOptions, SplitOptions, format_rows, make_datasplit
 from csc.utils import (
@@ -425,3 +428,33 @@ def test_the_toolkit_s_example_scripts_run_with_python(tiny_synth: Path, tmp_pat
     predicted = read_s0(examples / "data/predictions/jrc_synth1.zarr/crop1/nuc")[0]
     processed = read_s0(examples / "data/processed/jrc_synth1.zarr/crop1/nuc")[0]
     np.testing.assert_array_equal(processed, (predicted / 255 > 0.5).astype(np.uint8))
+
+
+def test_the_toolkits_submission_functions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """package_submission, zip_submission, score_submission and match_crop_space with the
+    toolkit's arguments, on the golden s1 inputs: the same scores as the challenge's."""
+    golden = Path(__file__).parent / "data" / "golden" / "submissions"
+    monkeypatch.setenv("CSC_TEST_CROP_MANIFEST_URL", str(golden / "test_crop_manifest.csv"))
+    with zipfile.ZipFile(golden / "s1_pack_results" / "processed_inputs.zip") as archive:
+        archive.extractall(tmp_path / "processed")
+    template = str(tmp_path / "processed" / "{dataset}.zarr" / "{crop}")
+    report = utils.package_submission(template, tmp_path / "submission.zarr", max_workers=1)
+    assert report.zip_path == tmp_path / "submission.zip" and len(report.packed) == 5
+    again = utils.zip_submission(tmp_path / "submission.zarr")  # replaces csc's own zip
+    assert again == report.zip_path and zipfile.is_zipfile(again)
+    result = utils.score_submission(again, tmp_path / "result.json", golden / "truth.zarr")
+    assert (tmp_path / "result_extended.json").is_file()
+    # The toolkit's own packing lost nuc (id 256) and er (0.9 truncated); csc's did not.
+    want = json.loads((golden / "s1_pack_results" / "result.json").read_text())
+    mito = result["label_scores"]["mito"]["combined_score"]
+    assert mito == pytest.approx(want["label_scores"]["mito"]["combined_score"], abs=1e-6)
+    assert result["label_scores"]["er"]["iou"] > want["label_scores"]["er"]["iou"]
+    aligned = utils.match_crop_space(
+        tmp_path / "processed" / "synth_b.zarr" / "crop9002" / "mito",
+        "mito",
+        (4.0, 4.0, 4.0),
+        (32, 32, 32),
+        (0.0, 0.0, 0.0),
+    )
+    packed = zarr.open_group(str(tmp_path / "submission.zarr"), mode="r")["crop9002/mito"]
+    np.testing.assert_array_equal(aligned, packed[...])

@@ -12,6 +12,7 @@ fastremap remaps, OR-Tools' min-cost flow matches (on the same graph, so ties br
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,27 @@ __all__ = [
 FINAL_RATIO, INITIAL_RATIO, RATIO_FACTOR = 10.0, 50.0, 5.0
 COST_SCALE = 1_000_000  # mcmf_cost_scale: matched pair costs int((1 - iou) * scale)
 MAX_OVERLAP_EDGES = 5_000_000  # more overlapping (truth, pred) pairs: the crop is skipped
+# The challenge's environment variables that override those constants, read at each use.
+OVERRIDES = {
+    "FINAL_INSTANCE_RATIO_CUTOFF": FINAL_RATIO,
+    "INITIAL_INSTANCE_RATIO_CUTOFF": INITIAL_RATIO,
+    "INSTANCE_RATIO_FACTOR": RATIO_FACTOR,
+    "MCMF_COST_SCALE": COST_SCALE,
+    "MAX_OVERLAP_EDGES": MAX_OVERLAP_EDGES,
+}
+
+
+def setting(name: str) -> float:
+    """A scoring constant, or its override from the environment variable `name`."""
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return OVERRIDES[name]
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(
+            f"${name}={text!r} must be a number (the challenge's default is {OVERRIDES[name]:g})"
+        ) from None
 
 
 class TooManyInstancesError(ValueError):
@@ -87,8 +109,10 @@ class LabelScore:
 
 
 def ratio_cutoff(num_truth: int) -> float:
-    """Largest allowed predicted/truth instance ratio: 10 + 50·exp(-nG/5)."""
-    return FINAL_RATIO + INITIAL_RATIO * math.exp(-num_truth / RATIO_FACTOR)
+    """Largest allowed predicted/truth instance ratio: 10 + 50·exp(-nG/5) by default."""
+    final = setting("FINAL_INSTANCE_RATIO_CUTOFF")
+    initial = setting("INITIAL_INSTANCE_RATIO_CUTOFF")
+    return final + initial * math.exp(-num_truth / setting("INSTANCE_RATIO_FACTOR"))
 
 
 def connected_components(pred: NDArray[Any]) -> tuple[NDArray[np.integer], int]:
@@ -131,10 +155,9 @@ def _overlaps(
     keys = truth[both].astype(np.int64) * (num_pred + 1) + pred[both]
     del both
     pairs, inter = np.unique(keys, return_counts=True)
-    if pairs.size > MAX_OVERLAP_EDGES:
-        raise TooManyInstancesError(
-            f"too many overlapping instance pairs: {pairs.size} > {MAX_OVERLAP_EDGES}"
-        )
+    most = int(setting("MAX_OVERLAP_EDGES"))
+    if pairs.size > most:
+        raise TooManyInstancesError(f"too many overlapping instance pairs: {pairs.size} > {most}")
     truth_ids, pred_ids = pairs // (num_pred + 1), pairs % (num_pred + 1)
     truth_sizes = _sizes(truth[truth_fg], truth_ids)
     pred_sizes = _sizes(pred[pred_fg], pred_ids)
@@ -162,13 +185,14 @@ def _min_cost_matching(
     pred_nodes = np.arange(num_truth + 1, sink)
     # Arcs, capacity 1: source→truth (0), truth→sink (unmatched: scale + 1), truth→pred for
     # each overlapping pair (int((1 - iou) · scale), iou in float64), pred→sink (0).
-    pair_costs = [int((1.0 - float(v)) * COST_SCALE) for v in iou]
+    scale = int(setting("MCMF_COST_SCALE"))
+    pair_costs = [int((1.0 - float(v)) * scale) for v in iou]
     tails = np.concatenate([np.zeros(num_truth), gt_nodes, truth_ids, pred_nodes])
     heads = np.concatenate(
         [gt_nodes, np.full(num_truth, sink), num_truth + pred_ids, np.full(num_pred, sink)]
     )
     costs = np.concatenate(
-        [np.zeros(num_truth), np.full(num_truth, COST_SCALE + 1), pair_costs, np.zeros(num_pred)]
+        [np.zeros(num_truth), np.full(num_truth, scale + 1), pair_costs, np.zeros(num_pred)]
     )
     flow = min_cost_flow.SimpleMinCostFlow()
     arcs = flow.add_arcs_with_capacity_and_unit_cost(

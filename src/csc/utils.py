@@ -1,9 +1,11 @@
 """The challenge toolkit's Python names (``cellmap_segmentation_challenge.utils``, its
-``predict`` and ``process``), as thin adapters over csc's own functions (docs/utils.md).
+``predict``, ``process``, submission packing and scoring), as thin adapters over csc's own
+functions (docs/utils.md).
 
 They keep the toolkit's names, keywords and crop spellings ("test", "1,2", "*"); what they do
 is csc's: `csc.config` runs the config, `csc.datasplit` crawls and splits,
-`csc.prediction.predict` and `csc.processing.process` predict and post-process.
+`csc.prediction.predict` and `csc.processing.process` predict and post-process,
+`csc.packing` packs, `csc.alignment` resamples and `csc.submissions` scores.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from csc.config import (
     CROP_NAME,
     DEFAULT_PREDICTION_CHECKPOINT,
     DEFAULT_S3_SEARCH_PATH,
+    INSTANCE_CLASSES,
     PATH_KEYS,
     PREDICTIONS_PATH,
     PROCESSED_PATH,
     RAW_NAME,
     SEARCH_PATH,
+    SUBMISSION_PATH,
+    TRUTH_PATH,
     TrainConfig,
     load_config,
     public_names,
@@ -49,6 +54,9 @@ from csc.manifests import TestCrop
 from csc.storage import is_url
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from csc.packing import PackReport
     from csc.prediction import Written
 
 ConfigArg = TrainConfig | str | os.PathLike[str]
@@ -60,6 +68,74 @@ TEST = "test"  # the crops spelling for the challenge's test crops
 ALL = "*"  # the crops spelling for every crop
 # What the toolkit's output templates may be, below a root folder: csc's layout.
 LAYOUT_SUFFIXES = ("/{dataset}.zarr/{crop}/{label}", "/{dataset}.zarr/{crop}")
+
+
+# --- Submissions -----------------------------------------------------------------------------
+
+
+def package_submission(
+    input_search_path: str = PROCESSED_PATH,
+    output_path: str | os.PathLike[str] = SUBMISSION_PATH,
+    overwrite: bool = False,
+    max_workers: int | None = None,
+) -> PackReport:
+    """The toolkit's `package_submission` (`csc pack-results`): csc.packing.pack_results."""
+    from csc.packing import pack_results
+
+    return pack_results(input_search_path, output_path, overwrite=overwrite, workers=max_workers)
+
+
+def zip_submission(zarr_path: str | os.PathLike[str] = SUBMISSION_PATH) -> Path:
+    """The toolkit's `zip_submission`: the zarr folder zipped beside it as ``.zip`` (a zip
+    there is replaced only if csc pack-results wrote it)."""
+    from csc.packing import PACK
+    from csc.storage import check_zip_replaceable, zip_folder
+
+    folder = Path(zarr_path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no zarr folder at {folder} to zip")
+    target = folder.with_suffix(".zip")
+    check_zip_replaceable(target, PACK, overwrite=True)
+    zip_folder(folder, target, command=PACK)
+    return target
+
+
+def score_submission(
+    submission_path: str | os.PathLike[str],
+    result_file: str | os.PathLike[str] | None = None,
+    truth_path: str | os.PathLike[str] = TRUTH_PATH,
+    instance_classes: Sequence[str] = INSTANCE_CLASSES,
+) -> dict[str, Any]:
+    """The toolkit's `score_submission` (`csc evaluate -s`): csc.submissions.score_submission;
+    result files csc wrote before are replaced, anyone else's never."""
+    from csc.submissions import score_submission as score
+
+    return score(
+        submission_path,
+        truth_path,
+        instance_classes=instance_classes,
+        result_path=result_file,
+        overwrite=True,
+    )
+
+
+def match_crop_space(
+    path: str | os.PathLike[str],
+    class_label: str,
+    voxel_size: Sequence[float],
+    shape: Sequence[int],
+    translation: Sequence[float],
+) -> np.ndarray:
+    """The toolkit's `match_crop_space`: the label at `path` in a crop's space (nm, (z, y, x)),
+    resampled as the challenge resamples it (csc.alignment)."""
+    from csc.alignment import match_crop_space as align
+    from csc.storage import read_label
+
+    label = read_label(path, target_voxel_size=voxel_size)
+    instance = class_label in INSTANCE_CLASSES
+    return align(
+        label, voxel_size=voxel_size, shape=shape, translation=translation, instance=instance
+    )
 
 
 # --- Configs ---------------------------------------------------------------------------------
