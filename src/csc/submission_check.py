@@ -15,7 +15,7 @@ import json
 import os
 import stat
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -82,7 +82,7 @@ def check_submission(
     """Every finding about the submission zip or folder `path` against the manifest rows."""
     rows = scored_crop_rows(manifest)
     problems: list[Problem] = []
-    path = _the_zip_inside(Path(path))
+    path = the_zip_inside(Path(path))
     if os.path.isdir(path):
         folder = Path(path)
         names = {f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file()}
@@ -93,7 +93,7 @@ def check_submission(
     except (OSError, zipfile.BadZipFile) as error:
         return [Problem("error", os.fspath(path), f"cannot be read as a zip file ({error})")]
     with archive:
-        problems += _check_members(archive)
+        problems += check_members(archive)
         if any(p.level == "error" for p in problems):
             return problems  # the scorer stops before it extracts anything
         names = {i.filename for i in archive.infolist() if not i.is_dir()}
@@ -101,7 +101,7 @@ def check_submission(
     return problems
 
 
-def _the_zip_inside(path: Path) -> Path:
+def the_zip_inside(path: Path) -> Path:
     """The one zip at the top of the folder `path`, which the scorer reads instead of the
     folder; else `path` itself."""
     if not path.is_dir() or (path / ".zgroup").exists():
@@ -110,7 +110,7 @@ def _the_zip_inside(path: Path) -> Path:
     return zips[0] if len(zips) == 1 else path
 
 
-def _check_members(archive: zipfile.ZipFile) -> list[Problem]:
+def check_members(archive: zipfile.ZipFile) -> list[Problem]:
     """The scorer's checks before extraction: size, links, members outside the folder."""
     problems = []
     infos = archive.infolist()
@@ -138,7 +138,7 @@ def _check_zarr(files: _Files, rows: Sequence[ScoredCropRow]) -> list[Problem]:
     problems: list[Problem] = []
     if any(PurePosixPath(name).name == "zarr.json" for name in files.names):
         return [Problem("error", "zarr.json", "zarr format 3: the scorer reads zarr 2 only")]
-    root = _root(files, problems)
+    root = zarr_root(files.names, problems)
     if root is None:
         return problems
     if f"{root}.zgroup" not in files.names:
@@ -159,13 +159,13 @@ def _check_zarr(files: _Files, rows: Sequence[ScoredCropRow]) -> list[Problem]:
     return problems
 
 
-def _root(files: _Files, problems: list[Problem]) -> str | None:
+def zarr_root(names: Iterable[str], problems: list[Problem]) -> str | None:
     """The zarr root's prefix inside the submission ('' or 'x.zarr/'): the scorer moves the
     one .zarr folder it finds to the root, and refuses more than one."""
     nested = sorted(
         {
             "/".join(parts[: i + 1])
-            for parts in (name.split("/") for name in files.names)
+            for parts in (name.split("/") for name in names)
             for i, part in enumerate(parts[:-1])
             if part.endswith(".zarr")
         }

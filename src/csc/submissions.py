@@ -25,7 +25,7 @@ from csc.evaluation import check_json_path, finite
 from csc.manifests import ScoredCropRow, manifest_source, scored_crop_rows
 from csc.scoring import LabelScore, combine_scores, missing_label_score, score_label
 from csc.storage import LabelArray, NodeRoot, open_nodes, read_label, write_text_atomic
-from csc.submission_check import _check_members, _Files, _root
+from csc.submission_check import check_members, the_zip_inside, zarr_root
 
 __all__ = [
     "DEFAULT_TRUTH_PATH",
@@ -60,15 +60,13 @@ def find_submission(path: str | os.PathLike[str]) -> Submission:
     location = Path(path)
     if not location.exists():
         raise FileNotFoundError(f"submission {location} does not exist; pass -s/--submission-path")
-    if location.is_dir():
-        zips = [p for p in location.iterdir() if p.suffix == ".zip" and p.is_file()]
-        location = zips[0] if len(zips) == 1 else location
+    location = the_zip_inside(location)
     if location.is_dir():
         names = [f.relative_to(location).as_posix() for f in location.rglob("*") if f.is_file()]
     else:
         names = _zip_names(location)
     problems: list[Any] = []
-    prefix = _root(_Files(frozenset(names), lambda _name: b""), problems)
+    prefix = zarr_root(names, problems)
     if prefix is None:
         raise ValueError(f"submission {location}: {'; '.join(str(p) for p in problems)}")
     return Submission(location, prefix, _crop_folders(names, prefix))
@@ -81,7 +79,7 @@ def _zip_names(path: Path) -> list[str]:
     except (OSError, zipfile.BadZipFile) as error:
         raise ValueError(f"submission {path} is neither a folder nor a zip ({error})") from None
     with archive:
-        problems = _check_members(archive)
+        problems = check_members(archive)
         if problems:
             found = "; ".join(f"{p.where} {p.message}" for p in problems)
             raise ValueError(f"submission {path} is refused, as the challenge refuses it: {found}")
