@@ -25,8 +25,8 @@ demo: env
 	$(BIN)/csc evaluate --predictions predictions/2d_unet --datasplit datasplit.csv
 	$(BIN)/csc predict examples/train_2D.py $(TESTS) --checkpoint best --overwrite
 	$(BIN)/csc process examples/train_2D.py $(TESTS) --overwrite
-	$(BIN)/csc pack-results -i "predictions/2d_unet_processed/{dataset}.zarr/{crop}" \
-		-o predictions/submission.zarr --test-crop-manifest data/test_crop_manifest.csv --overwrite --check
+	$(BIN)/csc pack-results --config examples/train_2D.py -o predictions/submission.zarr \
+		--test-crop-manifest data/test_crop_manifest.csv --overwrite --check
 	$(BIN)/csc evaluate -s predictions/submission.zip -r predictions/result.json \
 		-t data/ground_truth.zarr --test-crop-manifest data/test_crop_manifest.csv --overwrite
 

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,6 +73,7 @@ SYNTH = [
     "--missing-class-prob",
     "0",
 ]
+TEST = ("--crops", "test")  # the test crops of the challenge's manifest (not in the workspace)
 LABELS = "data/jrc_synth1/jrc_synth1.zarr/recon-1/labels/groundtruth"
 RAW = "data/jrc_synth1/jrc_synth1.zarr/recon-1/em/fibsem-uint8"
 # Lines that make a case's training a fresh run of its own, beside the workspace's run.
@@ -220,6 +222,27 @@ CONFIG_CASES = [
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def _zip(path: Path, members: dict[str, str]) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, text in members.items():
+            archive.writestr(name, text)
+
+
+def _escaping_zip_and_truth(ws: Path) -> None:
+    """A submission zip with a member outside its folder, and a one-label ground truth."""
+    _zip(ws / "bad.zip", {"../evil": "x", ".zgroup": "{}"})
+    label = ws / "data/truth.zarr/crop1/mito"
+    label.mkdir(parents=True)
+    _write(ws / "data/truth.zarr/.zgroup", '{"zarr_format": 2}')
+    _write(ws / "data/truth.zarr/crop1/.zgroup", '{"zarr_format": 2}')
+    zarray = (
+        '{"zarr_format": 2, "shape": [4, 4, 4], "chunks": [4, 4, 4], "dtype": "|u1", '
+        '"compressor": null, "fill_value": 0, "order": "C", "filters": null}'
+    )
+    _write(label / ".zarray", zarray)
+    _write(label / ".zattrs", '{"voxel_size": [8, 8, 8], "translation": [0, 0, 0]}')
 
 
 def _stale_datasplit(ws: Path) -> None:
@@ -434,7 +457,12 @@ FILE_CASES = [
         ("predict", "config.py"),
         append="model_kwargs = {'num_levels': 2, 'base_channels': 8}\n",
     ),
-    Case("process without process_func", "process_func", ("process", "config.py")),
+    Case(
+        "process_func an unknown name",
+        "process_func",
+        ("process", "config.py"),
+        append="process_func = 'blobs'\n",
+    ),
     Case(
         "process without predictions",
         "predictions",
@@ -447,6 +475,50 @@ FILE_CASES = [
         ("evaluate", "--predictions", "nowhere", "--datasplit", "datasplit.csv"),
     ),
     Case("synth into existing data", "jrc_synth1", tuple(SYNTH)),
+    # The challenge workflow: test crops, packing, checking and scoring a submission.
+    Case("predict test crops without their raw", "jrc_ctl-id8-1", ("predict", "config.py", *TEST)),
+    Case(
+        "test crop manifest missing",
+        "nothere.csv",
+        ("predict", "config.py", *TEST, "--test-crop-manifest", "nothere.csv"),
+    ),
+    Case(
+        "test crop manifest without a column",
+        "shape",
+        ("process", "config.py", *TEST, "--test-crop-manifest", "m.csv"),
+        prepare=lambda ws: _write(ws / "m.csv", "crop_name,dataset,class_label\n1,a,mito\n"),
+    ),
+    Case(
+        "pack-results onto someone's zip",
+        "sub.zip",
+        ("pack-results", "-o", "sub.zarr", "--overwrite"),
+        prepare=lambda ws: _write(ws / "sub.zip", "my own notes\n"),
+    ),
+    Case("pack-results without processed labels", "data/processed", ("pack-results",)),
+    Case(
+        "check-submission of a zip escaping its folder",
+        "outside",
+        ("check-submission", "bad.zip"),
+        prepare=lambda ws: _zip(ws / "bad.zip", {"../evil": "x", ".zgroup": "{}"}),
+    ),
+    Case(
+        "evaluate -s of a zip escaping its folder",
+        "bad.zip",
+        ("evaluate", "-s", "bad.zip", "-t", "data/truth.zarr"),
+        prepare=_escaping_zip_and_truth,
+    ),
+    Case(
+        "evaluate -s without ground truth",
+        "ground_truth.zarr",
+        ("evaluate", "-s", "bad.zip"),
+        prepare=lambda ws: _zip(ws / "bad.zip", {".zgroup": "{}"}),
+    ),
+    Case(
+        "evaluate -r --overwrite onto someone's file",
+        "result.json",
+        ("evaluate", "-s", "sub.zip", "-r", "result.json", "--overwrite"),
+        prepare=lambda ws: _write(ws / "result.json", '{"mine": true}\n'),
+    ),
 ]
 
 

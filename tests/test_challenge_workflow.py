@@ -77,10 +77,12 @@ def test_train_predict_process_pack_check_and_score_the_test_crops(tmp_path: Pat
     assert predicted == ["crop1001", "crop1002"]
     run("process", str(config), *crops)
     submission = work / "submission.zarr"
+    both = CliRunner().invoke(cli, ["pack-results", "--config", str(config), "-i", "x/{crop}"])
+    assert both.exit_code == 2 and "not both" in both.output
     run(
         "pack-results",
-        "-i",
-        f"{work}/processed/{{dataset}}.zarr/{{crop}}",
+        "--config",  # its processed_path: where csc process wrote
+        str(config),
         "-o",
         str(submission),
         "--test-crop-manifest",

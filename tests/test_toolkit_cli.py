@@ -264,7 +264,7 @@ def test_toolkit_crop_lists_and_templates(config_file: Path) -> None:
     config = str(config_file)
     test = invoke("predict", config, "-c", "test")
     assert test.exit_code == 1
-    assert "Error: the raw of some test crops is not here" in test.output  # not in the synth data
+    assert "Error: no raw for the test crops of jrc_" in test.output  # not in the synth data
     assert invoke("process", config, "--crops", "crop1,test").exit_code == 1
     layout = invoke("predict", config, "-o", "out/{crop}")
     assert layout.exit_code == 2 and "csc's layout is ROOT/{dataset}.zarr/{crop}" in layout.output

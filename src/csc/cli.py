@@ -1022,17 +1022,32 @@ def _evaluate_submission(options: dict[str, Any]) -> None:
     "--test-crop-manifest", "manifest", default=None, type=click.Path(), help=_MANIFEST_HELP
 )
 @click.option("--check", is_flag=True, help="Check the zip as csc check-submission does.")
+@click.option(
+    "--config",
+    "config_file",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A csc config: read the labels from its processed_path (instead of -i).",
+)
+@click.pass_context
 def pack_results(
+    ctx: click.Context,
     input_template: str,
     output: str,
     overwrite: bool,
     workers: int | None,
     manifest: str | None,
     check: bool,
+    config_file: str | None,
 ) -> None:
     """Pack processed predictions into a challenge submission zarr and zip."""
     with user_errors():
         from csc.packing import pack_results as run
+
+        if config_file is not None:
+            if ctx.get_parameter_source("input_template") is not ParameterSource.DEFAULT:
+                raise click.UsageError("give -i/--input-search-path or --config, not both")
+            input_template = _processed_template(config_file)
 
         report = run(
             input_template, output, manifest=manifest, overwrite=overwrite, workers=workers
@@ -1045,6 +1060,15 @@ def pack_results(
     click.echo(f"wrote {report.zip_path} ({report.zip_bytes} bytes)")
     if check:
         _report_check(str(report.zip_path), manifest)
+
+
+def _processed_template(config_file: str) -> str:
+    """{processed_path}/{dataset}.zarr/{crop} of a config: where csc process wrote."""
+    from csc.config import load_config
+
+    config = load_config(config_file)
+    folder = config.processed_path.format(model_name=config.model_name)
+    return f"{folder}/{{dataset}}.zarr/{{crop}}"
 
 
 @cli.command("check-submission")
@@ -1075,6 +1099,13 @@ def _report_check(path: str, manifest: str | None) -> None:
     levels = {"error": "errors", "missing": "missing", "ignored": "ignored", "note": "notes"}
     click.echo(", ".join(f"{counts[level]} {name}" for level, name in levels.items()))
     if counts["error"]:
+        first = next(p for p in problems if p.level == "error")
+        more = f" (and {counts['error'] - 1} more above)" if counts["error"] > 1 else ""
+        click.echo(
+            f"Error: {path} would be refused or mis-scored: {first.where}: {first.message}"
+            f"{more}; fix it before uploading",
+            err=True,
+        )
         raise SystemExit(1)
 
 

@@ -468,7 +468,8 @@ def missing_raw_message(
         "the model's scale), or stream it from S3: set use_s3 = True in the config (or add "
         "use_s3=True to the command)"
     )
-    return "the raw of some test crops is not here:\n  " + "\n  ".join(lines) + f"\n{how}"
+    first = f"no raw for the test crops of {', '.join(missing)} here:\n  "
+    return first + "\n  ".join(lines) + f"\n{how}"
 
 
 def check_regions(
