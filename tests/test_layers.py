@@ -13,14 +13,15 @@ SRC = Path(__file__).parents[1] / "src" / "csc"
 # (`csc/__init__`). `synth` writes data and sits beside the datasplit; `runtime` holds what
 # training and prediction share (device, precision, building and unwrapping the model).
 # `storage` is a package (csc.storage.*) that imports no other csc module: config may read it,
-# never the other way round. `registries` (names and where they live; no csc import) is below all,
+# never the other way round. `fetching` (csc fetch-data: crop selection and the plan) reads only
+# storage and manifests. `registries` (names and where they live; no csc import) is below all,
 # with `manifests` (the challenge's shipped CSVs and their readers). `utils` is the challenge
 # toolkit's names over csc's commands (the compatibility boundary), below cli. `labelling`
 # (probabilities to ids, for csc process) sits beside `scoring`, whose labelling it mirrors.
 LAYERS = [
     {"registries", "manifests"},
     {"config", "storage"},
-    {"synth", "datasplit"},
+    {"synth", "datasplit", "fetching"},
     {"data"},
     {"models", "losses", "metrics", "optim", "scoring", "alignment", "labelling"},
     {"runtime", "tracking", "distributed"},

@@ -1109,6 +1109,142 @@ def _report_check(path: str, manifest: str | None) -> None:
         raise SystemExit(1)
 
 
+@cli.command("fetch-data")
+@click.option(
+    "--crops",
+    default="all",
+    show_default=True,
+    help="'all' (every training crop of the crop manifest, and the test crops), 'test' (the "
+    "test crops: EM only, they have no ground truth) or training crop numbers, e.g. 111,112.",
+)
+@click.option(
+    "--raw-padding",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="EM voxels (of each level) fetched around each crop, on every side.",
+)
+@click.option(
+    "--dest",
+    default="data",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder the data lands in: DEST/{dataset}/{dataset}.zarr/recon-1/...",
+)
+@click.option(
+    "--fetch-all-em-resolutions",
+    "all_resolutions",
+    is_flag=True,
+    help="Every EM level; by default only the crop's resolution and coarser ones.",
+)
+@click.option(
+    "--workers",
+    cls=Spelled,
+    toolkit=("--num-workers",),
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    envvar="CSC_FETCH_DATA_NUM_WORKERS",
+    help="Files downloaded at once (threads); env CSC_FETCH_DATA_NUM_WORKERS.",
+)
+@click.option(
+    "--manifest",
+    default=None,
+    type=click.Path(),
+    help="Crop manifest CSV (crop_number,collection,alignment,crop_url,em_url); default: "
+    "$CSC_FETCH_DATA_MANIFEST_URL, else csc's manifest.csv.",
+)
+@click.option(
+    "--test-crop-manifest", "test_manifest", default=None, type=click.Path(), help=_MANIFEST_HELP
+)
+@click.option(
+    "--endpoint-url", default=None, help="S3 endpoint [default: $AWS_ENDPOINT_URL, else AWS]."
+)
+@click.option(
+    "--s3-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=S3_TIMEOUT_S,
+    show_default=True,
+    help="Seconds an S3 request may take to connect, and to send each next byte.",
+)
+@click.option(
+    "--s3-retry-budget",
+    type=click.FloatRange(min=0, min_open=True),
+    default=S3_RETRY_BUDGET_S,
+    show_default=True,
+    help="Seconds a failing S3 read is retried (outages, throttling) before csc gives up.",
+)
+@click.option(
+    "--aws-credentials",
+    is_flag=True,
+    help="Sign requests with the standard AWS credentials (a private mirror); default: "
+    "anonymous, as the public bucket wants.",
+)
+@click.option("--dry-run", is_flag=True, help="Print what would be fetched; write nothing.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def fetch_data(**options: Any) -> None:
+    """Download ground-truth crops and the EM around them from the bucket into DEST.
+
+    Resumable: a rerun fetches only what is missing or incomplete (by size). A file that
+    differs from the source is replaced only if csc fetch-data wrote it; any other is kept and
+    named.
+    """
+    with user_errors():
+        from csc import fetching
+
+        dry_run, quiet = options.pop("dry_run"), options.pop("quiet")
+        fetch_options = _fetch_options(options)
+        if dry_run:
+            for line in fetching.describe_plan(fetching.plan_fetch(fetch_options)):
+                click.echo(line)
+            return
+        report = fetching.fetch_data(fetch_options, on_start=fetching.progress_bar(quiet=quiet))
+    _report_fetch(report)
+
+
+def _fetch_options(options: dict[str, Any]) -> Any:
+    """FetchOptions from csc fetch-data's options."""
+    from csc.fetching import FetchOptions
+    from csc.storage import S3Options
+
+    return FetchOptions(
+        crops=options["crops"],
+        dest=options["dest"],
+        raw_padding=options["raw_padding"],
+        all_resolutions=options["all_resolutions"],
+        workers=options["workers"],
+        manifest=options["manifest"],
+        test_crop_manifest=options["test_manifest"],
+        s3=S3Options(options["endpoint_url"], options["s3_timeout"], options["s3_retry_budget"]),
+        anonymous=not options["aws_credentials"],
+    )
+
+
+def _report_fetch(report: Any) -> None:
+    """What csc fetch-data did: replaced and kept files on stderr, the totals on stdout."""
+    from csc.fetching import size_text
+
+    plan = report.plan
+    if report.replaced:
+        click.echo(
+            f"replaced {len(report.replaced)} files csc had fetched that no longer match the "
+            f"source, e.g. {report.replaced[0]}",
+            err=True,
+        )
+    if report.kept:
+        click.echo(
+            f"warning: kept {len(report.kept)} files that differ from the source and that csc "
+            f"did not write (or that changed since), e.g. {report.kept[0]}; move them away and "
+            "rerun to fetch them",
+            err=True,
+        )
+    complete = len(plan.with_state("complete"))
+    click.echo(
+        f"fetched {report.num_fetched} files ({size_text(report.num_bytes)}) for "
+        f"{len(plan.crops)} crops into {plan.dest}; {complete} already complete"
+    )
+
+
 def main() -> None:
     """Entry point of the `csc` console script and `python -m csc`."""
     cli(prog_name="csc")

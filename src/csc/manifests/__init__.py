@@ -3,11 +3,14 @@
 - ``tested_classes.csv``: the classes the challenge scores, one name a line;
 - ``test_crop_manifest.csv``: one row per scored (test crop, class): its dataset and the target
   space (voxel size and translation in nm, shape in voxels, each ``[z;y;x]``);
-- ``classes.csv``: class name, id and the atomic ids a composite class includes.
+- ``classes.csv``: class name, id and the atomic ids a composite class includes;
+- ``manifest.csv``: one row per training crop: its number, dataset (``collection``), alignment
+  and the bucket URLs of its ground-truth group and of its dataset's EM group (csc fetch-data).
 
-The test crop manifest can be replaced by the user's own: a path given to `test_crop_rows`
+The test crop manifest can be replaced by the user's own: a path given to `scored_crop_rows`
 (the ``--test-crop-manifest`` options) or the challenge's variable ``CSC_TEST_CROP_MANIFEST_URL``
-(a local path or ``file://`` URL; csc reads no web address).
+(a local path or ``file://`` URL; csc reads no web address). The training crop manifest, the
+same way: `training_crop_rows` (``--manifest``) or ``CSC_FETCH_DATA_MANIFEST_URL``.
 
 This module imports nothing of csc, so any layer may read the manifests.
 """
@@ -25,6 +28,8 @@ from pathlib import Path
 Vec3 = tuple[float, float, float]
 MANIFEST_VARIABLE = "CSC_TEST_CROP_MANIFEST_URL"  # the challenge's name for the override
 COLUMNS = ("crop_name", "dataset", "class_label", "voxel_size", "translation", "shape")
+FETCH_MANIFEST_VARIABLE = "CSC_FETCH_DATA_MANIFEST_URL"  # the challenge's name, for fetch-data
+FETCH_COLUMNS = ("crop_number", "collection", "alignment", "crop_url", "em_url")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,22 +79,28 @@ def scored_classes() -> tuple[str, ...]:
     return tuple(line.strip() for line in lines if line.strip())
 
 
-def manifest_source(manifest: str | os.PathLike[str] | None = None) -> Path | None:
-    """The test crop manifest in use: `manifest`, else $CSC_TEST_CROP_MANIFEST_URL, else None
-    (the one shipped with csc)."""
-    chosen = manifest if manifest is not None else os.environ.get(MANIFEST_VARIABLE) or None
+def manifest_source(
+    manifest: str | os.PathLike[str] | None = None,
+    *,
+    variable: str = MANIFEST_VARIABLE,
+    option: str = "--test-crop-manifest",
+    what: str = "test crop manifest",
+) -> Path | None:
+    """The manifest in use: `manifest`, else $`variable` (a local path or file:// URL), else
+    None (the one shipped with csc). Defaults: the test crop manifest."""
+    chosen = manifest if manifest is not None else os.environ.get(variable) or None
     if chosen is None:
         return None
     text = os.fspath(chosen)
     if "://" in text and not text.startswith("file://"):  # a web or bucket address
         raise ValueError(
-            f"test crop manifest {text}: csc reads a local file; download it and pass its path "
-            f"(--test-crop-manifest or {MANIFEST_VARIABLE})"
+            f"{what} {text}: csc reads a local file; download it and pass its path "
+            f"({option} or {variable})"
         )
     path = Path(text.removeprefix("file://")).expanduser()
     if not path.is_file():
-        where = "--test-crop-manifest" if manifest is not None else MANIFEST_VARIABLE
-        raise FileNotFoundError(f"test crop manifest {path} ({where}) does not exist")
+        where = option if manifest is not None else variable
+        raise FileNotFoundError(f"{what} {path} ({where}) does not exist")
     return path
 
 
@@ -179,3 +190,63 @@ def _floats(text: str) -> Vec3:
 def _ints(text: str) -> tuple[int, int, int]:
     z, y, x = (int(v) for v in text.strip().strip("[]").split(";"))
     return (z, y, x)
+
+
+# --- The training crop manifest (manifest.csv): where fetch-data finds each crop ------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingCropRow:
+    """One row of manifest.csv: a training crop and the bucket URLs of its data."""
+
+    id: int
+    dataset: str  # the manifest's "collection"
+    alignment: str  # "recon-1"
+    crop_url: str  # the crop's ground-truth group (all its classes)
+    em_url: str  # the dataset's EM multiscale group
+
+    @property
+    def name(self) -> str:
+        return f"crop{self.id}"
+
+
+def fetch_manifest_source(manifest: str | os.PathLike[str] | None = None) -> Path | None:
+    """The training crop manifest in use: `manifest`, else $CSC_FETCH_DATA_MANIFEST_URL, else
+    None (csc's manifest.csv)."""
+    return manifest_source(
+        manifest, variable=FETCH_MANIFEST_VARIABLE, option="--manifest", what="crop manifest"
+    )
+
+
+def training_crop_rows(
+    manifest: str | os.PathLike[str] | None = None,
+) -> tuple[TrainingCropRow, ...]:
+    """Every training crop of the crop manifest in use, in its order: `manifest`, else
+    $CSC_FETCH_DATA_MANIFEST_URL, else the manifest.csv shipped with csc."""
+    path = fetch_manifest_source(manifest)
+    if path is None:
+        return _parse_training(read_text("manifest.csv"), "csc's manifest.csv")
+    return _parse_training(path.read_text(encoding="utf-8"), str(path))
+
+
+@functools.cache
+def _parse_training(text: str, source: str) -> tuple[TrainingCropRow, ...]:
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [c for c in FETCH_COLUMNS if c not in (reader.fieldnames or ())]
+    if missing:
+        raise ValueError(
+            f"crop manifest {source} lacks the column(s) {', '.join(missing)}; it needs "
+            f"{','.join(FETCH_COLUMNS)}"
+        )
+    rows = []
+    for line, row in enumerate(reader, start=2):
+        try:
+            number = int(row["crop_number"].strip().removeprefix("crop"))
+        except (ValueError, AttributeError):
+            raise ValueError(
+                f"crop manifest {source}, line {line}: crop_number {row['crop_number']!r} is "
+                "not a number"
+            ) from None
+        urls = (row["crop_url"].strip().rstrip("/"), row["em_url"].strip().rstrip("/"))
+        rows.append(TrainingCropRow(number, row["collection"].strip(), row["alignment"], *urls))
+    return tuple(rows)

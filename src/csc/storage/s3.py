@@ -77,14 +77,19 @@ def s3_filesystem(
     endpoint_url: str | None = None,
     anon: bool | None = None,
     asynchronous: bool = False,
+    connections: int | None = None,
 ) -> Any:
     """An s3fs filesystem whose requests retry transient failures within the budget;
-    anonymous unless AWS credentials are set."""
+    anonymous unless AWS credentials are set (or as `anon` says). `connections`: the most
+    HTTP connections it holds open at once (botocore's default, 10, when None)."""
     options = options or S3Options(endpoint_url=endpoint_url)
+    config = options.client_config()
+    if connections is not None:
+        config["max_pool_connections"] = connections
     fs = _retrying_filesystem_class()(
         anon=not has_aws_credentials() if anon is None else anon,
         endpoint_url=options.endpoint,
-        config_kwargs=options.client_config(),
+        config_kwargs=config,
         skip_instance_cache=True,  # the environment (credentials, endpoint) may have changed
         max_concurrency=1,  # else each cat_file asks for the size first: two requests a file
         asynchronous=asynchronous,
