@@ -25,6 +25,7 @@ from csc.cli import (
     cli,
     counts,
     datasplit,
+    fetch_data,
     predict,
     process,
 )
@@ -53,7 +54,9 @@ def test_help_lists_both_names_without_importing_torch() -> None:
     assert "-vr, --validate-ratio, --validate_ratio FLOAT" in usage.stdout
 
 
-@pytest.mark.parametrize("command", [datasplit, counts, predict, process], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "command", [datasplit, counts, predict, process, fetch_data], ids=lambda c: c.name
+)
 def test_every_toolkit_name_is_in_help_and_in_the_docs(command: click.Command) -> None:
     text = invoke(command.name or "", "--help").output
     documented = DOCS.read_text()
