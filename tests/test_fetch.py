@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +32,7 @@ from csc.fetching import (
     plan_fetch,
     select_crops,
 )
-from csc.storage import Level, S3Options
+from csc.storage import Level, S3Options, S3RetryWarning, StorageError
 from csc.storage.fetch import RECORD_NAME
 from csc.synth import SynthSpec, write_synthetic
 from tests.faultproxy import FaultProxy
@@ -550,3 +551,28 @@ def test_training_on_fetched_data_gives_the_batches_of_training_from_s3(
         str(tmp_path)
     )
     assert_samples_equal(synth_samples(local), synth_samples(remote))
+
+
+def test_failing_requests_are_retried_as_training_reads_are(
+    anonymous: None,
+    bucket: str,
+    source: Path,
+    manifest_files: tuple,
+    proxy: FaultProxy,
+    tmp_path: Path,
+) -> None:
+    proxy.set("error", p=0.5, only=r"/em/fibsem-uint8/s\d+/\d+/\d+/\d+$")  # 503 SlowDown
+    with pytest.warns(S3RetryWarning, match="retrying for up to 10 s"):
+        report = fetch_data(options(tmp_path, proxy, manifest_files, crops="test"))
+    assert proxy.statuses[503] > 0 and report.num_fetched == len(report.plan.transfers)
+    raw = f"jrc_synth1/jrc_synth1.zarr/{RAW}"
+    for key in ("s1/0/0/0", "s1/1/0/0", "s2/0/0/0", "s3/0/0/0"):
+        assert (tmp_path / raw / key).read_bytes() == (source / raw / key).read_bytes()
+    proxy.set("error", p=1.0, only=r"/s1/1/0/0$")  # still failing when the budget is spent
+    quick = S3Options(endpoint_url=proxy.endpoint, timeout_s=5, retry_budget_s=0.5)
+    failing = options(tmp_path / "again", proxy, manifest_files, crops="test", s3=quick)
+    with warnings.catch_warnings():  # a notice comes at most once per 10 s
+        warnings.simplefilter("ignore", S3RetryWarning)
+        with pytest.raises(StorageError, match=r"cannot read s3://fetch-public/\S+/s1/1/0/0 from"):
+            fetch_data(failing)
+    assert not list((tmp_path / "again").rglob("*.fetch-partial"))
