@@ -32,8 +32,8 @@ from csc.fetching import (
     plan_fetch,
     select_crops,
 )
-from csc.storage import Level, S3Options, S3RetryWarning, StorageError
-from csc.storage.fetch import RECORD_NAME
+from csc.storage import Level, S3Options, S3RetryWarning, StorageError, filesystem_for
+from csc.storage.fetch import RECORD_NAME, chunk_keys
 from csc.synth import SynthSpec, write_synthetic
 from tests.faultproxy import FaultProxy
 from tests.s3server import s3_client, upload_tree
@@ -233,6 +233,19 @@ def test_level_region_is_nearest_voxels_padded_and_clipped() -> None:
     assert level_region(s1, (12.0, 12.0, 12.0), (12.0, 12.0, 12.0), 0) == ((1, 1, 1), (2, 2, 2))
     # Outside the array: clipped to its edge voxels.
     assert level_region(s1, (-500.0,) * 3, (9999.0,) * 3, 0) == ((0, 0, 0), (8, 16, 16))
+
+
+@pytest.mark.parametrize("separator", ["/", "."])
+def test_chunk_keys_lists_only_stored_chunks_in_range(separator: str, tmp_path: Path) -> None:
+    for z, y, x in [(0, 0, 0), (0, 1, 0), (0, 2, 0), (1, 0, 0), (2, 1, 1)]:
+        path = tmp_path.joinpath(*separator.join(map(str, (z, y, x))).split("/"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * (z + 1))
+    (tmp_path / ".zarray").write_text("{}")
+    ranges = [range(0, 2), range(0, 2), range(0, 1)]  # z 0-1, y 0-1, x 0
+    keys = chunk_keys(filesystem_for(str(tmp_path)), str(tmp_path), ranges, separator)
+    want = {(0, 0, 0): 1, (0, 1, 0): 1, (1, 0, 0): 2}  # (0, 2, 0) and (2, 1, 1): out of range
+    assert keys == {separator.join(map(str, k)): n for k, n in want.items()}
 
 
 def test_the_shipped_crop_manifest_has_the_challenge_rows(monkeypatch: pytest.MonkeyPatch) -> None:
