@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from csc.manifests import TrainingCropRow, scored_crops, training_crop_rows
-from csc.storage import Level, S3Options, parse_multiscales, split_store_path
-from csc.storage.fetch import (
+from csc.storage import (
     ArrayLayout,
     FetchRecord,
-    State,
+    FetchState,
+    Level,
+    S3Options,
     Transfer,
     array_layout,
     check_source,
@@ -32,8 +33,10 @@ from csc.storage.fetch import (
     download,
     list_tree,
     local_path,
+    parse_multiscales,
     read_optional,
     source_filesystem,
+    split_store_path,
     state_of,
     touched_chunks,
 )
@@ -111,9 +114,9 @@ class FetchPlan:
     dest: Path
     crops: list[CropPlan]
     transfers: dict[Path, Transfer]
-    states: dict[Path, State]
+    states: dict[Path, FetchState]
 
-    def with_state(self, *states: State) -> list[Transfer]:
+    def with_state(self, *states: FetchState) -> list[Transfer]:
         return [t for path, t in self.transfers.items() if self.states[path] in states]
 
     @property

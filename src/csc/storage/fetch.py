@@ -33,7 +33,7 @@ _PARTIAL = re.compile(rf"\..+\.(\d+){re.escape(PARTIAL_SUFFIX)}")
 # What a local file is, compared with its source: absent, complete (same size; same bytes for
 # metadata read while planning), csc's own file that the source no longer matches (fetched
 # again), or a file csc did not write, or that was changed since, which is never replaced.
-State = Literal["missing", "complete", "replace", "keep"]
+FetchState = Literal["missing", "complete", "replace", "keep"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,8 +250,8 @@ def _read_record(path: Path) -> dict[str, tuple[int, int]]:
     return entries
 
 
-def state_of(transfer: Transfer, record: FetchRecord) -> State:
-    """What the local file of `transfer` is (see `State`): sizes compared with the listing,
+def state_of(transfer: Transfer, record: FetchRecord) -> FetchState:
+    """What the local file of `transfer` is (see `FetchState`): sizes compared with the listing,
     and the bytes too for a small file already read."""
     path = transfer.path
     if not (path.exists() or path.is_symlink()):
