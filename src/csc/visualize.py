@@ -52,8 +52,9 @@ ZARR = "zarr://"  # neuroglancer's zarr data source (v2 and v3, read from the me
 KINDS = ("raw", "gt", "prediction", "processed")
 SEGMENTATION_KINDS = ("gt", "processed")  # ids or 0/1: segmentation layers
 # What neuroglancer's zarr source reads (no float16, float64 or bool).
-VIEWABLE_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64")
-VIEWABLE_DTYPES += ("float32",)
+VIEWABLE_DTYPES = frozenset(
+    {"uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32"}
+)
 COLOURS = ("#ff00ff", "#00ffff", "#ffff00", "#ff8000", "#00ff00", "#ff0000", "#0080ff")
 # A probability layer: uint8 round(p * 255) or float32 p, shown as p in [0, 1] (toNormalized
 # divides uint8 by 255 and keeps a float) in the class's colour, transparent where p = 0.
