@@ -217,11 +217,21 @@ def test_a_url_holds_the_state_and_s3_sources_are_read_by_the_browser() -> None:
     )
 
 
-def test_s3_data_is_found_and_named_through_the_endpoint(s3_env: str, s3_synth: str) -> None:
+def test_s3_data_is_found_and_named_through_the_endpoint(
+    s3_env: str, s3_synth: str, outputs: dict[str, Any]
+) -> None:
+    """Raw and ground truth on S3 (sources through the endpoint), predictions local."""
     search_path = f"s3://{s3_synth}-public/{TEMPLATE}"
-    (view,) = find_views(Places(search_path=search_path), Selection(crops=("crop1",)))
+    chosen = Places(search_path=search_path, predictions=str(outputs["root"] / "predictions"))
+    selection = Selection(crops=(outputs["crop"],), classes=tuple(outputs["classes"]))
+    (view,) = find_views(chosen, selection)
+    assert [layer.kind for layer in view.layers] == ["raw"] + ["gt", "prediction"] * len(
+        outputs["classes"]
+    )
+    server = FolderServer()
+    mount_folders([view], server)
     state = viewer_state(
-        view, source_url=lambda p: source_url(p, server=FolderServer(), endpoint_url=s3_env)
+        view, source_url=lambda p: source_url(p, server=server, endpoint_url=s3_env)
     )
     raw = state["layers"][0]["source"]
     assert (
@@ -229,6 +239,7 @@ def test_s3_data_is_found_and_named_through_the_endpoint(s3_env: str, s3_synth: 
     )
     status, _, body = fetch(raw.removeprefix("zarr://") + "/.zattrs")
     assert status == 200 and "multiscales" in json.loads(body)
+    assert state["layers"][-1]["source"].startswith(f"zarr://http://127.0.0.1:{DEFAULT_PORT}/")
 
 
 def test_the_local_viewer_has_the_same_layers(tiny_synth: Path, outputs: dict[str, Any]) -> None:
@@ -250,6 +261,22 @@ def test_the_local_viewer_has_the_same_layers(tiny_synth: Path, outputs: dict[st
         assert viewer.get_viewer_url().startswith("http://127.0.0.1:")
     finally:
         neuroglancer.stop()
+
+
+def test_show_with_viewer_prints_a_local_viewer_that_answers(
+    tiny_synth: Path, outputs: dict[str, Any]
+) -> None:
+    lines: list[str] = []
+
+    def check_while_serving() -> None:
+        url = lines[0].split(": ", 1)[1]
+        assert url.startswith("http://127.0.0.1:") and "/v/" in url
+        status, _, body = fetch(url)
+        assert status == 200 and b"<html" in body.lower()
+
+    view = one_view(tiny_synth, outputs)
+    show([view], server=FolderServer(0), viewer=True, echo=lines.append, wait=check_while_serving)
+    assert lines[-1] == "press Ctrl-C to stop"
 
 
 def test_a_float16_prediction_is_left_out_with_a_warning(

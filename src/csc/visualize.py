@@ -159,7 +159,7 @@ def find_views(places: Places, selection: Selection) -> list[DatasetView]:
     outputs = _outputs(places)
     crops = _chosen_crops(_ground_truth(places, selection), outputs, places, selection)
     datasets = _chosen_datasets(crops, places, selection)
-    reader = MetadataReader(places.search_path, s3=places.s3)
+    reader = _Readers(places.s3)
     views = [
         _view(
             dataset, [c for c in crops if c.dataset == dataset], outputs, places, selection, reader
@@ -267,7 +267,7 @@ def _view(
     outputs: dict[str, dict[tuple[str, str], Path]],
     places: Places,
     selection: Selection,
-    reader: MetadataReader,
+    reader: _Readers,
 ) -> DatasetView:
     raw = _raw_layer(dataset, crops, places, reader)
     layers: list[Layer] = []
@@ -277,9 +277,7 @@ def _view(
     return DatasetView(dataset, (raw, *layers), _centre(first or [raw]))
 
 
-def _raw_layer(
-    dataset: str, crops: Sequence[_Crop], places: Places, reader: MetadataReader
-) -> Layer:
+def _raw_layer(dataset: str, crops: Sequence[_Crop], places: Places, reader: _Readers) -> Layer:
     """The dataset's raw: its crops' raw in the datasplit CSV, else search_path's."""
     rows = [c.row for c in crops if c.row is not None]
     if rows:
@@ -300,7 +298,7 @@ def _crop_layers(
     crop: _Crop,
     outputs: dict[str, dict[tuple[str, str], Path]],
     selection: Selection,
-    reader: MetadataReader,
+    reader: _Readers,
 ) -> list[Layer]:
     """Each chosen class of the crop, per kind where it is: gt, prediction, processed."""
     layers = []
@@ -321,11 +319,11 @@ def _crop_layers(
     return layers
 
 
-def _layer(name: str, kind: str, group: str, reader: MetadataReader) -> Layer | None:
+def _layer(name: str, kind: str, group: str, reader: _Readers) -> Layer | None:
     """The layer of a multiscale group, or None where the group has no .zattrs."""
-    if not reader.json(f"{group}/.zattrs", missing_ok=True):
+    if not reader.of(group).json(f"{group}/.zattrs", missing_ok=True):
         return None
-    source = reader.source(group, FINEST, label=False)  # the finest level, with its shape
+    source = reader.of(group).source(group, FINEST, label=False)  # the finest level, with its shape
     assert source.dtype is not None
     return Layer(name, kind, group, source.level, source.dtype)
 
@@ -353,6 +351,21 @@ def _centre(layers: Sequence[Layer]) -> Vec3:
         for a in range(3)
     )
     return (z, y, x)
+
+
+class _Readers:
+    """One MetadataReader per kind of location (S3, local disk): the raw may be on S3 and
+    the predictions local."""
+
+    def __init__(self, s3: S3Options) -> None:
+        self.s3 = s3
+        self._readers: dict[bool, MetadataReader] = {}
+
+    def of(self, location: str) -> MetadataReader:
+        remote = is_s3(location)
+        if remote not in self._readers:
+            self._readers[remote] = MetadataReader(location, s3=self.s3)
+        return self._readers[remote]
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -535,7 +548,13 @@ def show(
         if server.prefixes:
             echo(f"serving {', '.join(server.prefixes.values())} on {server.origin}")
         echo("press Ctrl-C to stop")
-        (wait or _until_interrupted)()
+        try:
+            (wait or _until_interrupted)()
+        finally:
+            if viewers:
+                import neuroglancer
+
+                neuroglancer.stop()
 
 
 def _until_interrupted() -> None:
