@@ -204,6 +204,13 @@ def test_the_server_serves_every_source_with_cors_headers(
     assert lines[-1] == "press Ctrl-C to stop"
 
 
+def test_a_port_in_use_is_an_error_naming_it() -> None:
+    with FolderServer(port=0) as first:
+        match = f"cannot serve on 127.0.0.1:{first.port} .*pass another --port"
+        with pytest.raises(OSError, match=match):
+            FolderServer(port=first.port).start()
+
+
 def test_a_url_holds_the_state_and_s3_sources_are_read_by_the_browser() -> None:
     state = {"dimensions": {"z": [4e-9, "m"]}, "layers": [{"name": "a b/c (gt)"}]}
     url = state_url(state, base="https://ng.example/")
@@ -322,7 +329,7 @@ def test_a_missing_predictions_folder_is_an_error_unless_it_is_the_configs(
     with pytest.raises(FileNotFoundError, match=f"--predictions {tmp_path / 'none'}: no such"):
         find_views(given, Selection(crops=("crop1",)))
     optional = Places(
-        search_path=given.search_path, predictions=given.predictions, outputs_optional=True
+        search_path=given.search_path, predictions=given.predictions, optional=("prediction",)
     )
     (view,) = find_views(optional, Selection(crops=("crop1",)))
     assert {layer.kind for layer in view.layers} == {"raw", "gt"}
@@ -359,6 +366,10 @@ def test_csc_visualize_json_round_trip(
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 1 and "pass --overwrite" in again.output
     assert CliRunner().invoke(cli, [*args, "--overwrite"]).exit_code == 0
+    missing = CliRunner().invoke(cli, [*args, "--overwrite", "--processed", str(tmp_path / "no")])
+    assert missing.exit_code == 1 and f"--processed {tmp_path / 'no'}: no such folder" in (
+        missing.output
+    )
     both = ["visualize", str(config), "--json", str(tmp_path / "x.json")]
     result = CliRunner().invoke(cli, both)
     assert result.exit_code == 1 and "put {dataset} in the path" in result.output

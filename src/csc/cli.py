@@ -1247,10 +1247,8 @@ def _visualize_places(config_file: str | None, options: dict[str, Any]) -> Any:
     if given["search_path"] and not is_url(given["search_path"]):
         given["search_path"] = os.path.abspath(given["search_path"])
     changes = {key: value for key, value in given.items() if value is not None}
-    if "predictions" in changes or "processed" in changes:  # given: must exist
-        changes.setdefault("predictions", None if config_file is None else places.predictions)
-        changes.setdefault("processed", None if config_file is None else places.processed)
-        changes["outputs_optional"] = False
+    option = {"prediction": "predictions", "processed": "processed"}  # kind -> its option
+    changes["optional"] = tuple(k for k in places.optional if option[k] not in changes)
     places = dataclasses.replace(places, **changes)
     crops = _everything_or(options["crops"])
     selection = Selection(

@@ -82,7 +82,8 @@ class Places:
     datasplit: str | None = None
     predictions: str | None = None
     processed: str | None = None
-    outputs_optional: bool = False  # a missing predictions/processed folder is skipped
+    # Kinds ("prediction", "processed") whose folder is skipped where missing (a config's).
+    optional: tuple[str, ...] = ()
     s3: S3Options = dataclasses.field(default_factory=S3Options)
 
 
@@ -145,7 +146,7 @@ def places_from_config(config: TrainConfig) -> Places:
         datasplit=config.datasplit_path,
         predictions=config.predictions_path.format(**names),
         processed=config.processed_path.format(**names),
-        outputs_optional=True,
+        optional=("prediction", "processed"),
         s3=s3_options(config),
     )
 
@@ -202,7 +203,7 @@ def _outputs(places: Places) -> dict[str, dict[tuple[str, str], Path]]:
 
     found: dict[str, dict[tuple[str, str], Path]] = {}
     for kind, folder in (("prediction", places.predictions), ("processed", places.processed)):
-        if folder is None or (places.outputs_optional and not Path(folder).is_dir()):
+        if folder is None or (kind in places.optional and not Path(folder).is_dir()):
             continue
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"--{_option(kind)} {folder}: no such folder")
