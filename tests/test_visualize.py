@@ -261,6 +261,12 @@ def test_the_local_viewer_has_the_same_layers(tiny_synth: Path, outputs: dict[st
         for built, wanted in zip(layers, state["layers"], strict=True):
             assert built.type == wanted["type"]
             assert built.source[0].url == wanted["source"]
+            if "(gt)" in wanted["name"]:  # typed properties: a misspelled key would be None
+                assert built.layer.segment_default_color == wanted["segmentDefaultColor"]
+            if "(prediction)" in wanted["name"]:
+                assert built.layer.shader == wanted["shader"]
+        assert viewer.state.layout.type == "4panel"
+        assert viewer.state.selected_layer.layer == "raw"
         assert list(viewer.state.position) == state["position"]
         assert viewer.state.dimensions.scales.tolist() == [
             s for s, _ in state["dimensions"].values()
