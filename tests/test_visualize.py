@@ -306,6 +306,20 @@ def test_a_float16_prediction_is_left_out_with_a_warning(
     assert [layer.kind for layer in view.layers] == ["raw", "gt"]
 
 
+def test_a_group_without_multiscales_is_an_error_naming_it(
+    tiny_synth: Path, tmp_path: Path, outputs: dict[str, Any]
+) -> None:
+    crop, name = outputs["crop"], outputs["classes"][0]
+    group = tmp_path / "predictions" / f"{DATASET}.zarr" / crop / name
+    (group / "s0").mkdir(parents=True)
+    (group / ".zattrs").write_text("{}")
+    chosen = Places(
+        search_path=str(tiny_synth / TEMPLATE), predictions=str(tmp_path / "predictions")
+    )
+    with pytest.raises(ValueError, match=f"{group} has no usable OME-NGFF 'multiscales'"):
+        find_views(chosen, Selection(crops=(crop,), classes=(name,)))
+
+
 @pytest.mark.parametrize(
     ("selection", "message"),
     [

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 NEUROGLANCER_URL = "https://neuroglancer-demo.appspot.com"
 ZARR = "zarr://"  # neuroglancer's zarr data source (v2 and v3, read from the metadata)
+GROUP_FILES = (".zattrs", "zarr.json")  # a zarr v2 group's attributes, a v3 group's metadata
 KINDS = ("raw", "gt", "prediction", "processed")
 SEGMENTATION_KINDS = ("gt", "processed")  # ids or 0/1: segmentation layers
 # What neuroglancer's zarr source reads (no float16, float64 or bool).
@@ -321,12 +322,23 @@ def _crop_layers(
 
 
 def _layer(name: str, kind: str, group: str, reader: _Readers) -> Layer | None:
-    """The layer of a multiscale group, or None where the group has no .zattrs."""
-    if not reader.of(group).json(f"{group}/.zattrs", missing_ok=True):
+    """The layer of a multiscale group, or None where there is no group (no .zattrs, nor a
+    zarr v3 zarr.json); a group there whose metadata csc cannot read is an error."""
+    metadata = reader.of(group)
+    if not any(_exists(metadata, f"{group}/{name}") for name in GROUP_FILES):
         return None
-    source = reader.of(group).source(group, FINEST, label=False)  # the finest level, with its shape
+    source = metadata.source(group, FINEST, label=False)  # the finest level, with its shape
     assert source.dtype is not None
     return Layer(name, kind, group, source.level, source.dtype)
+
+
+def _exists(metadata: MetadataReader, path: str) -> bool:
+    """Whether the JSON file `path` exists (read once, cached for `source`)."""
+    try:
+        metadata.json(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _viewable(layer: Layer) -> bool:
