@@ -325,7 +325,7 @@ def _layer(name: str, kind: str, group: str, reader: _Readers) -> Layer | None:
     """The layer of a multiscale group, or None where there is no group (no .zattrs, nor a
     zarr v3 zarr.json); a group there whose metadata csc cannot read is an error."""
     metadata = reader.of(group)
-    if not any(_exists(metadata, f"{group}/{name}") for name in GROUP_FILES):
+    if not any(_exists(metadata, f"{group}/{file}") for file in GROUP_FILES):
         return None
     source = metadata.source(group, FINEST, label=False)  # the finest level, with its shape
     assert source.dtype is not None
