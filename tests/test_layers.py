@@ -35,6 +35,7 @@ LAYERS = [
         "packing",
         "submission_check",
         "submissions",
+        "visualize",
     },
     {"cli", "__main__", "__init__"},
 ]

@@ -6,8 +6,9 @@ retrying filesystems, error messages), `arrays` (zarr and tensorstore arrays, co
 `files` (atomic writes, staged groups, csc's output marker, input stores, listings, thread
 maps), `metadata` (OME-NGFF and CellMap attributes, chunk keys), `labels` (label arrays
 read as the challenge reads a submission, written as pack-results writes them), `nodes`
-(zarr nodes of a folder or zip opened by path, no .zgroup needed) and `zips` (zips written
-atomically, marked in their comment). Everything else in csc imports from here
+(zarr nodes of a folder or zip opened by path, no .zgroup needed), `zips` (zips written
+atomically, marked in their comment) and `serving` (local folders served read-only over
+HTTP on 127.0.0.1 for a viewer). Everything else in csc imports from here
 (`from csc.storage import ...`); this package imports no other csc module but
 `csc.__version__`.
 """
@@ -87,6 +88,7 @@ from csc.storage.s3 import (
     s3_errors,
     s3_filesystem,
 )
+from csc.storage.serving import DEFAULT_PORT, LOOPBACK, FolderServer
 from csc.storage.urls import (
     STORE_SUFFIXES,
     absolute,
@@ -104,7 +106,9 @@ __all__ = [
     "COMPRESSORS",
     "CSC_MARKER",
     "DEFAULT_CHUNK_CACHE_MB",
+    "DEFAULT_PORT",
     "FINEST",
+    "LOOPBACK",
     "S3_RETRY_BUDGET_S",
     "S3_TIMEOUT_S",
     "STORE_SUFFIXES",
@@ -113,6 +117,7 @@ __all__ = [
     "ZIP_MARKER",
     "ArraySource",
     "Chunking",
+    "FolderServer",
     "InputStores",
     "LabelArray",
     "Level",
