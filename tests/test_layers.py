@@ -36,6 +36,7 @@ LAYERS = [
         "packing",
         "submission_check",
         "submissions",
+        "visualize",
     },
     {"cli", "__main__", "__init__"},
 ]

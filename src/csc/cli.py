@@ -31,7 +31,8 @@ from csc.config import (
     s3_search_path,
 )
 from csc.datasplit import SplitOptions
-from csc.storage import COMPRESSORS, S3_RETRY_BUDGET_S, S3_TIMEOUT_S, is_url
+from csc.storage import COMPRESSORS, DEFAULT_PORT, S3_RETRY_BUDGET_S, S3_TIMEOUT_S, is_url
+from csc.visualize import NEUROGLANCER_URL
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -1243,6 +1244,155 @@ def _report_fetch(report: Any) -> None:
         f"fetched {report.num_fetched} files ({size_text(report.num_bytes)}) for "
         f"{len(plan.crops)} crops into {plan.dest}; {complete} already complete"
     )
+
+
+@cli.command()
+@click.argument("config_file", required=False, type=click.Path(dir_okay=False))
+@click.option(
+    "--datasets",
+    default=None,
+    help="Comma list of dataset names or globs [default: the chosen crops' datasets].",
+)
+@click.option(
+    "--crops",
+    default=None,
+    help="Comma list of crops (crop or dataset/crop, globs; a number N is cropN) [default: "
+    "all]; the view opens at the first one's centre.",
+)
+@click.option(
+    "--classes",
+    default=None,
+    help=f"Comma list [default: the config's classes, else {','.join(TrainConfig.classes)}].",
+)
+@click.option(
+    "--search-path",
+    default=None,
+    help="Where the raw and ground truth are: a template with {dataset} and {name} "
+    "[default: the config's search_path, else " + DEFAULT_SEARCH_PATH + "].",
+)
+@click.option("--raw-name", default=None, help="[default: the config's raw_name]")
+@click.option("--crop-name", default=None, help="[default: the config's crop_name]")
+@click.option(
+    "--datasplit",
+    "datasplit_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="A datasplit CSV that locates the crops [default: the config's datasplit_path if it "
+    "exists; else the search path is crawled].",
+)
+@click.option(
+    "--predictions",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="csc predict's output folder [default: the config's predictions_path, if it exists].",
+)
+@click.option(
+    "--processed",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="csc process's output folder [default: the config's processed_path, if it exists].",
+)
+@click.option(
+    "--port",
+    default=DEFAULT_PORT,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port on 127.0.0.1 that serves the local zarr folders (0: any free port).",
+)
+@click.option(
+    "--json",
+    "json_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write the viewer state JSON here and exit (several datasets: put {dataset} in it).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a --json file that is a viewer state.")
+@click.option(
+    "--viewer",
+    is_flag=True,
+    help="Start a local neuroglancer viewer (needs the neuroglancer package: csc[viz]) "
+    "instead of printing a URL of the hosted one.",
+)
+@click.option(
+    "--neuroglancer-url",
+    default=NEUROGLANCER_URL,
+    show_default=True,
+    help="The hosted neuroglancer the printed URLs open.",
+)
+def visualize(config_file: str | None, **options: Any) -> None:
+    """Show raw, ground truth, predictions and processed labels in neuroglancer.
+
+    Default: serve the local zarr folders on 127.0.0.1:PORT (until Ctrl-C) and print, per
+    dataset, a URL of the hosted neuroglancer that shows them (S3 data is read by the browser
+    directly). --json writes the state and exits; --viewer starts a local neuroglancer viewer
+    (the neuroglancer package) and prints its URL. Raw is an image layer, each ground-truth
+    and processed class a segmentation layer, each prediction an image of p in [0, 1].
+    """
+    from csc.storage import FolderServer
+    from csc.visualize import find_views, show, write_states
+
+    with user_errors():
+        places, selection = _visualize_places(config_file, options)
+        views = find_views(places, selection)
+        server = FolderServer(options["port"])
+        endpoint = places.s3.endpoint
+        if options["json_path"]:
+            if options["viewer"]:
+                raise click.UsageError("give --json (write the state) or --viewer, not both")
+            paths = write_states(
+                views,
+                options["json_path"],
+                server=server,
+                endpoint_url=endpoint,
+                overwrite=options["overwrite"],
+            )
+            for path in paths:
+                click.echo(f"wrote {path}")
+            return
+        show(
+            views,
+            server=server,
+            endpoint_url=endpoint,
+            viewer=options["viewer"],
+            base=options["neuroglancer_url"],
+            echo=click.echo,
+        )
+
+
+def _visualize_places(config_file: str | None, options: dict[str, Any]) -> Any:
+    """visualize's Places and Selection: the config's (if given), then the options."""
+    import dataclasses
+
+    from csc.visualize import Places, Selection, places_from_config
+
+    classes = TrainConfig.classes
+    places = Places(search_path=os.path.abspath(DEFAULT_SEARCH_PATH))
+    if config_file is not None:
+        from csc.config import load_config
+
+        config = load_config(config_file)
+        places, classes = places_from_config(config), config.classes
+    given = {
+        "search_path": options["search_path"],
+        "raw_name": options["raw_name"],
+        "crop_name": options["crop_name"],
+        "datasplit": options["datasplit_path"],
+        "predictions": options["predictions"],
+        "processed": options["processed"],
+    }
+    if given["search_path"] and not is_url(given["search_path"]):
+        given["search_path"] = os.path.abspath(given["search_path"])
+    changes = {key: value for key, value in given.items() if value is not None}
+    option = {"prediction": "predictions", "processed": "processed"}  # kind -> its option
+    changes["optional"] = tuple(k for k in places.optional if option[k] not in changes)
+    places = dataclasses.replace(places, **changes)
+    crops = _everything_or(options["crops"])
+    selection = Selection(
+        datasets=_everything_or(options["datasets"]),
+        crops=tuple(f"crop{name}" if name.isdigit() else name for name in crops),
+        classes=_comma_list(options["classes"]) or classes,
+    )
+    return places, selection
 
 
 def main() -> None:

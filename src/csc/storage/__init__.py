@@ -8,8 +8,9 @@ maps), `metadata` (OME-NGFF and CellMap attributes, chunk keys), `fetch` (files 
 from a bucket for csc fetch-data: listings, atomic downloads, the record of what csc fetched),
 `labels` (label arrays
 read as the challenge reads a submission, written as pack-results writes them), `nodes`
-(zarr nodes of a folder or zip opened by path, no .zgroup needed) and `zips` (zips written
-atomically, marked in their comment). Everything else in csc imports from here
+(zarr nodes of a folder or zip opened by path, no .zgroup needed), `zips` (zips written
+atomically, marked in their comment) and `serving` (local folders served read-only over
+HTTP on 127.0.0.1 for a viewer). Everything else in csc imports from here
 (`from csc.storage import ...`); this package imports no other csc module but
 `csc.__version__`.
 """
@@ -106,6 +107,7 @@ from csc.storage.s3 import (
     s3_errors,
     s3_filesystem,
 )
+from csc.storage.serving import DEFAULT_PORT, LOOPBACK, FolderServer
 from csc.storage.urls import (
     STORE_SUFFIXES,
     absolute,
@@ -123,7 +125,9 @@ __all__ = [
     "COMPRESSORS",
     "CSC_MARKER",
     "DEFAULT_CHUNK_CACHE_MB",
+    "DEFAULT_PORT",
     "FINEST",
+    "LOOPBACK",
     "S3_RETRY_BUDGET_S",
     "S3_TIMEOUT_S",
     "STORE_SUFFIXES",
@@ -135,6 +139,7 @@ __all__ = [
     "Chunking",
     "FetchRecord",
     "FetchState",
+    "FolderServer",
     "InputStores",
     "LabelArray",
     "Level",
