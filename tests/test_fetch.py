@@ -271,6 +271,18 @@ def test_crop_manifest_from_the_variable_and_no_web_address(
         manifests.training_crop_rows("gone.csv")
 
 
+def test_workers_option_names_and_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from csc.cli import fetch_data as command
+
+    def parsed(*args: str) -> object:
+        return command.make_context("fetch-data", list(args)).params["workers"]
+
+    monkeypatch.delenv("CSC_FETCH_DATA_NUM_WORKERS", raising=False)
+    assert parsed() == 16 and parsed("--num-workers", "3") == parsed("--workers", "3") == 3
+    monkeypatch.setenv("CSC_FETCH_DATA_NUM_WORKERS", "5")  # the toolkit's variable
+    assert parsed() == 5 and parsed("--workers", "2") == 2
+
+
 def test_crop_selection(manifest_files: tuple[Path, Path]) -> None:
     crops, tests = map(str, manifest_files)
     chosen = select_crops("3,crop1", manifest=crops, test_crop_manifest=tests)
