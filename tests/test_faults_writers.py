@@ -23,11 +23,12 @@ from click.testing import CliRunner
 from csc.cli import cli
 from csc.config import TrainConfig, build_config
 from csc.datasplit import check_writable, read_datasplit, write_datasplit
-from csc.evaluation import EvaluationReport, check_json_path, write_json
+from csc.evaluation import EvaluationReport, is_report, write_json
 from csc.prediction import predict
 from csc.processing import process
 from csc.storage import (
     StorageError,
+    check_json_path,
     clean_stale,
     csc_output_command,
     staged_group,
@@ -437,7 +438,8 @@ def test_counts_and_evaluate_overwrite_only_their_own_files(data: Path, tmp_path
     report = tmp_path / "report.json"
     empty = EvaluationReport(str(tmp_path), 0.5, 1, [], [], {})
     write_json(empty, report, overwrite=False)
-    assert check_json_path(report, overwrite=True) == report  # csc's own report: replaceable
+    # csc's own report: replaceable
+    assert check_json_path(report, overwrite=True, is_ours=is_report) == report
 
 
 def read_datasplit_rows(root: Path) -> list:

@@ -951,13 +951,16 @@ def evaluate(ctx: click.Context, /, **options: Any) -> None:
 
 def _evaluate_predictions(options: dict[str, Any]) -> None:
     from csc.datasplit import read_datasplit, select_crops
-    from csc.evaluation import check_json_path, format_table, write_json
     from csc.evaluation import evaluate as run
+    from csc.evaluation import format_table, is_report, write_json
+    from csc.storage import check_json_path
 
     json_path = options["json_path"]
     with user_errors():
         if json_path:
-            check_json_path(json_path, overwrite=options["overwrite"])  # before the work
+            check_json_path(
+                json_path, overwrite=options["overwrite"], is_ours=is_report
+            )  # before the work
         rows = read_datasplit(options["datasplit_path"])
         rows = select_crops(rows, _comma_list(options["crops"]))
         report = run(

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,9 @@ from csc.storage import (
     Level,
     MetadataReader,
     absolute,
+    check_json_path,
     filesystem_for,
+    finite,
     group_names,
     is_folder,
     is_s3,
@@ -467,63 +469,19 @@ def report_dict(report: EvaluationReport) -> dict[str, Any]:
     )
 
 
-def finite(value: Any) -> Any:
-    """`value` with every NaN or infinite float replaced by None, in nested dicts and lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: finite(v) for key, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    return value
-
-
 # Top-level keys of the JSON report `write_json` writes: what marks a file as csc's own.
 REPORT_KEYS = frozenset({"predictions", "threshold", "metrics", "results"})
 
 
-def check_json_path(
-    path: str | Path,
-    *,
-    overwrite: bool,
-    is_ours: Callable[[Any], bool] | None = None,
-    option: str = "--json",
-    kind: str = "an evaluation report",
-) -> Path:
-    """Refuse, before the work, a path the report cannot or must not be written to: a folder,
-    or an existing file unless `overwrite` is given and it is `kind` csc wrote (`is_ours` of
-    its parsed JSON; default: an evaluation report's keys)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{option} {path} is a folder; give the JSON file's path")
-    if not (path.exists() or path.is_symlink()):
-        return path
-    if not overwrite:
-        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
-    if not (path.is_file() and not path.is_symlink() and _is_ours(path, is_ours or _is_report)):
-        raise FileExistsError(
-            f"{path} is not {kind} csc wrote, so --overwrite will not replace it: "
-            f"choose another {option} path, or move the file away yourself"
-        )
-    return path
-
-
-def _is_ours(path: Path, is_ours: Callable[[Any], bool]) -> bool:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return is_ours(value)
-
-
-def _is_report(value: Any) -> bool:
+def is_report(value: Any) -> bool:
+    """Whether parsed JSON is a report `write_json` wrote (its top-level keys)."""
     return isinstance(value, dict) and value.keys() >= REPORT_KEYS
 
 
 def write_json(report: EvaluationReport, path: str | Path, *, overwrite: bool) -> Path:
     """Write the report as JSON (None, NaN and inf as null), atomically: a temporary file in
     the same folder, then a rename."""
-    path = check_json_path(path, overwrite=overwrite)
+    path = check_json_path(path, overwrite=overwrite, is_ours=is_report)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report_dict(report), indent=2, allow_nan=False)
     write_text_atomic(path, text + "\n")

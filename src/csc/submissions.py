@@ -21,10 +21,17 @@ from typing import Any
 from csc import __version__
 from csc.alignment import match_crop_space
 from csc.config import DEFAULT_TRUTH_PATH, INSTANCE_CLASSES
-from csc.evaluation import check_json_path, finite
 from csc.manifests import ScoredCropRow, manifest_source, scored_crop_rows
 from csc.scoring import LabelScore, combine_scores, missing_label_score, score_label
-from csc.storage import LabelArray, NodeRoot, open_nodes, read_label, write_text_atomic
+from csc.storage import (
+    LabelArray,
+    NodeRoot,
+    check_json_path,
+    finite,
+    open_nodes,
+    read_label,
+    write_text_atomic,
+)
 from csc.submission_check import check_members, the_zip_inside, zarr_root
 
 __all__ = [

@@ -513,7 +513,7 @@ def write_states(
     """Write each view's state as JSON (sources through `server`'s URLs, which need not be
     running yet); an existing file is replaced only with `overwrite` and only if it is a
     viewer state."""
-    from csc.evaluation import check_json_path  # imports torch: only for --json
+    from csc.storage import check_json_path
 
     targets = json_paths(views, path)
     for target in targets:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -315,3 +316,48 @@ def thread_map(function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any
         return [function(item) for item in items]
     with ThreadPoolExecutor(min(MAX_THREADS, len(items))) as pool:
         return list(pool.map(function, items))
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None, in nested dicts and lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(v) for key, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def check_json_path(
+    path: str | Path,
+    *,
+    overwrite: bool,
+    is_ours: Callable[[Any], bool],
+    option: str = "--json",
+    kind: str = "an evaluation report",
+) -> Path:
+    """Refuse, before the work, a path a JSON file cannot or must not be written to: a folder,
+    or an existing file unless `overwrite` is given and it is `kind` csc wrote (`is_ours` of
+    its parsed JSON)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give the JSON file's path")
+    if not (path.exists() or path.is_symlink()):
+        return path
+    if not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+    if not (path.is_file() and not path.is_symlink() and _is_ours(path, is_ours)):
+        raise FileExistsError(
+            f"{path} is not {kind} csc wrote, so --overwrite will not replace it: "
+            f"choose another {option} path, or move the file away yourself"
+        )
+    return path
+
+
+def _is_ours(path: Path, is_ours: Callable[[Any], bool]) -> bool:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return is_ours(value)
