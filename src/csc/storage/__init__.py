@@ -6,8 +6,9 @@ retrying filesystems, error messages), `arrays` (zarr and tensorstore arrays, co
 `files` (atomic writes, staged groups, csc's output marker, input stores, listings, thread
 maps), `metadata` (OME-NGFF and CellMap attributes, chunk keys), `labels` (label arrays
 read as the challenge reads a submission, written as pack-results writes them), `nodes`
-(zarr nodes of a folder or zip opened by path, no .zgroup needed) and `zips` (zips written
-atomically, marked in their comment). Everything else in csc imports from here
+(zarr nodes of a folder or zip opened by path, no .zgroup needed), `pyramids` (levels s1,
+s2, ... written block by block) and `zips` (zips written atomically, marked in their
+comment). Everything else in csc imports from here
 (`from csc.storage import ...`); this package imports no other csc module but
 `csc.__version__`.
 """
@@ -73,6 +74,7 @@ from csc.storage.metadata import (
     read_json,
 )
 from csc.storage.nodes import NodeRoot, open_nodes
+from csc.storage.pyramids import PYRAMID_MIN_SIDE, downsample_2x, pyramid_levels, write_pyramid
 from csc.storage.s3 import (
     S3_RETRY_BUDGET_S,
     S3_TIMEOUT_S,
@@ -105,6 +107,7 @@ __all__ = [
     "CSC_MARKER",
     "DEFAULT_CHUNK_CACHE_MB",
     "FINEST",
+    "PYRAMID_MIN_SIDE",
     "S3_RETRY_BUDGET_S",
     "S3_TIMEOUT_S",
     "STORE_SUFFIXES",
@@ -139,6 +142,7 @@ __all__ = [
     "create_array",
     "csc_output_command",
     "describe_s3_error",
+    "downsample_2x",
     "filesystem_for",
     "folder_names",
     "fs_path",
@@ -162,6 +166,7 @@ __all__ = [
     "open_nodes",
     "open_zarr",
     "parse_multiscales",
+    "pyramid_levels",
     "read_json",
     "read_label",
     "s3_endpoint",
@@ -175,6 +180,7 @@ __all__ = [
     "thread_map",
     "write_array",
     "write_label",
+    "write_pyramid",
     "write_text_atomic",
     "zip_command",
     "zip_folder",
