@@ -11,14 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ome_zarr_models.v04
+import ome_zarr_models.v05
 import pytest
 import torch
-import ome_zarr_models.v05
 import zarr
 
 from csc.data.datasets import PatchDataset, PatchSpec
 from csc.data.loaders import check_crops, load_crops
-from csc.storage import MetadataReader, parse_multiscales
+from csc.prediction import predict
+from csc.processing import process
+from csc.storage import MetadataReader, downsample_2x, parse_multiscales, write_pyramid
+from csc.synth import SynthSpec, write_synthetic
+from tests.test_predict import Echo, config_of
 from tests.volumes import GT_PATH, RAW_PATH, patch_spec, raw_centre, rows_for, write_aligned
 
 CLASSES = ("ids", "mask")
@@ -213,3 +218,148 @@ def test_two_space_axes_are_refused(tmp_path: Path) -> None:
     }
     with pytest.raises(ValueError, match=r"g: csc reads three space axes .* y \(space\), x"):
         parse_multiscales(attrs, "g")
+
+
+# --- What csc writes: valid OME-NGFF, pyramids placed by the spec ----------------------------
+
+# Raw 8 nm, 16 x 80 x 80; crops of 16 x 128 x 128 label voxels at 4 nm: 8 x 64 x 64 output
+# voxels at 8 nm, so predictions get s0 (8 x 64 x 64) and s1 (4 x 32 x 32).
+BIG_CROPS = SynthSpec(
+    num_datasets=1,
+    num_crops=1,
+    shape=(16, 80, 80),
+    crop_shape=(16, 128, 128),
+    chunks=(16, 32, 32),
+    missing_class_prob=0.0,
+)
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One crop predicted by a model that echoes the raw, and processed: (crop's prediction
+    group, its processed group)."""
+    base = tmp_path_factory.mktemp("outputs")
+    write_synthetic(base / "data", BIG_CROPS)
+    config = config_of(base / "data", base / "run", model=Echo(), model_name="echo")
+    torch.save({}, base / "echo.pth")
+    (written,) = predict(config, all_crops=True, checkpoint=str(base / "echo.pth"), progress=False)
+    (processed,) = process(config, progress=False)
+    return written.path, processed
+
+
+def level_centres(attrs: dict[str, Any], group: str) -> list[tuple[Any, np.ndarray, np.ndarray]]:
+    """Per level: its Level, and the nm centres of its first and last voxel along each axis."""
+    found = []
+    for level in parse_multiscales(attrs, group):
+        shape = zarr.open_array(f"{group}/{level.path}", mode="r").shape
+        scale, translation = np.asarray(level.scale), np.asarray(level.translation)
+        found.append((level, translation, translation + (np.asarray(shape) - 1) * scale))
+    return found
+
+
+def assert_pyramid_placed(group: Path) -> None:
+    """Level n voxel j is centred where the 2**n x 2**n x 2**n s0 voxels it summarises are."""
+    attrs = dict(zarr.open_group(str(group), mode="r").attrs)
+    levels = level_centres(attrs, str(group))
+    assert [level.path for level, _, _ in levels] == ["s0", "s1"]
+    (s0, first0, _), *coarser = levels
+    size0 = np.asarray(s0.scale)
+    for n, (level, first, last) in enumerate(coarser, start=1):
+        factor = 2**n
+        assert np.allclose(level.scale, size0 * factor)
+        shape = zarr.open_array(f"{group}/{level.path}", mode="r").shape
+        for j, centre in ((0, first), (np.asarray(shape) - 1, last)):
+            summarised = factor * np.asarray(j) + np.arange(factor)[:, None]  # s0 voxels
+            assert np.allclose(centre, (first0 + summarised * size0).mean(axis=0))
+
+
+@pytest.mark.slow  # predicts and processes a crop (about 7 s)
+def test_predictions_are_valid_ome_ngff_images_with_an_averaged_pyramid(
+    outputs: tuple[Path, Path],
+) -> None:
+    prediction, _ = outputs
+    for name in ("nuc", "mito", "er"):
+        group = zarr.open_group(str(prediction / name), mode="r")
+        image = ome_zarr_models.v04.Image.from_zarr(group)
+        (multiscale,) = image.attributes.multiscales
+        assert [axis.unit for axis in multiscale.axes] == ["nanometer"] * 3
+        assert [axis.type for axis in multiscale.axes] == ["space"] * 3
+        s0, s1 = np.asarray(group["s0"][...]), np.asarray(group["s1"][...])
+        assert s0.shape == (8, 64, 64) and s1.shape == (4, 32, 32)
+        np.testing.assert_array_equal(s1, downsample_2x(s0, "mean"))
+        assert_pyramid_placed(prediction / name)
+
+
+@pytest.mark.slow  # predicts and processes a crop (about 7 s)
+def test_processed_labels_are_valid_ome_ngff_labels_whose_pyramid_keeps_the_ids(
+    outputs: tuple[Path, Path],
+) -> None:
+    _, processed = outputs
+    for name in ("nuc", "mito", "er"):
+        group = zarr.open_group(str(processed / name), mode="r")
+        ome_zarr_models.v04.ImageLabel.from_zarr(group)
+        assert group.attrs["image-label"] == {"version": "0.4"}
+        s0, s1 = np.asarray(group["s0"][...]), np.asarray(group["s1"][...])
+        np.testing.assert_array_equal(s1, downsample_2x(s0, "mode"))
+        assert set(np.unique(s1)) <= set(np.unique(s0))  # ids kept, never averaged
+        assert_pyramid_placed(processed / name)
+
+
+def test_what_csc_synth_writes_is_valid_ome_ngff(tiny_synth: Path) -> None:
+    groups = sorted(tiny_synth.glob("*/*.zarr/recon-1/em/fibsem-uint8"))
+    groups += sorted(tiny_synth.glob("*/*.zarr/recon-1/labels/groundtruth/crop*/*"))
+    groups = [path for path in groups if path.is_dir()]
+    assert len(groups) > 2
+    for path in groups:
+        image = ome_zarr_models.v04.Image.from_zarr(zarr.open_group(str(path), mode="r"))
+        assert len(image.attributes.multiscales[0].datasets) == 3
+
+
+def test_a_pyramid_is_written_block_by_block(tmp_path: Path) -> None:
+    """Each level read in boxes no bigger than the block (memory bounded by the block), and
+    equal to the whole volume downsampled at once."""
+    group = zarr.open_group(str(tmp_path / "g"), mode="w", zarr_format=2)
+    ids = np.random.default_rng(0).integers(0, 4, size=(40, 70, 130), dtype=np.uint32)
+    group.create_array("s0", data=ids, chunks=(8, 16, 16))
+    reads: list[int] = []
+    write_pyramid(Recording(group, reads), 3, method="mode", block_shape=(8, 16, 32))
+    assert max(reads) <= 8 * 16 * 32
+    np.testing.assert_array_equal(group["s1"][...], downsample_2x(ids, "mode"))
+    s2 = downsample_2x(downsample_2x(ids, "mode"), "mode")
+    np.testing.assert_array_equal(group["s2"][...], s2)
+    assert group["s2"].shape == (10, 17, 32)  # odd edges dropped
+
+
+class Recording:
+    """A zarr group whose arrays record the voxels of each box read from them."""
+
+    def __init__(self, group: Any, reads: list[int]) -> None:
+        self.group, self.reads = group, reads
+
+    def __getitem__(self, name: str) -> Any:
+        return RecordingArray(self.group[name], self.reads)
+
+    def create_array(self, name: str, **kwargs: Any) -> Any:
+        return RecordingArray(self.group.create_array(name, **kwargs), self.reads)
+
+
+class RecordingArray:
+    def __init__(self, array: Any, reads: list[int]) -> None:
+        self.array, self.reads = array, reads
+        self.shape, self.chunks, self.dtype = array.shape, array.chunks, array.dtype
+
+    def __getitem__(self, box: Any) -> Any:
+        data = self.array[box]
+        self.reads.append(int(np.asarray(data).size))
+        return data
+
+    def __setitem__(self, box: Any, values: Any) -> None:
+        self.array[box] = values
+
+
+def test_mode_prefers_the_most_frequent_id_then_the_larger() -> None:
+    cells = [[5, 5, 5, 0, 0, 0, 0, 7], [3, 3, 3, 9, 9, 9, 0, 1], [2, 2, 2, 2, 0, 0, 0, 0]]
+    volume = np.zeros((2, 2, 2 * len(cells)), dtype=np.uint32)
+    for k, cell in enumerate(cells):  # cell k: the 2x2x2 voxels at x 2k, 2k + 1
+        volume[:, :, 2 * k : 2 * k + 2] = np.reshape(cell, (2, 2, 2))
+    assert downsample_2x(volume, "mode").ravel().tolist() == [0, 9, 2]

@@ -184,8 +184,9 @@ def process_array(
         num_levels = pyramid_levels(child["s0"].shape)
         transforms = level_transforms(s0.scale, s0.translation, num_levels)
         child.attrs.update(multiscales_attrs(name, transforms))
-        method = "mode" if labels else "mean"
-        write_pyramid(child, num_levels, method=method, block_shape=block_shape)
+        write_pyramid(
+            child, num_levels, method="mode" if labels else "mean", block_shape=block_shape
+        )
     if labels:
         child.attrs.update(image_label_attrs())
     child.attrs["csc_process"] = {"source": str(source), **described}
