@@ -25,6 +25,7 @@ from csc.storage.arrays import (
     open_array,
     open_group,
     open_zarr,
+    read_box,
     tensorstore_used_here,
     write_array,
 )
@@ -167,6 +168,7 @@ __all__ = [
     "open_zarr",
     "parse_multiscales",
     "pyramid_levels",
+    "read_box",
     "read_json",
     "read_label",
     "s3_endpoint",

@@ -119,6 +119,12 @@ def open_zarr(url: str, s3: S3Options | None = None) -> Any:
         return zarr.open_array(store, mode="r")
 
 
+def read_box(source: ArraySource, box: tuple[slice, ...]) -> Any:
+    """The voxels `box` (z, y, x) of `source`'s level, read with zarr (the process that forks
+    loader workers may call it); leading size-1 time/channel axes read at index 0."""
+    return open_zarr(source.url, source.s3)[(0,) * source.num_leading + box]
+
+
 def count_foreground(
     url: str, *, absent: int | None = 0, unknown: int | None = None, s3: S3Options | None = None
 ) -> int:
