@@ -19,9 +19,17 @@ import zarr
 
 from csc.data.datasets import PatchDataset, PatchSpec
 from csc.data.loaders import check_crops, load_crops
+from csc.evaluation import evaluate
 from csc.prediction import predict
 from csc.processing import process
-from csc.storage import MetadataReader, downsample_2x, parse_multiscales, write_pyramid
+from csc.storage import (
+    MetadataReader,
+    downsample_2x,
+    multiscales_attrs,
+    parse_multiscales,
+    write_array,
+    write_pyramid,
+)
 from csc.synth import SynthSpec, write_synthetic
 from tests.test_predict import Echo, config_of
 from tests.volumes import GT_PATH, RAW_PATH, patch_spec, raw_centre, rows_for, write_aligned
@@ -363,3 +371,27 @@ def test_mode_prefers_the_most_frequent_id_then_the_larger() -> None:
     for k, cell in enumerate(cells):  # cell k: the 2x2x2 voxels at x 2k, 2k + 1
         volume[:, :, 2 * k : 2 * k + 2] = np.reshape(cell, (2, 2, 2))
     assert downsample_2x(volume, "mode").ravel().tolist() == [0, 9, 2]
+
+
+def test_evaluate_scores_a_spec_store_as_the_original(original: Path, tmp_path: Path) -> None:
+    """Ground truth in micrometres, with a channel axis, as zarr v3: the same counts."""
+    copy = copy_as(
+        original, tmp_path / "copy" / "ds.zarr", LAYOUTS["zarr v3, micrometer, channel, shared"]
+    )
+    group = zarr.open_group(str(original / GROUPS[2]), mode="r")
+    (s0,) = parse_multiscales(dict(group.attrs), "mask")
+    mask = np.asarray(group["s0"][...])
+    guess = mask.copy()
+    guess[:4] = 1 - guess[:4]  # wrong in the first 4 slices: a score below 1
+    crop = zarr.open_group(str(tmp_path / "predictions" / "ds.zarr"), mode="a", zarr_format=2)
+    crop = crop.require_group("crop1/mask")
+    crop.attrs.update(multiscales_attrs("mask", [(s0.scale, s0.translation)]))
+    crop.attrs["csc_prediction"] = {"class": "mask", "encoding": "uint8"}
+    write_array(crop, "s0", guess * 255, chunks=(8, 8, 8), compressor="zstd")
+    reports = [
+        evaluate(tmp_path / "predictions", rows_for(root, {"crop1": CLASSES}), classes=["mask"])
+        for root in (original, copy)
+    ]
+    (want,), (got,) = (report.results for report in reports)
+    assert got.counts == want.counts and got.scores == want.scores
+    assert want.counts["fp"] > 0 and want.counts["tp"] > 0
