@@ -209,22 +209,51 @@ def test_a_store_csc_cannot_read_is_refused_naming_the_group_and_axes(
         load_crops(rows_for(copy, {"crop1": CLASSES}), CLASSES, SPECS["4nm labels"])
 
 
-def test_two_space_axes_are_refused(tmp_path: Path) -> None:
-    attrs = {
-        "multiscales": [
-            {
-                "version": "0.4",
-                "axes": [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
-                "datasets": [
-                    {
-                        "path": "s0",
-                        "coordinateTransformations": [{"type": "scale", "scale": [4.0, 4.0]}],
-                    }
-                ],
-            }
-        ]
-    }
-    with pytest.raises(ValueError, match=r"g: csc reads three space axes .* y \(space\), x"):
+def multiscales(axes: list[dict[str, str]], transforms: list[dict[str, Any]]) -> dict[str, Any]:
+    """A one-level OME-NGFF 0.4 ``multiscales`` attribute."""
+    dataset = {"path": "s0", "coordinateTransformations": transforms}
+    return {"multiscales": [{"version": "0.4", "axes": axes, "datasets": [dataset]}]}
+
+
+ZYX = [{"name": n, "type": "space"} for n in "zyx"]
+BAD_METADATA = {
+    "two space axes": (
+        multiscales(ZYX[1:], [{"type": "scale", "scale": [4.0, 4.0]}]),
+        r"g: csc reads three space axes \(z, y, x\), after any time or channel axis; its axes "
+        r"are y \(space\), x \(space\)",
+    ),
+    "channel after space": (
+        multiscales(
+            [*ZYX, {"name": "c", "type": "channel"}], [{"type": "scale", "scale": [1] * 4}]
+        ),
+        r"g: csc reads three space axes .* its axes are z \(space\), y \(space\), x \(space\), c",
+    ),
+    "a path transform": (
+        multiscales(ZYX, [{"type": "scale", "path": "scale.bin"}]),
+        r"g has no usable OME-NGFF 'multiscales' metadata \(KeyError: 'scale'\)",
+    ),
+    "a translation of words": (
+        multiscales(
+            ZYX,
+            [
+                {"type": "scale", "scale": [4] * 3},
+                {"type": "translation", "translation": ["a", 0, 0]},
+            ],
+        ),
+        r"g: a translation transform must be a list of numbers, got \['a', 0, 0\]",
+    ),
+    "a scale of two values": (
+        multiscales(ZYX, [{"type": "scale", "scale": [4, 4]}]),
+        r"g: a scale transform has 2 values for 3 axes",
+    ),
+}
+
+
+@pytest.mark.parametrize(("attrs", "message"), BAD_METADATA.values(), ids=BAD_METADATA.keys())
+def test_metadata_csc_cannot_place_is_refused_naming_the_group(
+    attrs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
         parse_multiscales(attrs, "g")
 
 

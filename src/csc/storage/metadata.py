@@ -265,6 +265,13 @@ class Axes:
         return ", ".join(f"{n} ({k})" for n, k in zip(self.names, self.kinds, strict=True))
 
 
+def _numbers(values: Any, what: str) -> list[float]:
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a list of numbers, got {values!r}") from None
+
+
 def _nm(value: float, factor: float) -> float:
     """`value` units in nm, 12 significant digits (0.004 micrometer: 4.0, not 4.000000000000001)"""
     return value if factor == 1.0 else float(f"{value * factor:.12g}")
@@ -326,7 +333,7 @@ def compose(
                 f"{group}: coordinateTransformations of type {kind!r} are not read by csc; "
                 "write 'scale' and 'translation' vectors"
             )
-        values = [float(v) for v in transform[kind]]
+        values = _numbers(transform[kind], f"{group}: a {kind} transform")
         if len(values) != ndim:
             raise ValueError(
                 f"{group}: a {kind} transform has {len(values)} values for {ndim} axes"
