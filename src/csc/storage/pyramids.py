@@ -49,7 +49,16 @@ def downsample_2x(data: np.ndarray, method: Method) -> np.ndarray:
 
 
 def _mode(cells: np.ndarray) -> np.ndarray:
-    """Per row of 8 values, the most frequent one; among equally frequent, the largest."""
+    """Per row of 8 values, the most frequent one; among equally frequent, the largest. Rows
+    of one value (most of a label volume) are answered without sorting."""
+    out = cells[:, 0].copy()
+    mixed = np.flatnonzero((cells != cells[:, :1]).any(axis=1))
+    if mixed.size:
+        out[mixed] = _mode_of_mixed(cells[mixed])
+    return out
+
+
+def _mode_of_mixed(cells: np.ndarray) -> np.ndarray:
     ordered = np.sort(cells, axis=1)
     counts = (ordered[:, :, None] == ordered[:, None, :]).sum(axis=2)  # (N, 8): each's count
     last_max = 7 - np.argmax(counts[:, ::-1], axis=1)  # sorted ascending: the largest of ties
