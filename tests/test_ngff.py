@@ -19,6 +19,7 @@ import zarr
 
 from csc.data.datasets import PatchDataset, PatchSpec
 from csc.data.loaders import check_crops, load_crops
+from csc.datasplit import DatasplitRow
 from csc.evaluation import evaluate
 from csc.prediction import predict
 from csc.processing import process
@@ -31,6 +32,7 @@ from csc.storage import (
     write_pyramid,
 )
 from csc.synth import SynthSpec, write_synthetic
+from tests.s3server import upload_tree
 from tests.test_predict import Echo, config_of
 from tests.volumes import GT_PATH, RAW_PATH, patch_spec, raw_centre, rows_for, write_aligned
 
@@ -118,9 +120,11 @@ def _multiscales_of(name: str, levels: Sequence[Any], layout: Layout) -> dict[st
     return {"multiscales": [{"version": "0.4", **multiscale}]}
 
 
-def samples(root: Path, spec: PatchSpec, firsts: Sequence[Sequence[int]]) -> list[dict]:
-    """Stored raw and label values of patches whose voxel 0 sits on raw voxels `firsts`."""
-    crops = load_crops(rows_for(root, {"crop1": CLASSES}), CLASSES, spec)
+def samples(root: Path | str, spec: PatchSpec, firsts: Sequence[Sequence[int]]) -> list[dict]:
+    """Stored raw and label values of patches whose voxel 0 sits on raw voxels `firsts` (a
+    local store, or one on S3)."""
+    rows = [DatasplitRow("train", str(root), RAW_PATH, str(root), f"{GT_PATH}/crop1", CLASSES)]
+    crops = load_crops(rows, CLASSES, spec)
     check_crops(crops, spec, datasplit="test")  # chunk keys found (no refusal, no warning)
     dataset = PatchDataset(crops, spec, raw_transform=_float, target_transform=_float)
     shape = np.asarray(spec.input.shape)
@@ -160,6 +164,19 @@ def test_a_store_read_by_the_spec_gives_the_originals_patches(
     for a, b in zip(expected, got, strict=True):
         for key in ("input", "output"):
             assert a[key].shape == b[key].shape
+            assert torch.equal(a[key].nan_to_num(-1.0), b[key].nan_to_num(-1.0))
+
+
+def test_a_zarr_v3_store_on_s3_gives_the_originals_patches(
+    original: Path, tmp_path: Path, s3_env: str
+) -> None:
+    layout = LAYOUTS["zarr v3, micrometer, channel, shared"]
+    copy_as(original, tmp_path / "bucket" / "ds.zarr", layout)
+    upload_tree(s3_env, tmp_path / "bucket", "ngff-v3", public=True)
+    spec = SPECS["4nm labels"]
+    expected, got = samples(original, spec, FIRSTS), samples("s3://ngff-v3/ds.zarr", spec, FIRSTS)
+    for a, b in zip(expected, got, strict=True):
+        for key in ("input", "output"):
             assert torch.equal(a[key].nan_to_num(-1.0), b[key].nan_to_num(-1.0))
 
 

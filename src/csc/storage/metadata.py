@@ -400,11 +400,11 @@ class MetadataReader:
             return self._read(path) if cached is ... else cached
 
     def _read(self, path: str) -> dict[str, Any] | None:
-        try:
-            with s3_errors(path, self.endpoint_url):
+        with s3_errors(path, self.endpoint_url):
+            try:  # caught inside: s3_errors turns a missing key into a StorageError
                 value = read_json(self.fs, path)
-        except FileNotFoundError:
-            value = None
+            except FileNotFoundError:
+                value = None
         with self._lock:
             self._cache[path] = value
         return value
