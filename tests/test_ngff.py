@@ -19,7 +19,7 @@ import zarr
 
 from csc.data.datasets import PatchDataset, PatchSpec
 from csc.data.loaders import check_crops, load_crops
-from csc.datasplit import DatasplitRow
+from csc.datasplit import CrawlOptions, DatasplitRow, crawl
 from csc.evaluation import evaluate
 from csc.prediction import predict
 from csc.processing import process
@@ -178,6 +178,19 @@ def test_a_zarr_v3_store_on_s3_gives_the_originals_patches(
     for a, b in zip(expected, got, strict=True):
         for key in ("input", "output"):
             assert torch.equal(a[key].nan_to_num(-1.0), b[key].nan_to_num(-1.0))
+
+
+def test_the_crawl_finds_a_zarr_v3_stores_crops_and_their_s0_voxel_size(
+    original: Path, tmp_path: Path
+) -> None:
+    copy = copy_as(original, tmp_path / "ds" / "ds.zarr", LAYOUTS["zarr v3, OME-NGFF 0.5"])
+    search = f"{tmp_path}/{{dataset}}/{{dataset}}.zarr/recon-1/{{name}}"
+    options = CrawlOptions(search_path=search, raw_name="em/raw", classes=CLASSES, scale=(4.0,))
+    (row,) = crawl(options).crops
+    assert (row.dataset, row.crop, row.classes) == ("ds", "crop1", CLASSES)
+    assert row.raw_root == str(copy)
+    too_coarse = dataclasses.replace(options, scale=(2.0,))  # s0 labels are 4 nm
+    assert crawl(too_coarse).crops == []
 
 
 def test_levels_are_placed_in_nm_whatever_the_unit_and_transforms(
