@@ -333,8 +333,13 @@ def is_fine_enough(scale: Sequence[float], wanted: Sequence[float]) -> bool:
 
 
 def read_s0_scale(lister: Lister, group: str) -> list[float]:
-    """Voxel size (nm) of level s0 from an OME-NGFF multiscales group's .zattrs."""
-    return list(parse_multiscales(lister.read_json(f"{group}/.zattrs"), group)[0].scale)
+    """Voxel size (nm) of level s0 from an OME-NGFF multiscales group's .zattrs (zarr v2),
+    else from its zarr.json (v3, OME-NGFF 0.5)."""
+    try:
+        attrs = lister.read_json(f"{group}/.zattrs")
+    except FileNotFoundError:
+        attrs = lister.read_json(f"{group}/zarr.json").get("attributes") or {}
+    return list(parse_multiscales(attrs, group)[0].scale)
 
 
 def _url(path: str, search_path: str) -> str:

@@ -44,7 +44,7 @@ from csc.storage import (
     is_folder,
     is_s3,
     names_in,
-    open_zarr,
+    read_box,
     write_text_atomic,
 )
 
@@ -240,8 +240,8 @@ def _prediction_source(reader: MetadataReader, group: str) -> tuple[ArraySource,
     """A prediction group's finest level, and the divisor that turns values into
     probabilities (its `csc_prediction` encoding, else from the array's dtype)."""
     source = reader.source(group, FINEST, label=False)
-    dtype = np.dtype(reader.json(f"{source.url}/.zarray")["dtype"])
-    encoding = reader.json(f"{group}/.zattrs").get("csc_prediction", {}).get("encoding")
+    dtype = np.dtype(source.dtype)
+    encoding = reader.attrs(group).get("csc_prediction", {}).get("encoding")
     encoding = encoding or dtype.name
     if encoding not in ENCODINGS or np.dtype(encoding) != dtype:
         raise ValueError(
@@ -280,7 +280,7 @@ def _evaluate_class(
     box = tuple(_inside(i, n) for i, n in zip(indices, prediction.level.shape, strict=True))
     if any(b.stop <= b.start for b in box):
         return None
-    labels = open_zarr(truth.url)[box]  # (z, y, x): the ground-truth voxels that are scored
+    labels = read_box(truth, box)  # (z, y, x): the ground-truth voxels that are scored
     annotated = np.ones(labels.shape, bool)
     if truth.unknown is not None:
         annotated = labels != truth.unknown
@@ -322,7 +322,7 @@ def _resampled(
     low = [int(i[0]) for i in indices]
     high = [int(i[-1]) + 1 for i in indices]
     box = tuple(slice(a, b) for a, b in zip(low, high, strict=True))
-    values = open_zarr(prediction.url)[box]  # only the part that the ground truth covers
+    values = read_box(prediction, box)  # only the part that the ground truth covers
     foreground = values / divisor > threshold  # on the prediction's grid: never finer than needed
     local = [i - a for i, a in zip(indices, low, strict=True)]
     return foreground[np.ix_(*local)]  # separable nearest-neighbour resampling

@@ -63,9 +63,12 @@ from csc.storage import (
     create_array,
     fs_path,
     is_s3,
+    level_transforms,
     multiscales_attrs,
+    pyramid_levels,
     s3_errors,
     staged_group,
+    write_pyramid,
 )
 
 Vec3 = tuple[float, float, float]
@@ -788,7 +791,8 @@ def write_region(
     encoding: str,
     overwrite: bool = False,
 ) -> None:
-    """Predict one region block by block into its group at `path`."""
+    """Predict one region block by block into its group at `path`, then its pyramid (levels
+    averaged 2x, block by block)."""
     names = region.classes or predictor.classes
     channels = [predictor.classes.index(name) for name in names]
     with staged_group(path, command=PREDICT, overwrite=overwrite) as group:
@@ -797,18 +801,26 @@ def write_region(
         for box, values in predict_blocks(predictor, region, grid, readers):
             for array, channel in zip(arrays, channels, strict=True):
                 array[box] = encode(values[channel], encoding)
+        for name in names:
+            write_pyramid(
+                group[name],
+                pyramid_levels(grid.shape),
+                method="mean",
+                block_shape=predictor.block_shape,
+            )
 
 
 def _create_arrays(
     group: Any, predictor: Predictor, grid: OutputGrid, names: Sequence[str], *, encoding: str
 ) -> list[Any]:
-    """One class group per class of `names`, OME-NGFF 0.4 with one level s0, and its empty
-    array."""
+    """One class group per class of `names`, OME-NGFF 0.4 listing levels s0 .. (the pyramid
+    `pyramid_levels` gives the grid), and its empty s0."""
     chunks = tuple(min(CHUNK, n, b) for n, b in zip(grid.shape, predictor.block_shape, strict=True))
+    levels = level_transforms(grid.scale, grid.translation, pyramid_levels(grid.shape))
     arrays = []
     for name in names:
         child = group.require_group(name)
-        child.attrs.update(multiscales_attrs(name, [(grid.scale, grid.translation)]))
+        child.attrs.update(multiscales_attrs(name, levels))
         child.attrs["csc_prediction"] = {
             "class": name,
             "encoding": encoding,

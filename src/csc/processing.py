@@ -30,12 +30,18 @@ from csc.datasplit import crop_matches, input_stores
 from csc.labelling import ID_DTYPE, ClassJob, ProcessOptions, stitch_blocks
 from csc.registries import PROCESS_FUNCS, resolve
 from csc.storage import (
+    Level,
     blocks,
     check_targets,
     create_array,
     image_label_attrs,
+    level_transforms,
+    multiscales_attrs,
     open_group,
+    parse_multiscales,
+    pyramid_levels,
     staged_group,
+    write_pyramid,
 )
 
 DEFAULT_PROCESS_FUNC = "instances"  # what an unset process_func runs
@@ -154,8 +160,9 @@ def process_array(
     logits: bool = False,
 ) -> None:
     """One class group: `function` (a callable, a method's name, None for "instances") over
-    the probabilities of `source`/s0 into `group`/`name`/s0, with the source's OME-NGFF
-    metadata, OME-NGFF label metadata for integer labels, and how it was made (csc_process)."""
+    the probabilities of `source`/s0 into `group`/`name`/s0, then its pyramid (labels: the
+    most frequent id of each 2x2x2 block), placed as the source's s0 (OME-NGFF 0.4), OME-NGFF
+    label metadata for integer labels, and how it was made (csc_process)."""
     stored = open_group(str(source), mode="r")
     child = group.require_group(name)
     child.attrs.update({k: v for k, v in stored.attrs.items() if k != "csc_prediction"})
@@ -171,9 +178,26 @@ def process_array(
         described = apply_callable(job, function, logits=logits)
     else:
         described = resolve(PROCESS_FUNCS[function or DEFAULT_PROCESS_FUNC])(job)
-    if np.issubdtype(child["s0"].dtype, np.integer):
+    labels = bool(np.issubdtype(child["s0"].dtype, np.integer))
+    s0 = source_s0(stored.attrs, source)
+    if s0 is not None:  # a pyramid placed as the source's s0; without metadata, s0 alone
+        num_levels = pyramid_levels(child["s0"].shape)
+        transforms = level_transforms(s0.scale, s0.translation, num_levels)
+        child.attrs.update(multiscales_attrs(name, transforms))
+        write_pyramid(
+            child, num_levels, method="mode" if labels else "mean", block_shape=block_shape
+        )
+    if labels:
         child.attrs.update(image_label_attrs())
     child.attrs["csc_process"] = {"source": str(source), **described}
+
+
+def source_s0(attrs: Any, source: Path) -> Level | None:
+    """Level s0 of a prediction group's OME-NGFF ``multiscales`` (None: it has none)."""
+    if "multiscales" not in attrs:
+        return None
+    levels = parse_multiscales(dict(attrs), str(source))
+    return next((level for level in levels if level.path == "s0"), levels[0])
 
 
 def class_job(

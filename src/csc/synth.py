@@ -35,6 +35,7 @@ import numpy as np
 from csc.config import INSTANCE_CLASSES
 from csc.storage import (
     annotation_attrs,
+    downsample_2x,
     level_transforms,
     multiscales_attrs,
     open_group,
@@ -427,11 +428,8 @@ def write_pyramid(
 
 
 def downsample(data: np.ndarray, *, is_label: bool) -> np.ndarray:
-    """2x2x2 average (raw) or majority with ties to present (0/1 labels); odd edges dropped."""
-    even = data[tuple(slice(0, (n // 2) * 2) for n in data.shape)]
-    z, y, x = (n // 2 for n in even.shape)
-    blocks = even.reshape(z, 2, y, 2, x, 2).astype(np.float32)  # (Z, 2, Y, 2, X, 2)
-    mean = blocks.mean(axis=(1, 3, 5))
+    """2x2x2 average (raw) or majority with ties to present (0/1 labels); odd edges dropped:
+    `csc.storage.downsample_2x`, the rule of every pyramid csc writes (raw rounded)."""
     if is_label:
-        return (mean >= 0.5).astype(data.dtype)
-    return np.rint(mean).astype(data.dtype)
+        return downsample_2x(data, "mode")
+    return np.rint(downsample_2x(data.astype(np.float32), "mean")).astype(data.dtype)

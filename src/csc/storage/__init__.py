@@ -8,9 +8,10 @@ maps), `metadata` (OME-NGFF and CellMap attributes, chunk keys), `fetch` (files 
 from a bucket for csc fetch-data: listings, atomic downloads, the record of what csc fetched),
 `labels` (label arrays
 read as the challenge reads a submission, written as pack-results writes them), `nodes`
-(zarr nodes of a folder or zip opened by path, no .zgroup needed), `zips` (zips written
-atomically, marked in their comment) and `serving` (local folders served read-only over
-HTTP on 127.0.0.1 for a viewer). Everything else in csc imports from here
+(zarr nodes of a folder or zip opened by path, no .zgroup needed), `pyramids` (levels s1,
+s2, ... written block by block), `zips` (zips written atomically, marked in their comment)
+and `serving` (local folders served read-only over HTTP on 127.0.0.1 for a viewer).
+Everything else in csc imports from here
 (`from csc.storage import ...`); this package imports no other csc module but
 `csc.__version__`.
 """
@@ -27,6 +28,7 @@ from csc.storage.arrays import (
     open_array,
     open_group,
     open_zarr,
+    read_box,
     tensorstore_used_here,
     write_array,
 )
@@ -95,6 +97,7 @@ from csc.storage.metadata import (
     read_json,
 )
 from csc.storage.nodes import NodeRoot, open_nodes
+from csc.storage.pyramids import PYRAMID_MIN_SIDE, downsample_2x, pyramid_levels, write_pyramid
 from csc.storage.s3 import (
     S3_RETRY_BUDGET_S,
     S3_TIMEOUT_S,
@@ -130,6 +133,7 @@ __all__ = [
     "DEFAULT_PORT",
     "FINEST",
     "LOOPBACK",
+    "PYRAMID_MIN_SIDE",
     "S3_RETRY_BUDGET_S",
     "S3_TIMEOUT_S",
     "STORE_SUFFIXES",
@@ -175,6 +179,7 @@ __all__ = [
     "csc_output_command",
     "describe_s3_error",
     "download",
+    "downsample_2x",
     "filesystem_for",
     "finite",
     "folder_names",
@@ -201,6 +206,8 @@ __all__ = [
     "open_nodes",
     "open_zarr",
     "parse_multiscales",
+    "pyramid_levels",
+    "read_box",
     "read_json",
     "read_label",
     "read_optional",
@@ -218,6 +225,7 @@ __all__ = [
     "touched_chunks",
     "write_array",
     "write_label",
+    "write_pyramid",
     "write_text_atomic",
     "zip_command",
     "zip_folder",

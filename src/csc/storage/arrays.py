@@ -119,6 +119,12 @@ def open_zarr(url: str, s3: S3Options | None = None) -> Any:
         return zarr.open_array(store, mode="r")
 
 
+def read_box(source: ArraySource, box: tuple[slice, ...]) -> Any:
+    """The voxels `box` (z, y, x) of `source`'s level, read with zarr (the process that forks
+    loader workers may call it); leading size-1 time/channel axes read at index 0."""
+    return open_zarr(source.url, source.s3)[(0,) * source.num_leading + box]
+
+
 def count_foreground(
     url: str, *, absent: int | None = 0, unknown: int | None = None, s3: S3Options | None = None
 ) -> int:
@@ -198,7 +204,8 @@ def kvstore_spec(
 
 
 def open_array(source: ArraySource, *, cache_mb: int = DEFAULT_CHUNK_CACHE_MB) -> Any:
-    """The tensorstore array of `source`'s level, opened once per process and kept."""
+    """The tensorstore array of `source`'s level, opened once per process and kept: (z, y, x),
+    leading size-1 time/channel axes indexed at 0 (zarr v3 through the zarr3 driver)."""
     import tensorstore as ts
 
     key = (source.url, source.s3.endpoint if source.s3 else None)  # a bucket per endpoint
@@ -210,7 +217,7 @@ def open_array(source: ArraySource, *, cache_mb: int = DEFAULT_CHUNK_CACHE_MB) -
     if source.s3 is not None:
         curl_timeouts(source.s3)
     spec = {
-        "driver": "zarr",
+        "driver": "zarr3" if source.zarr_format == 3 else "zarr",
         "kvstore": kvstore_spec(source.url, s3=source.s3),
         # The data does not change while csc reads it: a chunk (or a chunk found missing) in
         # the cache is used as it is, never asked for again (no 304/404 round trips).
@@ -220,6 +227,8 @@ def open_array(source: ArraySource, *, cache_mb: int = DEFAULT_CHUNK_CACHE_MB) -
     store = await_read(
         lambda: ts.open(spec, read=True, context=context), source.url, source.s3
     )  # opened outside the lock: one array's retries never hold up another's reads
+    if source.num_leading:
+        store = store[(0,) * source.num_leading]  # (t, c, z, y, x) -> (z, y, x)
     with _STATE_LOCK:
         if _STATE["context"] is context:
             store = _STATE["stores"].setdefault(key, store)

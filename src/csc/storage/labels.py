@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from csc.storage.metadata import Level, choose_level, parse_multiscales
+from csc.storage.metadata import Level, choose_level, ome_attrs, parse_multiscales
 
 Vec3 = tuple[float, float, float]
 VOXEL_SIZE_KEYS = ("voxel_size", "resolution", "scale")
@@ -81,7 +81,7 @@ def read_label(
     if isinstance(node, zarr.Array):
         return _plain(node, where)
     attrs = dict(node.attrs)
-    if "multiscales" in attrs:
+    if "multiscales" in ome_attrs(attrs):
         return _ome_level(node, attrs, target, where)
     return _plain_level(node, target, where)
 
