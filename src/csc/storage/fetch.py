@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from csc.storage.errors import StorageError
 from csc.storage.files import _running
+from csc.storage.metadata import in_ranges
 from csc.storage.s3 import S3Options, s3_errors, s3_filesystem
 from csc.storage.urls import fs_path, is_s3
 
@@ -111,7 +112,7 @@ def chunk_keys(
             return {
                 name: size
                 for name, size in _listed(fs, root).items()
-                if _in_ranges(name.split(separator), ranges)
+                if in_ranges(name.split(separator), ranges)
             }
         prefixes = [""]  # the keys' first indices so far, each ending in "/"
         for axis, wanted in enumerate(ranges):
@@ -142,12 +143,6 @@ def _listed(fs: Any, path: str) -> dict[str, int]:
         name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
         listing[name] = -1 if entry.get("type") == "directory" else int(entry.get("size") or 0)
     return listing
-
-
-def _in_ranges(indices: Sequence[str], ranges: Sequence[range]) -> bool:
-    return len(indices) == len(ranges) and all(
-        i.isdigit() and int(i) in r for i, r in zip(indices, ranges, strict=True)
-    )
 
 
 def touched_chunks(start: Sequence[int], stop: Sequence[int], chunks: Sequence[int]) -> list[range]:

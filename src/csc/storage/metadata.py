@@ -434,7 +434,8 @@ class MetadataReader:
     def group_attrs(self, group: str) -> dict[str, Any]:
         """A multiscale group's attributes; FileNotFoundError naming it when it has none."""
         attrs = self.attrs(group)
-        if not attrs and self._get(f"{group}/zarr.json") is None:
+        missing = self._get(f"{group}/.zattrs") is None  # an empty {} is there, not missing
+        if missing and self._get(f"{group}/zarr.json") is None:
             raise FileNotFoundError(
                 f"{group}/.zattrs not found (nor zarr.json): is the datasplit CSV out of "
                 "date? Rebuild it with `csc datasplit ... --overwrite`"
@@ -573,7 +574,7 @@ def any_chunk_stored(
             if separator == "/":  # the prefix's parts are folders: "c/0/" is c/0/z/y/x
                 return _nested_stored(fs, f"{path}/{prefix}".rstrip("/"), ranges)
             names = [n.removeprefix(prefix) for n in names_in(fs, path) if n.startswith(prefix)]
-            return any(_in_ranges(name.split("."), ranges) for name in names)
+            return any(in_ranges(name.split("."), ranges) for name in names)
         except PermissionError:  # listing refused (a bucket that allows reads only): can't tell
             return True
 
@@ -586,7 +587,8 @@ def _nested_stored(fs: Any, path: str, ranges: Sequence[range]) -> bool:
     return any(_nested_stored(fs, f"{path}/{name}", ranges[1:]) for name in inside)
 
 
-def _in_ranges(indices: Sequence[str], ranges: Sequence[range]) -> bool:
+def in_ranges(indices: Sequence[str], ranges: Sequence[range]) -> bool:
+    """Whether a chunk key's indices (z, y, x as text) all lie in the per-axis `ranges`."""
     return len(indices) == len(ranges) and all(
         i.isdigit() and int(i) in r for i, r in zip(indices, ranges, strict=True)
     )
