@@ -399,3 +399,31 @@ def test_csc_visualize_json_round_trip(
         "jrc_synth1.json",
         "jrc_synth2.json",
     ]
+
+
+def test_csc_visualize_crops_test_shows_the_manifests_crops(
+    tiny_synth: Path, outputs: dict[str, Any], write_config: Any, tmp_path: Path
+) -> None:
+    """--crops test: the crops of the test crop manifest in use, by dataset and crop."""
+    root, crop = outputs["root"], outputs["crop"]
+    config = write_config(
+        f"""
+        search_path = "{tiny_synth / TEMPLATE}"
+        datasplit_path = "{tmp_path / "none.csv"}"
+        predictions_path = "{root / "predictions"}"
+        classes = {list(outputs["classes"])!r}
+        """
+    )
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "crop_name,dataset,class_label,voxel_size,translation,shape\n"
+        f"{crop.removeprefix('crop')},{DATASET},{outputs['classes'][0]},[4;4;4],[0;0;0],[8;8;8]\n"
+    )
+    out = tmp_path / "state.json"
+    args = ["visualize", str(config), "--crops", "test", "--json", str(out)]
+    done = CliRunner().invoke(cli, [*args, "--test-crop-manifest", str(manifest)])
+    assert done.exit_code == 0, done.output
+    names = {layer["name"] for layer in json.loads(out.read_text())["layers"]}
+    assert f"{crop}/{outputs['classes'][0]} (prediction)" in names
+    other = CliRunner().invoke(cli, [*args, "--overwrite"])  # the shipped manifest's crops
+    assert other.exit_code == 1 and "crop557" in other.output

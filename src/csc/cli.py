@@ -1259,8 +1259,8 @@ def _report_fetch(report: Any) -> None:
 @click.option(
     "--crops",
     default=None,
-    help="Comma list of crops (crop or dataset/crop, globs; a number N is cropN) [default: "
-    "all]; the view opens at the first one's centre.",
+    help="Comma list of crops (crop or dataset/crop, globs; a number N is cropN), or test "
+    "(the test crop manifest's crops) [default: all]; the view opens at the first one's centre.",
 )
 @click.option(
     "--classes",
@@ -1315,6 +1315,9 @@ def _report_fetch(report: Any) -> None:
     is_flag=True,
     help="Start a local neuroglancer viewer (needs the neuroglancer package: csc[viz]) "
     "instead of printing a URL of the hosted one.",
+)
+@click.option(
+    "--test-crop-manifest", "manifest", default=None, type=click.Path(), help=_MANIFEST_HELP
 )
 @click.option(
     "--neuroglancer-url",
@@ -1390,6 +1393,10 @@ def _visualize_places(config_file: str | None, options: dict[str, Any]) -> Any:
     changes["optional"] = tuple(k for k in places.optional if option[k] not in changes)
     places = dataclasses.replace(places, **changes)
     crops = _everything_or(options["crops"])
+    if crops == ("test",):  # the test crops of the manifest in use, by dataset and crop
+        from csc.utils import scored_crop_patterns
+
+        crops = scored_crop_patterns(options["manifest"])
     selection = Selection(
         datasets=_everything_or(options["datasets"]),
         crops=tuple(f"crop{name}" if name.isdigit() else name for name in crops),
