@@ -422,7 +422,9 @@ def test_a_stalled_endpoint_fails_the_chunk_read_within_the_budget(
     finally:
         child.kill()
     seconds, message = output.strip().split(" ", 1)
-    assert float(seconds) < 8, errors  # timeout 1 s, then a 3 s budget
+    # Timeout 1 s, then a 3 s budget: about 4-5 s; the bound leaves room for a loaded machine
+    # (8.0 s was measured with five test runs on 2 cores) and still rules out minutes.
+    assert float(seconds) < 15, errors
     assert "\n" not in message
     assert message.startswith(f"cannot read s3://{bucket}/{RAW}/s0 (voxels (0, 0, 0) to (8, 16")
     assert f"from {proxy.endpoint}" in message and "(s3_retry_budget_s = 3 s) is spent" in message

@@ -129,7 +129,9 @@ def options(
         "dest": str(dest),
         "manifest": str(files[0]),
         "test_crop_manifest": str(files[1]),
-        "s3": S3Options(endpoint_url=proxy.endpoint, timeout_s=5, retry_budget_s=10),
+        # A generous timeout: on a loaded machine the local server can take seconds to answer
+        # a listing, and a retry's notice would fail a test that is not about retries.
+        "s3": S3Options(endpoint_url=proxy.endpoint, timeout_s=60, retry_budget_s=120),
         "workers": 4,
     }
     return FetchOptions(**{**values, **changes})  # type: ignore[arg-type]
