@@ -589,8 +589,9 @@ def test_failing_requests_are_retried_as_training_reads_are(
     tmp_path: Path,
 ) -> None:
     proxy.set("error", p=0.5, only=r"/em/fibsem-uint8/s\d+/\d+/\d+/\d+$")  # 503 SlowDown
+    retrying = S3Options(endpoint_url=proxy.endpoint, timeout_s=60, retry_budget_s=10)
     with pytest.warns(S3RetryWarning, match="retrying for up to 10 s"):
-        report = fetch_data(options(tmp_path, proxy, manifest_files, crops="test"))
+        report = fetch_data(options(tmp_path, proxy, manifest_files, crops="test", s3=retrying))
     assert proxy.statuses[503] > 0 and report.num_fetched == len(report.plan.transfers)
     raw = f"jrc_synth1/jrc_synth1.zarr/{RAW}"
     for key in ("s1/0/0/0", "s1/1/0/0", "s2/0/0/0", "s3/0/0/0"):
