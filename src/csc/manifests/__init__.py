@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import io
 import os
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -152,15 +153,20 @@ def _read_rows(path: Path, _mtime: int, _size: int) -> tuple[ScoredCropRow, ...]
     return _parse(path.read_text(encoding="utf-8"), str(path))
 
 
-@functools.cache
-def _parse(text: str, source: str) -> tuple[ScoredCropRow, ...]:
+def _reader(text: str, what: str, columns: Sequence[str], note: str = "") -> csv.DictReader[str]:
+    """The rows of a manifest's CSV text, refused naming `what` if it lacks a column."""
     reader = csv.DictReader(io.StringIO(text))
-    missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
+    missing = [c for c in columns if c not in (reader.fieldnames or ())]
     if missing:
         raise ValueError(
-            f"test crop manifest {source} lacks the column(s) {', '.join(missing)}; it needs "
-            f"{','.join(COLUMNS)} with vectors written [z;y;x]"
+            f"{what} lacks the column(s) {', '.join(missing)}; it needs {','.join(columns)}{note}"
         )
+    return reader
+
+
+@functools.cache
+def _parse(text: str, source: str) -> tuple[ScoredCropRow, ...]:
+    reader = _reader(text, f"test crop manifest {source}", COLUMNS, " with vectors written [z;y;x]")
     rows = []
     for line, row in enumerate(reader, start=2):
         try:
@@ -231,13 +237,7 @@ def training_crop_rows(
 
 @functools.cache
 def _parse_training(text: str, source: str) -> tuple[TrainingCropRow, ...]:
-    reader = csv.DictReader(io.StringIO(text))
-    missing = [c for c in FETCH_COLUMNS if c not in (reader.fieldnames or ())]
-    if missing:
-        raise ValueError(
-            f"crop manifest {source} lacks the column(s) {', '.join(missing)}; it needs "
-            f"{','.join(FETCH_COLUMNS)}"
-        )
+    reader = _reader(text, f"crop manifest {source}", FETCH_COLUMNS)
     rows = []
     for line, row in enumerate(reader, start=2):
         try:
