@@ -168,7 +168,7 @@ def test_csc_train_prints_iou_and_the_tensorboard_command(data: Path, tmp_path: 
     path.write_text("\n".join(lines) + "\n")
     outcome = CliRunner().invoke(cli, ["train", str(path)])
     assert outcome.exit_code == 0, outcome.output
-    assert "IoU:" in outcome.output and "tensorboard --logdir" in outcome.output
+    assert "IoU:" in outcome.output and f"--logdir {tmp_path}/tensorboard/2d_unet" in outcome.output
 
 
 @pytest.mark.parametrize(
