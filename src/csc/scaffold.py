@@ -31,9 +31,10 @@ def write_examples(folder: str | Path = ".", *, overwrite: bool = False) -> list
     paths = [target / name for name in EXAMPLE_NAMES]
     existing = [str(path) for path in paths if path.exists()]
     if existing and not overwrite:
+        verb = "exists" if len(existing) == 1 else "exist"
         raise FileExistsError(
-            f"{', '.join(existing)} already exist(s); pass --overwrite to replace them "
-            "(or run csc init in another folder)"
+            f"{', '.join(existing)} already {verb}; pass --overwrite to replace "
+            f"{'it' if len(existing) == 1 else 'them'} (or run csc init in another folder)"
         )
     target.mkdir(parents=True, exist_ok=True)
     for path in paths:
