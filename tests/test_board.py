@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shlex
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -252,14 +254,27 @@ def test_csc_init_writes_example_configs_that_load(tmp_path: Path) -> None:
     assert load_config(tmp_path / "examples/train_2D.py").epochs != 1
 
 
-def test_the_tensorboard_command_works_from_another_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("on_path", [False, True], ids=["python-m", "tensorboard-on-path"])
+def test_the_tensorboard_command_works_from_another_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_path: bool
+) -> None:
+    """Without this environment's bin on PATH, ``python -m tensorboard.main`` of this Python;
+    with it (an activated environment), plain ``tensorboard``. Both start from a folder
+    without a .venv."""
+    bin_folder = str(Path(sys.executable).parent)
+    path = os.pathsep.join([*([bin_folder] if on_path else []), "/usr/bin", "/bin"])
+    monkeypatch.setenv("PATH", path)
     command = tensorboard_command("tensorboard/2d_unet")
     arguments = shlex.split(command)
     assert arguments[-2:] == ["--logdir", str(Path.cwd() / "tensorboard/2d_unet")]
-    assert ".venv" not in command.split(" -m ")[-1]
-    # The command's program, started from a folder with no .venv: tensorboard answers.
+    assert (arguments[0] == "tensorboard") is on_path
     started = subprocess.run(
-        [*arguments[:-2], "--version_tb"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        [*arguments[:-2], "--version_tb"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": path},
     )
     assert started.returncode == 0, started.stderr
     assert re.fullmatch(r"\d+\.\d+\.\d+\S*", started.stdout.strip())

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import shlex
+import shutil
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -597,10 +600,6 @@ def tensorboard_command(log_dir: str) -> str:
     """A shell command that shows `log_dir` in TensorBoard from any folder: `tensorboard`
     when the one on PATH is this Python environment's, else this Python's ``-m
     tensorboard.main`` (csc depends on tensorboard, so it is installed beside csc)."""
-    import shlex
-    import shutil
-    import sys
-
     logs = shlex.quote(os.path.abspath(log_dir))
     on_path = shutil.which("tensorboard")
     beside = os.path.join(os.path.dirname(sys.executable), "tensorboard")

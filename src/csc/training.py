@@ -281,9 +281,8 @@ def setup(config: TrainConfig, place: Dist | None = None) -> Run:
     tracker = make_tracker(log_dir(config), enabled=place.is_main)
     tracker.log_text("config", "```\n" + format_config(config) + "\n```", 0)
     tracker.log_layout(board.scalar_layout(config.classes))
-    log_model_summary(
-        unwrap(model), config, tracker, output_shape, say=print if place.is_main else _silent
-    )
+    say = print if place.is_main else _silent
+    log_model_summary(unwrap(model), config, spec, tracker, output_shape=output_shape, say=say)
     crops = distributed.from_main(place, lambda: read_crops(config, spec=spec))  # read once
     loaders = build_loaders(  # its crops carry the foreground counts for pos_weight
         config,
@@ -315,14 +314,14 @@ def make_loss(config: TrainConfig, loaders: Loaders, device: torch.device) -> to
 def log_model_summary(
     model: torch.nn.Module,
     config: TrainConfig,
+    spec: PatchSpec,
     tracker: Tracker,
-    output_shape: tuple[int, ...],
     *,
+    output_shape: tuple[int, ...],
     say: Any,
 ) -> None:
-    """The model summary (parameters per top-level module, shapes in and out): printed, and
-    logged once as the ``model`` text."""
-    spec = PatchSpec.from_config(config)
+    """The model summary (parameters per top-level module, the shapes of a patch in and out,
+    as `check_model_output` found them): printed, and logged once as the ``model`` text."""
     input_shape = (1, 1, *spec.in_plane(spec.input.shape))
     text = board.model_summary(
         model, name=config.model_name, input_shape=input_shape, output_shape=output_shape
