@@ -14,7 +14,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
@@ -57,13 +60,14 @@ def events(log_dir: Path) -> EventAccumulator:
     return accumulator
 
 
+def png_pixels(data: bytes) -> np.ndarray:
+    """A PNG's pixels, (H, W, 3) uint8."""
+    return np.asarray(Image.open(BytesIO(data)).convert("RGB"))
+
+
 def decoded(event: Any) -> np.ndarray:
     """An image event's pixels, (H, W, 3) uint8."""
-    from io import BytesIO
-
-    from PIL import Image
-
-    return np.asarray(Image.open(BytesIO(event.encoded_image_string)).convert("RGB"))
+    return png_pixels(event.encoded_image_string)
 
 
 def rows_of(image: np.ndarray, columns: int) -> list[np.ndarray]:
@@ -314,9 +318,18 @@ def test_tensorboard_serves_the_layout_and_the_image_tags(run: tuple[Path, Train
                     tags = fetch(f"{base}/images/tags")
                 time.sleep(0.5)
             layout = fetch(f"{base}/custom_scalars/layout")
+            query = urllib.parse.urlencode({"run": "2d_unet", "tag": "images/nuc"})
+            shown = fetch(f"{base}/images/images?{query}")
+            with urllib.request.urlopen(
+                f"{base}/images/individualImage?{shown[-1]['query']}", timeout=10
+            ) as response:
+                served = response.read()
         finally:
             server.terminate()
             server.wait(timeout=30)
+    assert [image["step"] for image in shown] == [3, 6]
+    rows = rows_of(png_pixels(served), columns=3)
+    assert len(rows) == NUM_EXAMPLES  # the labelled grid, as the browser gets it
     expected = {f"{kind}/{name}" for kind in ("images", "train_images") for name in CLASSES}
     assert expected <= set(tags["2d_unet"])
     categories = {category["title"]: category["chart"] for category in layout["category"]}
