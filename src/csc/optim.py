@@ -231,15 +231,18 @@ class Schedule:
         return self.num_steps < self.warmup_steps
 
     def warmup_factor(self) -> float:
-        """The share of the full rate the next optimizer step uses during warm-up."""
-        done = min(self.num_steps, self.warmup_steps) / max(self.warmup_steps, 1)
+        """The share of the full rate the next optimizer step uses (1 after warm-up)."""
+        if not self.warming_up:
+            return 1.0
         start = self.warmup_start_factor
-        return start + (1.0 - start) * done
+        return start + (1.0 - start) * self.num_steps / self.warmup_steps
 
     def _set_warmup_lrs(self) -> None:
+        """Each group's rate for the next step while warming up, and the full rate once
+        warm-up has just ended; later the scheduler's, untouched."""
         if not self.warmup_steps or self.num_steps > self.warmup_steps:
             return  # warm-up over: the scheduler owns the rates
-        factor = self.warmup_factor()  # exactly 1.0 once num_steps == warmup_steps
+        factor = self.warmup_factor()  # 1.0 once num_steps == warmup_steps: the base rates
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
 
