@@ -39,6 +39,7 @@ PROCESS_FUNC_NAMES = tuple(sorted(registries.PROCESS_FUNCS))
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 PREDICTION_ENCODINGS = ("uint8", "float16")
 LOAD_MODEL_CHOICES = ("latest", "best", None)
+SCHEDULER_INTERVALS = ("step", "epoch", None)  # None: by the scheduler's type (csc.optim)
 DEFAULT_PREDICTION_CHECKPOINT = "latest"  # the weights csc predict uses unless told otherwise
 EXISTING_RUN_CHOICES = ("refuse", "move")  # a fresh run meeting another run's files
 FORCE_ALL_CLASSES_CHOICES = ("train", "validate", "both", None)
@@ -182,6 +183,17 @@ class TrainConfig:
     optimizer: Any = "radam"
     scheduler: Any = None
     scheduler_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Optimizer settings and warm-up (docs/training.md#optimizer-and-learning-rate).
+    # Keyword arguments of the optimizer (weight_decay, momentum, betas, eps, ...).
+    optimizer_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # False: biases and norm layers' weights (every parameter of <= 1 axis) get no weight
+    # decay (a second parameter group); True: every parameter gets the optimizer's.
+    weight_decay_norm_and_bias: bool = False
+    warmup_steps: int = 0  # optimizer steps of linear warm-up before the scheduler
+    warmup_start_factor: float = 0.01  # of learning_rate, at the first warm-up step
+    scheduler_interval: str | None = None  # "step", "epoch"; None: by the scheduler's type
+    # Recompute the activations of csc's model blocks in the backward pass (less memory).
+    activation_checkpointing: bool = False
     criterion: Any = "bce"
     criterion_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     weight_loss: bool = True
@@ -452,7 +464,14 @@ def _normalise(known: Mapping[str, Any]) -> dict[str, Any]:
         kwargs["prediction_block_shape"] = tuple(kwargs["prediction_block_shape"])
     if kwargs.get("device") is not None and not isinstance(kwargs["device"], str):
         kwargs["device"] = str(kwargs["device"])  # a torch.device
-    for key in ("model_kwargs", "scheduler_kwargs", "criterion_kwargs", "dataloader_kwargs"):
+    mappings = (
+        "model_kwargs",
+        "scheduler_kwargs",
+        "optimizer_kwargs",
+        "criterion_kwargs",
+        "dataloader_kwargs",
+    )
+    for key in mappings:
         if key in kwargs:
             kwargs[key] = _mapping(kwargs[key], key)
     if kwargs.get("spatial_transforms") is not None:
@@ -578,6 +597,7 @@ def validate(config: TrainConfig) -> None:
     _check_templates(config)
     _check_spatial_transforms(config.spatial_transforms)
     _check_objects(config)
+    _check_optimisation(config)
     _check_prediction(config)
 
 
@@ -672,6 +692,8 @@ def _check_choices(config: TrainConfig) -> None:
         "weight_loss",
         "use_mutual_exclusion",
         "debug_memory",
+        "weight_decay_norm_and_bias",
+        "activation_checkpointing",
     )
     for key in bools:
         if not isinstance(getattr(config, key), bool):
@@ -689,6 +711,48 @@ def _check_choices(config: TrainConfig) -> None:
         raise ValueError(
             f"device must be None, 'cpu', 'cuda', 'cuda:N' or 'mps', got {config.device!r}"
         )
+
+
+def _check_optimisation(config: TrainConfig) -> None:
+    """optimizer_kwargs (its names are checked against the optimizer's signature by
+    csc.optim, before any data is read), warm-up and the scheduler's cadence."""
+    given = set(config.optimizer_kwargs)
+    if given & {"lr", "params"}:
+        raise ValueError(
+            f"optimizer_kwargs sets {', '.join(sorted(given & {'lr', 'params'}))}: csc passes "
+            "the model's parameters and learning_rate itself; set learning_rate instead"
+        )
+    if given and not isinstance(config.optimizer, str | type):
+        raise ValueError(
+            f"optimizer_kwargs {sorted(given)} need an optimizer name or class, but optimizer "
+            f"is an instance of {type(config.optimizer).__name__}: give its arguments there"
+        )
+    _require_int(config, "warmup_steps", minimum=0)
+    factor = config.warmup_start_factor
+    if not _is_number(factor) or not 0 <= factor <= 1:
+        raise ValueError(
+            f"warmup_start_factor must be in [0, 1] (the share of learning_rate the first "
+            f"warm-up step uses), e.g. 0.01, got {factor!r}"
+        )
+    _require_choice("scheduler_interval", config.scheduler_interval, SCHEDULER_INTERVALS)
+    if config.scheduler_interval is not None and config.scheduler is None:
+        raise ValueError(
+            f"scheduler_interval {config.scheduler_interval!r} needs a scheduler; set "
+            "scheduler, or scheduler_interval = None"
+        )
+    if config.scheduler_interval == "step" and _is_plateau(config.scheduler):
+        raise ValueError(
+            "scheduler_interval 'step' cannot drive ReduceLROnPlateau, which steps on the "
+            "validation score once per epoch; use scheduler_interval = None or 'epoch'"
+        )
+
+
+def _is_plateau(scheduler: Any) -> bool:
+    """Whether `scheduler` (a name, class or instance) is ReduceLROnPlateau, without torch."""
+    if isinstance(scheduler, str):
+        return scheduler.lower() == "plateau"
+    kind = scheduler if isinstance(scheduler, type) else type(scheduler)
+    return any(c.__name__ == "ReduceLROnPlateau" for c in kind.__mro__)
 
 
 # What csc process hands process_func (TrainConfig.process_input).

@@ -43,7 +43,14 @@ from csc.datasplit import ensure_datasplit
 from csc.distributed import Dist
 from csc.losses import build_loss, check_criterion, pos_weight_from_counts
 from csc.metrics import SegmentationMetrics
-from csc.optim import PER_STEP_SCHEDULERS, make_optimizer, make_scheduler
+from csc.models import enable_activation_checkpointing
+from csc.optim import (
+    Schedule,
+    fit_saved_state,
+    make_optimizer,
+    make_scheduler,
+    parameter_names,
+)
 from csc.runtime import (
     autocast,
     channels_last_format,
@@ -94,7 +101,7 @@ class Run:
     ema: AveragedModel | None
     loss_fn: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: Any
+    scheduler: Schedule  # warm-up, then the config's scheduler (csc.optim)
     scaler: torch.amp.GradScaler
     tracker: Tracker
     place: Dist = dataclasses.field(default_factory=Dist)  # rank and world size (torchrun)
@@ -263,6 +270,8 @@ def setup(config: TrainConfig, place: Dist | None = None) -> Run:
     distributed.init(place, device)
     spec = PatchSpec.from_config(config)
     model = make_model(config, spec).to(device)
+    if config.activation_checkpointing:
+        enable_activation_checkpointing(model)  # a ValueError for a model without csc blocks
     output_shape = check_model_output(model, config, spec, device)
     memory_format = channels_last_format(config, device, spec)
     model = in_memory_format(model, memory_format)
@@ -429,9 +438,8 @@ def resume(run: Run, *, say: Any = print, start: RunStart | None = None) -> int:
         return resumed.epoch
     # The model file holds the trained weights, unless it holds the EMA's: then the state does.
     load_weights(run.model, state.get("model") or resumed.model_state, source=str(resumed.path))
-    load_optimizer_state(run.optimizer, state["optimizer"], source=resumed.path, config=config)
-    if run.scheduler is not None and state.get("scheduler") is not None:
-        run.scheduler.load_state_dict(state["scheduler"])
+    load_optimizer_state(run, state, source=resumed.path)
+    run.scheduler.load_state_dict(state.get("scheduler"))  # None: saved without a scheduler
     if state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     if run.ema is not None and state.get("ema") is not None:
@@ -445,16 +453,13 @@ def resume(run: Run, *, say: Any = print, start: RunStart | None = None) -> int:
     return resumed.epoch
 
 
-def load_optimizer_state(
-    optimizer: torch.optim.Optimizer,
-    saved: Mapping[str, Any],
-    *,
-    source: os.PathLike[str],
-    config: TrainConfig,
-) -> None:
-    """Load a saved optimizer state; one saved by another kind of optimizer (its settings and
-    this optimizer's each have names the other lacks, e.g. RAdam's betas and SGD's momentum)
-    is a ValueError naming the file, instead of a KeyError at the first step."""
+def load_optimizer_state(run: Run, state: Mapping[str, Any], *, source: os.PathLike[str]) -> None:
+    """Load a saved optimizer state, fitted to this run's parameter groups (a state saved
+    with other groups, e.g. before the weight decay groups, `csc.optim.fit_saved_state`);
+    one saved by another kind of optimizer (its settings and this optimizer's each have names
+    the other lacks, e.g. RAdam's betas and SGD's momentum) is a ValueError naming the file,
+    instead of a KeyError at the first step."""
+    optimizer, config, saved = run.optimizer, run.config, state["optimizer"]
     groups = saved.get("param_groups") or [{}]
     stored, current = set(groups[0]) - {"params"}, set(optimizer.param_groups[0]) - {"params"}
     if stored and stored - current and current - stored:
@@ -465,7 +470,15 @@ def load_optimizer_state(
             f"start from its weights with a new run (model_name='NEW_NAME' "
             f"model_to_load={config.model_name!r})"
         )
-    optimizer.load_state_dict(dict(saved))
+    names = state.get("optimizer_parameters")
+    try:
+        fitted = fit_saved_state(saved, optimizer, unwrap(run.model), saved_names=names)
+    except ValueError as error:
+        raise ValueError(
+            f"the training state in {source} cannot resume this run: {error}; start from its "
+            f"weights with a new run (model_name='NEW_NAME' model_to_load={config.model_name!r})"
+        ) from None
+    optimizer.load_state_dict(fitted)
 
 
 # --- The loop ------------------------------------------------------------------------------
@@ -610,8 +623,7 @@ def optimizer_step(run: Run) -> None:
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
         run.ema.update_parameters(unwrap(run.model))
-    if isinstance(run.scheduler, PER_STEP_SCHEDULERS):
-        run.scheduler.step()
+    run.scheduler.after_optimizer_step()  # warm-up, or a per-step scheduler
     copy_tensors(run.skipped.buffers, list(run.model.buffers()))
     run.skipped.in_a_row = 0
 
@@ -722,11 +734,7 @@ def end_epoch(run: Run, epoch: int, scores: dict[str, Any] | None) -> bool:
     run.epoch = epoch
     score = None if scores is None else scores["loss"]
     improved = score is not None and update_best(run, epoch, score)
-    scheduler = run.scheduler
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        scheduler.step(score if score is not None else float("nan"))
-    elif scheduler is not None and not isinstance(scheduler, PER_STEP_SCHEDULERS):
-        scheduler.step()
+    run.scheduler.end_epoch(score)  # a per-epoch scheduler; ReduceLROnPlateau on the score
     run.tracker.log({EPOCH_TAG: epoch, "lr": run.optimizer.param_groups[0]["lr"]}, run.global_step)
     if run.place.is_main:  # every rank holds the same weights: one writer
         save(run, epoch, improved=improved)
@@ -767,7 +775,9 @@ def save(run: Run, epoch: int, *, improved: bool) -> None:
         # The model file holds the trained weights unless they are the EMA's: not stored twice.
         "model": None if run.ema is None else unwrap(run.model).state_dict(),
         "optimizer": run.optimizer.state_dict(),
-        "scheduler": None if run.scheduler is None else to_safe(run.scheduler.state_dict()),
+        "scheduler": to_safe(run.scheduler.state_dict()),
+        # Each optimizer state entry's parameter, by name: a resume with other groups finds it.
+        "optimizer_parameters": parameter_names(run.optimizer, unwrap(run.model)),
         "scaler": run.scaler.state_dict(),
         "ema": None if run.ema is None else run.ema.state_dict(),
         "epoch": epoch,

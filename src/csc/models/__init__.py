@@ -11,6 +11,7 @@ and `ViTVNet` keep the CellMap challenge toolkit's constructor names and argumen
 import importlib
 from typing import Any
 
+from csc.models.layers import enable_activation_checkpointing
 from csc.models.registry import MODELS, build_model, check_input_shape
 from csc.models.resnet import ResidualNet, ResNet
 from csc.models.unet import UNet, UNet_2D, UNet_3D
@@ -38,6 +39,7 @@ __all__ = [
     "ViTVNet",
     "build_model",
     "check_input_shape",
+    "enable_activation_checkpointing",
     "get_best_val_epoch",
     "get_latest_checkpoint_epoch",
     "get_model",

@@ -6,13 +6,15 @@ takes ``ndim`` and asks it. Tensors are (B, C, Y, X) for ndim 2 and (B, C, Z, Y,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional
+from torch.utils.checkpoint import checkpoint
 
 NORMS = ("batch", "instance", "group", None)
 UPSAMPLES = ("transposed", "linear")
@@ -266,3 +268,57 @@ def divisibility_error(shape: tuple[int, ...], divisor: int, model: str) -> str 
     options = [candidate for candidate in (lower, upper) if min(candidate) > 0]
     suggestion = " or ".join(str(candidate) for candidate in dict.fromkeys(options))
     return f"input shape {shape} is not divisible by {divisor} for {model}; try {suggestion}"
+
+
+class Checkpointable(nn.Module):
+    """A module whose forward runs its blocks through `run_block`: with
+    ``activation_checkpointing`` set, in training mode with gradients on, each block keeps
+    only its inputs and recomputes its inner activations in the backward pass (less memory,
+    about one more forward of compute). Outputs, gradients and BatchNorm statistics are those
+    of a plain forward (`enable_activation_checkpointing`)."""
+
+    activation_checkpointing: bool = False
+
+    def run_block(self, block: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+        """``block(*inputs)``, checkpointed when on; ``block`` is a module (or a Sequential
+        of some of this module's layers)."""
+        if not (self.activation_checkpointing and self.training and torch.is_grad_enabled()):
+            return block(*inputs)
+        output: torch.Tensor = checkpoint(
+            block,
+            *inputs,
+            use_reentrant=False,  # the recommended kind: works with DDP, compile and kwargs
+            context_fn=lambda: (contextlib.nullcontext(), buffers_kept(block)),
+        )
+        return output
+
+
+@contextlib.contextmanager
+def buffers_kept(block: object) -> Iterator[None]:
+    """The block's buffers as they were before the body: the backward pass's recomputation
+    would otherwise update BatchNorm's running statistics a second time."""
+    buffers = list(block.buffers()) if isinstance(block, nn.Module) else []
+    saved = [buffer.clone() for buffer in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved, strict=True):
+                buffer.copy_(value)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Turn on activation checkpointing in every csc block of `model` (csc's UNet,
+    ResidualNet and ViTNet, their toolkit names, or a model holding one); a ValueError for a
+    model without any, which would otherwise train with no memory saved."""
+    parts = [module for module in model.modules() if isinstance(module, Checkpointable)]
+    if not parts:
+        raise ValueError(
+            f"activation_checkpointing = True works with csc's models (UNet, ResidualNet, "
+            f"ViTNet and the toolkit's UNet_2D, UNet_3D, ResNet, ViTVNet), but the model is a "
+            f"{type(model).__name__}: set activation_checkpointing = False, or checkpoint its "
+            "blocks in its own forward with torch.utils.checkpoint.checkpoint(block, x, "
+            "use_reentrant=False)"
+        )
+    for part in parts:
+        part.activation_checkpointing = True

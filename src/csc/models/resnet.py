@@ -16,6 +16,7 @@ from torch import nn
 from csc.models.layers import (
     ACTIVATIONS,
     NORMS,
+    Checkpointable,
     check_choice,
     check_positive,
     conv_bias,
@@ -76,7 +77,7 @@ class ResidualBlock(nn.Module):
         return x + self.conv_block(x)
 
 
-class ResidualNet(nn.Module):
+class ResidualNet(Checkpointable):
     """Residual generator: a 7-wide stem conv, ``n_downsampling`` stride-2 convs (each doubling
     the width from ``ngf``), ``n_blocks`` residual blocks, as many 2x transposed convs back and a
     7-wide conv to ``out_channels`` channels.
@@ -138,6 +139,10 @@ class ResidualNet(nn.Module):
         ]
         head = padded_conv(ndim, ngf, out_channels, 7, padding_type=padding_type, bias=True)
         self.model = nn.Sequential(*stem, *downs, *blocks, *ups, *head)
+        # Where each block of `model` ends (stem, each resampling, each residual block, head):
+        # the pieces that run_block checkpoints one at a time.
+        sizes = [len(stem), *[3] * n_downsampling, *[1] * n_blocks, *[3] * n_downsampling]
+        self.block_ends = tuple(itertools.accumulate([*sizes, len(head)]))
 
     def _resample(self, in_channels: int, out_channels: int, *, up: bool) -> list[nn.Module]:
         """A 3-wide stride-2 conv (down 2x) or transposed conv (``up``: exactly 2x the input),
@@ -164,7 +169,11 @@ class ResidualNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B, in_channels, *spatial) -> (B, out_channels, *spatial)
-        return self.model(x)
+        start = 0
+        for end in self.block_ends:
+            x = self.run_block(self.model[start:end], x)  # a Sequential of the same layers
+            start = end
+        return x
 
 
 def norm_name(norm_layer: Any) -> str:

@@ -12,6 +12,7 @@ from torch import nn
 
 from csc.models.layers import (
     NORMS,
+    Checkpointable,
     DoubleConv,
     Down,
     OutputConv,
@@ -21,7 +22,7 @@ from csc.models.layers import (
 )
 
 
-class UNet(nn.Module):
+class UNet(Checkpointable):
     """U-Net: double convs, ``num_levels`` 2x max-poolings down, as many upsamplings back.
 
     The width doubles (``channel_multiplier``) at each pooling, starting from ``base_channels``.
@@ -95,12 +96,12 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, in_channels, *spatial)
-        skips = [self.inc(x)]
+        skips = [self.run_block(self.inc, x)]
         for down in self.blocks("down"):
-            skips.append(down(skips[-1]))  # (B, C, *spatial // 2**level)
+            skips.append(self.run_block(down, skips[-1]))  # (B, C, *spatial // 2**level)
         x = skips.pop()  # the deepest level's output
         for up in self.blocks("up"):
-            x = up(x, skips.pop())
+            x = self.run_block(up, x, skips.pop())
         return self.outc(x)  # (B, out_channels, *spatial)
 
 

@@ -18,6 +18,7 @@ from torch.nn import functional
 
 from csc.models.layers import (
     NORMS,
+    Checkpointable,
     DoubleConv,
     Down,
     check_choice,
@@ -45,7 +46,7 @@ VIT_V_NET: dict[str, Any] = {
 }
 
 
-class CNNEncoder(nn.Module):
+class CNNEncoder(Checkpointable):
     """Double convs without norm (``inc``, ``down1``...), 2x max-pooling between them; then
     ``num_pools`` more poolings of the deepest map. Returns the deepest map and the skips,
     deepest first."""
@@ -61,9 +62,9 @@ class CNNEncoder(nn.Module):
         self.pool = layers_for(ndim).max_pool(2)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        features = [self.inc(x)]  # (B, widths[0], *spatial)
+        features = [self.run_block(self.inc, x)]  # (B, widths[0], *spatial)
         for level in range(1, self.num_levels + 1):
-            features.append(self.get_submodule(f"down{level}")(features[-1]))
+            features.append(self.run_block(self.get_submodule(f"down{level}"), features[-1]))
         deepest = features[-1]  # (B, widths[-1], *spatial / 2**num_levels)
         for _ in range(self.num_pools):
             features.append(self.pool(features[-1]))
@@ -174,7 +175,7 @@ class TransformerBlock(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
-class TransformerEncoder(nn.Module):
+class TransformerEncoder(Checkpointable):
     """``layer``: the blocks; ``encoder_norm``: a LayerNorm after the last."""
 
     def __init__(self, hidden_size: int, num_layers: int, **block: Any) -> None:
@@ -186,7 +187,7 @@ class TransformerEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.layer:
-            x = block(x)
+            x = self.run_block(block, x)
         return self.encoder_norm(x)
 
 
@@ -225,7 +226,7 @@ class DecoderBlock(nn.Module):
         return self.conv2(self.conv1(x))
 
 
-class Decoder(nn.Module):
+class Decoder(Checkpointable):
     """Tokens back to a map on the patch grid, ``conv_more`` to ``bridge_channels``, then one
     `DecoderBlock` per skip (``blocks``)."""
 
@@ -252,13 +253,13 @@ class Decoder(nn.Module):
     def forward(self, tokens: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
         batch, _, hidden = tokens.shape
         x = tokens.transpose(1, 2).reshape(batch, hidden, *self.grid)  # (B, hidden, *grid)
-        x = self.conv_more(x)
+        x = self.run_block(self.conv_more, x)
         for block, skip in zip(self.blocks, skips, strict=True):
-            x = block(x, skip)
+            x = self.run_block(block, x, skip)
         return x  # (B, decoder_channels[-1], *img_size)
 
 
-class ViTNet(nn.Module):
+class ViTNet(Checkpointable):
     """ViT-V-Net: conv encoder, transformer over patch tokens, conv decoder with every skip.
 
     The encoder has a double conv (no norm) per entry of ``encoder_channels`` with a 2x
