@@ -18,32 +18,40 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from csc import distributed
 from csc.checkpoints import (
+    BEST_TAG,
     RunStart,
+    best_of,
     drop_old_states,
+    is_better,
     link_best,
     load_for_resume,
     load_weights,
     log_dir,
-    prune_checkpoints,
+    monitored_score,
+    prune_by_score,
+    repair_best,
+    resumes_own_run,
     rng_state,
     save_checkpoint,
+    scores_from_logs,
     set_rng_state,
     start_run,
     to_safe,
 )
-from csc.config import TrainConfig, config_folder, format_config, load_config
+from csc.config import TrainConfig, config_folder, format_config, load_config, monitor_mode
 from csc.data.datasets import PatchSpec, TrainPatches
 from csc.data.loaders import Loaders, build_loaders, read_crops
 from csc.datasplit import ensure_datasplit
 from csc.distributed import Dist
 from csc.losses import build_loss, check_criterion, pos_weight_from_counts
 from csc.metrics import SegmentationMetrics
-from csc.optim import PER_STEP_SCHEDULERS, make_optimizer, make_scheduler
+from csc.optim import PER_STEP_SCHEDULERS, check_plateau_mode, make_optimizer, make_scheduler
 from csc.runtime import (
     autocast,
     channels_last_format,
@@ -101,8 +109,9 @@ class Run:
     memory_format: torch.memory_format | None = None  # channels_last for inputs, when used
     epoch: int = 0  # the last finished epoch (epochs count from 1)
     global_step: int = 0  # training batches so far, over every run resumed into this one
-    best_score: float | None = None  # monitored: mean validation loss (see low_is_best)
+    best_score: float | None = None  # the monitored score (`monitor`, `monitor_mode`)
     best_epoch: int | None = None
+    scores: dict[int, float] = dataclasses.field(default_factory=dict)  # monitored, by epoch
     stale_epochs: int = 0  # epochs since the best one, for early stopping
     throughput: Throughput | None = None  # the last epoch's
     warned_data_bound: bool = False
@@ -268,6 +277,7 @@ def setup(config: TrainConfig, place: Dist | None = None) -> Run:
     model = in_memory_format(model, memory_format)
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer)
+    check_plateau_mode(config, scheduler)
     check_criterion(config.criterion, config.criterion_kwargs)
     # Every check passed: only now crawl (and write) the datasplit and read data.
     distributed.main_first(place, lambda: ensure_datasplit(config))
@@ -390,9 +400,10 @@ def resume(run: Run, *, say: Any = print, start: RunStart | None = None) -> int:
     if resumed is None:
         return 0
     state = resumed.train_state
-    if config.model_to_load != config.model_name:
+    if not resumes_own_run(config, resumed):  # a fine-tune: another run's weights, epoch 1 on
         load_weights(run.model, resumed.model_state, source=str(resumed.path))
-        say(f"loaded weights from {resumed.path} (epoch {resumed.epoch})")
+        of_epoch = f" (epoch {resumed.epoch})" if resumed.epoch else ""
+        say(f"loaded weights from {resumed.path}{of_epoch}; training starts at epoch 1")
         return 0
     if state is None:  # weights only (the existing toolkit's, or a hand-saved file)
         load_weights(run.model, resumed.model_state, source=str(resumed.path))
@@ -406,19 +417,66 @@ def resume(run: Run, *, say: Any = print, start: RunStart | None = None) -> int:
     # The model file holds the trained weights, unless it holds the EMA's: then the state does.
     load_weights(run.model, state.get("model") or resumed.model_state, source=str(resumed.path))
     load_optimizer_state(run.optimizer, state["optimizer"], source=resumed.path, config=config)
-    if run.scheduler is not None and state.get("scheduler") is not None:
+    same_monitor = saved_monitor(state) == (config.monitor, monitor_mode(config))
+    # A plateau scheduler of another monitor counted another score: it starts afresh.
+    plateau_elsewhere = isinstance(run.scheduler, ReduceLROnPlateau) and not same_monitor
+    if run.scheduler is not None and state.get("scheduler") is not None and not plateau_elsewhere:
         run.scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     if run.ema is not None and state.get("ema") is not None:
         run.ema.load_state_dict(state["ema"])
     run.epoch, run.global_step = resumed.epoch, int(state["global_step"])
-    run.best_score, run.best_epoch = state.get("best_score"), state.get("best_epoch")
-    run.stale_epochs = int(state.get("stale_epochs", 0))
+    if same_monitor:
+        run.best_score, run.best_epoch = state.get("best_score"), state.get("best_epoch")
+        run.stale_epochs = int(state.get("stale_epochs", 0))
+        run.scores = dict(state.get("scores") or {}) or logged_scores(run)
+    else:
+        say(track_new_monitor(run, saved_monitor(state)))
     set_rng_state(state["rng"])
     run.tracker.restart_at(run.global_step + 1)  # the killed run's later steps are redone
     say(f"resumed from {resumed.path}: epoch {resumed.epoch}, step {run.global_step}")
     return resumed.epoch
+
+
+def saved_monitor(state: Mapping[str, Any]) -> tuple[str, str]:
+    """(monitor, mode) a training state's best score follows; a state from before `monitor`
+    followed the validation loss, its way as its config's `low_is_best` said."""
+    if "monitor" in state:
+        return str(state["monitor"]), str(state["monitor_mode"])
+    low_is_best = (state.get("config") or {}).get("low_is_best", True)
+    return "loss", "min" if low_is_best else "max"
+
+
+def logged_scores(run: Run) -> dict[int, float]:
+    """The monitored score of the finished epochs, from the run's TensorBoard logs."""
+    return scores_from_logs(log_dir(run.config), run.config.monitor, last_epoch=run.epoch)
+
+
+def track_new_monitor(run: Run, saved: tuple[str, str]) -> str:
+    """The resumed checkpoint tracked another score as best (`saved`: monitor, mode): best
+    epoch, early-stopping count and save_top_k's ranking start again from the new monitor's
+    scores in the TensorBoard logs of the finished epochs (none there: from scratch), and
+    ``best`` is linked to that epoch. A plateau scheduler counts afresh (it keeps its reduced
+    learning rate). Returns the warning to print."""
+    config, mode = run.config, monitor_mode(run.config)
+    run.scores = logged_scores(run)
+    run.best_epoch = best_of(run.scores, mode=mode)
+    run.best_score = None if run.best_epoch is None else run.scores[run.best_epoch]
+    run.stale_epochs = 0 if run.best_epoch is None else run.epoch - run.best_epoch
+    if run.best_epoch is not None and run.place.is_main:
+        names = {"template": config.model_save_path, "model_name": config.model_name}
+        repair_best(best_epoch=run.best_epoch, **names)
+    found = (
+        "no logged scores of it: best tracking starts afresh"
+        if run.best_epoch is None
+        else f"from the logged scores of epochs 1-{run.epoch}, epoch {run.best_epoch} "
+        f"({run.best_score:.4g}) is the best and `best` points at it"
+    )
+    return (
+        f"warning: the checkpoint tracked monitor {saved[0]!r} ({saved[1]}) as best; this run "
+        f"monitors {config.monitor!r} ({mode}): {found}"
+    )
 
 
 def load_optimizer_state(
@@ -698,14 +756,17 @@ def end_epoch(run: Run, epoch: int, scores: dict[str, Any] | None) -> bool:
     """Log the epoch, step epoch schedulers, save checkpoints; True to stop early."""
     config = run.config
     run.epoch = epoch
-    score = None if scores is None else scores["loss"]
+    score = None if scores is None else monitored_score(scores, config.monitor)
     improved = score is not None and update_best(run, epoch, score)
     scheduler = run.scheduler
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+    if isinstance(scheduler, ReduceLROnPlateau):
         scheduler.step(score if score is not None else float("nan"))
     elif scheduler is not None and not isinstance(scheduler, PER_STEP_SCHEDULERS):
         scheduler.step()
     run.tracker.log({"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"]}, run.global_step)
+    if run.best_score is not None:
+        best = {BEST_TAG.format(monitor=config.monitor): run.best_score}
+        run.tracker.log(best, run.global_step)
     if run.place.is_main:  # every rank holds the same weights: one writer
         save(run, epoch, improved=improved)
     patience = config.early_stopping_patience
@@ -713,24 +774,19 @@ def end_epoch(run: Run, epoch: int, scores: dict[str, Any] | None) -> bool:
 
 
 def update_best(run: Run, epoch: int, score: float) -> bool:
-    """Whether `score` is the best so far, recorded as such; else one more epoch without
-    improvement. A non-finite score is never the best (nor is a non-finite best kept, e.g.
-    from a run before this check)."""
-    best = run.best_score
-    improved = math.isfinite(score) and (
-        best is None
-        or not math.isfinite(best)
-        or (score < best if run.config.low_is_best else score > best)
-    )
+    """Whether the monitored `score` is the best so far, recorded as such; else one more epoch
+    without improvement. A non-finite score is never the best (nor is a non-finite best kept,
+    e.g. from a run before this check)."""
+    run.scores[epoch] = score
+    improved = is_better(score, run.best_score, mode=monitor_mode(run.config))
     if improved:
         run.best_score, run.best_epoch, run.stale_epochs = score, epoch, 0
         return True
     run.stale_epochs += 1
     if not math.isfinite(score) and run.place.is_main:
         kept = "none yet" if run.best_epoch is None else f"epoch {run.best_epoch}"
-        message = (
-            f"warning: epoch {epoch}: validation loss {score} is not finite; best stays {kept}"
-        )
+        what = "validation loss" if run.config.monitor == "loss" else run.config.monitor
+        message = f"warning: epoch {epoch}: {what} {score} is not finite; best stays {kept}"
         print(message, file=sys.stderr, flush=True)
     return False
 
@@ -738,7 +794,8 @@ def update_best(run: Run, epoch: int, score: float) -> bool:
 def save(run: Run, epoch: int, *, improved: bool) -> None:
     """The epoch's checkpoint (weights used for validation) and training state; ``best``
     linked to it when the monitored score improved; training states kept only for the last
-    two epochs and the best; older checkpoints pruned (never the best)."""
+    two epochs and the best; older checkpoints pruned by `keep_last_checkpoints` and
+    `save_top_k` (never the best)."""
     config = run.config
     weights = unwrap(run.ema.module if run.ema is not None else run.model).state_dict()
     state = {
@@ -751,6 +808,10 @@ def save(run: Run, epoch: int, *, improved: bool) -> None:
         "epoch": epoch,
         "global_step": run.global_step,
         "rng": rng_state(),
+        "monitor": config.monitor,  # what best_score and scores are: resume checks it
+        "monitor_mode": monitor_mode(config),
+        "score": run.scores.get(epoch),  # this epoch's monitored score (None: no validation)
+        "scores": dict(run.scores),  # every epoch's so far: save_top_k ranks by them
         "best_score": run.best_score,
         "best_epoch": run.best_epoch,
         "stale_epochs": run.stale_epochs,
@@ -764,6 +825,12 @@ def save(run: Run, epoch: int, *, improved: bool) -> None:
     if improved:  # a kill before this line leaves `best` behind: `start_run` repairs it
         link_best(template=template, model_name=name, epoch=epoch)
     drop_old_states(template, name, best_epoch=run.best_epoch)
-    if config.keep_last_checkpoints is not None:
-        keep = config.keep_last_checkpoints
-        prune_checkpoints(template, name, keep_last=keep, best_epoch=run.best_epoch)
+    prune_by_score(
+        template,
+        name,
+        keep_last=config.keep_last_checkpoints,
+        top_k=config.save_top_k,
+        scores=run.scores,
+        mode=monitor_mode(config),
+        best_epoch=run.best_epoch,
+    )
