@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from csc import registries
-from csc.checkpoints import load_for_resume, ranked_epochs
+from csc.checkpoints import get_model, load_for_resume, ranked_epochs
 from csc.config import build_config, monitor_mode
 from csc.losses import SegmentationLoss, masked_mean
 from csc.metrics import SegmentationMetrics
@@ -172,6 +172,7 @@ def test_the_monitored_metric_picks_another_best_epoch_than_the_loss(
         again = scripted(data, tmp_path / "iou", load_model="best", monitor=monitor)
         found = load_for_resume(again)
         assert found is not None and found.epoch == epoch
+        assert get_model(again) == epoch  # the toolkit's loader, given a csc config
 
 
 def test_early_stopping_follows_the_monitor(data: Path, tmp_path: Path) -> None:
@@ -257,6 +258,13 @@ def test_load_model_naming_this_runs_checkpoint_resumes_it(data: Path, tmp_path:
     torch.testing.assert_close(
         torch.tensor(first.losses + second.losses), torch.tensor(whole.losses)
     )
+    # Its model file, its training state, and `best` (a hard link to the best epoch's file).
+    files = {"2d_unet_3.pth": 3, "csc-extras/2d_unet_3.state.pth": 3}
+    files["csc-extras/2d_unet_best.pth"] = second.best_epoch
+    for name, epoch in files.items():
+        named = {"load_model": str(run / "checkpoints" / name)}
+        found = load_for_resume(build_config(settings(data, run, **named)))
+        assert found is not None and found.epoch == epoch and found.train_state is not None
     earlier = settings(data, run, epochs=1, load_model=str(run / "checkpoints/2d_unet_1.pth"))
     with pytest.raises(FileExistsError, match=r"resumes 2d_unet at epoch 1.*up to 3"):
         train(build_config(earlier))
