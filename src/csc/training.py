@@ -26,7 +26,6 @@ from csc import distributed
 from csc.checkpoints import (
     BEST_TAG,
     RunStart,
-    best_of,
     drop_old_states,
     is_better,
     link_best,
@@ -36,10 +35,10 @@ from csc.checkpoints import (
     monitored_score,
     prune_by_score,
     repair_best,
+    resumed_tracking,
     resumes_own_run,
     rng_state,
     save_checkpoint,
-    scores_from_logs,
     set_rng_state,
     start_run,
     to_safe,
@@ -417,9 +416,10 @@ def resume(run: Run, *, say: Any = print, start: RunStart | None = None) -> int:
     # The model file holds the trained weights, unless it holds the EMA's: then the state does.
     load_weights(run.model, state.get("model") or resumed.model_state, source=str(resumed.path))
     load_optimizer_state(run.optimizer, state["optimizer"], source=resumed.path, config=config)
-    same_monitor = saved_monitor(state) == (config.monitor, monitor_mode(config))
-    # A plateau scheduler of another monitor counted another score: it starts afresh.
-    plateau_elsewhere = isinstance(run.scheduler, ReduceLROnPlateau) and not same_monitor
+    tracking = resumed_tracking(state, config, log_dir=log_dir(config), last_epoch=resumed.epoch)
+    # A plateau scheduler of another monitor counted another score: it starts afresh (the
+    # learning rate it lowered stays, in the optimizer's state).
+    plateau_elsewhere = isinstance(run.scheduler, ReduceLROnPlateau) and tracking.note is not None
     if run.scheduler is not None and state.get("scheduler") is not None and not plateau_elsewhere:
         run.scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):
@@ -427,56 +427,16 @@ def resume(run: Run, *, say: Any = print, start: RunStart | None = None) -> int:
     if run.ema is not None and state.get("ema") is not None:
         run.ema.load_state_dict(state["ema"])
     run.epoch, run.global_step = resumed.epoch, int(state["global_step"])
-    if same_monitor:
-        run.best_score, run.best_epoch = state.get("best_score"), state.get("best_epoch")
-        run.stale_epochs = int(state.get("stale_epochs", 0))
-        run.scores = dict(state.get("scores") or {}) or logged_scores(run)
-    else:
-        say(track_new_monitor(run, saved_monitor(state)))
+    run.best_score, run.best_epoch = tracking.best_score, tracking.best_epoch
+    run.stale_epochs, run.scores = tracking.stale_epochs, tracking.scores
+    if tracking.note is not None:  # another monitor: `best` follows the new best epoch
+        say(tracking.note)
+        if run.place.is_main:
+            repair_best(config.model_save_path, config.model_name, best_epoch=run.best_epoch)
     set_rng_state(state["rng"])
     run.tracker.restart_at(run.global_step + 1)  # the killed run's later steps are redone
     say(f"resumed from {resumed.path}: epoch {resumed.epoch}, step {run.global_step}")
     return resumed.epoch
-
-
-def saved_monitor(state: Mapping[str, Any]) -> tuple[str, str]:
-    """(monitor, mode) a training state's best score follows; a state from before `monitor`
-    followed the validation loss, its way as its config's `low_is_best` said."""
-    if "monitor" in state:
-        return str(state["monitor"]), str(state["monitor_mode"])
-    low_is_best = (state.get("config") or {}).get("low_is_best", True)
-    return "loss", "min" if low_is_best else "max"
-
-
-def logged_scores(run: Run) -> dict[int, float]:
-    """The monitored score of the finished epochs, from the run's TensorBoard logs."""
-    return scores_from_logs(log_dir(run.config), run.config.monitor, last_epoch=run.epoch)
-
-
-def track_new_monitor(run: Run, saved: tuple[str, str]) -> str:
-    """The resumed checkpoint tracked another score as best (`saved`: monitor, mode): best
-    epoch, early-stopping count and save_top_k's ranking start again from the new monitor's
-    scores in the TensorBoard logs of the finished epochs (none there: from scratch), and
-    ``best`` is linked to that epoch. A plateau scheduler counts afresh (it keeps its reduced
-    learning rate). Returns the warning to print."""
-    config, mode = run.config, monitor_mode(run.config)
-    run.scores = logged_scores(run)
-    run.best_epoch = best_of(run.scores, mode=mode)
-    run.best_score = None if run.best_epoch is None else run.scores[run.best_epoch]
-    run.stale_epochs = 0 if run.best_epoch is None else run.epoch - run.best_epoch
-    if run.best_epoch is not None and run.place.is_main:
-        names = {"template": config.model_save_path, "model_name": config.model_name}
-        repair_best(best_epoch=run.best_epoch, **names)
-    found = (
-        "no logged scores of it: best tracking starts afresh"
-        if run.best_epoch is None
-        else f"from the logged scores of epochs 1-{run.epoch}, epoch {run.best_epoch} "
-        f"({run.best_score:.4g}) is the best and `best` points at it"
-    )
-    return (
-        f"warning: the checkpoint tracked monitor {saved[0]!r} ({saved[1]}) as best; this run "
-        f"monitors {config.monitor!r} ({mode}): {found}"
-    )
 
 
 def load_optimizer_state(

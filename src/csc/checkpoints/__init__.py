@@ -10,11 +10,14 @@ files kept apart from another's: `start_run`) and `toolkit` (the challenge toolk
 
 from csc.checkpoints.best import (
     BEST_TAG,
+    Tracking,
     best_of,
     is_better,
     monitor_tag,
     monitored_score,
     ranked_epochs,
+    resumed_tracking,
+    saved_monitor,
     scores_from_logs,
 )
 from csc.checkpoints.reading import (
@@ -70,6 +73,7 @@ __all__ = [
     "Resumed",
     "RunStart",
     "RunWriteError",
+    "Tracking",
     "atomic_save",
     "best_epoch",
     "best_of",
@@ -105,10 +109,12 @@ __all__ = [
     "read_run",
     "read_weights",
     "repair_best",
+    "resumed_tracking",
     "resumes_own_run",
     "rng_state",
     "save_best",
     "save_checkpoint",
+    "saved_monitor",
     "scores_from_logs",
     "set_rng_state",
     "start_run",

@@ -9,6 +9,7 @@ The score of an epoch is the mean validation loss (``monitor = "loss"``), or a m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from csc.config import MONITOR_LOSS, monitor_parts
+from csc.config import MONITOR_LOSS, TrainConfig, monitor_mode, monitor_parts
 from csc.tracking import VALIDATION_TAG, validation_by_epoch
 
 BEST_TAG = "best/{monitor}"  # TensorBoard: the best monitored score so far, once per epoch
@@ -84,3 +85,53 @@ def scores_from_logs(log_dir: str | Path, monitor: str, *, last_epoch: int) -> d
     (empty without logs): for a resume whose checkpoint tracked another monitor."""
     by_epoch = validation_by_epoch(log_dir, tag=monitor_tag(monitor))
     return {epoch: value for epoch, value in by_epoch.items() if epoch <= last_epoch}
+
+
+@dataclasses.dataclass
+class Tracking:
+    """What a resumed run knows of its monitored scores: the best, the epochs since it (early
+    stopping) and every finished epoch's score (save_top_k); `note` says what changed."""
+
+    best_score: float | None = None
+    best_epoch: int | None = None
+    stale_epochs: int = 0
+    scores: dict[int, float] = dataclasses.field(default_factory=dict)
+    note: str | None = None  # a warning, when the checkpoint tracked another monitor
+
+
+def saved_monitor(state: Mapping[str, Any]) -> tuple[str, str]:
+    """(monitor, mode) a training state's best score follows; a state from before `monitor`
+    followed the validation loss, its way as its config's `low_is_best` said."""
+    if "monitor" in state:
+        return str(state["monitor"]), str(state["monitor_mode"])
+    low_is_best = (state.get("config") or {}).get("low_is_best", True)
+    return MONITOR_LOSS, "min" if low_is_best else "max"
+
+
+def resumed_tracking(
+    state: Mapping[str, Any], config: TrainConfig, *, log_dir: str | Path, last_epoch: int
+) -> Tracking:
+    """The tracking a resume of `state` (a training state of epoch `last_epoch`) goes on with.
+    The same monitor and mode: the state's (the scores of an older state without them from
+    the logs in `log_dir`). Another one: a `note`, and best epoch, early-stopping count and
+    scores start again from the new monitor's scores in the logs (none there: from scratch)."""
+    saved, mode = saved_monitor(state), monitor_mode(config)
+    if saved == (config.monitor, mode):
+        scores = dict(state.get("scores") or {})
+        if not scores:  # read only when needed: the logs hold every batch's loss too
+            scores = scores_from_logs(log_dir, config.monitor, last_epoch=last_epoch)
+        stale = int(state.get("stale_epochs", 0))
+        return Tracking(state.get("best_score"), state.get("best_epoch"), stale, scores)
+    logged = scores_from_logs(log_dir, config.monitor, last_epoch=last_epoch)
+    best = best_of(logged, mode=mode)
+    found = "no logged scores of it: best tracking starts afresh"
+    if best is not None:
+        found = f"from the logged scores of epochs 1-{last_epoch}, epoch {best} "
+        found += f"({logged[best]:.4g}) is the best and `best` points at it"
+    note = (
+        f"warning: the checkpoint tracked monitor {saved[0]!r} ({saved[1]}) as best; this run "
+        f"monitors {config.monitor!r} ({mode}): {found}"
+    )
+    if best is None:
+        return Tracking(scores=logged, note=note)
+    return Tracking(logged[best], best, last_epoch - best, logged, note)

@@ -46,10 +46,12 @@ def start_run(config: TrainConfig, *, is_main: bool = True) -> RunStart:
     checkpoint to resume from, and keep this run's files apart from another run's.
 
     A run that does not resume its own checkpoints (``load_model = None``, nothing found to
-    load, or a fine-tune from another ``model_to_load``) refuses with `FileExistsError` when
-    its checkpoint files or TensorBoard folder hold files already, unless ``existing_run =
-    "move"``: then the old run is moved aside whole. A resume from ``"best"`` that would
-    overwrite later epochs refuses too. Rank 0 (`is_main`) then removes temporary files of
+    load, or a fine-tune from another ``model_to_load`` or from a named file that is no epoch
+    of this run with its state: `resumes_own_run`) refuses with `FileExistsError` when its
+    checkpoint files or TensorBoard folder hold files already, unless ``existing_run =
+    "move"``: then the old run is moved aside whole. A resume from ``"best"`` or a named file
+    that would overwrite later epochs refuses too; a named file that does not exist is a
+    `FileNotFoundError`. Rank 0 (`is_main`) then removes temporary files of
     killed writes and, on a resume, points ``best`` at the state's best epoch.
     """
     check_destinations(config, probe=is_main)  # rank 0 alone writes (and probes)
