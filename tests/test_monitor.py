@@ -20,7 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from csc import registries
-from csc.checkpoints import get_model, load_for_resume, ranked_epochs
+from csc.checkpoints import (
+    get_model,
+    load_for_resume,
+    prune_by_score,
+    ranked_epochs,
+    save_checkpoint,
+)
 from csc.config import build_config, monitor_mode
 from csc.losses import SegmentationLoss, masked_mean
 from csc.metrics import SegmentationMetrics
@@ -240,6 +246,15 @@ def test_save_top_k_keeps_the_best_epochs_and_the_newest(
     states = sorted(p.name for p in (folder / "csc-extras").glob("*.state.pth"))
     assert states == [f"2d_unet_{e}.state.pth" for e in sorted({2, 6} | {5} & set(kept))]
     assert (folder / "csc-extras/2d_unet_best.pth").samefile(folder / "2d_unet_2.pth")
+
+
+def test_save_top_k_without_scores_keeps_the_newest_epochs(tmp_path: Path) -> None:
+    """Epochs without a monitored score (a run without validation) rank newest first."""
+    template = f"{tmp_path}/{{model_name}}_{{epoch}}.pth"
+    for epoch in range(1, 6):
+        save_checkpoint({"w": torch.zeros(1)}, None, template=template, model_name="m", epoch=epoch)
+    prune_by_score(template, "m", keep_last=None, top_k=2, scores={}, mode="min", best_epoch=None)
+    assert sorted(p.name for p in tmp_path.glob("m_*.pth")) == ["m_4.pth", "m_5.pth"]
 
 
 # --- load_model = "path/to/x.pth" -----------------------------------------------------------
