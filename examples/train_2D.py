@@ -1,4 +1,5 @@
-"""Train a 2D UNet on the synthetic data of `csc synth data` (run from the repository root).
+"""Train a 2D UNet on the synthetic data of `csc synth data`, run from the folder
+above this one: the repository root, or the folder `csc init` wrote examples/ into.
 
     .venv/bin/csc train examples/train_2D.py        # or: .venv/bin/python examples/train_2D.py
 

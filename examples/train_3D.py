@@ -1,4 +1,5 @@
-"""Train a 3D UNet on the synthetic data of `csc synth data` (run from the repository root).
+"""Train a 3D UNet on the synthetic data of `csc synth data`, run from the folder
+above this one: the repository root, or the folder `csc init` wrote examples/ into.
 
     .venv/bin/csc train examples/train_3D.py        # or: .venv/bin/python examples/train_3D.py
 

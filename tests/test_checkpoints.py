@@ -46,7 +46,7 @@ from csc.checkpoints import (
 from csc.config import TrainConfig
 from csc.models import UNet
 from csc.runtime import ModelArguments, unwrap
-from csc.tracking import read_scalars
+from csc.tracking import EPOCH_TAG, read_scalars
 
 NAME = "2d_unet"
 
@@ -382,13 +382,13 @@ def write_log(
     first_step: int = 10,
     walltime: float = 1e9,
 ) -> None:
-    """What the training loop logs at the end of each epoch: `validation` and `epoch`."""
+    """What the training loop logs at the end of each epoch: `validation` and `EPOCH_TAG`."""
     with SummaryWriter(str(log_dir)) as writer:
         for i, score in enumerate(scores):
             step = first_step + 10 * i
             writer.add_scalar("validation", score, step, walltime=walltime + i)
             if epochs is not None:
-                writer.add_scalar("epoch", epochs[i], step, walltime=walltime + i)
+                writer.add_scalar(EPOCH_TAG, epochs[i], step, walltime=walltime + i)
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from csc.checkpoints import CheckpointWarning, RunWriteError, best_epoch, start_
 from csc.cli import cli
 from csc.config import build_config
 from csc.synth import SynthSpec, write_synthetic
-from csc.tracking import read_scalars, validation_by_epoch
+from csc.tracking import EPOCH_TAG, read_scalars, validation_by_epoch
 from csc.training import train
 from tests.faults import assert_unchanged, snapshot
 
@@ -287,7 +287,7 @@ def test_a_resumed_run_hides_the_steps_the_killed_run_logged_after_its_checkpoin
             killed.add_scalar("loss", 100.0 + step, step)
         for epoch, step in ((4, 8), (5, 10)):
             killed.add_scalar("validation", -1.0, step)
-            killed.add_scalar("epoch", epoch, step)
+            killed.add_scalar(EPOCH_TAG, epoch, step)
     result = train(build_config(settings(data, run, epochs=1)))
     assert (result.first_epoch, result.last_epoch) == (4, 4)
     loss = read_scalars(log_dir, "loss")

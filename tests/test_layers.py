@@ -18,13 +18,14 @@ SRC = Path(__file__).parents[1] / "src" / "csc"
 # with `manifests` (the challenge's shipped CSVs and their readers). `utils` is the challenge
 # toolkit's names over csc's commands (the compatibility boundary), below cli. `labelling`
 # (probabilities to ids, for csc process) sits beside `scoring`, whose labelling it mirrors.
+# `scaffold` (csc init) reads the shipped example configs, which are user files (entry points).
 LAYERS = [
-    {"registries", "manifests"},
+    {"registries", "manifests", "scaffold"},
     {"config", "storage"},
     {"synth", "datasplit", "fetching"},
     {"data"},
     {"models", "losses", "metrics", "optim", "scoring", "alignment", "labelling"},
-    {"runtime", "tracking", "distributed"},
+    {"runtime", "tracking", "board", "distributed"},
     {"checkpoints"},
     {
         "training",
@@ -38,7 +39,7 @@ LAYERS = [
         "submissions",
         "visualize",
     },
-    {"cli", "__main__", "__init__"},
+    {"cli", "__main__", "__init__", "example_configs"},
 ]
 INFERENCE = ("prediction", "processing", "evaluation")  # siblings of training, never its users
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 
 from csc.tracking import NullTracker, TensorBoardTracker, make_tracker, read_scalars
 
@@ -26,6 +27,7 @@ def test_tensorboard_tracker_writes_readable_events(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     tracker.log_images({"grey": rng.random((8, 6)), "rgb": rng.random((4, 5, 3))}, step=4)
     tracker.log_text("notes", "resumed from **epoch 2**", step=4)
+    tracker.log_layout({"loss": {"both": ["^loss$", "^validation$"]}})
     tracker.close()
 
     events = read_events(tmp_path / "run")
@@ -37,6 +39,13 @@ def test_tensorboard_tracker_writes_readable_events(tmp_path: Path) -> None:
     assert (rgb.height, rgb.width) == (4, 5)
     text = events.Tensors("notes/text_summary")[0]
     assert text.step == 4 and text.tensor_proto.string_val[0] == b"resumed from **epoch 2**"
+    layout = layout_pb2.Layout.FromString(
+        events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    )
+    (category,) = layout.category
+    (chart,) = category.chart
+    assert (category.title, chart.title) == ("loss", "both")
+    assert list(chart.multiline.tag) == ["^loss$", "^validation$"]
 
 
 def test_images_must_be_grey_or_rgb(tmp_path: Path) -> None:
@@ -55,5 +64,6 @@ def test_disabled_tracker_writes_nothing(
     tracker.log({"train/loss": 1.0}, step=0)
     tracker.log_images({"grey": np.zeros((2, 2))}, step=0)
     tracker.log_text("notes", "nothing", step=0)
+    tracker.log_layout({"loss": {"both": ["^loss$", "^validation$"]}})
     tracker.close()
     assert list(tmp_path.iterdir()) == []

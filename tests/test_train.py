@@ -20,6 +20,7 @@ from csc.cli import cli
 from csc.config import TrainConfig, build_config
 from csc.models import UNet
 from csc.synth import SynthSpec, write_synthetic
+from csc.tracking import EPOCH_TAG
 from csc.training import train
 
 CLASSES = ("nuc", "mito", "er")
@@ -86,7 +87,7 @@ def test_a_run_logs_every_tag_and_saves_loadable_checkpoints(data: Path, tmp_pat
         "loss",
         "validation",
         "lr",
-        "epoch",
+        EPOCH_TAG,
         "perf/samples_per_s",
         "perf/data_wait_fraction",
     }
@@ -96,7 +97,7 @@ def test_a_run_logs_every_tag_and_saves_loadable_checkpoints(data: Path, tmp_pat
     assert expected <= scalars, expected - scalars
     assert any(tag.startswith("metrics/iou/") and tag != "metrics/iou/mean" for tag in scalars)
     assert [e.step for e in log.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
-    assert [e.value for e in log.Scalars("epoch")] == [1, 2]
+    assert [e.value for e in log.Scalars(EPOCH_TAG)] == [1, 2]
     assert {f"images/{name}" for name in CLASSES} <= set(log.Tags()["images"])
     assert "config/text_summary" in log.Tags()["tensors"]
     folder = tmp_path / "checkpoints"
@@ -167,7 +168,7 @@ def test_csc_train_prints_iou_and_the_tensorboard_command(data: Path, tmp_path: 
     path.write_text("\n".join(lines) + "\n")
     outcome = CliRunner().invoke(cli, ["train", str(path)])
     assert outcome.exit_code == 0, outcome.output
-    assert "IoU:" in outcome.output and "tensorboard --logdir" in outcome.output
+    assert "IoU:" in outcome.output and f"--logdir {tmp_path}/tensorboard/2d_unet" in outcome.output
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import shlex
+import shutil
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -208,6 +211,25 @@ def synth(out_dir: str, **options: Any) -> None:
             f"and {tests} test crops: ground truth {os.path.join(out_dir, 'ground_truth.zarr')}, "
             f"manifest {os.path.join(out_dir, 'test_crop_manifest.csv')}"
         )
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False), default=".")
+@click.option("--overwrite", is_flag=True, help="Replace example configs that already exist.")
+def init(folder: str, overwrite: bool) -> None:
+    """Write the commented example configs (2D and 3D UNet) into FOLDER/examples/.
+
+    FOLDER defaults to the current folder. Their paths are relative to examples/: data in
+    FOLDER/data (e.g. from `csc synth data`), checkpoints and logs in FOLDER.
+    """
+    from csc.scaffold import write_examples
+
+    with user_errors():
+        written = write_examples(folder, overwrite=overwrite)
+    for path in written:
+        click.echo(f"wrote {path}")
+    data = os.path.normpath(os.path.join(folder, "data"))
+    click.echo(f"next: csc synth {data} && csc train {os.path.normpath(written[0])}")
 
 
 def _config_command(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -570,8 +592,20 @@ def summary(result: Any, log_dir: str) -> str:
         lines.append(f"validation loss {last['loss']:.4f}; IoU: {scored}")
     if result.best_epoch is not None:
         lines.append(f"best epoch {result.best_epoch} (validation {result.best_score:.4f})")
-    lines.append(f"TensorBoard: .venv/bin/tensorboard --logdir {log_dir}")
+    lines.append(f"TensorBoard: {tensorboard_command(log_dir)}")
     return "\n".join(lines)
+
+
+def tensorboard_command(log_dir: str) -> str:
+    """A shell command that shows `log_dir` in TensorBoard from any folder: `tensorboard`
+    when the one on PATH is this Python environment's, else this Python's ``-m
+    tensorboard.main`` (csc depends on tensorboard, so it is installed beside csc)."""
+    logs = shlex.quote(os.path.abspath(log_dir))
+    on_path = shutil.which("tensorboard")
+    beside = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+    if on_path is not None and os.path.realpath(on_path) == os.path.realpath(beside):
+        return f"tensorboard --logdir {logs}"
+    return f"{shlex.quote(sys.executable)} -m tensorboard.main --logdir {logs}"
 
 
 def _comma_list(text: str | None) -> tuple[str, ...]:

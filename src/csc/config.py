@@ -198,6 +198,9 @@ class TrainConfig:
     random_seed: int = 42
     device: str | None = None
     debug_memory: bool = False  # print (and log) peak host and GPU memory after every epoch
+    # TensorBoard images (docs/training.md, "TensorBoard"): how many validation examples, spread
+    # over the tiles, and training patches of each epoch's first batch are shown; 0: none.
+    tensorboard_images: int = 3
     # torch.compile the model: True, or torch.compile's keyword arguments (e.g. {"mode":
     # "max-autotune"}); the first batches are slow while it compiles.
     compile: bool | dict[str, Any] = False
@@ -606,6 +609,7 @@ def _check_counts(config: TrainConfig) -> None:
     )
     for key in positive_ints:
         _require_int(config, key, minimum=1)
+    _require_int(config, "tensorboard_images", minimum=0)
     for key in (
         "validation_batch_limit",
         "early_stopping_patience",

@@ -7,14 +7,19 @@ never imports tensorboard; `make_tracker` picks TensorBoard or nothing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 VALIDATION_TAG = "validation"  # the scalar the training loop logs once per epoch
-EPOCH_TAG = "epoch"  # logged at the same step as VALIDATION_TAG, value = epoch number
+# Logged at the same step as VALIDATION_TAG, value = the epoch number. The "~" sorts the tag
+# after every other in TensorBoard's scalars tab: bookkeeping, out of the way of the curves.
+EPOCH_TAG = "~bookkeeping/epoch"
+LEGACY_EPOCH_TAG = "epoch"  # the same scalar in logs written before csc 0.1's EPOCH_TAG
+# A custom-scalars layout: category -> chart title -> regular expressions of the tags it draws.
+Layout = Mapping[str, Mapping[str, Sequence[str]]]
 START = 1  # tensorboard's SessionLog.START: a (re)started run; steps from here on are new
 
 
@@ -29,6 +34,9 @@ class Tracker(Protocol):
 
     def log_text(self, tag: str, text: str, step: int) -> None:
         """Record a note (Markdown) at `step`."""
+
+    def log_layout(self, layout: Layout) -> None:
+        """Record how TensorBoard's custom-scalars tab groups the scalars (`Layout`); once."""
 
     def restart_at(self, step: int) -> None:
         """Hide what an interrupted run recorded at `step` and later: a resumed run records
@@ -48,6 +56,9 @@ class NullTracker:
         pass
 
     def log_text(self, tag: str, text: str, step: int) -> None:
+        pass
+
+    def log_layout(self, layout: Layout) -> None:
         pass
 
     def restart_at(self, step: int) -> None:
@@ -85,6 +96,14 @@ class TensorBoardTracker:
 
     def log_text(self, tag: str, text: str, step: int) -> None:
         self.writer.add_text(tag, text, global_step=step)
+
+    def log_layout(self, layout: Layout) -> None:
+        """Each chart draws every scalar whose tag matches one of its regular expressions."""
+        charts = {
+            category: {title: ["Multiline", list(tags)] for title, tags in per_chart.items()}
+            for category, per_chart in layout.items()
+        }
+        self.writer.add_custom_scalars(charts)
 
     def restart_at(self, step: int) -> None:
         """A restart marker, as ``SummaryWriter(purge_step=step)`` writes: TensorBoard and
@@ -152,12 +171,17 @@ def validation_by_epoch(log_dir: str | Path, *, tag: str = VALIDATION_TAG) -> di
     """The ``validation`` score (or another scalar `tag` logged with it, such as
     ``metrics/iou/mean``) of each epoch, in epoch order.
 
-    The epoch of a score is the ``epoch`` scalar logged at the same step. Logs without an
-    ``epoch`` tag (the existing toolkit's) count validations: the i-th by step (from 0) is
-    epoch i + 1, the epoch that was validated (the existing toolkit loaded epoch i, one before).
+    The epoch of a score is the `EPOCH_TAG` scalar logged at the same step (`LEGACY_EPOCH_TAG`
+    in older csc logs; a resumed run's may hold both). Logs without either (the existing
+    toolkit's) count validations: the i-th by step (from 0) is epoch i + 1, the epoch that was
+    validated (the existing toolkit loaded epoch i, one before).
     """
     scores = read_scalars(log_dir, tag)
-    epoch_at = {step: round(value) for step, value in read_scalars(log_dir, EPOCH_TAG)}
+    epoch_at = {
+        step: round(value)
+        for name in (LEGACY_EPOCH_TAG, EPOCH_TAG)  # the current tag wins at a step with both
+        for step, value in read_scalars(log_dir, name)
+    }
     if not epoch_at:
         return {i + 1: value for i, (_, value) in enumerate(scores)}
     by_epoch = {epoch_at[step]: value for step, value in scores if step in epoch_at}

@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from csc import distributed
+from csc import board, distributed
 from csc.checkpoints import (
     BEST_TAG,
     RunStart,
@@ -61,7 +61,7 @@ from csc.runtime import (
     unwrap,
     wrap_model,
 )
-from csc.tracking import Tracker, make_tracker
+from csc.tracking import EPOCH_TAG, Tracker, make_tracker
 
 DATA_BOUND_SHARE = 0.3  # of an epoch spent waiting for batches: warn that the run is data-bound
 
@@ -271,7 +271,7 @@ def setup(config: TrainConfig, place: Dist | None = None) -> Run:
     distributed.init(place, device)
     spec = PatchSpec.from_config(config)
     model = make_model(config, spec).to(device)
-    check_model_output(model, config, spec, device)
+    output_shape = check_model_output(model, config, spec, device)
     memory_format = channels_last_format(config, device, spec)
     model = in_memory_format(model, memory_format)
     optimizer = make_optimizer(config, model)
@@ -289,6 +289,9 @@ def setup(config: TrainConfig, place: Dist | None = None) -> Run:
     model = wrap_model(model, config, place, device)
     tracker = make_tracker(log_dir(config), enabled=place.is_main)
     tracker.log_text("config", "```\n" + format_config(config) + "\n```", 0)
+    tracker.log_layout(board.scalar_layout(config.classes))
+    say = print if place.is_main else _silent
+    log_model_summary(unwrap(model), config, spec, tracker, output_shape=output_shape, say=say)
     crops = distributed.from_main(place, lambda: read_crops(config, spec=spec))  # read once
     loaders = build_loaders(  # its crops carry the foreground counts for pos_weight
         config,
@@ -317,13 +320,33 @@ def make_loss(config: TrainConfig, loaders: Loaders, device: torch.device) -> to
     return loss.to(device)
 
 
+def log_model_summary(
+    model: torch.nn.Module,
+    config: TrainConfig,
+    spec: PatchSpec,
+    tracker: Tracker,
+    *,
+    output_shape: tuple[int, ...],
+    say: Any,
+) -> None:
+    """The model summary (parameters per top-level module, the shapes of a patch in and out,
+    as `check_model_output` found them): printed, and logged once as the ``model`` text."""
+    input_shape = (1, 1, *spec.in_plane(spec.input.shape))
+    text = board.model_summary(
+        model, name=config.model_name, input_shape=input_shape, output_shape=output_shape
+    )
+    say(text)
+    tracker.log_text("model", text, 0)
+
+
 def check_model_output(
     model: torch.nn.Module, config: TrainConfig, spec: PatchSpec, device: torch.device
-) -> None:
+) -> tuple[int, ...]:
     """A zero input patch through the model (eval mode, no gradients), before any data is
     read: its output must have one channel per class and the target patch's shape, and, when
     it has the input's shape, the input's voxel size (csc's models predict on the input's
-    grid). A `ValueError` names input_array_info and target_array_info otherwise."""
+    grid). A `ValueError` names input_array_info and target_array_info otherwise. Returns the
+    output's shape (1, C, *spatial)."""
     shape, target = spec.in_plane(spec.input.shape), spec.in_plane(spec.target.shape)
     output = zero_forward(model, (1, 1, *shape), device)
     inputs, targets = config.input_array_info, config.target_array_info
@@ -350,6 +373,7 @@ def check_model_output(
             "has the input's shape, so it predicts on the input's grid: the target would cover "
             f"another field of view. Set target_array_info = {same_as_input}"
         )
+    return tuple(output.shape)
 
 
 def zero_forward(
@@ -488,6 +512,8 @@ def train_epoch(run: Run, epoch: int) -> list[float]:
         batch = next(batches)
         waited += time.perf_counter() - before
         target = batch["output"]
+        if index == 0:  # the epoch's first batch, as the model sees it (after augmentation)
+            log_train_images(run, batch)
         sampled += torch.stack(
             [
                 (target == 1).sum((0, *range(2, target.ndim))),
@@ -522,6 +548,17 @@ def train_epoch(run: Run, epoch: int) -> list[float]:
         run.global_step,
     )
     return losses
+
+
+def log_train_images(run: Run, batch: Mapping[str, torch.Tensor]) -> None:
+    """The first `tensorboard_images` patches of a training batch (after augmentation and
+    value transforms): ``train_images/{class}``, panels raw | truth."""
+    count = min(run.config.tensorboard_images, len(batch["input"]))
+    if count == 0 or not run.place.is_main:
+        return
+    examples = [board.example_of(batch["input"][i], batch["output"][i]) for i in range(count)]
+    images = board.example_images(run.config.classes, examples, prefix="train_images")
+    run.tracker.log_images(images, run.global_step + 1)  # the step of the batch's loss
 
 
 def epoch_throughput(run: Run, seconds: float, waited: float) -> Throughput:
@@ -654,7 +691,8 @@ def validate(run: Run, epoch: int) -> dict[str, Any] | None:
     distributed.broadcast_buffers(run.place, model)  # every rank validates rank 0's model
     model.eval()
     metrics = SegmentationMetrics(config.classes)
-    total, count, example = 0.0, 0, None
+    total, count = 0.0, 0
+    examples = board.Spread[board.Example](config.tensorboard_images)  # spread over the tiles
     started = time.perf_counter()
     with torch.no_grad():
         for batch in loader:
@@ -664,8 +702,9 @@ def validate(run: Run, epoch: int) -> dict[str, Any] | None:
             total += float(run.loss_fn(logits, target)) * len(inputs)
             count += len(inputs)
             metrics.update(logits, target)
-            if example is None:
-                example = (inputs[0].cpu(), target[0].cpu(), torch.sigmoid(logits[0]).cpu())
+            for i in range(len(inputs)):
+                if examples.take():
+                    examples.keep(board.example_of(inputs[i], target[i], logits[i].sigmoid()))
             limit = config.validation_time_limit
             if limit is not None and time.perf_counter() - started >= limit:
                 break
@@ -677,39 +716,22 @@ def validate(run: Run, epoch: int) -> dict[str, Any] | None:
         "loss": float(sums[0] / sums[1].clamp(min=1)),
         "metrics": metrics.compute(),
     }
-    log_validation(run, scores, example)
+    log_validation(run, scores, [example for _, example in examples.chosen()])
     return scores
 
 
-def log_validation(
-    run: Run, scores: dict[str, Any], example: tuple[torch.Tensor, ...] | None
-) -> None:
-    """TensorBoard: `validation`, `metrics/{name}/{class}` and per class an image of raw,
-    ground truth and prediction side by side (middle slice of a 3D patch)."""
+def log_validation(run: Run, scores: dict[str, Any], examples: Sequence[board.Example]) -> None:
+    """TensorBoard: `validation`, `metrics/{name}/{class}` and per class ``images/{class}``:
+    a row of labelled panels raw | truth | prediction per example (middle slice of a 3D
+    patch), the examples spread over the tiles validated (`board.Spread`)."""
     values = {"validation": scores["loss"]}
     for name, per_class in scores["metrics"].items():
         if isinstance(per_class, Mapping):
             values |= {f"metrics/{name}/{c}": v for c, v in per_class.items() if v is not None}
     run.tracker.log(values, run.global_step)
-    if example is not None:
-        run.tracker.log_images(example_images(run.config.classes, *example), run.global_step)
-
-
-def example_images(
-    classes: Sequence[str], raw: torch.Tensor, target: torch.Tensor, prediction: torch.Tensor
-) -> dict[str, np.ndarray]:
-    """Per class, (H, 3W) in [0, 1]: raw | ground truth (unannotated: grey) | prediction."""
-    if raw.ndim == 4:  # 3D (C, Z, Y, X): the middle z slice
-        middle = raw.shape[1] // 2
-        raw, target, prediction = raw[:, middle], target[:, middle], prediction[:, middle]
-    image = torch.nan_to_num(raw[0].float(), nan=0.0, posinf=0.0, neginf=0.0)  # NaN raw: black
-    image = (image - image.min()) / (image.max() - image.min()).clamp(min=1e-6)
-    prediction = torch.nan_to_num(prediction, nan=0.0)  # a non-finite model's: black
-    images = {}
-    for k, name in enumerate(classes):
-        truth = torch.nan_to_num(target[k].float(), nan=0.5)
-        images[f"images/{name}"] = torch.cat([image, truth, prediction[k]], dim=1).numpy()
-    return images
+    if examples:
+        images = board.example_images(run.config.classes, examples)
+        run.tracker.log_images(images, run.global_step)
 
 
 def end_epoch(run: Run, epoch: int, scores: dict[str, Any] | None) -> bool:
@@ -723,7 +745,7 @@ def end_epoch(run: Run, epoch: int, scores: dict[str, Any] | None) -> bool:
         scheduler.step(score if score is not None else float("nan"))
     elif scheduler is not None and not isinstance(scheduler, PER_STEP_SCHEDULERS):
         scheduler.step()
-    run.tracker.log({"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"]}, run.global_step)
+    run.tracker.log({EPOCH_TAG: epoch, "lr": run.optimizer.param_groups[0]["lr"]}, run.global_step)
     if run.best_score is not None:
         best = {BEST_TAG.format(monitor=config.monitor): run.best_score}
         run.tracker.log(best, run.global_step)
