@@ -98,6 +98,8 @@ def test_layout_puts_both_losses_on_one_chart_and_groups_metrics_per_class() -> 
     assert charts_drawing(layout, "loss") == charts_drawing(layout, "validation")
     assert len(charts_drawing(layout, "loss")) == 1
     assert len(charts_drawing(layout, "lr")) == 1
+    assert charts_drawing(layout, "best/iou") == charts_drawing(layout, "best/dice/nuc")
+    assert len(charts_drawing(layout, "best/loss")) == 1
     for metric in METRIC_NAMES:
         for name in (*CLASSES, "mean"):
             validation = charts_drawing(layout, f"metrics/{metric}/{name}")

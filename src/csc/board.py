@@ -33,6 +33,7 @@ def scalar_layout(classes: Sequence[str], metrics: Sequence[str] = METRIC_NAMES)
                 f"^{re.escape(VALIDATION_TAG)}$",
             ],
             "learning rate": ["^lr$"],
+            "best monitored score so far (best/{monitor})": ["^best/"],
         }
     }
     for metric in metrics:

@@ -402,7 +402,7 @@ def _crawled_rows(config: Any, locations: dict[str, str | None]) -> Any:
     "--checkpoint",
     default=DEFAULT_PREDICTION_CHECKPOINT,
     show_default=True,
-    help="latest, best (by validation), or a .pth file.",
+    help="latest, best (by the config's monitor, the validation loss unless set), or a .pth file.",
 )
 @click.option(
     "--overlap",

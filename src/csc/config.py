@@ -22,7 +22,7 @@ import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from csc import registries
 from csc.manifests.classes import CLASSES_TABLE, unlisted
@@ -38,7 +38,11 @@ SPATIAL_TRANSFORM_NAMES = tuple(registries.SPATIAL_TRANSFORMS)
 PROCESS_FUNC_NAMES = tuple(sorted(registries.PROCESS_FUNCS))
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 PREDICTION_ENCODINGS = ("uint8", "float16")
-LOAD_MODEL_CHOICES = ("latest", "best", None)
+LOAD_MODEL_CHOICES = ("latest", "best", None)  # or the path of a .pth file (`load_model_file`)
+CHECKPOINT_SUFFIXES = (".pth", ".pt")  # a load_model that ends so is a checkpoint file's path
+MONITOR_MODES = ("min", "max")
+MONITOR_LOSS = "loss"  # the mean validation loss (TensorBoard's `validation`)
+MONITOR_ALIASES = {"f1": "dice"}  # Dice is the F1 score of the voxels
 SCHEDULER_INTERVALS = ("step", "epoch", None)  # None: by the scheduler's type (csc.optim)
 DEFAULT_PREDICTION_CHECKPOINT = "latest"  # the weights csc predict uses unless told otherwise
 EXISTING_RUN_CHOICES = ("refuse", "move")  # a fresh run meeting another run's files
@@ -220,6 +224,12 @@ class TrainConfig:
     smoothing_window: int = 1
     early_stopping_patience: int | None = None
     keep_last_checkpoints: int | None = None
+    # What "best" means (monitor): the score the best checkpoint, early stopping, plateau,
+    # load_model="best" and save_top_k follow. "loss" (mean validation loss), "{metric}" (its
+    # mean over classes, e.g. "iou") or "{metric}/{class}" ("dice/mito"); "f1" is "dice".
+    monitor: str = "loss"
+    monitor_mode: str | None = None  # "min" or "max"; None: min for loss (low_is_best), max else
+    save_top_k: int | None = None  # keep the k best epochs by the monitored score (+ the newest)
     existing_run: str = "refuse"  # or "move": a fresh run moves an old run's files aside
     # Prediction (csc predict) and post-processing (csc process); templates: {model_name}.
     predictions_path: str = "predictions/{model_name}"
@@ -376,6 +386,8 @@ def build_config(
         **kwargs, config_path=str(config_path) if config_path else None, extras=extras
     )
     validate(config)
+    if "low_is_best" in known:
+        check_low_is_best(config)
     _report_unlisted(config, source=config_path)
     _report_unused_process_input(config, source=config_path)
     return config
@@ -437,7 +449,7 @@ def _suggestion(name: str) -> str:
 def _normalise(known: Mapping[str, Any]) -> dict[str, Any]:
     """Coerce file values to field types: tuples for sequences, str for paths, ArrayInfo."""
     kwargs = dict(known)
-    for key in (*PATH_KEYS, "raw_name", "crop_name"):
+    for key in (*PATH_KEYS, "raw_name", "crop_name", "load_model"):
         if isinstance(kwargs.get(key), os.PathLike):
             kwargs[key] = os.fspath(kwargs[key])
     if "input_array_info" in kwargs:
@@ -450,6 +462,8 @@ def _normalise(known: Mapping[str, Any]) -> dict[str, Any]:
         kwargs["classes"] = _string_tuple(kwargs["classes"], "classes")
     if kwargs.get("use_s3") is True and "search_path" not in kwargs:
         kwargs["search_path"] = DEFAULT_S3_SEARCH_PATH
+    if isinstance(kwargs.get("monitor"), str):
+        kwargs["monitor"] = canonical_monitor(kwargs["monitor"])
     if "model_to_load" not in kwargs and "model_name" in kwargs:
         kwargs["model_to_load"] = kwargs["model_name"]
     if isinstance(kwargs.get("filter_by_scale"), Sequence):
@@ -542,6 +556,8 @@ def _resolve_paths(kwargs: dict[str, Any], config_dir: Path) -> dict[str, Any]:
             folder = Path(base)
         if isinstance(value, str):
             kwargs[key] = _anchored(value, folder)
+    if is_checkpoint_file(kwargs.get("load_model")):  # like every path: from the config's folder
+        kwargs["load_model"] = _anchored(kwargs["load_model"], config_dir)
     return kwargs
 
 
@@ -599,6 +615,7 @@ def validate(config: TrainConfig) -> None:
     _check_objects(config)
     _check_optimisation(config)
     _check_prediction(config)
+    _check_monitor(config)
 
 
 def _check_counts(config: TrainConfig) -> None:
@@ -613,7 +630,12 @@ def _check_counts(config: TrainConfig) -> None:
     for key in positive_ints:
         _require_int(config, key, minimum=1)
     _require_int(config, "tensorboard_images", minimum=0)
-    for key in ("validation_batch_limit", "early_stopping_patience", "keep_last_checkpoints"):
+    for key in (
+        "validation_batch_limit",
+        "early_stopping_patience",
+        "keep_last_checkpoints",
+        "save_top_k",
+    ):
         if getattr(config, key) is not None:
             _require_int(config, key, minimum=1)
     _require_int(config, "random_seed", minimum=0)
@@ -674,7 +696,9 @@ def _check_choices(config: TrainConfig) -> None:
         raise ValueError(f"model_name must be a non-empty string, got {config.model_name!r}")
     if not isinstance(config.model_to_load, str) or not config.model_to_load:
         raise ValueError(f"model_to_load must be a non-empty string, got {config.model_to_load!r}")
-    _require_choice("load_model", config.load_model, LOAD_MODEL_CHOICES)
+    if not is_checkpoint_file(config.load_model):
+        hint = " or the path of a checkpoint file (ending in .pth)"
+        _require_choice("load_model", config.load_model, LOAD_MODEL_CHOICES, hint=hint)
     _require_choice("existing_run", config.existing_run, EXISTING_RUN_CHOICES)
     _require_choice("precision", config.precision, PRECISIONS)
     _require_choice("force_all_classes", config.force_all_classes, FORCE_ALL_CLASSES_CHOICES)
@@ -753,6 +777,90 @@ def _is_plateau(scheduler: Any) -> bool:
         return scheduler.lower() == "plateau"
     kind = scheduler if isinstance(scheduler, type) else type(scheduler)
     return any(c.__name__ == "ReduceLROnPlateau" for c in kind.__mro__)
+
+
+# --- What "best" means (monitor) ----------------------------------------------------------
+
+
+def canonical_monitor(monitor: str) -> str:
+    """`monitor` in csc's one spelling: aliases replaced (``"f1"`` -> ``"dice"``) and a
+    ``"/mean"`` dropped (``"iou/mean"`` is ``"iou"``, the mean over classes)."""
+    metric, _, name = monitor.strip().partition("/")
+    metric = MONITOR_ALIASES.get(metric.lower(), metric.lower())
+    return metric if name in ("", "mean") else f"{metric}/{name}"
+
+
+def monitor_parts(monitor: str) -> tuple[str, str]:
+    """(metric, class) of a metric `monitor`; the class is ``"mean"`` for a mean over classes
+    (the key `SegmentationMetrics.compute` gives it)."""
+    metric, _, name = canonical_monitor(monitor).partition("/")
+    return metric, name or "mean"
+
+
+def monitor_mode(config: TrainConfig) -> str:
+    """Which way the monitored score is better, ``"min"`` or ``"max"``: `monitor_mode` when
+    set; else for the loss ``low_is_best`` (the toolkit's key), for a metric ``"max"``."""
+    if config.monitor_mode is not None:
+        return config.monitor_mode
+    if config.monitor == MONITOR_LOSS:
+        return "min" if config.low_is_best else "max"
+    return "max"
+
+
+def _check_monitor(config: TrainConfig) -> None:
+    """`monitor` names the loss, a metric or a metric of one class; `monitor_mode` is a mode;
+    ``low_is_best = False`` (never the default) agrees with the mode."""
+    monitor = config.monitor
+    if not isinstance(monitor, str) or not monitor:
+        raise ValueError(f"monitor must be a string such as 'loss' or 'iou', got {monitor!r}")
+    if config.monitor_mode is not None:
+        _require_choice("monitor_mode", config.monitor_mode, (*MONITOR_MODES, None))
+    if monitor != MONITOR_LOSS:
+        metric, name = monitor_parts(monitor)
+        metrics = (*registries.METRIC_NAMES, *MONITOR_ALIASES)
+        if metric not in registries.METRIC_NAMES:
+            valid = ", ".join(repr(m) for m in (MONITOR_LOSS, *metrics))
+            raise ValueError(
+                f"unknown monitor {monitor!r}: {metric!r} is no metric; available: {valid}, each "
+                "as the mean over classes or as 'METRIC/CLASS' for one class (e.g. 'iou/nuc')"
+            )
+        if name != "mean" and name not in config.classes:
+            valid = ", ".join(repr(c) for c in ("mean", *config.classes))
+            raise ValueError(
+                f"monitor {monitor!r} names class {name!r}, which is not in classes; "
+                f"available: {valid}"
+            )
+    if config.low_is_best is False:
+        check_low_is_best(config)
+
+
+def check_low_is_best(config: TrainConfig) -> None:
+    """`ValueError` when `low_is_best` (as the config set it) says the other way than the
+    monitored score's mode (`monitor_mode`)."""
+    mode = monitor_mode(config)
+    if (mode == "min") == config.low_is_best:
+        return
+    said = "lower" if config.low_is_best else "higher"
+    why = f"monitor_mode = {mode!r}" if config.monitor_mode else f"monitor {config.monitor!r}"
+    raise ValueError(
+        f"low_is_best = {config.low_is_best} says a {said} score is better, but {why} is "
+        f"better when {'lower' if mode == 'min' else 'higher'}: drop low_is_best (it is the "
+        "toolkit's key for the loss), or set monitor_mode to the way you mean"
+    )
+
+
+def is_checkpoint_file(load_model: Any) -> TypeGuard[str]:
+    """Whether a `load_model` value is the path of a checkpoint file rather than
+    ``"latest"``/``"best"``/None: a string that ends in .pth/.pt or holds a folder."""
+    if not isinstance(load_model, str) or load_model in ("latest", "best"):
+        return False
+    return load_model.endswith(CHECKPOINT_SUFFIXES) or "/" in load_model or os.sep in load_model
+
+
+def load_model_file(config: TrainConfig) -> Path | None:
+    """The checkpoint file `load_model` names (absolute once the config is built); None for
+    "latest", "best" and None."""
+    return Path(config.load_model) if is_checkpoint_file(config.load_model) else None
 
 
 # What csc process hands process_func (TrainConfig.process_input).

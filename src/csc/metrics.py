@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (torch's own spelling)
 from torch import Tensor
 
+from csc import registries
+
 __all__ = [
     "COUNT_NAMES",
     "METRIC_NAMES",
@@ -36,7 +38,7 @@ COUNT_NAMES = (
     "true_boundary",  # ground-truth boundary voxels
     "true_boundary_matched",  # ... within the tolerance of a predicted boundary voxel
 )
-METRIC_NAMES = ("iou", "dice", "precision", "recall", "accuracy", "boundary_f1")
+METRIC_NAMES = registries.METRIC_NAMES  # their one home, torch-free (config checks `monitor`)
 
 
 def _max_pool(x: Tensor, kernel: int) -> Tensor:

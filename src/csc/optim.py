@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from csc import registries
-from csc.config import TrainConfig, check_keywords
+from csc.config import TrainConfig, check_keywords, monitor_mode
 
 # The names and where their classes live are csc.registries' (torch-free, so the config checks
 # names without torch); here they are resolved once.
@@ -193,7 +193,7 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> An
         defaults_by_name: dict[str, dict[str, Any]] = {
             "cosine": {"T_max": steps},
             "onecycle": {"max_lr": config.learning_rate, "total_steps": steps},
-            "plateau": {"mode": "min" if config.low_is_best else "max"},
+            "plateau": {"mode": monitor_mode(config)},  # it steps on the monitored score
             "step": {"step_size": max(1, config.epochs // 3)},
         }
         defaults = defaults_by_name[name]
@@ -300,3 +300,18 @@ def _fit_groups(state: Mapping[str, Any], num_groups: int) -> dict[str, Any]:
 
 def _fit_list(values: list[Any], length: int) -> list[Any]:
     return (values + values[-1:] * length)[:length]
+
+
+def check_plateau_mode(config: TrainConfig, scheduler: Any) -> None:
+    """A `ReduceLROnPlateau` steps on the monitored score (`monitor`): a `ValueError` when its
+    mode says the other way than `monitor_mode`, before any data is read."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return
+    mode = monitor_mode(config)
+    if scheduler.mode != mode:
+        raise ValueError(
+            f"scheduler ReduceLROnPlateau has mode {scheduler.mode!r}, but it steps on the "
+            f"monitored score, monitor {config.monitor!r}, which is better when "
+            f"{'lower' if mode == 'min' else 'higher'} (mode {mode!r}): leave mode out of "
+            "scheduler_kwargs (it follows monitor_mode), or set monitor_mode"
+        )

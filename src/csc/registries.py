@@ -68,6 +68,10 @@ PROCESS_FUNCS: dict[str, str] = {
     "watershed": "csc.labelling:watershed",  # instance classes: components split by watershed
 }
 
+# The validation metrics `csc.metrics.SegmentationMetrics.compute` returns per class and as
+# their mean: the names `monitor` may give (tests/test_monitor.py holds the two equal).
+METRIC_NAMES: tuple[str, ...] = ("iou", "dice", "precision", "recall", "accuracy", "boundary_f1")
+
 
 def resolve(reference: str) -> Any:
     """The object a ``"package.module:attribute"`` reference names, importing its module."""

@@ -167,19 +167,20 @@ def _scalar(value: Any) -> float:
     return float(make_ndarray(value.tensor))
 
 
-def validation_by_epoch(log_dir: str | Path) -> dict[int, float]:
-    """The ``validation`` score of each epoch, in epoch order.
+def validation_by_epoch(log_dir: str | Path, *, tag: str = VALIDATION_TAG) -> dict[int, float]:
+    """The ``validation`` score (or another scalar `tag` logged with it, such as
+    ``metrics/iou/mean``) of each epoch, in epoch order.
 
     The epoch of a score is the `EPOCH_TAG` scalar logged at the same step (`LEGACY_EPOCH_TAG`
     in older csc logs; a resumed run's may hold both). Logs without either (the existing
     toolkit's) count validations: the i-th by step (from 0) is epoch i + 1, the epoch that was
     validated (the existing toolkit loaded epoch i, one before).
     """
-    scores = read_scalars(log_dir, VALIDATION_TAG)
+    scores = read_scalars(log_dir, tag)
     epoch_at = {
         step: round(value)
-        for tag in (LEGACY_EPOCH_TAG, EPOCH_TAG)  # the current tag wins at a step with both
-        for step, value in read_scalars(log_dir, tag)
+        for name in (LEGACY_EPOCH_TAG, EPOCH_TAG)  # the current tag wins at a step with both
+        for step, value in read_scalars(log_dir, name)
     }
     if not epoch_at:
         return {i + 1: value for i, (_, value) in enumerate(scores)}

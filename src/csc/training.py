@@ -18,25 +18,32 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from csc import board, distributed
 from csc.checkpoints import (
+    BEST_TAG,
     RunStart,
     drop_old_states,
+    is_better,
     link_best,
     load_for_resume,
     load_weights,
     log_dir,
-    prune_checkpoints,
+    monitored_score,
+    prune_by_score,
+    repair_best,
+    resumed_tracking,
+    resumes_own_run,
     rng_state,
     save_checkpoint,
     set_rng_state,
     start_run,
     to_safe,
 )
-from csc.config import TrainConfig, config_folder, format_config, load_config
+from csc.config import TrainConfig, config_folder, format_config, load_config, monitor_mode
 from csc.data.datasets import PatchSpec, TrainPatches
 from csc.data.loaders import Loaders, build_loaders, read_crops
 from csc.datasplit import ensure_datasplit
@@ -46,6 +53,7 @@ from csc.metrics import SegmentationMetrics
 from csc.models import enable_activation_checkpointing
 from csc.optim import (
     Schedule,
+    check_plateau_mode,
     fit_saved_state,
     make_optimizer,
     make_scheduler,
@@ -108,8 +116,9 @@ class Run:
     memory_format: torch.memory_format | None = None  # channels_last for inputs, when used
     epoch: int = 0  # the last finished epoch (epochs count from 1)
     global_step: int = 0  # training batches so far, over every run resumed into this one
-    best_score: float | None = None  # monitored: mean validation loss (see low_is_best)
+    best_score: float | None = None  # the monitored score (`monitor`, `monitor_mode`)
     best_epoch: int | None = None
+    scores: dict[int, float] = dataclasses.field(default_factory=dict)  # monitored, by epoch
     stale_epochs: int = 0  # epochs since the best one, for early stopping
     throughput: Throughput | None = None  # the last epoch's
     warned_data_bound: bool = False
@@ -277,6 +286,7 @@ def setup(config: TrainConfig, place: Dist | None = None) -> Run:
     model = in_memory_format(model, memory_format)
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer)
+    check_plateau_mode(config, scheduler.scheduler)
     check_criterion(config.criterion, config.criterion_kwargs)
     # Every check passed: only now crawl (and write) the datasplit and read data.
     distributed.main_first(place, lambda: ensure_datasplit(config))
@@ -423,9 +433,10 @@ def resume(run: Run, *, say: Any = print, start: RunStart | None = None) -> int:
     if resumed is None:
         return 0
     state = resumed.train_state
-    if config.model_to_load != config.model_name:
+    if not resumes_own_run(config, resumed):  # a fine-tune: another run's weights, epoch 1 on
         load_weights(run.model, resumed.model_state, source=str(resumed.path))
-        say(f"loaded weights from {resumed.path} (epoch {resumed.epoch})")
+        of_epoch = f" (epoch {resumed.epoch})" if resumed.epoch else ""
+        say(f"loaded weights from {resumed.path}{of_epoch}; training starts at epoch 1")
         return 0
     if state is None:  # weights only (the existing toolkit's, or a hand-saved file)
         load_weights(run.model, resumed.model_state, source=str(resumed.path))
@@ -439,18 +450,39 @@ def resume(run: Run, *, say: Any = print, start: RunStart | None = None) -> int:
     # The model file holds the trained weights, unless it holds the EMA's: then the state does.
     load_weights(run.model, state.get("model") or resumed.model_state, source=str(resumed.path))
     load_optimizer_state(run, state, source=resumed.path)
-    run.scheduler.load_state_dict(state.get("scheduler"))  # None: saved without a scheduler
+    tracking = resumed_tracking(state, config, log_dir=log_dir(config), last_epoch=resumed.epoch)
+    run.scheduler.load_state_dict(
+        saved_schedule(run, state, monitor_changed=tracking.note is not None)
+    )
     if state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     if run.ema is not None and state.get("ema") is not None:
         run.ema.load_state_dict(state["ema"])
     run.epoch, run.global_step = resumed.epoch, int(state["global_step"])
-    run.best_score, run.best_epoch = state.get("best_score"), state.get("best_epoch")
-    run.stale_epochs = int(state.get("stale_epochs", 0))
+    run.best_score, run.best_epoch = tracking.best_score, tracking.best_epoch
+    run.stale_epochs, run.scores = tracking.stale_epochs, tracking.scores
+    if tracking.note is not None:  # another monitor: `best` follows the new best epoch
+        say(tracking.note)
+        if run.place.is_main:
+            repair_best(config.model_save_path, config.model_name, best_epoch=run.best_epoch)
     set_rng_state(state["rng"])
     run.tracker.restart_at(run.global_step + 1)  # the killed run's later steps are redone
     say(f"resumed from {resumed.path}: epoch {resumed.epoch}, step {run.global_step}")
     return resumed.epoch
+
+
+def saved_schedule(
+    run: Run, state: Mapping[str, Any], *, monitor_changed: bool
+) -> Mapping[str, Any] | None:
+    """The saved `Schedule` state to load (None: saved without a scheduler). A plateau
+    scheduler that counted another monitor's score starts afresh; the learning rate it lowered
+    stays, in the optimizer's state."""
+    saved = state.get("scheduler")
+    if not monitor_changed or not isinstance(run.scheduler.scheduler, ReduceLROnPlateau):
+        return saved
+    if saved is None or "num_steps" not in saved:  # no state, or the plateau's own (older run)
+        return None
+    return {**saved, "scheduler": None}
 
 
 def load_optimizer_state(run: Run, state: Mapping[str, Any], *, source: os.PathLike[str]) -> None:
@@ -732,10 +764,13 @@ def end_epoch(run: Run, epoch: int, scores: dict[str, Any] | None) -> bool:
     """Log the epoch, step epoch schedulers, save checkpoints; True to stop early."""
     config = run.config
     run.epoch = epoch
-    score = None if scores is None else scores["loss"]
+    score = None if scores is None else monitored_score(scores, config.monitor)
     improved = score is not None and update_best(run, epoch, score)
     run.scheduler.end_epoch(score)  # a per-epoch scheduler; ReduceLROnPlateau on the score
     run.tracker.log({EPOCH_TAG: epoch, "lr": run.optimizer.param_groups[0]["lr"]}, run.global_step)
+    if run.best_score is not None:
+        best = {BEST_TAG.format(monitor=config.monitor): run.best_score}
+        run.tracker.log(best, run.global_step)
     if run.place.is_main:  # every rank holds the same weights: one writer
         save(run, epoch, improved=improved)
     patience = config.early_stopping_patience
@@ -743,24 +778,19 @@ def end_epoch(run: Run, epoch: int, scores: dict[str, Any] | None) -> bool:
 
 
 def update_best(run: Run, epoch: int, score: float) -> bool:
-    """Whether `score` is the best so far, recorded as such; else one more epoch without
-    improvement. A non-finite score is never the best (nor is a non-finite best kept, e.g.
-    from a run before this check)."""
-    best = run.best_score
-    improved = math.isfinite(score) and (
-        best is None
-        or not math.isfinite(best)
-        or (score < best if run.config.low_is_best else score > best)
-    )
+    """Whether the monitored `score` is the best so far, recorded as such; else one more epoch
+    without improvement. A non-finite score is never the best (nor is a non-finite best kept,
+    e.g. from a run before this check)."""
+    run.scores[epoch] = score
+    improved = is_better(score, run.best_score, mode=monitor_mode(run.config))
     if improved:
         run.best_score, run.best_epoch, run.stale_epochs = score, epoch, 0
         return True
     run.stale_epochs += 1
     if not math.isfinite(score) and run.place.is_main:
         kept = "none yet" if run.best_epoch is None else f"epoch {run.best_epoch}"
-        message = (
-            f"warning: epoch {epoch}: validation loss {score} is not finite; best stays {kept}"
-        )
+        what = "validation loss" if run.config.monitor == "loss" else run.config.monitor
+        message = f"warning: epoch {epoch}: {what} {score} is not finite; best stays {kept}"
         print(message, file=sys.stderr, flush=True)
     return False
 
@@ -768,7 +798,8 @@ def update_best(run: Run, epoch: int, score: float) -> bool:
 def save(run: Run, epoch: int, *, improved: bool) -> None:
     """The epoch's checkpoint (weights used for validation) and training state; ``best``
     linked to it when the monitored score improved; training states kept only for the last
-    two epochs and the best; older checkpoints pruned (never the best)."""
+    two epochs and the best; older checkpoints pruned by `keep_last_checkpoints` and
+    `save_top_k` (never the best)."""
     config = run.config
     weights = unwrap(run.ema.module if run.ema is not None else run.model).state_dict()
     state = {
@@ -783,6 +814,10 @@ def save(run: Run, epoch: int, *, improved: bool) -> None:
         "epoch": epoch,
         "global_step": run.global_step,
         "rng": rng_state(),
+        "monitor": config.monitor,  # what best_score and scores are: resume checks it
+        "monitor_mode": monitor_mode(config),
+        "score": run.scores.get(epoch),  # this epoch's monitored score (None: no validation)
+        "scores": dict(run.scores),  # every epoch's so far: save_top_k ranks by them
         "best_score": run.best_score,
         "best_epoch": run.best_epoch,
         "stale_epochs": run.stale_epochs,
@@ -796,6 +831,12 @@ def save(run: Run, epoch: int, *, improved: bool) -> None:
     if improved:  # a kill before this line leaves `best` behind: `start_run` repairs it
         link_best(template=template, model_name=name, epoch=epoch)
     drop_old_states(template, name, best_epoch=run.best_epoch)
-    if config.keep_last_checkpoints is not None:
-        keep = config.keep_last_checkpoints
-        prune_checkpoints(template, name, keep_last=keep, best_epoch=run.best_epoch)
+    prune_by_score(
+        template,
+        name,
+        keep_last=config.keep_last_checkpoints,
+        top_k=config.save_top_k,
+        scores=run.scores,
+        mode=monitor_mode(config),
+        best_epoch=run.best_epoch,
+    )

@@ -1,12 +1,25 @@
 """Checkpoints, their one owner: save, find, read, latest/best, prune, load weights, and
 rebuild a model from its checkpoint alone (see docs/training.md).
 
-Modules: `reading` (paths, finding and reading checkpoints, the best epoch, loading weights
-and models), `saving` (atomic writes, the best link, pruning, RNG states), `runs` (one run's
+Modules: `best` (the monitored score: what "best" means, ranking epochs for save_top_k),
+`reading` (paths, finding and reading checkpoints, the best epoch, loading weights and
+models), `saving` (atomic writes, the best link, pruning, RNG states), `runs` (one run's
 files kept apart from another's: `start_run`) and `toolkit` (the challenge toolkit's
 `get_model`, `get_latest_checkpoint_epoch`, `get_best_val_epoch`).
 """
 
+from csc.checkpoints.best import (
+    BEST_TAG,
+    Tracking,
+    best_of,
+    is_better,
+    monitor_tag,
+    monitored_score,
+    ranked_epochs,
+    resumed_tracking,
+    saved_monitor,
+    scores_from_logs,
+)
 from csc.checkpoints.reading import (
     Checkpoint,
     CheckpointReadError,
@@ -31,6 +44,7 @@ from csc.checkpoints.reading import (
     read_latest,
     read_run,
     read_weights,
+    resumes_own_run,
     state_files,
     state_path,
 )
@@ -40,7 +54,9 @@ from csc.checkpoints.saving import (
     atomic_save,
     drop_old_states,
     link_best,
+    prune_by_score,
     prune_checkpoints,
+    repair_best,
     rng_state,
     save_best,
     save_checkpoint,
@@ -50,14 +66,17 @@ from csc.checkpoints.saving import (
 from csc.checkpoints.toolkit import get_best_val_epoch, get_latest_checkpoint_epoch, get_model
 
 __all__ = [
+    "BEST_TAG",
     "Checkpoint",
     "CheckpointReadError",
     "CheckpointWarning",
     "Resumed",
     "RunStart",
     "RunWriteError",
+    "Tracking",
     "atomic_save",
     "best_epoch",
+    "best_of",
     "best_path",
     "centred_mean",
     "check_destinations",
@@ -68,6 +87,7 @@ __all__ = [
     "get_best_val_epoch",
     "get_latest_checkpoint_epoch",
     "get_model",
+    "is_better",
     "legacy_best_path",
     "legacy_state_path",
     "link_best",
@@ -78,15 +98,24 @@ __all__ = [
     "load_weights",
     "log_dir",
     "model_path",
+    "monitor_tag",
+    "monitored_score",
+    "prune_by_score",
     "prune_checkpoints",
+    "ranked_epochs",
     "read_checkpoint",
     "read_epoch",
     "read_latest",
     "read_run",
     "read_weights",
+    "repair_best",
+    "resumed_tracking",
+    "resumes_own_run",
     "rng_state",
     "save_best",
     "save_checkpoint",
+    "saved_monitor",
+    "scores_from_logs",
     "set_rng_state",
     "start_run",
     "state_files",

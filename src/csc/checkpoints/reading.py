@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from csc.config import TrainConfig
+from csc.checkpoints.best import monitor_tag
+from csc.config import TrainConfig, load_model_file, monitor_mode
 from csc.runtime import ModelArguments, strip_wrapper_prefixes, unwrap
-from csc.tracking import validation_by_epoch
+from csc.tracking import VALIDATION_TAG, validation_by_epoch
 
 STATE_SUFFIX = ".state"  # the training state of "x_3.pth" is "x_3.state.pth"
 EXTRAS = "csc-extras"  # the folder beside the model files that holds csc's other files
@@ -348,16 +349,21 @@ def load_best_val(
 
 
 def best_epoch(
-    log_dir: str | Path, *, low_is_best: bool = True, smoothing_window: int = 1
+    log_dir: str | Path,
+    *,
+    low_is_best: bool = True,
+    smoothing_window: int = 1,
+    tag: str = VALIDATION_TAG,
 ) -> int | None:
-    """The epoch with the best smoothed ``validation`` score in the logs; None without scores.
+    """The epoch with the best smoothed ``validation`` score (or the scalar `tag`, e.g. the
+    monitored ``metrics/iou/mean``) in the logs; None without scores.
 
     The smoothed score of epoch e is the mean over a window of `smoothing_window` epochs
     centred on e (epochs e - (w-1)//2 .. e + w//2), shrunk at the first and last epochs. So
     the chosen epoch sits in the middle of a good stretch rather than at its end. A NaN score
     counts as the worst; ties go to the earliest epoch.
     """
-    scores = validation_by_epoch(log_dir)
+    scores = validation_by_epoch(log_dir, tag=tag)
     if not scores:
         return None
     worst = np.inf if low_is_best else -np.inf
@@ -386,9 +392,9 @@ def read_run(
     nothing to load.
 
     ``"latest"``: the highest epoch that reads (damaged files fall back to the previous epoch
-    with a warning). ``"best"``: the epoch with the best smoothed validation score in its
-    TensorBoard logs (`best_epoch`). An epoch number: that epoch. A missing file for a best or
-    numbered epoch is a `FileNotFoundError`.
+    with a warning). ``"best"``: the epoch with the best smoothed monitored score (`monitor`:
+    the validation loss unless set) in its TensorBoard logs (`best_epoch`). An epoch number:
+    that epoch. A missing file for a best or numbered epoch is a `FileNotFoundError`.
     """
     search_path = config.model_save_path.replace("{model_name}", model_name)
     if which == "latest":
@@ -397,7 +403,10 @@ def read_run(
         return read_epoch(search_path, which, with_state=with_state)
     log_dir = config.logs_save_path.replace("{model_name}", model_name)
     epoch = best_epoch(
-        log_dir, low_is_best=config.low_is_best, smoothing_window=config.smoothing_window
+        log_dir,
+        low_is_best=monitor_mode(config) == "min",
+        smoothing_window=config.smoothing_window,
+        tag=monitor_tag(config.monitor),
     )
     if epoch is None:
         return None
@@ -405,11 +414,55 @@ def read_run(
 
 
 def load_for_resume(config: TrainConfig) -> Resumed | None:
-    """The checkpoint `config.load_model` asks for (`read_run`) of `config.model_to_load`,
-    with its training state when saved; None when there is nothing to load."""
+    """The checkpoint `config.load_model` asks for: "latest" or "best" of
+    `config.model_to_load` (`read_run`), with its training state when saved, or the file it
+    names (`read_named`); None when there is nothing to load. Whether the run resumes it or
+    fine-tunes from it is `resumes_own_run`'s to say."""
     if config.load_model is None:
         return None
+    file = load_model_file(config)
+    if file is not None:
+        return read_named(config, file)
     return read_run(config, config.load_model, model_name=config.model_to_load, with_state=True)
+
+
+def read_named(config: TrainConfig, path: Path) -> Checkpoint:
+    """``load_model = "path/to/x.pth"``: an epoch of this run (`model_name` under
+    `model_save_path`: its model file, its training state or the ``best`` link to it) that has
+    its training state, read with it, to resume; anything else (another run's checkpoint, an
+    epoch whose state was dropped, the toolkit's plain state dict) as weights alone, epoch 0,
+    to fine-tune from. A missing file is a `FileNotFoundError` naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"load_model {str(path)!r} does not exist (a relative path is from the config's "
+            "folder); give an existing checkpoint file, or 'latest', 'best' or None"
+        )
+    epoch, file = own_epoch(config, model_path(path))
+    if file is not None and existing_state(file) is not None:
+        return read_checkpoint(file, epoch=epoch, with_state=True)
+    weights, source = read_weights(path)
+    return Checkpoint(0, source, weights, None)
+
+
+def own_epoch(config: TrainConfig, file: Path) -> tuple[int, Path | None]:
+    """The epoch of this run (`model_name`) whose model file `file` is (the same file: the
+    ``best`` hard link counts) and that model file; (0, None) when it is none of them."""
+    if file.is_file():
+        for epoch, path in find_checkpoints(config.model_save_path, config.model_name).items():
+            if os.path.samefile(path, file):
+                return epoch, path
+    return 0, None
+
+
+def resumes_own_run(config: TrainConfig, resumed: Resumed | None) -> bool:
+    """Whether the run continues `resumed` (optimizer, epochs, best) rather than starting at
+    epoch 1 from its weights (a fine-tune): for "latest"/"best" when `model_to_load` is
+    `model_name`; for a named file when it is an epoch of this run with its training state."""
+    if resumed is None:
+        return False
+    if load_model_file(config) is not None:
+        return resumed.train_state is not None
+    return config.model_to_load == config.model_name
 
 
 def checkpoint_weights(config: TrainConfig, checkpoint: str) -> tuple[dict[str, Any], str]:

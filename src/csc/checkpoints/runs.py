@@ -21,12 +21,13 @@ from csc.checkpoints.reading import (
     legacy_state_path,
     load_for_resume,
     model_path,
+    resumes_own_run,
     state_files,
     state_path,
     template_files,
 )
 from csc.checkpoints.saving import TEMPORARY, RunWriteError, repair_best
-from csc.config import TrainConfig
+from csc.config import TrainConfig, load_model_file
 
 MOVED = "{name}.moved-{stamp}"  # where existing_run = "move" puts an old run's files
 
@@ -45,16 +46,18 @@ def start_run(config: TrainConfig, *, is_main: bool = True) -> RunStart:
     checkpoint to resume from, and keep this run's files apart from another run's.
 
     A run that does not resume its own checkpoints (``load_model = None``, nothing found to
-    load, or a fine-tune from another ``model_to_load``) refuses with `FileExistsError` when
-    its checkpoint files or TensorBoard folder hold files already, unless ``existing_run =
-    "move"``: then the old run is moved aside whole. A resume from ``"best"`` that would
-    overwrite later epochs refuses too. Rank 0 (`is_main`) then removes temporary files of
+    load, or a fine-tune from another ``model_to_load`` or from a named file that is no epoch
+    of this run with its state: `resumes_own_run`) refuses with `FileExistsError` when its
+    checkpoint files or TensorBoard folder hold files already, unless ``existing_run =
+    "move"``: then the old run is moved aside whole. A resume from ``"best"`` or a named file
+    that would overwrite later epochs refuses too; a named file that does not exist is a
+    `FileNotFoundError`. Rank 0 (`is_main`) then removes temporary files of
     killed writes and, on a resume, points ``best`` at the state's best epoch.
     """
     check_destinations(config, probe=is_main)  # rank 0 alone writes (and probes)
     resumed = load_for_resume(config)
     # The run's own checkpoint, when it resumes one (not a fine-tune from another model).
-    own = resumed if resumed is not None and config.model_to_load == config.model_name else None
+    own = resumed if resumes_own_run(config, resumed) else None
     if own is not None:
         _check_resume_point(config, own)
     elif config.existing_run != "move" and not _logs_only(config):
@@ -242,6 +245,9 @@ def _refuse_existing_run(config: TrainConfig, resumed: Resumed | None) -> None:
     elif resumed is None:
         why = f"finds nothing of {config.model_to_load} to resume"
         why += f" (load_model={config.load_model!r})"
+    elif load_model_file(config) is not None:
+        why = f"starts from the weights in {resumed.path} (a fine-tune, from epoch 1: it is "
+        why += f"no epoch of {config.model_name} with its training state)"
     else:
         why = f"starts from the weights of {config.model_to_load} (a fine-tune, from epoch 1)"
     ways = []
@@ -257,10 +263,10 @@ def _refuse_existing_run(config: TrainConfig, resumed: Resumed | None) -> None:
 
 
 def _check_resume_point(config: TrainConfig, resumed: Resumed) -> None:
-    """`FileExistsError` when resuming an earlier epoch (``load_model = "best"``) would
-    overwrite the run's later epochs. ("latest" falls back past a damaged latest epoch only:
-    that epoch is redone and its damaged files replaced.)"""
-    if config.load_model != "best":
+    """`FileExistsError` when resuming an earlier epoch (``load_model = "best"`` or a named
+    file) would overwrite the run's later epochs. ("latest" falls back past a damaged latest
+    epoch only: that epoch is redone and its damaged files replaced.)"""
+    if config.load_model == "latest":
         return
     later = [
         e for e in find_checkpoints(config.model_save_path, config.model_name) if e > resumed.epoch
@@ -268,7 +274,7 @@ def _check_resume_point(config: TrainConfig, resumed: Resumed) -> None:
     if not later:
         return
     raise FileExistsError(
-        f"load_model='best' resumes {config.model_name} at epoch "
+        f"load_model={config.load_model!r} resumes {config.model_name} at epoch "
         f"{resumed.epoch}, but {resumed.path.parent} holds its epochs up to {later[-1]}, which "
         "this run would overwrite: resume from the last epoch with load_model='latest', or "
         "start a new run from these weights with model_name=NEW "

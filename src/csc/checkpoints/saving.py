@@ -9,6 +9,7 @@ Everything stored is plain data (`to_safe`), so ``torch.load(path, weights_only=
 every file. Training states are kept for the last two epochs and the best one
 (`drop_old_states`); ``csc-extras/2d_unet_best.pth`` is a hard link to the best epoch's model
 file (`link_best`). Only the model files match the toolkit's ``{model_name}_*.pth``.
+``keep_last_checkpoints`` and ``save_top_k`` prune old epochs (`prune_by_score`).
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import os
 import random
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
 import torch
 
+from csc.checkpoints.best import ranked_epochs
 from csc.checkpoints.reading import (
     MODEL_ARGUMENTS,
     best_path,
@@ -281,9 +283,15 @@ def drop_old_states(
 
 
 def prune_checkpoints(
-    template: str, model_name: str, *, keep_last: int, best_epoch: int | None
+    template: str,
+    model_name: str,
+    *,
+    keep_last: int,
+    best_epoch: int | None,
+    keep: Collection[int] = (),
 ) -> list[Path]:
-    """Delete all but the last `keep_last` epochs (both files), never `best_epoch`.
+    """Delete all but the last `keep_last` epochs (both files), never `best_epoch` nor the
+    epochs in `keep` (`save_top_k`'s).
 
     Returns the deleted files. Model files go first, so an interrupted prune leaves no model
     file without its state.
@@ -291,13 +299,36 @@ def prune_checkpoints(
     if keep_last < 1:
         raise ValueError(f"keep_last_checkpoints must be an integer >= 1, got {keep_last}")
     checkpoints = find_checkpoints(template, model_name)
-    keep = set(list(checkpoints)[-keep_last:]) | {best_epoch}
+    kept = set(list(checkpoints)[-keep_last:]) | {best_epoch} | set(keep)
     removed = []
     for epoch, path in checkpoints.items():
-        if epoch in keep:
+        if epoch in kept:
             continue
         for file in (path, *state_files(path)):
             if file.exists():
                 file.unlink()
                 removed.append(file)
     return removed
+
+
+def prune_by_score(
+    template: str,
+    model_name: str,
+    *,
+    keep_last: int | None,
+    top_k: int | None,
+    scores: Mapping[int, float | None],
+    mode: str,
+    best_epoch: int | None,
+) -> list[Path]:
+    """`keep_last_checkpoints` and `save_top_k` together: keep the union of the last
+    `keep_last` epochs, the `top_k` epochs with the best monitored `scores` (`ranked_epochs`
+    over the epochs on disk) and `best_epoch`; with `top_k` alone, the newest epoch too (what
+    a resume continues from). Neither set: nothing is deleted. Returns the deleted files."""
+    if keep_last is None and top_k is None:
+        return []
+    top: list[int] = []
+    if top_k is not None:
+        top = ranked_epochs(scores, find_checkpoints(template, model_name), mode=mode)[:top_k]
+    last = 1 if keep_last is None else keep_last
+    return prune_checkpoints(template, model_name, keep_last=last, best_epoch=best_epoch, keep=top)

@@ -7,13 +7,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from csc.checkpoints.reading import best_epoch, epoch_files, load_best_val, load_latest
+from csc.checkpoints.best import monitor_tag
+from csc.checkpoints.reading import (
+    best_epoch,
+    epoch_files,
+    load_best_val,
+    load_latest,
+    load_weights,
+    read_epoch,
+)
+from csc.config import TrainConfig, monitor_mode
 
 
 def get_model(config: Any) -> int:
     """Load the checkpoint ``config.load_model`` names ("latest", "best"; None: nothing) of
     ``config.model_to_load`` (default: ``model_name``) into ``config.model``, in place; the
-    epoch loaded, 0 when there was none.
+    epoch loaded, 0 when there was none. "best" follows a csc `TrainConfig`'s ``monitor``,
+    else the validation loss by ``low_is_best``.
 
     `config` is anything with the toolkit's config attributes: a csc `TrainConfig`, a loaded
     config file, or the toolkit's own. Paths default as in the toolkit, under
@@ -37,9 +47,16 @@ def get_model(config: Any) -> int:
         return load_latest(checkpoints, model) or 0
     if str(which).lower() == "best":
         logs = str(logs_save_path).replace("{model_name}", to_load)
-        low_is_best = getattr(config, "low_is_best", True)
         window = getattr(config, "smoothing_window", 1)
-        return load_best_val(logs, checkpoints, model, low_is_best, window) or 0
+        if not isinstance(config, TrainConfig):  # the toolkit's config: its validation loss
+            low_is_best = getattr(config, "low_is_best", True)
+            return load_best_val(logs, checkpoints, model, low_is_best, window) or 0
+        low, tag = monitor_mode(config) == "min", monitor_tag(config.monitor)  # csc's: monitor
+        epoch = best_epoch(logs, low_is_best=low, smoothing_window=window, tag=tag)
+        if epoch is None:
+            return 0
+        load_weights(model, read_epoch(checkpoints, epoch).model_state)
+        return epoch
     raise ValueError(f"load_model must be 'latest', 'best' or None, got {which!r}")
 
 
