@@ -2,8 +2,8 @@
 
 `SegmentationMetrics.update` adds integer counts per class (TP, FP, FN, TN over annotated
 voxels, and boundary counts); `compute` turns the totals into IoU, Dice, precision, recall,
-accuracy and boundary F1. Never an average of per-batch scores. The rules for empty classes are
-in docs/metrics.md.
+accuracy, boundary F1, frequency-weighted IoU and pixel accuracy. Never an average of
+per-batch scores. The rules for empty classes are in docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from torch import Tensor
 __all__ = [
     "COUNT_NAMES",
     "METRIC_NAMES",
+    "POOLED_MEANS",
     "SegmentationMetrics",
     "batch_counts",
     "boundary",
     "dilate",
+    "pooled_accuracy",
     "scores_from_counts",
 ]
 
@@ -36,7 +38,17 @@ COUNT_NAMES = (
     "true_boundary",  # ground-truth boundary voxels
     "true_boundary_matched",  # ... within the tolerance of a predicted boundary voxel
 )
-METRIC_NAMES = ("iou", "dice", "precision", "recall", "accuracy", "boundary_f1")
+METRIC_NAMES = (
+    "iou",
+    "dice",
+    "precision",
+    "recall",
+    "accuracy",
+    "boundary_f1",
+    "fwiou",  # frequency-weighted IoU of the class's foreground and background
+    "pixel_accuracy",  # per class = accuracy; its mean pools every class's voxels
+)
+POOLED_MEANS = ("pixel_accuracy",)  # means over all scored voxels, not over the classes
 
 
 def _max_pool(x: Tensor, kernel: int) -> Tensor:
@@ -92,7 +104,8 @@ def batch_counts(pred: Tensor, truth: Tensor, annotated: Tensor, *, tolerance: i
 
 
 class SegmentationMetrics:
-    """Per-class and mean IoU, Dice (F1), precision, recall, accuracy and boundary F1.
+    """Per-class and mean IoU, Dice (F1), precision, recall, accuracy, boundary F1, FWIoU and
+    pixel accuracy (docs/metrics.md).
 
     A voxel is predicted where ``sigmoid(logits) > threshold``. `boundary_tolerance` is in
     voxels (Chebyshev distance). ``counts`` is an int64 tensor ``(len(COUNT_NAMES), C)``; under
@@ -146,7 +159,10 @@ class SegmentationMetrics:
         result: dict[str, dict[str, float | None] | int] = {}
         for metric in METRIC_NAMES:
             values = dict(zip(self.classes, (s[metric] for s in per_class), strict=True))
-            result[metric] = {**values, "mean": _mean(list(values.values()))}
+            mean = _mean(list(values.values()))
+            if metric in POOLED_MEANS:
+                mean = pooled_accuracy(self.counts, per_class)
+            result[metric] = {**values, "mean": mean}
         result["num_scored"] = sum(scores["iou"] is not None for scores in per_class)
         result["num_scored_boundary"] = sum(s["boundary_f1"] is not None for s in per_class)
         return result
@@ -180,12 +196,33 @@ def _class_scores(
         "recall": _ratio(tp, tp + fn),
         "accuracy": (tp + tn) / (tp + fp + fn + tn),
         "boundary_f1": None,
+        "fwiou": _fwiou(tp=tp, fp=fp, fn=fn, tn=tn),
+        "pixel_accuracy": (tp + tn) / (tp + fp + fn + tn),
     }
     if pred_boundary + true_boundary > 0:
         precision = _ratio(pred_boundary_matched, pred_boundary)
         recall = _ratio(true_boundary_matched, true_boundary)
         scores["boundary_f1"] = _ratio(2 * precision * recall, precision + recall)
     return scores
+
+
+def _fwiou(*, tp: int, fp: int, fn: int, tn: int) -> float:
+    """Frequency-weighted IoU of one class's two categories, foreground and background: each
+    one's IoU weighted by its share of the annotated ground truth (Long et al., FCN, 2015)."""
+    total = tp + fp + fn + tn
+    foreground_iou = _ratio(tp, tp + fp + fn)
+    background_iou = _ratio(tn, tn + fn + fp)
+    return ((tp + fn) * foreground_iou + (tn + fp) * background_iou) / total
+
+
+def pooled_accuracy(counts: Tensor, per_class: Sequence[dict[str, float | None]]) -> float | None:
+    """Pixel accuracy over every scored class's annotated voxels together: correct decisions
+    (TP + TN) over all of them, as multi-class trainers report it; classes with more annotated
+    voxels weigh more. None when no class is scored."""
+    rows = counts[[COUNT_NAMES.index(name) for name in ("tp", "fp", "fn", "tn")]].T.tolist()
+    scored = [row for row, scores in zip(rows, per_class, strict=True) if scores["iou"] is not None]
+    total = sum(sum(row) for row in scored)
+    return (sum(row[0] + row[3] for row in scored) / total) if total else None
 
 
 def _ratio(numerator: float, denominator: float) -> float:
