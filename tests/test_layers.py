@@ -24,10 +24,11 @@ LAYERS = [
     {"synth", "datasplit", "fetching"},
     {"data"},
     {"models", "losses", "metrics", "optim", "scoring", "alignment", "labelling"},
-    {"runtime", "tracking", "distributed"},
+    {"runtime", "tracking", "distributed", "reproducibility"},
     {"checkpoints"},
     {
         "training",
+        "training_log",
         "prediction",
         "evaluation",
         "processing",
