@@ -147,6 +147,8 @@ def test_two_ranks_train_log_once_reduce_validation_and_resume(data: Path, tmp_p
 
     # Reduced metrics equal one process's over the same tiles, with the epoch-2 weights.
     logged = scalars(log_dir)
+    # Training metrics from counts summed over both ranks, once per epoch by rank 0.
+    assert [e.step for e in logged["train/iou/mean"]] == [3, 6]
     torch.set_num_threads(1)  # as each rank ran: the same arithmetic, the same logits
     single = load_config(config, [f"logs_save_path={str(tmp_path / 'single')!r}"])
     run = setup(single)

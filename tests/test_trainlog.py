@@ -17,7 +17,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import csc
-from csc.checkpoints import run_records
+from csc.checkpoints import run_records, save_run_record
 from csc.config import TrainConfig, build_config, load_config
 from csc.metrics import METRIC_NAMES
 from csc.reproducibility import deterministic_mode, git_state, run_record
@@ -157,6 +157,7 @@ def test_the_run_record_holds_versions_commit_machine_and_config(
     assert record["config"]["epochs"] == 1 and record["config"]["classes"] == list(CLASSES)
     assert record["config"]["config_path"] == str(config_path)
     assert record["resumed_from"] == {"epoch": 0, "global_step": 0}
+    assert record["loaded_from"] is None
     [(step, text)] = texts(tmp_path / LOGS, "run_record")
     assert step == 0 and commit in text and f"torch {torch.__version__}" in text
 
@@ -170,6 +171,7 @@ def test_the_run_record_holds_versions_commit_machine_and_config(
     assert len(paths) == 2 and paths[0] == path and path.read_text() == first
     again = json.loads(paths[1].read_text())
     assert again["resumed_from"] == {"epoch": 1, "global_step": 3}
+    assert again["loaded_from"] == str(tmp_path / "checkpoints/2d_unet_1.pth")
     assert again["git"]["config"]["commit"] == commit and again["git"]["config"]["dirty"]
     assert [step for step, _ in texts(tmp_path / LOGS, "run_record")] == [0, 3]
 
@@ -292,3 +294,11 @@ def test_a_config_file_sets_the_keys(tmp_path: Path) -> None:
     path = write_config_file(tmp_path, {"log_every_n_steps": 10, "validate_every_n_steps": 500})
     config = load_config(path)
     assert (config.log_every_n_steps, config.validate_every_n_steps) == (10, 500)
+
+
+def test_records_in_the_same_second_keep_their_order(tmp_path: Path) -> None:
+    template = str(tmp_path / "{model_name}_{epoch}.pth")
+    paths = [save_run_record({"n": n}, template=template, model_name="m") for n in range(3)]
+    assert run_records(template, "m") == paths
+    assert [json.loads(path.read_text())["n"] for path in paths] == [0, 1, 2]
+    assert run_records(template, "other") == []

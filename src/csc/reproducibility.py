@@ -39,15 +39,18 @@ def run_record(
     world_size: int = 1,
     resumed_epoch: int = 0,
     global_step: int = 0,
+    loaded_from: str | None = None,
 ) -> dict[str, Any]:
-    """The record of one start of a run: when, from where (0: a fresh start), on what, with
-    which code and which settings. Plain data: it goes into JSON as it is."""
+    """The record of one start of a run: when, from where (epoch 0: a fresh start; the
+    checkpoint file it loaded, if any), on what, with which code and which settings. Plain
+    data: it goes into JSON as it is."""
     config_dir = Path(config.config_path).parent if config.config_path else None
     return {
         "record_version": RECORD_VERSION,
         "model_name": config.model_name,
         "started_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "resumed_from": {"epoch": resumed_epoch, "global_step": global_step},
+        "loaded_from": loaded_from,  # a resumed or fine-tuned-from checkpoint file
         "command": list(sys.argv),
         "versions": package_versions(),
         "git": {

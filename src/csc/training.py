@@ -162,7 +162,8 @@ def run_epochs(config: TrainConfig, place: Dist) -> TrainResult:
     seed_everything(config.random_seed)
     run = setup(config, place)
     first = resume(run, say=say, start=start) + 1
-    record = record_run(run)
+    loaded = None if start.resumed is None else str(start.resumed.path)
+    record = record_run(run, loaded_from=loaded)
     if record is not None:
         say(f"run record (versions, commit, machine, config): {record}")
     if run.loaders.validate is None:
@@ -493,11 +494,12 @@ def train_epoch(run: Run, epoch: int) -> list[float]:
     for index in range(config.iterations_per_epoch):
         before = time.perf_counter()
         batch = next(batches)
-        waited += time.perf_counter() - before
+        wait = time.perf_counter() - before
+        waited += wait
         debug = None
         if run.debug_batches_left > 0:  # `debug`: the first batches of this call of train
             run.debug_batches_left -= 1
-            debug = BatchDebug(run.device, waited_s=time.perf_counter() - before)
+            debug = BatchDebug(run.device, waited_s=wait)
         target = batch["output"]
         sampled += torch.stack(
             [
@@ -516,7 +518,7 @@ def train_epoch(run: Run, epoch: int) -> list[float]:
             tqdm.write(debug.report(run.global_step, loss))
         num_steps += step_now
         if step_now and validation_due(config, epoch, num_steps):
-            validate_mid_epoch(run, epoch)
+            started += validate_mid_epoch(run, epoch)  # not training time: out of samples/s
         rate = (index + 1) * config.batch_size / (time.perf_counter() - started)
         bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:.1f}")
         bar.update()
@@ -539,12 +541,15 @@ def train_epoch(run: Run, epoch: int) -> list[float]:
     return losses
 
 
-def validate_mid_epoch(run: Run, epoch: int) -> None:
+def validate_mid_epoch(run: Run, epoch: int) -> float:
     """A validation inside the epoch (`validate_every_n_steps`), logged at the current step as
-    the epoch's own are and printed; it never decides the best epoch (docs/training.md)."""
+    the epoch's own are and printed; it never decides the best epoch (docs/training.md).
+    Returns the seconds it took."""
+    started = time.perf_counter()
     scores = validate(run, epoch)
     if scores is not None and run.place.is_main:
         tqdm.write(validation_line(epoch, run.global_step, scores))
+    return time.perf_counter() - started
 
 
 def epoch_throughput(run: Run, seconds: float, waited: float) -> Throughput:

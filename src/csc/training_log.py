@@ -96,7 +96,7 @@ def validation_line(epoch: int, step: int, scores: Mapping[str, Any]) -> str:
 # --- The run record ------------------------------------------------------------------------
 
 
-def record_run(run: Run) -> Path | None:
+def record_run(run: Run, *, loaded_from: str | None = None) -> Path | None:
     """Rank 0: the run record of this start (`csc.reproducibility.run_record`) as JSON beside
     the checkpoints and as TensorBoard text (`RECORD_TAG`) at the step it starts from; its
     path. Other ranks write nothing."""
@@ -109,6 +109,7 @@ def record_run(run: Run) -> Path | None:
         world_size=run.place.world_size,
         resumed_epoch=run.epoch,
         global_step=run.global_step,
+        loaded_from=loaded_from,
     )
     path = save_run_record(record, template=config.model_save_path, model_name=config.model_name)
     run.tracker.log_text(RECORD_TAG, record_markdown(record, record_json(record)), run.global_step)

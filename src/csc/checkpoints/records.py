@@ -24,10 +24,17 @@ def records_folder(template: str, model_name: str) -> Path:
 
 
 def run_records(template: str, model_name: str) -> list[Path]:
-    """The run records of `model_name`, oldest first."""
+    """The run records of `model_name`, oldest first (``X-2`` after ``X``)."""
     name = RECORD.format(model_name=model_name, stamp="{stamp}")
     search = str(records_folder(template, model_name) / name)
-    return [path for _, path in template_files(search, {"stamp": r"[0-9TZ]+(-[0-9]+)?"})]
+    found = template_files(search, {"stamp": r"[0-9]{8}T[0-9]{6}Z(?:-[0-9]+)?"})
+    return [path for _, path in sorted(found, key=lambda item: _order(item[0]["stamp"]))]
+
+
+def _order(stamp: str) -> tuple[str, int]:
+    """A stamp's place in time: its UTC time, then its count within that second."""
+    time, _, count = stamp.partition("-")
+    return time, int(count or 1)
 
 
 def save_run_record(record: Mapping[str, Any], *, template: str, model_name: str) -> Path:
