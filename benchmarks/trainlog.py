@@ -1,15 +1,17 @@
 """The speed cost of `deterministic` and of `train_metrics` (CPU unless a GPU is present).
 
 Run from the repository root:
-    .venv/bin/python benchmarks/trainlog.py [--repeats 5] [--batches 10] [KEY=VALUE ...]
+    .venv/bin/python benchmarks/trainlog.py [--config examples/train_3D.py] [--repeats 5]
+        [--batches 10] [KEY=VALUE ...]
 
-Three cases of the same training step (examples/train_2D.py's 2D UNet, loss and optimizer, on a
-fixed random batch: no loader in the way): `plain` (train_metrics False, deterministic False),
-`train_metrics` (True) and `deterministic` (True, train_metrics False). Each repeat times
-`--batches` steps of every case in turn (the cases alternate, so the machine's drift hits all
-alike), after a warm-up; printed: each case's median seconds per step, and per case the median
-over the repeats of its time over `plain`'s in the same repeat. KEY=VALUE overrides the config
-(e.g. model_name=3d_unet "input_array_info={'shape': (32, 64, 64), 'scale': (8, 8, 8)}").
+Three cases of the same training step (the config's model, loss and optimizer, by default
+examples/train_2D.py's 2D UNet, on a fixed random batch: no loader in the way): `plain`
+(train_metrics False, deterministic False), `train_metrics` (True) and `deterministic` (True,
+train_metrics False). Each repeat times `--batches` steps of every case in turn (the cases
+alternate, so the machine's drift hits all alike), after a warm-up; printed: each case's median
+seconds per step, and per case the median over the repeats of its time over `plain`'s in the
+same repeat. KEY=VALUE overrides the config
+(e.g. batch_size=2 precision=bf16-mixed).
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ def overrides_for(folder: Path, name: str, extra: list[str], settings: dict[str,
     return [f"{key}={value!r}" for key, value in values.items()] + extra
 
 
-def make_run(folder: Path, name: str, extra: list[str]) -> Run:
-    config = load_config(EXAMPLE, overrides_for(folder, name, extra, CASES[name]))
+def make_run(config_path: Path, folder: Path, name: str, extra: list[str]) -> Run:
+    config = load_config(config_path, overrides_for(folder, name, extra, CASES[name]))
     seed_everything(config.random_seed)
     ensure_datasplit(config)
     with deterministic_mode(config.deterministic):
@@ -81,6 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--config", type=Path, default=EXAMPLE, help="default: %(default)s")
     parser.add_argument("--data", type=Path, help="folder for data and runs (default: temporary)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, default=10, help="timed steps per case and repeat")
@@ -90,7 +93,7 @@ def main() -> None:
         folder = (args.data or Path(temporary)).resolve()
         if not (folder / "data/jrc_synth1").is_dir():
             write_synthetic(folder / "data", SynthSpec())
-        runs = {name: make_run(folder, name, args.overrides) for name in CASES}
+        runs = {name: make_run(args.config, folder, name, args.overrides) for name in CASES}
         batch = random_batch(runs["plain"])
         for run in runs.values():
             seconds_per_step(run, batch, 2)  # warm-up: allocations, cuDNN's choices

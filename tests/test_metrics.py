@@ -10,7 +10,7 @@ import torch
 from sklearn import metrics as skm
 from torch import Tensor
 
-from csc.metrics import COUNT_NAMES, METRIC_NAMES, SegmentationMetrics, boundary
+from csc.metrics import COUNT_NAMES, METRIC_NAMES, SegmentationMetrics, boundary, dilate
 
 NAN = math.nan
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -317,3 +317,16 @@ def test_pooled_pixel_accuracy_leaves_out_skipped_classes() -> None:
     # good (16 + 16 right of 32), missed (12 + 12 of 32), false_alarm (12 + 12 of 32).
     assert result["pixel_accuracy"]["mean"] == pytest.approx((32 + 24 + 24) / 96)  # type: ignore[index]
     assert result["fwiou"]["absent"] is None and result["pixel_accuracy"]["absent"] is None  # type: ignore[index]
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 9, 7), (1, 2, 5, 6, 4)])
+@pytest.mark.parametrize("radius", [0, 1, 2, 7])
+def test_dilate_and_boundary_equal_max_pooling(shape: tuple[int, ...], radius: int) -> None:
+    """The shift-and-OR box against max pooling (outside the patch: -inf, i.e. unset)."""
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(radius)) > 0.7
+    pool = torch.nn.functional.max_pool2d if len(shape) == 4 else torch.nn.functional.max_pool3d
+    kernel = 2 * radius + 1
+    expected = pool(mask.float(), kernel_size=kernel, stride=1, padding=radius) > 0
+    assert torch.equal(dilate(mask, radius), expected)
+    unset_near = pool((~mask).float(), kernel_size=3, stride=1, padding=1) > 0
+    assert torch.equal(boundary(mask), mask & unset_near)

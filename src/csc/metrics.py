@@ -12,7 +12,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F  # noqa: N812 (torch's own spelling)
 from torch import Tensor
 
 __all__ = [
@@ -51,24 +50,32 @@ METRIC_NAMES = (
 POOLED_MEANS = ("pixel_accuracy",)  # means over all scored voxels, not over the classes
 
 
-def _max_pool(x: Tensor, kernel: int) -> Tensor:
-    """Max over a cube of `kernel` voxels around each voxel; `x` is (B, C, *spatial), 2D or 3D."""
-    pool = {4: F.max_pool2d, 5: F.max_pool3d}[x.dim()]
-    return pool(x, kernel_size=kernel, stride=1, padding=kernel // 2)
-
-
 def dilate(mask: Tensor, radius: int) -> Tensor:
-    """Voxels within Chebyshev distance `radius` of a set voxel of `mask` (bool, (B, C, ...))."""
+    """Voxels within Chebyshev distance `radius` of a set voxel of `mask` (bool, (B, C, ...));
+    outside the patch nothing is set.
+
+    A box is separable: OR over shifts of up to `radius` voxels along each spatial axis in
+    turn, on bool tensors (tens of times faster than a float max-pool, CPU and GPU alike)."""
     if radius == 0:
         return mask
-    return _max_pool(mask.to(torch.float32), 2 * radius + 1) > 0
+    result = mask
+    for axis in range(2, mask.dim()):  # the spatial axes of (B, C, *spatial)
+        size, shifted = result.shape[axis], result.clone()
+        for shift in range(1, min(radius, size - 1) + 1):
+            shifted.narrow(axis, shift, size - shift).logical_or_(
+                result.narrow(axis, 0, size - shift)
+            )
+            shifted.narrow(axis, 0, size - shift).logical_or_(
+                result.narrow(axis, shift, size - shift)
+            )
+        result = shifted
+    return result
 
 
 def boundary(mask: Tensor) -> Tensor:
     """Set voxels of `mask` with an unset neighbour (3x3 or 3x3x3); outside the patch counts
     as set, so a patch's edge is not a boundary."""
-    background = (~mask).to(torch.float32)
-    return mask & (_max_pool(background, 3) > 0)  # a set voxel next to an unset one
+    return mask & dilate(~mask, 1)  # a set voxel next to an unset one
 
 
 def check_scoring(threshold: float, boundary_tolerance: int) -> None:
