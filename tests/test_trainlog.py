@@ -5,6 +5,7 @@ commit, machine, config) in TensorBoard and beside the checkpoints, `determinist
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -19,10 +20,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import csc
 from csc.checkpoints import run_records, save_run_record
 from csc.config import TrainConfig, build_config, load_config
-from csc.metrics import METRIC_NAMES
+from csc.metrics import METRIC_NAMES, SegmentationMetrics
 from csc.reproducibility import deterministic_mode, git_state, run_record
 from csc.tracking import read_scalars, validation_by_epoch
-from csc.training import train
+from csc.training import setup, train, train_step
 from tests.test_train import CLASSES, config_of, data, settings
 
 __all__ = ["data"]  # the module's synthetic data fixture, shared with test_train
@@ -61,6 +62,23 @@ def test_training_metrics_are_logged_per_epoch_beside_validations(
         assert all(0 <= value <= 1 for _, value in read_scalars(log, tag))
     # Validation's tags stay as they were, next to them.
     assert [step for step, _ in read_scalars(log, "metrics/iou/mean")] == [3, 6]
+
+
+def test_training_metrics_count_the_batches_the_model_trained_on(
+    data: Path, tmp_path: Path
+) -> None:
+    """The counts after two steps equal SegmentationMetrics over the logits the model gave
+    each batch before its update (train mode: BatchNorm's batch statistics, as in the step)."""
+    run = setup(config_of(data, tmp_path))
+    assert run.train_metrics is not None
+    expected = SegmentationMetrics(CLASSES)
+    for batch in itertools.islice(iter(run.loaders.train), 2):
+        with torch.no_grad():
+            expected.update(run.model(batch["input"]), batch["output"])
+        train_step(run, batch, step_now=True)
+    run.tracker.close()
+    assert torch.equal(run.train_metrics.counts, expected.counts)
+    assert int(expected.counts[:4].sum()) > 0
 
 
 def test_training_metrics_can_be_turned_off(data: Path, tmp_path: Path) -> None:
