@@ -168,6 +168,8 @@ def test_a_perfect_prediction_scores_one_and_unannotated_classes_are_skipped(
             "recall": 1.0,
             "accuracy": 1.0,
             "boundary_f1": 1.0,
+            "fwiou": 1.0,
+            "pixel_accuracy": 1.0,
             "hausdorff95_nm": 0.0,
         }
     [skip] = report.skipped
@@ -417,8 +419,8 @@ def test_csc_evaluate_prints_the_table_and_writes_json(
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[1].split() == ["crop", "class", *METRICS]
-    assert lines[2].split() == ["jrc_synth1/crop1", "er", *["1.000"] * 6, "0.0"]
-    assert lines[5].split() == ["mean", "of", "1", "crop", "er", *["1.000"] * 6, "0.0"]
+    assert lines[2].split() == ["jrc_synth1/crop1", "er", *["1.000"] * 8, "0.0"]
+    assert lines[5].split() == ["mean", "of", "1", "crop", "er", *["1.000"] * 8, "0.0"]
     assert lines[-1] == f"wrote {tmp_path}/s.json"
     assert json.loads((tmp_path / "s.json").read_text())["results"][0]["class"] == "er"
     again = CliRunner().invoke(cli, args)

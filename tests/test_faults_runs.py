@@ -183,7 +183,9 @@ def test_a_fresh_start_can_move_the_old_run_aside_whole(data: Path, run: Path) -
     names = sorted(p.name for p in (run / "checkpoints").glob("2d_unet_*"))
     assert names == ["2d_unet_1.pth"]
     extras = sorted(p.name for p in (run / "checkpoints/csc-extras").iterdir())
-    assert extras == ["2d_unet_1.state.pth", "2d_unet_best.pth"]
+    # The old run's record moved with it (above); this run's own is its one record here.
+    [record] = [name for name in extras if name.startswith("2d_unet_run-")]
+    assert extras == sorted(["2d_unet_1.state.pth", "2d_unet_best.pth", record])
     assert (run / "checkpoints/csc-extras/2d_unet_best.pth").samefile(
         run / "checkpoints/2d_unet_1.pth"
     )
@@ -338,7 +340,8 @@ def test_a_run_of_an_earlier_csc_resumes_and_its_files_move_into_csc_extras(
     assert steps == list(range(1, 4 * ITERATIONS + 1))  # epoch 4 continues the run
     names = sorted(p.name for p in folder.glob("2d_unet_*.pth"))
     assert names == [f"2d_unet_{e}.pth" for e in (1, 2, 3, 4)]  # the toolkit's int() reads all
-    assert {*moved, "2d_unet_4.state.pth"} >= {p.name for p in extras.iterdir()}
+    records = {p.name for p in extras.glob("2d_unet_run-*.json")}  # this start's record
+    assert {*moved, "2d_unet_4.state.pth", *records} >= {p.name for p in extras.iterdir()}
     assert (extras / "2d_unet_4.state.pth").is_file() and (extras / "2d_unet_best.pth").is_file()
 
 

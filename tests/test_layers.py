@@ -25,10 +25,11 @@ LAYERS = [
     {"synth", "datasplit", "fetching"},
     {"data"},
     {"models", "losses", "metrics", "optim", "scoring", "alignment", "labelling"},
-    {"runtime", "tracking", "board", "distributed"},
+    {"runtime", "tracking", "board", "distributed", "reproducibility"},
     {"checkpoints"},
     {
         "training",
+        "training_log",
         "prediction",
         "evaluation",
         "processing",

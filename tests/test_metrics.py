@@ -10,7 +10,7 @@ import torch
 from sklearn import metrics as skm
 from torch import Tensor
 
-from csc.metrics import COUNT_NAMES, METRIC_NAMES, SegmentationMetrics, boundary
+from csc.metrics import COUNT_NAMES, METRIC_NAMES, SegmentationMetrics, boundary, dilate
 
 NAN = math.nan
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -283,3 +283,50 @@ def test_update_rejects_bad_shapes(
 def test_bad_arguments(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SegmentationMetrics(**kwargs)  # type: ignore[arg-type]
+
+
+def test_fwiou_and_pixel_accuracy_by_hand() -> None:
+    # Class a, 4 x 4 all annotated: truth a 2x2 square, prediction 6 voxels holding 3 of it:
+    # TP 3, FP 3, FN 1, TN 9. Class b: the right half unannotated; truth and prediction agree
+    # on 2 of its 8 annotated voxels: TP 2, TN 6.
+    target = torch.zeros(1, 2, 4, 4)
+    target[0, 0, :2, :2] = 1
+    pred = torch.zeros(1, 2, 4, 4)
+    pred[0, 0, 0, :3] = pred[0, 0, 1, 0] = pred[0, 0, 3, 2:] = 1
+    target[0, 1, :, 2:] = NAN
+    target[0, 1, :2, 0] = pred[0, 1, :2, 0] = 1
+    metrics = SegmentationMetrics(["a", "b"])
+    metrics.update(as_logits(pred), target)
+    assert metrics.counts[:4, 0].tolist() == [3, 3, 1, 9]
+    assert metrics.counts[:4, 1].tolist() == [2, 0, 0, 6]
+    result = metrics.compute()
+    # FWIoU: foreground IoU 3/7 weighted by the truth's 4/16, background IoU 9/13 by 12/16.
+    assert result["fwiou"]["a"] == pytest.approx(4 / 16 * 3 / 7 + 12 / 16 * 9 / 13)  # type: ignore[index]
+    assert result["fwiou"]["b"] == pytest.approx(1.0)  # type: ignore[index]
+    assert result["fwiou"]["mean"] == pytest.approx((4 / 16 * 3 / 7 + 12 / 16 * 9 / 13 + 1) / 2)  # type: ignore[index]
+    assert result["pixel_accuracy"]["a"] == result["accuracy"]["a"] == pytest.approx(12 / 16)  # type: ignore[index]
+    assert result["pixel_accuracy"]["b"] == pytest.approx(1.0)  # type: ignore[index]
+    # Pooled over both classes' 24 annotated voxels (20 right), not the classes' mean 0.875.
+    assert result["pixel_accuracy"]["mean"] == pytest.approx(20 / 24)  # type: ignore[index]
+    assert result["accuracy"]["mean"] == pytest.approx(0.875)  # type: ignore[index]
+
+
+def test_pooled_pixel_accuracy_leaves_out_skipped_classes() -> None:
+    metrics = empty_case_metrics()
+    result = metrics.compute()
+    # good (16 + 16 right of 32), missed (12 + 12 of 32), false_alarm (12 + 12 of 32).
+    assert result["pixel_accuracy"]["mean"] == pytest.approx((32 + 24 + 24) / 96)  # type: ignore[index]
+    assert result["fwiou"]["absent"] is None and result["pixel_accuracy"]["absent"] is None  # type: ignore[index]
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 9, 7), (1, 2, 5, 6, 4)])
+@pytest.mark.parametrize("radius", [0, 1, 2, 7])
+def test_dilate_and_boundary_equal_max_pooling(shape: tuple[int, ...], radius: int) -> None:
+    """The shift-and-OR box against max pooling (outside the patch: -inf, i.e. unset)."""
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(radius)) > 0.7
+    pool = torch.nn.functional.max_pool2d if len(shape) == 4 else torch.nn.functional.max_pool3d
+    kernel = 2 * radius + 1
+    expected = pool(mask.float(), kernel_size=kernel, stride=1, padding=radius) > 0
+    assert torch.equal(dilate(mask, radius), expected)
+    unset_near = pool((~mask).float(), kernel_size=3, stride=1, padding=1) > 0
+    assert torch.equal(boundary(mask), mask & unset_near)

@@ -217,6 +217,14 @@ class TrainConfig:
     # "max-autotune"}); the first batches are slow while it compiles.
     compile: bool | dict[str, Any] = False
     channels_last: bool | None = None  # None: on CUDA with bf16/fp16 autocast (tensor cores)
+    # Logging, reproducibility and debugging (training metrics, run record, cadences).
+    train_metrics: bool = True  # SegmentationMetrics over the training batches: train/* tags
+    log_every_n_steps: int = 1  # per-batch scalars (loss) every N training batches
+    validate_every_n_steps: int | None = None  # also validate mid-epoch every N optimizer steps
+    # True: deterministic algorithms (an op without one raises), no cudnn benchmark; "warn":
+    # the same, but such an op only warns.
+    deterministic: bool | str = False
+    debug: bool | int = False  # print shapes, ranges and timings of the first 3 (or N) batches
     # Validation, model selection and checkpoint housekeeping.
     validation_time_limit: float | None = None
     validation_batch_limit: int | None = None
@@ -616,6 +624,7 @@ def validate(config: TrainConfig) -> None:
     _check_optimisation(config)
     _check_prediction(config)
     _check_monitor(config)
+    _check_logging(config)
 
 
 def _check_counts(config: TrainConfig) -> None:
@@ -861,6 +870,27 @@ def load_model_file(config: TrainConfig) -> Path | None:
     """The checkpoint file `load_model` names (absolute once the config is built); None for
     "latest", "best" and None."""
     return Path(config.load_model) if is_checkpoint_file(config.load_model) else None
+
+
+def _check_logging(config: TrainConfig) -> None:
+    """The training-log, reproducibility and debug keys."""
+    if not isinstance(config.train_metrics, bool):
+        raise ValueError(f"train_metrics must be True or False, got {config.train_metrics!r}")
+    _require_int(config, "log_every_n_steps", minimum=1)
+    if config.validate_every_n_steps is not None:
+        _require_int(config, "validate_every_n_steps", minimum=1)
+    deterministic = config.deterministic
+    if not (isinstance(deterministic, bool) or deterministic == "warn"):
+        raise ValueError(
+            "deterministic must be True, False or 'warn' (deterministic where torch can be, a "
+            f"warning where it cannot), got {deterministic!r}"
+        )
+    debug = config.debug
+    if not isinstance(debug, bool) and (not isinstance(debug, int) or debug < 1):
+        raise ValueError(
+            f"debug must be True (the first 3 batches), False, or a number of batches >= 1, "
+            f"got {debug!r}"
+        )
 
 
 # What csc process hands process_func (TrainConfig.process_input).

@@ -2,8 +2,8 @@
 
 `SegmentationMetrics.update` adds integer counts per class (TP, FP, FN, TN over annotated
 voxels, and boundary counts); `compute` turns the totals into IoU, Dice, precision, recall,
-accuracy and boundary F1. Never an average of per-batch scores. The rules for empty classes are
-in docs/metrics.md.
+accuracy, boundary F1, frequency-weighted IoU and pixel accuracy. Never an average of
+per-batch scores. The rules for empty classes are in docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F  # noqa: N812 (torch's own spelling)
 from torch import Tensor
 
 from csc import registries
@@ -20,10 +19,12 @@ from csc import registries
 __all__ = [
     "COUNT_NAMES",
     "METRIC_NAMES",
+    "POOLED_MEANS",
     "SegmentationMetrics",
     "batch_counts",
     "boundary",
     "dilate",
+    "pooled_accuracy",
     "scores_from_counts",
 ]
 
@@ -39,26 +40,35 @@ COUNT_NAMES = (
     "true_boundary_matched",  # ... within the tolerance of a predicted boundary voxel
 )
 METRIC_NAMES = registries.METRIC_NAMES  # their one home, torch-free (config checks `monitor`)
-
-
-def _max_pool(x: Tensor, kernel: int) -> Tensor:
-    """Max over a cube of `kernel` voxels around each voxel; `x` is (B, C, *spatial), 2D or 3D."""
-    pool = {4: F.max_pool2d, 5: F.max_pool3d}[x.dim()]
-    return pool(x, kernel_size=kernel, stride=1, padding=kernel // 2)
+POOLED_MEANS = ("pixel_accuracy",)  # means over all scored voxels, not over the classes
 
 
 def dilate(mask: Tensor, radius: int) -> Tensor:
-    """Voxels within Chebyshev distance `radius` of a set voxel of `mask` (bool, (B, C, ...))."""
+    """Voxels within Chebyshev distance `radius` of a set voxel of `mask` (bool, (B, C, ...));
+    outside the patch nothing is set.
+
+    A box is separable: OR over shifts of up to `radius` voxels along each spatial axis in
+    turn, on bool tensors (tens of times faster than a float max-pool, CPU and GPU alike)."""
     if radius == 0:
         return mask
-    return _max_pool(mask.to(torch.float32), 2 * radius + 1) > 0
+    result = mask
+    for axis in range(2, mask.dim()):  # the spatial axes of (B, C, *spatial)
+        size, shifted = result.shape[axis], result.clone()
+        for shift in range(1, min(radius, size - 1) + 1):
+            shifted.narrow(axis, shift, size - shift).logical_or_(
+                result.narrow(axis, 0, size - shift)
+            )
+            shifted.narrow(axis, 0, size - shift).logical_or_(
+                result.narrow(axis, shift, size - shift)
+            )
+        result = shifted
+    return result
 
 
 def boundary(mask: Tensor) -> Tensor:
     """Set voxels of `mask` with an unset neighbour (3x3 or 3x3x3); outside the patch counts
     as set, so a patch's edge is not a boundary."""
-    background = (~mask).to(torch.float32)
-    return mask & (_max_pool(background, 3) > 0)  # a set voxel next to an unset one
+    return mask & dilate(~mask, 1)  # a set voxel next to an unset one
 
 
 def check_scoring(threshold: float, boundary_tolerance: int) -> None:
@@ -94,7 +104,8 @@ def batch_counts(pred: Tensor, truth: Tensor, annotated: Tensor, *, tolerance: i
 
 
 class SegmentationMetrics:
-    """Per-class and mean IoU, Dice (F1), precision, recall, accuracy and boundary F1.
+    """Per-class and mean IoU, Dice (F1), precision, recall, accuracy, boundary F1, FWIoU and
+    pixel accuracy (docs/metrics.md).
 
     A voxel is predicted where ``sigmoid(logits) > threshold``. `boundary_tolerance` is in
     voxels (Chebyshev distance). ``counts`` is an int64 tensor ``(len(COUNT_NAMES), C)``; under
@@ -148,7 +159,10 @@ class SegmentationMetrics:
         result: dict[str, dict[str, float | None] | int] = {}
         for metric in METRIC_NAMES:
             values = dict(zip(self.classes, (s[metric] for s in per_class), strict=True))
-            result[metric] = {**values, "mean": _mean(list(values.values()))}
+            mean = _mean(list(values.values()))
+            if metric in POOLED_MEANS:
+                mean = pooled_accuracy(self.counts, per_class)
+            result[metric] = {**values, "mean": mean}
         result["num_scored"] = sum(scores["iou"] is not None for scores in per_class)
         result["num_scored_boundary"] = sum(s["boundary_f1"] is not None for s in per_class)
         return result
@@ -182,12 +196,33 @@ def _class_scores(
         "recall": _ratio(tp, tp + fn),
         "accuracy": (tp + tn) / (tp + fp + fn + tn),
         "boundary_f1": None,
+        "fwiou": _fwiou(tp=tp, fp=fp, fn=fn, tn=tn),
+        "pixel_accuracy": (tp + tn) / (tp + fp + fn + tn),
     }
     if pred_boundary + true_boundary > 0:
         precision = _ratio(pred_boundary_matched, pred_boundary)
         recall = _ratio(true_boundary_matched, true_boundary)
         scores["boundary_f1"] = _ratio(2 * precision * recall, precision + recall)
     return scores
+
+
+def _fwiou(*, tp: int, fp: int, fn: int, tn: int) -> float:
+    """Frequency-weighted IoU of one class's two categories, foreground and background: each
+    one's IoU weighted by its share of the annotated ground truth (Long et al., FCN, 2015)."""
+    total = tp + fp + fn + tn
+    foreground_iou = _ratio(tp, tp + fp + fn)
+    background_iou = _ratio(tn, tn + fn + fp)
+    return ((tp + fn) * foreground_iou + (tn + fp) * background_iou) / total
+
+
+def pooled_accuracy(counts: Tensor, per_class: Sequence[dict[str, float | None]]) -> float | None:
+    """Pixel accuracy over every scored class's annotated voxels together: correct decisions
+    (TP + TN) over all of them, as multi-class trainers report it; classes with more annotated
+    voxels weigh more. None when no class is scored."""
+    rows = counts[[COUNT_NAMES.index(name) for name in ("tp", "fp", "fn", "tn")]].T.tolist()
+    scored = [row for row, scores in zip(rows, per_class, strict=True) if scores["iou"] is not None]
+    total = sum(sum(row) for row in scored)
+    return (sum(row[0] + row[3] for row in scored) / total) if total else None
 
 
 def _ratio(numerator: float, denominator: float) -> float:

@@ -70,7 +70,16 @@ PROCESS_FUNCS: dict[str, str] = {
 
 # The validation metrics `csc.metrics.SegmentationMetrics.compute` returns per class and as
 # their mean: the names `monitor` may give (tests/test_monitor.py holds the two equal).
-METRIC_NAMES: tuple[str, ...] = ("iou", "dice", "precision", "recall", "accuracy", "boundary_f1")
+METRIC_NAMES: tuple[str, ...] = (
+    "iou",
+    "dice",
+    "precision",
+    "recall",
+    "accuracy",
+    "boundary_f1",
+    "fwiou",  # frequency-weighted IoU of the class's foreground and background
+    "pixel_accuracy",  # per class = accuracy; its mean pools every class's voxels
+)
 
 
 def resolve(reference: str) -> Any:

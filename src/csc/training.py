@@ -59,6 +59,7 @@ from csc.optim import (
     make_scheduler,
     parameter_names,
 )
+from csc.reproducibility import deterministic_mode
 from csc.runtime import (
     autocast,
     channels_last_format,
@@ -70,6 +71,16 @@ from csc.runtime import (
     wrap_model,
 )
 from csc.tracking import EPOCH_TAG, Tracker, make_tracker
+from csc.training_log import (
+    BatchDebug,
+    log_step,
+    log_train_metrics,
+    make_train_metrics,
+    num_debug_batches,
+    record_run,
+    validation_due,
+    validation_line,
+)
 
 DATA_BOUND_SHARE = 0.3  # of an epoch spent waiting for batches: warn that the run is data-bound
 
@@ -123,6 +134,8 @@ class Run:
     throughput: Throughput | None = None  # the last epoch's
     warned_data_bound: bool = False
     skipped: SkippedSteps = dataclasses.field(default_factory=SkippedSteps)
+    train_metrics: SegmentationMetrics | None = None  # counts over the epoch's batches
+    debug_batches_left: int = 0  # batches `debug` still reports
 
 
 @dataclasses.dataclass
@@ -150,7 +163,8 @@ def train(
     if not isinstance(config, TrainConfig):
         config = load_config(config, overrides, strict=strict)
     place = distributed.from_env()
-    with config_folder(config.config_path):  # the config's code runs where it was written
+    # The config's code runs where it was written; torch's determinism flags are the run's.
+    with config_folder(config.config_path), deterministic_mode(config.deterministic):
         return distributed.report_failure(place)(run_epochs)(config, place)
 
 
@@ -164,6 +178,10 @@ def run_epochs(config: TrainConfig, place: Dist) -> TrainResult:
     seed_everything(config.random_seed)
     run = setup(config, place)
     first = resume(run, say=say, start=start) + 1
+    loaded = None if start.resumed is None else str(start.resumed.path)
+    record = record_run(run, loaded_from=loaded)
+    if record is not None:
+        say(f"run record (versions, commit, machine, config): {record}")
     if run.loaders.validate is None:
         say("no validation crops in the datasplit: training without validation")
     result = TrainResult(first, first - 1, [], [], None, None, unwrap(run.model))
@@ -290,7 +308,7 @@ def setup(config: TrainConfig, place: Dist | None = None) -> Run:
     check_criterion(config.criterion, config.criterion_kwargs)
     # Every check passed: only now crawl (and write) the datasplit and read data.
     distributed.main_first(place, lambda: ensure_datasplit(config))
-    if device.type == "cuda":
+    if device.type == "cuda" and not config.deterministic:
         torch.backends.cudnn.benchmark = True  # patch shapes are fixed: pick the fastest convs
     ema = None
     if config.ema_decay is not None:
@@ -315,7 +333,10 @@ def setup(config: TrainConfig, place: Dist | None = None) -> Run:
     loss_fn = make_loss(config, loaders, device)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "16-mixed")
     parts = (loaders, model, ema, loss_fn, optimizer, scheduler, scaler, tracker)
-    return Run(config, device, spec, *parts, place, memory_format)
+    run = Run(config, device, spec, *parts, place, memory_format)
+    run.train_metrics = make_train_metrics(config)
+    run.debug_batches_left = num_debug_batches(config)
+    return run
 
 
 def make_loss(config: TrainConfig, loaders: Loaders, device: torch.device) -> torch.nn.Module:
@@ -517,11 +538,16 @@ def load_optimizer_state(run: Run, state: Mapping[str, Any], *, source: os.PathL
 
 
 def train_epoch(run: Run, epoch: int) -> list[float]:
-    """One epoch: exactly `iterations_per_epoch` batches. Logs `loss` every batch, and at the
-    end throughput, sampling shares and the steps skipped for a non-finite loss."""
+    """One epoch: exactly `iterations_per_epoch` batches. Logs `loss` every
+    `log_every_n_steps` batches, validates every `validate_every_n_steps` optimizer steps,
+    and at the end logs throughput, sampling shares, the steps skipped for a non-finite loss
+    and the training metrics."""
     config, model = run.config, run.model
     model.train()
     run.skipped.in_epoch = 0
+    if run.train_metrics is not None:
+        run.train_metrics.reset()
+    num_steps = 0  # optimizer steps in this epoch
     run.loaders.sampler.set_epoch(epoch)  # the epoch's patches: a function of (seed, epoch)
     losses: list[float] = []
     sampled = torch.zeros(2, len(config.classes), dtype=torch.float64)  # (foreground, annotated)
@@ -537,7 +563,12 @@ def train_epoch(run: Run, epoch: int) -> list[float]:
     for index in range(config.iterations_per_epoch):
         before = time.perf_counter()
         batch = next(batches)
-        waited += time.perf_counter() - before
+        wait = time.perf_counter() - before
+        waited += wait
+        debug = None
+        if run.debug_batches_left > 0:  # `debug`: the first batches of this call of train
+            run.debug_batches_left -= 1
+            debug = BatchDebug(run.device, waited_s=wait)
         target = batch["output"]
         if index == 0:  # the epoch's first batch, as the model sees it (after augmentation)
             log_train_images(run, batch)
@@ -547,15 +578,18 @@ def train_epoch(run: Run, epoch: int) -> list[float]:
                 target.isfinite().sum((0, *range(2, target.ndim))),
             ]
         )
-        loss = train_step(
-            run,
-            batch,
-            step_now=(index + 1) % config.gradient_accumulation_steps == 0
-            or index + 1 == config.iterations_per_epoch,
-        )
+        step_now = (index + 1) % config.gradient_accumulation_steps == 0
+        step_now |= index + 1 == config.iterations_per_epoch
+        loss = train_step(run, batch, step_now=step_now, debug=debug)
         losses.append(loss)
         run.global_step += 1
-        run.tracker.log({"loss": loss}, run.global_step)
+        log_step(run, {"loss": loss})
+        if debug is not None and run.place.is_main:
+            debug.lap("step")
+            tqdm.write(debug.report(run.global_step, loss))
+        num_steps += step_now
+        if step_now and validation_due(config, epoch, num_steps):
+            started += validate_mid_epoch(run, epoch)  # not training time: out of samples/s
         rate = (index + 1) * config.batch_size / (time.perf_counter() - started)
         bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:.1f}")
         bar.update()
@@ -574,6 +608,7 @@ def train_epoch(run: Run, epoch: int) -> list[float]:
         },
         run.global_step,
     )
+    log_train_metrics(run)
     return losses
 
 
@@ -588,6 +623,17 @@ def log_train_images(run: Run, batch: Mapping[str, torch.Tensor]) -> None:
     run.tracker.log_images(images, run.global_step + 1)  # the step of the batch's loss
 
 
+def validate_mid_epoch(run: Run, epoch: int) -> float:
+    """A validation inside the epoch (`validate_every_n_steps`), logged at the current step as
+    the epoch's own are and printed; it never decides the best epoch (docs/training.md).
+    Returns the seconds it took."""
+    started = time.perf_counter()
+    scores = validate(run, epoch)
+    if scores is not None and run.place.is_main:
+        tqdm.write(validation_line(epoch, run.global_step, scores))
+    return time.perf_counter() - started
+
+
 def epoch_throughput(run: Run, seconds: float, waited: float) -> Throughput:
     """Samples/s of all ranks together (the slowest rank's time) and the mean waiting share."""
     place, config = run.place, run.config
@@ -597,16 +643,26 @@ def epoch_throughput(run: Run, seconds: float, waited: float) -> Throughput:
     return Throughput(samples / slowest, float(waiting) / place.world_size)
 
 
-def train_step(run: Run, batch: Mapping[str, torch.Tensor], *, step_now: bool) -> float:
+def train_step(
+    run: Run,
+    batch: Mapping[str, torch.Tensor],
+    *,
+    step_now: bool,
+    debug: BatchDebug | None = None,
+) -> float:
     """Forward and backward of one batch; an optimizer step every
     `gradient_accumulation_steps` batches (and at the end of the epoch), skipped when a loss
-    since the last step or the gradients are not finite (`skip_step`). Returns the loss."""
+    since the last step or the gradients are not finite (`skip_step`). Returns the loss.
+    `debug` times the phases and keeps the tensors."""
     if not run.skipped.buffers:  # after resume: the buffers a skipped step goes back to
         run.skipped.buffers = [buffer.detach().clone() for buffer in run.model.buffers()]
     inputs, target = to_device(run, batch)
-    with autocast(run.device, run.config.precision):
-        loss = run.loss_fn(run.model(inputs).float(), target)
+    if debug is not None:
+        debug.lap("to device")
+    loss = forward(run, inputs, target, debug)
     run.scaler.scale(loss / run.config.gradient_accumulation_steps).backward()
+    if debug is not None:
+        debug.lap("backward")
     if not step_now:
         value = float(loss.detach())  # the batch's one host sync
         run.skipped.pending |= not math.isfinite(value)
@@ -617,6 +673,24 @@ def train_step(run: Run, batch: Mapping[str, torch.Tensor], *, step_now: bool) -
     else:
         skip_step(run)
     return value
+
+
+def forward(
+    run: Run, inputs: torch.Tensor, target: torch.Tensor, debug: BatchDebug | None
+) -> torch.Tensor:
+    """The batch's loss; its counts added to the training metrics on the device (no host
+    sync)."""
+    with autocast(run.device, run.config.precision):
+        logits = run.model(inputs).float()
+        loss = run.loss_fn(logits, target)
+    if debug is not None:
+        debug.lap("forward")
+        debug.keep(input=inputs, target=target, logits=logits)
+    if run.train_metrics is not None:
+        run.train_metrics.update(logits.detach(), target)
+        if debug is not None:
+            debug.lap("metrics")
+    return loss
 
 
 def checked_loss(run: Run, loss: torch.Tensor) -> tuple[float, bool]:

@@ -3,7 +3,8 @@ rebuild a model from its checkpoint alone (see docs/training.md).
 
 Modules: `best` (the monitored score: what "best" means, ranking epochs for save_top_k),
 `reading` (paths, finding and reading checkpoints, the best epoch, loading weights and
-models), `saving` (atomic writes, the best link, pruning, RNG states), `runs` (one run's
+models), `saving` (atomic writes, the best link, pruning, RNG states), `records` (a
+JSON record of each start of a run), `runs` (one run's
 files kept apart from another's: `start_run`) and `toolkit` (the challenge toolkit's
 `get_model`, `get_latest_checkpoint_epoch`, `get_best_val_epoch`).
 """
@@ -48,6 +49,7 @@ from csc.checkpoints.reading import (
     state_files,
     state_path,
 )
+from csc.checkpoints.records import record_json, run_records, save_run_record
 from csc.checkpoints.runs import RunStart, check_destinations, log_dir, start_run
 from csc.checkpoints.saving import (
     RunWriteError,
@@ -108,12 +110,15 @@ __all__ = [
     "read_latest",
     "read_run",
     "read_weights",
+    "record_json",
     "repair_best",
     "resumed_tracking",
     "resumes_own_run",
     "rng_state",
+    "run_records",
     "save_best",
     "save_checkpoint",
+    "save_run_record",
     "saved_monitor",
     "scores_from_logs",
     "set_rng_state",

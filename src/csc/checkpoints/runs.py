@@ -26,6 +26,7 @@ from csc.checkpoints.reading import (
     state_path,
     template_files,
 )
+from csc.checkpoints.records import run_records
 from csc.checkpoints.saving import TEMPORARY, RunWriteError, repair_best
 from csc.config import TrainConfig, load_model_file
 
@@ -326,6 +327,7 @@ def move_run_aside(config: TrainConfig, *, reason: str = "existing_run='move'") 
         os.rename(logs, moved_logs)
         lines.append(f"logs {logs} -> {moved_logs}")
     files = run_files(template, config.model_name)  # those not inside the logs folder
+    files += run_records(template, config.model_name)  # they go with the run they describe
     for path in files:
         target = moved_checkpoints / os.path.relpath(path, base)
         if target.exists():  # only where logs and checkpoints share a folder
