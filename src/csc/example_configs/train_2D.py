@@ -36,6 +36,15 @@ random_seed = 42  # same seed, same patches, same results (docs/training.md)
 
 # Validation: at most this many batches per epoch, the same tiles every epoch.
 validation_batch_limit = 8
+# What "best" means for the best checkpoint, early stopping and load_model = "best": the mean
+# validation loss ("loss"), or a metric such as "iou" (mean over classes) or "iou/nuc".
+monitor = "loss"
+# More options, with their defaults (docs/configuration.md):
+# optimizer_kwargs = {"weight_decay": 1e-4}  # RAdam's own arguments (betas, eps, ...)
+# warmup_steps = 0          # optimizer steps of linear warm-up before the scheduler
+# log_every_n_steps = 1     # per-batch TensorBoard scalars every N batches
+# tensorboard_images = 3    # validation examples and training patches shown per epoch
+# deterministic = False     # deterministic algorithms (slower; docs/training.md)
 
 # Where results go: {model_name} and {epoch} are filled in. A second run resumes from the
 # latest checkpoint and trains `epochs` more epochs (load_model = None starts afresh).
