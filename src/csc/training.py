@@ -565,19 +565,10 @@ def train_epoch(run: Run, epoch: int) -> list[float]:
         batch = next(batches)
         wait = time.perf_counter() - before
         waited += wait
-        debug = None
-        if run.debug_batches_left > 0:  # `debug`: the first batches of this call of train
-            run.debug_batches_left -= 1
-            debug = BatchDebug(run.device, waited_s=wait)
-        target = batch["output"]
+        debug = start_debug(run, wait)
         if index == 0:  # the epoch's first batch, as the model sees it (after augmentation)
             log_train_images(run, batch)
-        sampled += torch.stack(
-            [
-                (target == 1).sum((0, *range(2, target.ndim))),
-                target.isfinite().sum((0, *range(2, target.ndim))),
-            ]
-        )
+        sampled += sampled_counts(batch["output"])
         step_now = (index + 1) % config.gradient_accumulation_steps == 0
         step_now |= index + 1 == config.iterations_per_epoch
         loss = train_step(run, batch, step_now=step_now, debug=debug)
@@ -595,21 +586,41 @@ def train_epoch(run: Run, epoch: int) -> list[float]:
         bar.update()
     bar.close()
     run.throughput = epoch_throughput(run, time.perf_counter() - started, waited)
+    log_epoch_counts(run, sampled)
+    log_train_metrics(run)
+    return losses
+
+
+def start_debug(run: Run, waited_s: float) -> BatchDebug | None:
+    """`debug`: a report for each of the first batches of this call of train, else None."""
+    if run.debug_batches_left <= 0:
+        return None
+    run.debug_batches_left -= 1
+    return BatchDebug(run.device, waited_s=waited_s)
+
+
+def sampled_counts(target: torch.Tensor) -> torch.Tensor:
+    """Per class (2, C): the batch's foreground voxels and its annotated (finite) voxels."""
+    axes = (0, *range(2, target.ndim))  # every axis but the class channel
+    return torch.stack([(target == 1).sum(axes), target.isfinite().sum(axes)])
+
+
+def log_epoch_counts(run: Run, sampled: torch.Tensor) -> None:
+    """The epoch's throughput, skipped steps and per class the share of sampled annotated
+    voxels that are foreground (summed over ranks)."""
+    assert run.throughput is not None, "logged after epoch_throughput"
     sampled = distributed.reduce_sum(run.place, sampled)
     shares = sampled[0] / sampled[1].clamp(min=1)
+    classes = run.config.classes
     run.tracker.log(
         {
             "perf/samples_per_s": run.throughput.samples_per_s,
             "perf/data_wait_fraction": run.throughput.data_wait_fraction,
             "skipped_steps": run.skipped.in_epoch,
-            **{
-                f"sampling/{name}": float(s) for name, s in zip(config.classes, shares, strict=True)
-            },
+            **{f"sampling/{name}": float(s) for name, s in zip(classes, shares, strict=True)},
         },
         run.global_step,
     )
-    log_train_metrics(run)
-    return losses
 
 
 def log_train_images(run: Run, batch: Mapping[str, torch.Tensor]) -> None:
