@@ -261,8 +261,14 @@ def test_existing_output_is_kept_without_overwrite(data: Path, tmp_path: Path) -
     before = read_output(first.path, "er")[0]
     marker = first.path / "er" / "note.txt"
     marker.write_text("mine")
-    with pytest.raises(FileExistsError, match="crop2 already exist; pass --overwrite"):
-        predict(config, crops=["crop2"], progress=False)
+    # The same weights and settings: complete already, kept as it is, nothing predicted.
+    (kept,) = predict(config, crops=["crop2"], progress=False)
+    assert kept.blocks is not None and kept.blocks.predicted == 0
+    assert kept.blocks.recorded == kept.blocks.total
+    assert marker.read_text() == "mine"
+    # Other settings (here the encoding): another run's output, refused without --overwrite.
+    with pytest.raises(FileExistsError, match="crop2 already exists, predicted by another run"):
+        predict(config, crops=["crop2"], encoding="float16", progress=False)
     assert marker.read_text() == "mine"
     (again,) = predict(config, crops=["crop2"], overwrite=True, progress=False)
     assert not marker.exists()

@@ -436,6 +436,13 @@ def _crawled_rows(config: Any, locations: dict[str, str | None]) -> Any:
     is_flag=True,
     help="Replace crop groups an earlier csc predict wrote (nothing else).",
 )
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Predict in N processes on this machine (torchrun; one per GPU), the blocks split "
+    "between them.",
+)
 @_location_command
 def predict(
     config_file: str,
@@ -453,12 +460,16 @@ def predict(
     orthoplanes: bool,
     skip_orthoplanes: bool,
     overwrite: bool,
+    nproc: int | None,
     **locations: str | None,
 ) -> None:
-    """Predict crops or a box with a trained model into OME-NGFF zarr.
+    """Predict crops, a box or a dataset's whole raw with a trained model into OME-NGFF zarr.
 
     Writes OUTPUT/{dataset}.zarr/{crop}/{class}/s0 per class: probabilities with the voxel
-    size and translation of the target grid, readable by neuroglancer.
+    size and translation of the target grid, readable by neuroglancer, and a pyramid s1, ...
+    --dataset NAME alone predicts NAME's whole raw (into OUTPUT/NAME.zarr/raw). A killed run
+    rerun with the same weights and settings predicts only the blocks it had not written. For
+    several machines, start `torchrun ... -m csc predict CONFIG_FILE ...` on each.
     """
     if orthoplanes and skip_orthoplanes:
         raise click.UsageError("--orthoplanes and --skip-orthoplanes contradict each other")
@@ -475,6 +486,11 @@ def predict(
             click.echo("orthoplanes: on (the toolkit's default for 2D models; -so: off)", err=True)
             orthoplanes = True
         selection = _crop_selection(crops)
+        if nproc is not None and nproc > 1:
+            from csc.launch import launch
+
+            arguments = _relaunch_arguments(click.get_current_context(), orthoplanes)
+            raise SystemExit(launch(nproc, ["predict", *arguments]))
         from csc.prediction import predict as run
 
         written = run(
@@ -493,13 +509,39 @@ def predict(
             encoding=encoding,
             rows=_crawled_rows(resolved, locations),
         )
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
+        return
     for item in written:
         grid = item.grid
         classes = item.region.classes or resolved.classes
+        counts = item.blocks
+        done = (
+            f"; {counts.predicted} of {counts.total} blocks predicted, {counts.recorded} "
+            "already written by an earlier run"
+            if counts is not None
+            else ""
+        )
         click.echo(
             f"wrote {item.path}: {len(classes)} classes, {grid.shape} voxels of "
-            f"{grid.scale} nm from {grid.translation} nm"
+            f"{grid.scale} nm from {grid.translation} nm{done}"
         )
+
+
+def _relaunch_arguments(ctx: click.Context, orthoplanes: bool) -> list[str]:
+    """The command's arguments as csc spells them, for its N processes: each option given
+    (by its first name), without --nproc; the orthoplanes default the toolkit's spelling
+    chose, made explicit."""
+    arguments: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        if param.name in ("nproc", "skip_orthoplanes", "orthoplanes"):
+            continue
+        if isinstance(param, click.Argument):
+            arguments.extend(value if isinstance(value, tuple) else [value])
+        elif isinstance(param, click.Option) and value not in (None, False, param.default):
+            name = next(n for n in param.opts if n.startswith("--"))
+            arguments.extend([name] if param.is_flag else [name, str(value)])
+    return [*arguments, *(["--orthoplanes"] if orthoplanes else [])]
 
 
 @cli.command()

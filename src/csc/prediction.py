@@ -13,9 +13,14 @@ not depend on the block shape.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 import math
 import os
+import re
+import shutil
+import time
 import warnings
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
@@ -25,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from csc import manifests
+from csc import distributed, manifests
 from csc.checkpoints import checkpoint_weights, load_weights
 from csc.config import (
     DEFAULT_PREDICTION_CHECKPOINT,
@@ -46,6 +51,7 @@ from csc.datasplit import (
     s3_options,
     select_crops,
 )
+from csc.distributed import Dist
 from csc.manifests import TestCrop
 from csc.runtime import (
     autocast,
@@ -59,16 +65,21 @@ from csc.storage import (
     InputStores,
     MetadataReader,
     blocks,
+    check_replaceable,
     check_targets,
     create_array,
     fs_path,
+    is_csc_output,
     is_s3,
     level_transforms,
+    mark_csc_output,
     multiscales_attrs,
+    open_group,
     pyramid_levels,
     s3_errors,
-    staged_group,
+    swap_in,
     write_pyramid,
+    write_text_atomic,
 )
 
 Vec3 = tuple[float, float, float]
@@ -76,6 +87,7 @@ GAUSSIAN_SIGMA = 1 / 8  # of the window size: weights fall to ~0.0003 of the cen
 MIN_WEIGHT = 1e-3  # relative: edge voxels of a lone window still count
 CHUNK = 64  # output chunk edge (voxels), as neuroglancer likes them
 PREDICT = "predict"  # the command named in the csc marker of its output groups
+WHOLE_RAW = "raw"  # the region name (output group) of a dataset's whole raw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +126,7 @@ class Written:
     region: Region
     path: Path
     grid: OutputGrid
+    blocks: BlockCounts | None = None  # predicted now, and recorded by an earlier run
 
 
 @dataclasses.dataclass
@@ -154,7 +167,7 @@ def load_predictor(
     specs = [spec]
     if orthoplanes:
         specs = orthoplane_specs(spec)
-    device = choose_device(config.device)
+    device = distributed.rank_device(distributed.from_env(), choose_device(config.device))
     model = make_model(config, spec)
     state, source = checkpoint_weights(config, checkpoint)
     load_weights(model, state, source=source)
@@ -312,6 +325,19 @@ def box_region(config: TrainConfig, dataset: str, bbox: Sequence[float]) -> Regi
     check_inside(low, high, raw, what=what, dataset=dataset, hint="choose a box inside it")
     name = "bbox_" + "_".join(f"{v:g}" for v in bbox)
     return Region(dataset, name, group, _vec(low), _vec(high))
+
+
+def raw_region(config: TrainConfig, dataset: str) -> Region:
+    """The whole raw of `dataset` (its extent at the model's input scale), named "raw"."""
+    rows = [row for row in read_datasplit(config.datasplit_path) if row.dataset == dataset]
+    if not rows:
+        known = sorted({row.dataset for row in read_datasplit(config.datasplit_path)})
+        raise ValueError(
+            f"dataset {dataset!r} is not in {config.datasplit_path}; known: {', '.join(known)}"
+        )
+    group = f"{rows[0].raw_root}/{rows[0].raw_path}"
+    low, high = raw_source(group, config).level.bounds()
+    return Region(dataset, WHOLE_RAW, group, _vec(low), _vec(high))
 
 
 def raw_source(group: str, config: TrainConfig) -> Any:
@@ -532,9 +558,16 @@ def touching(starts: np.ndarray, window: int, part: slice) -> np.ndarray:
 
 
 def predict_blocks(
-    predictor: Predictor, region: Region, grid: OutputGrid, readers: Sequence[PatchDataset]
+    predictor: Predictor,
+    region: Region,
+    grid: OutputGrid,
+    readers: Sequence[PatchDataset],
+    boxes: Sequence[tuple[slice, ...]] | None = None,
 ) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
-    """Per block of the output grid: its slices and float32 probabilities (C, *block)."""
+    """Per block of the output grid (or of `boxes`, some of its blocks): its slices and
+    float32 probabilities (C, *block)."""
+    if boxes is None:
+        boxes = list(blocks(grid.shape, predictor.block_shape))
     lattices = [
         (
             reader,
@@ -551,7 +584,7 @@ def predict_blocks(
             for s, w, part in zip(starts, reader.spec.target.shape, box, strict=True)
         )
         for reader, starts in lattices
-        for box in blocks(grid.shape, predictor.block_shape)
+        for box in boxes
     )
     bar = tqdm(
         total=total,
@@ -560,7 +593,7 @@ def predict_blocks(
         disable=None if predictor.progress else True,
     )
     try:
-        for box in blocks(grid.shape, predictor.block_shape):
+        for box in boxes:
             sums = [
                 _blend(predictor, grid, reader, starts, box, bar) for reader, starts in lattices
             ]
@@ -709,24 +742,29 @@ def predict(
     rows: Sequence[DatasplitRow] | None = None,
 ) -> list[Written]:
     """`csc predict`: the regions asked for (datasplit crops, by default the validation ones;
-    with `test_crops` the test crops of the test crop `manifest` in use; or a box in one
-    dataset), predicted with the `checkpoint` weights into `output` (default:
-    `predictions_path`). `rows` replaces the datasplit's crops (csc.predict passes a crawl)."""
+    with `test_crops` the test crops of the test crop `manifest` in use; a box in one
+    dataset; or with `dataset` alone its whole raw), predicted with the `checkpoint` weights
+    into `output` (default: `predictions_path`). `rows` replaces the datasplit's crops
+    (csc.predict passes a crawl). Under torchrun every rank runs this, and the blocks of each
+    region are split over the ranks (`write_region`)."""
     if not isinstance(config, TrainConfig):
         config = load_config(config)
-    spec = PatchSpec.from_config(config)
-    if bbox is not None:
-        if crops or all_crops or test_crops or dataset is None:
-            raise ValueError("--bbox needs --dataset NAME and goes without --crops and --all")
-        regions = [box_region(config, dataset, bbox)]
-    elif test_crops:
-        if crops or all_crops:
-            raise ValueError("--crops test goes alone: without other crops and --all")
-        regions = manifest_regions(config, manifest=manifest, spec=spec, rows=rows)
-    else:
-        regions = crop_regions(
-            config, crops=crops, all_crops=all_crops, spec=spec, rows=rows, manifest=manifest
-        )
+    place = distributed.from_env()
+    resolved = config
+    distributed.init(place, distributed.rank_device(place, choose_device(config.device)))
+    regions = distributed.from_main(
+        place,
+        lambda: select_regions(
+            resolved,
+            crops=crops,
+            all_crops=all_crops,
+            test_crops=test_crops,
+            manifest=manifest,
+            bbox=bbox,
+            dataset=dataset,
+            rows=rows,
+        ),
+    )
     output = output or config.predictions_path.format(model_name=config.model_name)
     check_free(output, regions, overwrite=overwrite, inputs=input_stores(config))
     predictor = load_predictor(
@@ -735,10 +773,41 @@ def predict(
         orthoplanes=orthoplanes,
         overlap=overlap,
         progress=progress,
-        spec=spec,
     )
-    return write_predictions(
+    written = write_predictions(
         config, regions, predictor, output=output, encoding=encoding, overwrite=overwrite
+    )
+    distributed.shutdown(place)
+    return written
+
+
+def select_regions(
+    config: TrainConfig,
+    *,
+    crops: Sequence[str] = (),
+    all_crops: bool = False,
+    test_crops: bool = False,
+    manifest: str | os.PathLike[str] | None = None,
+    bbox: Sequence[float] | None = None,
+    dataset: str | None = None,
+    rows: Sequence[DatasplitRow] | None = None,
+) -> list[Region]:
+    """The regions `predict` is asked for (its arguments' meanings)."""
+    spec = PatchSpec.from_config(config)
+    if bbox is not None or (dataset is not None and not (crops or all_crops or test_crops)):
+        if crops or all_crops or test_crops or dataset is None:
+            raise ValueError("--bbox needs --dataset NAME and goes without --crops and --all")
+        if bbox is None:
+            return [raw_region(config, dataset)]
+        return [box_region(config, dataset, bbox)]
+    if dataset is not None:
+        raise ValueError("--dataset goes with --bbox or alone (its whole raw), not with --crops")
+    if test_crops:
+        if crops or all_crops:
+            raise ValueError("--crops test goes alone: without other crops and --all")
+        return manifest_regions(config, manifest=manifest, spec=spec, rows=rows)
+    return crop_regions(
+        config, crops=crops, all_crops=all_crops, spec=spec, rows=rows, manifest=manifest
     )
 
 
@@ -750,12 +819,16 @@ def check_free(
     inputs: InputStores | None = None,
 ) -> None:
     """Refuse, before any work, output on S3 or inside an input store, and existing output
-    unless `overwrite` is given and csc predict wrote it."""
+    unless `overwrite` is given and csc predict wrote it. csc predict's own output passes
+    without `overwrite` too: `write_region` keeps it if it is this run's (same weights and
+    settings: nothing to do) and refuses it otherwise."""
     if is_s3(str(output)):
         raise ValueError(f"--output {output}: csc writes predictions to a local folder")
     targets = [output_path(output, region) for region in regions]
     if inputs is not None:
         inputs.check_outside(targets)
+    if not overwrite:
+        targets = [t for t in targets if not is_csc_output(t, PREDICT)]
     check_targets(targets, PREDICT, overwrite=overwrite)
 
 
@@ -776,8 +849,10 @@ def write_predictions(
     for region in regions:
         grid = OutputGrid.covering(region, _vec(config.target_array_info.scale))
         path = output_path(output, region)
-        write_region(predictor, region, grid, config, path, encoding=encoding, overwrite=overwrite)
-        written.append(Written(region, path, grid))
+        counts = write_region(
+            predictor, region, grid, config, path, encoding=encoding, overwrite=overwrite
+        )
+        written.append(Written(region, path, grid, counts))
     return written
 
 
@@ -790,32 +865,333 @@ def write_region(
     *,
     encoding: str,
     overwrite: bool = False,
-) -> None:
+    place: Dist | None = None,
+) -> BlockCounts:
     """Predict one region block by block into its group at `path`, then its pyramid (levels
-    averaged 2x, block by block)."""
+    averaged 2x, block by block). Under torchrun the blocks are split over the ranks
+    (`rank_blocks`), each writing only its own into one staged group shared by all; a block
+    is recorded once written, so a rerun of a killed job predicts only the blocks missing.
+    Rank 0 builds the pyramid and swaps the group in."""
+    place = place or distributed.from_env()
     names = region.classes or predictor.classes
     channels = [predictor.classes.index(name) for name in names]
-    with staged_group(path, command=PREDICT, overwrite=overwrite) as group:
-        arrays = _create_arrays(group, predictor, grid, names, encoding=encoding)
-        readers = make_readers(predictor, region, config)
-        for box, values in predict_blocks(predictor, region, grid, readers):
-            for array, channel in zip(arrays, channels, strict=True):
-                array[box] = encode(values[channel], encoding)
-        for name in names:
-            write_pyramid(
-                group[name],
-                pyramid_levels(grid.shape),
-                method="mean",
-                block_shape=predictor.block_shape,
+    boxes = list(blocks(grid.shape, predictor.block_shape))
+    run = run_record(predictor, region, grid, names, encoding)
+    if finished(path, run, overwrite=overwrite):
+        return BlockCounts(len(boxes), 0, len(boxes))
+    staging = staging_path(path)
+    resumed = distributed.from_main(
+        place, lambda: _prepare(staging, predictor, grid, names, encoding=encoding, run=run)
+    )
+    group = open_group(str(staging), mode="a")
+    arrays = [group[name]["s0"] for name in names]
+    mine = [
+        i
+        for i in rank_blocks(len(boxes), place)
+        if not resumed or not _drop_unverified(staging, i, boxes[i], arrays, run)
+    ]
+    shown = predictor.progress and place.enabled and place.is_main
+    bar = JobBar(staging, len(boxes), region, enabled=shown)
+    readers = make_readers(predictor, region, config)
+    todo = [boxes[i] for i in mine]
+    # One process shows its windows; under torchrun rank 0 shows the whole job's blocks.
+    quiet = dataclasses.replace(predictor, progress=predictor.progress and not place.enabled)
+    results = zip(mine, predict_blocks(quiet, region, grid, readers, todo), strict=True)
+    for done, (index, (box, values)) in enumerate(results, 1):
+        for array, channel in zip(arrays, channels, strict=True):
+            array[box] = encode(values[channel], encoding)
+        record_block(staging, index, box, run)
+        bar.update()
+        _test_exit(done)
+    bar.wait()  # every rank's blocks recorded: no barrier waits for hours on a slow rank
+    distributed.barrier(place)
+    predicted = int(distributed.reduce_sum(place, torch.tensor([len(mine)]))[0])
+    if place.is_main:
+        _finish(staging, path, names, grid, predictor, run, overwrite=overwrite)
+    distributed.barrier(place)
+    return BlockCounts(len(boxes), predicted, len(boxes) - predicted)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockCounts:
+    """A region's blocks: in all, predicted by this run, and already recorded (a resumed or
+    finished run's)."""
+
+    total: int
+    predicted: int
+    recorded: int
+
+
+def rank_blocks(count: int, place: Dist) -> list[int]:
+    """The block numbers (in `blocks` order) this rank predicts: every world_size-th from its
+    rank on. Deterministic, so a rerun with as many ranks assigns the same; neighbouring
+    blocks go to different ranks, so a region's slow part (denser windows) is shared."""
+    return list(range(place.rank, count, place.world_size))
+
+
+def chunk_shape(grid_shape: Sequence[int], block_shape: Sequence[int]) -> tuple[int, int, int]:
+    """Output chunks (z, y, x voxels) that tile every block exactly, so ranks writing
+    different blocks never write one chunk: the axis itself when one block spans it (at most
+    CHUNK), the block's side when it is at most CHUNK, else the largest divisor of the side
+    up to CHUNK; a side with none from CHUNK / 4 up (e.g. 97) is refused."""
+    edges = []
+    for n, b in zip(grid_shape, block_shape, strict=True):
+        if n <= b:
+            edges.append(min(CHUNK, n))
+        elif b <= CHUNK:
+            edges.append(b)
+        else:
+            edge = next(c for c in range(CHUNK, 0, -1) if b % c == 0)
+            if edge < CHUNK // 4:
+                raise ValueError(
+                    f"prediction_block_shape {tuple(block_shape)}: a side of {b} voxels splits "
+                    f"into no output chunks of {CHUNK // 4} to {CHUNK} voxels; choose sides "
+                    f"that are multiples of {CHUNK} (or at most {CHUNK})"
+                )
+            edges.append(edge)
+    return _ints(edges)
+
+
+# --- Resumable output: run record, block records ---------------------------------------------
+
+RUN_KEY = "csc_run"  # the staged and the finished group's attribute: what this output is of
+BLOCKS_DIR = ".csc-blocks"  # in the staged group: one {n}.json per block written
+EXIT_AFTER_ENV = "CSC_PREDICT_EXIT_AFTER_BLOCKS"  # tests: a rank dies after K blocks
+
+
+def run_record(
+    predictor: Predictor, region: Region, grid: OutputGrid, names: Sequence[str], encoding: str
+) -> dict[str, Any]:
+    """What decides every output voxel: the weights (a digest of their bytes), the windows
+    (patch shapes and scales, overlap), the grid, the classes and their encoding, and the
+    raw read; with `digest`, a hash of it all. Outputs with one digest are byte-identical."""
+    specs = [
+        [list(s.input.shape), list(s.input.scale), list(s.target.shape), list(s.target.scale)]
+        for s in predictor.specs
+    ]
+    record: dict[str, Any] = {
+        "weights": weights_digest(predictor.model),
+        "checkpoint": predictor.checkpoint,
+        "raw": region.raw_group,
+        "classes": list(names),
+        "encoding": encoding,
+        "overlap": predictor.overlap,
+        "specs": specs,
+        "shape": list(grid.shape),
+        "scale": list(grid.scale),
+        "translation": list(grid.translation),
+        "block_shape": list(predictor.block_shape),
+        "precision": predictor.precision,
+        "raw_transform": _stable_repr(predictor.raw_transform),
+    }
+    text = json.dumps({k: v for k, v in record.items() if k != "checkpoint"}, sort_keys=True)
+    record["digest"] = hashlib.sha256(text.encode()).hexdigest()
+    return record
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over the model's state (names, shapes, dtypes and bytes), in its order."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _stable_repr(value: Any) -> str | None:
+    """A transform's repr without memory addresses (which differ between runs)."""
+    return None if value is None else re.sub(r" at 0x[0-9a-f]+", "", repr(value))
+
+
+def staging_path(path: Path) -> Path:
+    """Where a region's group is written until complete: .{crop}.partial beside it, one name
+    for every rank and every rerun (csc.storage's clean_stale leaves it: no process id)."""
+    return path.parent / f".{path.name}.partial"
+
+
+def finished(path: Path, run: dict[str, Any], *, overwrite: bool) -> bool:
+    """Whether `path` holds this run's complete output (its run record's digest), so there is
+    nothing to do; without `overwrite`, other existing output is refused (`check_free` let
+    csc predict's own through to be compared here)."""
+    if not (path.exists() or path.is_symlink()):
+        return False
+    same = is_csc_output(path, PREDICT) and _run_digest(path) == run["digest"]
+    if overwrite:
+        check_replaceable(path, PREDICT, overwrite=True)
+        return False
+    if same:
+        return True
+    raise FileExistsError(
+        f"{path} already exists, predicted by another run (other weights or settings than "
+        "these); pass --overwrite to replace it"
+    )
+
+
+def _run_digest(path: Path) -> str | None:
+    try:
+        attrs = json.loads((path / ".zattrs").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    record = attrs.get(RUN_KEY) if isinstance(attrs, dict) else None
+    return record.get("digest") if isinstance(record, dict) else None
+
+
+def _prepare(
+    staging: Path,
+    predictor: Predictor,
+    grid: OutputGrid,
+    names: Sequence[str],
+    *,
+    encoding: str,
+    run: dict[str, Any],
+) -> bool:
+    """The staged group, ready for every rank's blocks (rank 0 alone runs this): kept when an
+    earlier run with this digest left it (True: resume), else made anew; a staged group of
+    another run is csc's own unfinished output and is removed."""
+    if staging.is_dir() and not staging.is_symlink():
+        if is_csc_output(staging, PREDICT) and _run_digest(staging) == run["digest"]:
+            return True
+        if is_csc_output(staging, PREDICT):
+            shutil.rmtree(staging)
+        else:
+            raise FileExistsError(
+                f"{staging} exists and csc predict did not write it; move it away yourself"
             )
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    group = open_group(str(staging.parent), mode="a").require_group(staging.name)
+    _create_arrays(group, predictor, grid, names, encoding=encoding)
+    (staging / BLOCKS_DIR).mkdir()
+    group.attrs[RUN_KEY] = run
+    mark_csc_output(staging, PREDICT)  # last: a group with the marker and run is usable
+    return False
+
+
+def record_block(staging: Path, index: int, box: tuple[slice, ...], run: dict[str, Any]) -> None:
+    """Note that block `index` (voxels `box`) is written: after its chunks, atomically."""
+    record = {"block": index, "box": _box_list(box), "run": run["digest"], "rank": _rank()}
+    write_text_atomic(staging / BLOCKS_DIR / f"{index}.json", json.dumps(record))
+
+
+def block_recorded(
+    staging: Path, index: int, box: tuple[slice, ...], arrays: Sequence[Any], run: dict[str, Any]
+) -> bool:
+    """Whether block `index` was written by this run: its record names this run's digest and
+    the block's voxels, and every chunk of the block is stored in every class's s0 (chunks
+    are written before the record, all zero ones too)."""
+    try:
+        record = json.loads((staging / BLOCKS_DIR / f"{index}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict):
+        return False
+    if record.get("run") != run["digest"] or record.get("box") != _box_list(box):
+        return False
+    return all(_chunks_stored(array, box) for array in arrays)
+
+
+def _drop_unverified(
+    staging: Path, index: int, box: tuple[slice, ...], arrays: Sequence[Any], run: dict[str, Any]
+) -> bool:
+    """True when block `index` is recorded and verified (skip it); else its record, if any,
+    is removed and False (predict it)."""
+    if block_recorded(staging, index, box, arrays, run):
+        return True
+    (staging / BLOCKS_DIR / f"{index}.json").unlink(missing_ok=True)
+    return False
+
+
+def _chunks_stored(array: Any, box: tuple[slice, ...]) -> bool:
+    """Every chunk file of `box` of the local s0 `array` exists (nested keys z/y/x)."""
+    folder = Path(str(array.store.root)) / array.path
+    ranges = [
+        range(part.start // c, -(-part.stop // c))
+        for part, c in zip(box, array.chunks, strict=True)
+    ]
+    return all((folder / "/".join(map(str, key))).is_file() for key in itertools.product(*ranges))
+
+
+def _box_list(box: tuple[slice, ...]) -> list[list[int]]:
+    return [[int(part.start), int(part.stop)] for part in box]
+
+
+def _rank() -> int:
+    return distributed.from_env().rank
+
+
+def _test_exit(done: int) -> None:
+    """Tests of resumption: with CSC_PREDICT_EXIT_AFTER_BLOCKS=K this rank dies (no cleanup,
+    as if killed) once it has written K blocks."""
+    limit = os.environ.get(EXIT_AFTER_ENV, "")
+    if limit.strip() and done >= int(limit):
+        os._exit(17)
+
+
+class JobBar:
+    """The whole job's progress in blocks of a region (rank 0, under torchrun): the blocks
+    recorded by every rank, counted from the records in the staged group."""
+
+    def __init__(self, staging: Path, total: int, region: Region, *, enabled: bool) -> None:
+        self.folder = staging / BLOCKS_DIR
+        self.total = total
+        self.bar = tqdm(
+            total=total,
+            initial=self.count(),
+            desc=f"{region.dataset}/{region.name}",
+            unit="block",
+            disable=None if enabled else True,
+        )
+
+    def count(self) -> int:
+        return sum(1 for entry in os.scandir(self.folder) if entry.name.endswith(".json"))
+
+    def update(self) -> None:
+        self.bar.n = self.count()
+        self.bar.refresh()
+
+    def wait(self, poll_s: float = 0.5) -> None:
+        """Until every block is recorded (each rank waits here, then at a barrier; a rank
+        that dies ends the job through torchrun)."""
+        while (done := self.count()) < self.total:
+            self.bar.n = done
+            self.bar.refresh()
+            time.sleep(poll_s)
+        self.bar.n = done
+        self.bar.close()
+
+
+def _finish(
+    staging: Path,
+    path: Path,
+    names: Sequence[str],
+    grid: OutputGrid,
+    predictor: Predictor,
+    run: dict[str, Any],
+    *,
+    overwrite: bool,
+) -> None:
+    """Rank 0, once every block is written: the pyramid of each class (levels left by a run
+    killed while building them are built again), the block records removed, and the group
+    swapped in under its real name."""
+    for name in names:
+        for level in range(1, pyramid_levels(grid.shape)):
+            shutil.rmtree(staging / name / f"s{level}", ignore_errors=True)
+        write_pyramid(
+            open_group(str(staging / name), mode="a"),
+            pyramid_levels(grid.shape),
+            method="mean",
+            block_shape=predictor.block_shape,
+        )
+    shutil.rmtree(staging / BLOCKS_DIR)
+    swap_in(staging, path, command=PREDICT, overwrite=overwrite)
 
 
 def _create_arrays(
     group: Any, predictor: Predictor, grid: OutputGrid, names: Sequence[str], *, encoding: str
 ) -> list[Any]:
     """One class group per class of `names`, OME-NGFF 0.4 listing levels s0 .. (the pyramid
-    `pyramid_levels` gives the grid), and its empty s0."""
-    chunks = tuple(min(CHUNK, n, b) for n, b in zip(grid.shape, predictor.block_shape, strict=True))
+    `pyramid_levels` gives the grid), and its empty s0 in chunks that tile the blocks."""
+    chunks = chunk_shape(grid.shape, predictor.block_shape)
     levels = level_transforms(grid.scale, grid.translation, pyramid_levels(grid.shape))
     arrays = []
     for name in names:
@@ -830,7 +1206,13 @@ def _create_arrays(
         }
         arrays.append(
             create_array(
-                child, "s0", shape=grid.shape, chunks=chunks, dtype=encoding, compressor="zstd"
+                child,
+                "s0",
+                shape=grid.shape,
+                chunks=chunks,
+                dtype=encoding,
+                compressor="zstd",
+                write_empty_chunks=True,
             )
         )
     return arrays

@@ -63,9 +63,11 @@ def create_array(
     chunks: Sequence[int],
     dtype: Any,
     compressor: str,
+    write_empty_chunks: bool = False,
 ) -> Any:
     """An empty zarr format 2 array `name` in `group` (zeros where nothing is written), chunk
-    keys nested like CellMap's (z/y/x)."""
+    keys nested like CellMap's (z/y/x). `write_empty_chunks`: store chunks that are all zero
+    too, so every written chunk has a file (a resumed prediction checks its blocks by them)."""
     return group.create_array(
         name,
         shape=tuple(shape),
@@ -74,6 +76,7 @@ def create_array(
         compressors=make_compressor(compressor),
         fill_value=0,
         chunk_key_encoding={"name": "v2", "separator": "/"},
+        config={"write_empty_chunks": write_empty_chunks},
     )
 
 
