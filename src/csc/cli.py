@@ -537,7 +537,7 @@ def _relaunch_arguments(ctx: click.Context, orthoplanes: bool) -> list[str]:
         if param.name in ("nproc", "skip_orthoplanes", "orthoplanes"):
             continue
         if isinstance(param, click.Argument):
-            arguments.extend(value if isinstance(value, tuple) else [value])
+            arguments.extend(value if isinstance(value, tuple) else [str(value)])
         elif isinstance(param, click.Option) and value not in (None, False, param.default):
             name = next(n for n in param.opts if n.startswith("--"))
             arguments.extend([name] if param.is_flag else [name, str(value)])

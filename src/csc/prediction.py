@@ -1120,10 +1120,13 @@ def _rank() -> int:
 
 
 def _test_exit(done: int) -> None:
-    """Tests of resumption: with CSC_PREDICT_EXIT_AFTER_BLOCKS=K this rank dies (no cleanup,
-    as if killed) once it has written K blocks."""
-    limit = os.environ.get(EXIT_AFTER_ENV, "")
-    if limit.strip() and done >= int(limit):
+    """Tests of resumption: with CSC_PREDICT_EXIT_AFTER_BLOCKS=K every rank, with =R:K rank R
+    alone, dies (no cleanup, as if killed) once it has written K blocks."""
+    setting = os.environ.get(EXIT_AFTER_ENV, "").strip()
+    if not setting:
+        return
+    rank, _, limit = setting.rpartition(":")
+    if (not rank or int(rank) == _rank()) and done >= int(limit):
         os._exit(17)
 
 
