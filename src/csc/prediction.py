@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Collection, Iterator, Sequence
@@ -766,17 +767,22 @@ def predict(
         ),
     )
     output = output or config.predictions_path.format(model_name=config.model_name)
-    check_free(output, regions, overwrite=overwrite, inputs=input_stores(config))
-    predictor = load_predictor(
-        config,
-        checkpoint=checkpoint,
-        orthoplanes=orthoplanes,
-        overlap=overlap,
-        progress=progress,
-    )
-    written = write_predictions(
-        config, regions, predictor, output=output, encoding=encoding, overwrite=overwrite
-    )
+
+    @distributed.report_failure(place)
+    def run() -> list[Written]:
+        check_free(output, regions, overwrite=overwrite, inputs=input_stores(config))
+        predictor = load_predictor(
+            resolved,
+            checkpoint=checkpoint,
+            orthoplanes=orthoplanes,
+            overlap=overlap,
+            progress=progress,
+        )
+        return write_predictions(
+            resolved, regions, predictor, output=output, encoding=encoding, overwrite=overwrite
+        )
+
+    written = run()
     distributed.shutdown(place)
     return written
 
@@ -896,6 +902,7 @@ def write_region(
     todo = [boxes[i] for i in mine]
     # One process shows its windows; under torchrun rank 0 shows the whole job's blocks.
     quiet = dataclasses.replace(predictor, progress=predictor.progress and not place.enabled)
+    started = time.perf_counter()
     results = zip(mine, predict_blocks(quiet, region, grid, readers, todo), strict=True)
     for done, (index, (box, values)) in enumerate(results, 1):
         for array, channel in zip(arrays, channels, strict=True):
@@ -903,13 +910,36 @@ def write_region(
         record_block(staging, index, box, run)
         bar.update()
         _test_exit(done)
+    own_s = time.perf_counter() - started
     bar.wait()  # every rank's blocks recorded: no barrier waits for hours on a slow rank
     distributed.barrier(place)
+    all_s = time.perf_counter() - started
     predicted = int(distributed.reduce_sum(place, torch.tensor([len(mine)]))[0])
     if place.is_main:
         _finish(staging, path, names, grid, predictor, run, overwrite=overwrite)
     distributed.barrier(place)
+    if "RANK" in os.environ:  # under torchrun: each rank's share, time and memory
+        print(
+            f"csc predict: rank {place.rank} of {place.world_size}: {region.dataset}/"
+            f"{region.name}: {len(mine)} blocks in {own_s:.2f} s, all ranks' blocks in "
+            f"{all_s:.2f} s, peak RSS {peak_rss_mib():.0f} MiB",
+            file=sys.stderr,
+            flush=True,
+        )
     return BlockCounts(len(boxes), predicted, len(boxes) - predicted)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, MiB: VmHWM where there is one, since Linux
+    carries ru_maxrss over fork and exec (a rank would report torchrun's peak)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # KiB
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @dataclasses.dataclass(frozen=True)
