@@ -148,7 +148,7 @@ def main() -> None:
     cases = [(n, args.threads or max(1, cores // n)) for n in counts]
     if args.device == "cpu":  # one process with one thread per process of the largest case,
         # and one with as many threads as the largest case uses in all
-        widest = max(cases, key=lambda case: case[0] * case[1])
+        widest = max(cases, key=lambda case: (case[0] * case[1], case[0]))
         extra = [(1, widest[1]), (1, widest[0] * widest[1])]
         cases = [*dict.fromkeys([*extra, *cases])]
     cases.sort()
