@@ -22,8 +22,16 @@ from csc.config import load_config
 from csc.data.datasets import PatchSpec
 from csc.datasplit import ensure_datasplit
 from csc.distributed import Dist
-from csc.prediction import BLOCKS_DIR, EXIT_AFTER_ENV, chunk_shape, rank_blocks
+from csc.prediction import (
+    BLOCKS_DIR,
+    EXIT_AFTER_ENV,
+    block_box,
+    block_count,
+    chunk_shape,
+    rank_blocks,
+)
 from csc.runtime import make_model
+from csc.storage import blocks
 from csc.synth import SynthSpec, write_synthetic
 
 CLASSES = ("nuc", "mito", "er")
@@ -121,6 +129,10 @@ def test_blocks_are_split_over_ranks_once_and_chunks_tile_them() -> None:
     shares = [rank_blocks(BLOCKS, Dist(rank=r, world_size=3)) for r in range(3)]
     assert sorted(b for share in shares for b in share) == list(range(BLOCKS))
     assert shares[1][:3] == [1, 4, 7]
+    shape, block = (10, 33, 64), (4, 16, 32)
+    listed = list(blocks(shape, block))
+    assert block_count(shape, block) == len(listed) == 3 * 3 * 2
+    assert [block_box(shape, block, i) for i in range(len(listed))] == listed
     assert chunk_shape((16, 96, 96), BLOCK) == BLOCK
     assert chunk_shape((16, 1000, 1000), (64, 256, 192)) == (16, 64, 64)
     assert chunk_shape((600, 600, 600), (200, 160, 96)) == (50, 40, 48)

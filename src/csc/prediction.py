@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -877,14 +877,16 @@ def write_region(
     averaged 2x, block by block). Under torchrun the blocks are split over the ranks
     (`rank_blocks`), each writing only its own into one staged group shared by all; a block
     is recorded once written, so a rerun of a killed job predicts only the blocks missing.
-    Rank 0 builds the pyramid and swaps the group in."""
+    The classes' pyramids are split over the ranks too; rank 0 swaps the group in. Ranks wait
+    for each other by polling the records, never for long inside a collective (whose timeout
+    a rank building a big pyramid would outlast)."""
     place = place or distributed.from_env()
     names = region.classes or predictor.classes
     channels = [predictor.classes.index(name) for name in names]
-    boxes = list(blocks(grid.shape, predictor.block_shape))
+    total = block_count(grid.shape, predictor.block_shape)
     run = run_record(predictor, region, grid, names, encoding)
     if finished(path, run, overwrite=overwrite):
-        return BlockCounts(len(boxes), 0, len(boxes))
+        return BlockCounts(total, 0, total)
     staging = staging_path(path)
     resumed = distributed.from_main(
         place, lambda: _prepare(staging, predictor, grid, names, encoding=encoding, run=run)
@@ -893,13 +895,13 @@ def write_region(
     arrays = [group[name]["s0"] for name in names]
     mine = [
         i
-        for i in rank_blocks(len(boxes), place)
-        if not resumed or not _drop_unverified(staging, i, boxes[i], arrays, run)
+        for i in rank_blocks(total, place)
+        if not resumed or not _drop_unverified(staging, i, grid, predictor, arrays, run)
     ]
     shown = predictor.progress and place.enabled and place.is_main
-    bar = JobBar(staging, len(boxes), region, enabled=shown)
+    bar = JobBar(staging, total, region, enabled=shown)
     readers = make_readers(predictor, region, config)
-    todo = [boxes[i] for i in mine]
+    todo = [block_box(grid.shape, predictor.block_shape, i) for i in mine]
     # One process shows its windows; under torchrun rank 0 shows the whole job's blocks.
     quiet = dataclasses.replace(predictor, progress=predictor.progress and not place.enabled)
     started = time.perf_counter()
@@ -911,13 +913,21 @@ def write_region(
         bar.update()
         _test_exit(done)
     own_s = time.perf_counter() - started
-    bar.wait()  # every rank's blocks recorded: no barrier waits for hours on a slow rank
-    distributed.barrier(place)
+
+    # Rank 0 swaps the group in once all is built: a rank still waiting then sees it there.
+    def swapped() -> bool:
+        return _run_digest(path) == run["digest"]
+
+    bar.wait(swapped)
     all_s = time.perf_counter() - started
-    predicted = int(distributed.reduce_sum(place, torch.tensor([len(mine)]))[0])
+    for name in names[place.rank :: place.world_size]:  # s0 complete: each rank its classes'
+        build_pyramid(staging, name, grid, predictor.block_shape)
+    wait_until(lambda: swapped() or all(_pyramid_built(staging, name) for name in names))
     if place.is_main:
-        _finish(staging, path, names, grid, predictor, run, overwrite=overwrite)
-    distributed.barrier(place)
+        shutil.rmtree(staging / BLOCKS_DIR)
+        swap_in(staging, path, command=PREDICT, overwrite=overwrite)
+    wait_until(swapped)
+    predicted = int(distributed.reduce_sum(place, torch.tensor([len(mine)]))[0])
     if "RANK" in os.environ:  # under torchrun: each rank's share, time and memory
         print(
             f"csc predict: rank {place.rank} of {place.world_size}: {region.dataset}/"
@@ -926,7 +936,37 @@ def write_region(
             file=sys.stderr,
             flush=True,
         )
-    return BlockCounts(len(boxes), predicted, len(boxes) - predicted)
+    return BlockCounts(total, predicted, total - predicted)
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    *,
+    poll_s: float = 0.5,
+    on_poll: Callable[[], None] | None = None,
+) -> None:
+    """Poll `condition` (records other ranks write) until it holds. A rank that dies ends the
+    job through torchrun, so this needs no timeout."""
+    while not condition():
+        if on_poll is not None:
+            on_poll()
+        time.sleep(poll_s)
+
+
+def block_count(shape: Sequence[int], block: Sequence[int]) -> int:
+    """How many blocks `blocks(shape, block)` gives."""
+    return math.prod(-(-n // b) for n, b in zip(shape, block, strict=True))
+
+
+def block_box(shape: Sequence[int], block: Sequence[int], index: int) -> tuple[slice, ...]:
+    """The `index`-th block of `blocks(shape, block)` ((z, y, x) order), without listing them
+    (a whole dataset has hundreds of thousands)."""
+    counts = [-(-n // b) for n, b in zip(shape, block, strict=True)]
+    corner = np.unravel_index(index, counts)
+    return tuple(
+        slice(int(c) * b, min((int(c) + 1) * b, n))
+        for c, b, n in zip(corner, block, shape, strict=True)
+    )
 
 
 def peak_rss_mib() -> float:
@@ -1121,10 +1161,16 @@ def block_recorded(
 
 
 def _drop_unverified(
-    staging: Path, index: int, box: tuple[slice, ...], arrays: Sequence[Any], run: dict[str, Any]
+    staging: Path,
+    index: int,
+    grid: OutputGrid,
+    predictor: Predictor,
+    arrays: Sequence[Any],
+    run: dict[str, Any],
 ) -> bool:
     """True when block `index` is recorded and verified (skip it); else its record, if any,
     is removed and False (predict it)."""
+    box = block_box(grid.shape, predictor.block_shape, index)
     if block_recorded(staging, index, box, arrays, run):
         return True
     (staging / BLOCKS_DIR / f"{index}.json").unlink(missing_ok=True)
@@ -1176,47 +1222,40 @@ class JobBar:
         )
 
     def count(self) -> int:
-        return sum(1 for entry in os.scandir(self.folder) if entry.name.endswith(".json"))
+        try:
+            return sum(1 for entry in os.scandir(self.folder) if entry.name.endswith(".json"))
+        except FileNotFoundError:  # rank 0 removed the records: every block was written
+            return self.total
 
     def update(self) -> None:
         self.bar.n = self.count()
         self.bar.refresh()
 
-    def wait(self, poll_s: float = 0.5) -> None:
-        """Until every block is recorded (each rank waits here, then at a barrier; a rank
-        that dies ends the job through torchrun)."""
-        while (done := self.count()) < self.total:
-            self.bar.n = done
-            self.bar.refresh()
-            time.sleep(poll_s)
-        self.bar.n = done
+    def wait(self, swapped: Callable[[], bool]) -> None:
+        """Until every block is recorded, or the group was swapped in (all done)."""
+        wait_until(lambda: self.count() >= self.total or swapped(), on_poll=self.update)
+        self.bar.n = self.total
         self.bar.close()
 
 
-def _finish(
-    staging: Path,
-    path: Path,
-    names: Sequence[str],
-    grid: OutputGrid,
-    predictor: Predictor,
-    run: dict[str, Any],
-    *,
-    overwrite: bool,
-) -> None:
-    """Rank 0, once every block is written: the pyramid of each class (levels left by a run
-    killed while building them are built again), the block records removed, and the group
-    swapped in under its real name."""
-    for name in names:
-        for level in range(1, pyramid_levels(grid.shape)):
-            shutil.rmtree(staging / name / f"s{level}", ignore_errors=True)
-        write_pyramid(
-            open_group(str(staging / name), mode="a"),
-            pyramid_levels(grid.shape),
-            method="mean",
-            block_shape=predictor.block_shape,
-        )
-    shutil.rmtree(staging / BLOCKS_DIR)
-    swap_in(staging, path, command=PREDICT, overwrite=overwrite)
+def build_pyramid(staging: Path, name: str, grid: OutputGrid, block_shape: Sequence[int]) -> None:
+    """Levels s1, ... of class `name` from its complete s0, unless a record says they were
+    built (levels a killed run left half-built are removed first); then that record."""
+    if _pyramid_built(staging, name):
+        return
+    for level in range(1, pyramid_levels(grid.shape)):
+        shutil.rmtree(staging / name / f"s{level}", ignore_errors=True)
+    write_pyramid(
+        open_group(str(staging / name), mode="a"),
+        pyramid_levels(grid.shape),
+        method="mean",
+        block_shape=block_shape,
+    )
+    write_text_atomic(staging / BLOCKS_DIR / f"pyramid-{name}.done", "")
+
+
+def _pyramid_built(staging: Path, name: str) -> bool:
+    return (staging / BLOCKS_DIR / f"pyramid-{name}.done").is_file()
 
 
 def _create_arrays(
