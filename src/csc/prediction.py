@@ -68,6 +68,7 @@ from csc.storage import (
     blocks,
     check_replaceable,
     check_targets,
+    clean_stale,
     create_array,
     fs_path,
     is_csc_output,
@@ -906,12 +907,17 @@ def write_region(
     quiet = dataclasses.replace(predictor, progress=predictor.progress and not place.enabled)
     started = time.perf_counter()
     results = zip(mine, predict_blocks(quiet, region, grid, readers, todo), strict=True)
-    for done, (index, (box, values)) in enumerate(results, 1):
-        for array, channel in zip(arrays, channels, strict=True):
-            array[box] = encode(values[channel], encoding)
-        record_block(staging, index, box, run)
-        bar.update()
-        _test_exit(done)
+    try:
+        for done, (index, (box, values)) in enumerate(results, 1):
+            for array, channel in zip(arrays, channels, strict=True):
+                array[box] = encode(values[channel], encoding)
+            record_block(staging, index, box, run)
+            bar.update()
+            _test_exit(done)
+    except BaseException:
+        if not place.enabled and bar.count() == 0:  # nothing to resume: leave nothing behind
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     own_s = time.perf_counter() - started
 
     # Rank 0 swaps the group in once all is built: a rank still waiting then sees it there.
@@ -1118,7 +1124,9 @@ def _prepare(
 ) -> bool:
     """The staged group, ready for every rank's blocks (rank 0 alone runs this): kept when an
     earlier run with this digest left it (True: resume), else made anew; a staged group of
-    another run is csc's own unfinished output and is removed."""
+    another run is csc's own unfinished output and is removed. What killed writes of other
+    kinds left beside the real group (.partial-PID, .replaced-PID) is tidied first."""
+    clean_stale(staging.parent / staging.name.removeprefix(".").removesuffix(".partial"))
     if staging.is_dir() and not staging.is_symlink():
         if is_csc_output(staging, PREDICT) and _run_digest(staging) == run["digest"]:
             return True
