@@ -183,3 +183,29 @@ def test_a_killed_run_resumes_with_the_missing_blocks_only(
     # Another run's output is refused without --overwrite, as before.
     other = csc_predict(run, output, "--encoding", "float16")
     assert other.returncode != 0 and "predicted by another run" in other.stderr
+
+
+def test_nproc_relaunches_with_the_options_as_typed(run: Path) -> None:
+    """`csc predict --nproc N` starts N copies of the same command: every option given (csc's
+    spelling, toolkit spellings included), the overrides, and no --nproc."""
+    from csc.cli import _relaunch_arguments, cli
+
+    command = cli.get_command(None, "predict")  # type: ignore[arg-type]
+    assert command is not None
+    typed = [str(run / "config.py"), "batch_size=2", "-c", "crop1", "--overlap", "0.5"]
+    typed += ["--nproc", "2", "-O", "--encoding", "float16"]
+    context = command.make_context("predict", typed)
+    arguments = _relaunch_arguments(context, orthoplanes=True)
+    assert arguments[:2] == [str(run / "config.py"), "batch_size=2"]
+    assert "--nproc" not in arguments and "-O" not in arguments
+    pairs = {a: b for a, b in zip(arguments, [*arguments[1:], ""], strict=True)}
+    assert pairs["--crops"] == "crop1" and pairs["--overlap"] == "0.5"
+    assert pairs["--encoding"] == "float16"
+    assert {"--overwrite", "--orthoplanes"} <= set(arguments)
+    relaunched = command.make_context("predict", arguments)
+    assert {
+        k: v for k, v in relaunched.params.items() if k not in ("nproc", "skip_orthoplanes")
+    } == {
+        **{k: v for k, v in context.params.items() if k not in ("nproc", "skip_orthoplanes")},
+        "orthoplanes": True,
+    }
