@@ -387,7 +387,9 @@ def _crawled_rows(config: Any, locations: dict[str, str | None]) -> Any:
 @click.option("--all", "all_crops", is_flag=True, help="Every crop in the datasplit.")
 @MANIFEST_OPTION
 @click.option("--bbox", default=None, help="A box z0,y0,x0,z1,y1,x1 in nm; needs --dataset.")
-@click.option("--dataset", default=None, help="The dataset of --bbox.")
+@click.option(
+    "--dataset", default=None, help="The dataset of --bbox; alone: its whole raw (region raw)."
+)
 @click.option(
     "--output",
     cls=Spelled,
