@@ -1049,3 +1049,13 @@ def test_spatial_transforms_on_the_device_default_and_refusals(
         )
     with pytest.raises(ValueError, match="spatial_transforms_on_device must be"):
         loader_config(aligned, tmp_path / "split.csv", spatial_transforms_on_device="yes")
+
+
+@pytest.mark.slow
+def test_boxes_from_workers_give_the_same_patches(aligned: Path, tmp_path: Path) -> None:
+    """Spatial transforms on the device with two workers: their boxes (in shared memory)
+    give the one-process loader's patches."""
+    config = loader_config(aligned, tmp_path / "split.csv", spatial_transforms_on_device=True)
+    serial = epoch(build_loaders(config).train)
+    workers = build_loaders(dataclasses.replace(config, dataloader_kwargs={"num_workers": 2}))
+    assert_samples_equal(epoch(workers.train), serial)

@@ -354,3 +354,19 @@ def test_example_configs_build_their_models(name: str) -> None:
     with torch.no_grad():
         out = model.eval()(torch.zeros(1, 1, *shape))
     assert out.shape == (1, len(config.classes), *shape)
+
+
+@pytest.mark.slow
+def test_spatial_transforms_on_the_device_train_like_the_cpu_path(
+    data: Path, tmp_path: Path
+) -> None:
+    """A run whose loader ships boxes (resampled in the training process) trains on the same
+    patches as the CPU path: the same losses within float tolerance."""
+    cpu = train(config_of(data, tmp_path / "cpu", epochs=1))
+    device = train(
+        config_of(data, tmp_path / "device", epochs=1, spatial_transforms_on_device=True)
+    )
+    assert device.losses and len(device.losses) == len(cpu.losses)
+    torch.testing.assert_close(
+        torch.tensor(device.losses), torch.tensor(cpu.losses), rtol=1e-4, atol=1e-5
+    )
