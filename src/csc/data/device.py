@@ -107,11 +107,11 @@ def sample_codes(codes: torch.Tensor, maps: torch.Tensor, shape: Sequence[int]) 
     num, classes, sizes = codes.shape[0], codes.shape[1], codes.shape[2:]
     shifted = maps.to(torch.float64).reshape(num * classes, 3, 4).clone()
     shifted[:, :, 3] += 0.5  # nearest, ties up, added before the float32 grid (as the CPU)
-    positions = affine_grid(shifted.to(torch.float32).to(codes.device), shape)
-    index = positions.floor().to(torch.int64)  # (N C, Z, Y, X, 3): box voxel (z, y, x)
-    flat = torch.zeros(index.shape[:-1], dtype=torch.int64, device=codes.device)
-    for p, n in enumerate(sizes):  # clipped: only rounding at the box's edge reaches past it
-        flat = flat * n + index[..., p].clamp(0, n - 1)
+    positions = affine_grid(shifted.to(torch.float32).to(codes.device), shape)  # (N C, ..., 3)
+    flat = torch.zeros(positions.shape[:-1], dtype=torch.int64, device=codes.device)
+    for p, n in enumerate(sizes):  # box voxel (z, y, x), clipped: only rounding at the box's
+        # edge reaches past it; one axis at a time (no (N C, ..., 3) int64 index)
+        flat = flat * n + positions[..., p].floor().clamp(0, n - 1).to(torch.int64)
     values = torch.gather(codes.reshape(num * classes, -1), 1, flat.reshape(num * classes, -1))
     table = torch.full((max(LABEL_CODES.values()) + 1,), math.nan, device=codes.device)
     table[LABEL_CODES["absent"]], table[LABEL_CODES["present"]] = 0.0, 1.0
