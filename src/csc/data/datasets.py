@@ -562,10 +562,6 @@ def shifted_plan(
     return shift_plan(raw_plan, [round(d) for d in shift], label.level.shape)
 
 
-def _plus(start: tuple[int, ...], size: np.ndarray) -> tuple[int, ...]:
-    return tuple(a + int(n) for a, n in zip(start, size, strict=True))
-
-
 LABEL_CODES = {"absent": 0, "present": 1, "unknown": 2}  # label boxes shipped to the device
 
 
@@ -658,21 +654,12 @@ class TrainPatches(PatchDataset):
         known = [item for row in labels for item in row if item is not None]
         label_size = np.max([stop - start for start, stop, _ in known], axis=0)
         raw_reads = [
-            self._box(
-                r[0],
-                self.crops[r[0]].raw,
-                tuple(start.tolist()),
-                _plus(tuple(start.tolist()), raw_size),
-            )
-            for r, (start, _, _) in zip(requests, raws, strict=True)
+            self._padded(r[0], self.crops[r[0]].raw, item[0], raw_size, linear=True)
+            for r, item in zip(requests, raws, strict=True)
         ]
         label_reads = [
             [
-                None
-                if item is None
-                else self._box(
-                    r[0], lab, tuple(item[0].tolist()), _plus(tuple(item[0].tolist()), label_size)
-                )
+                None if item is None else self._padded(r[0], lab, item[0], label_size)
                 for lab, item in zip(self.crops[r[0]].labels, row, strict=True)
             ]
             for r, row in zip(requests, labels, strict=True)
@@ -682,19 +669,17 @@ class TrainPatches(PatchDataset):
         codes = _batch_array((*shape, *label_size), shared=in_worker, dtype=np.uint8)
         input_map = np.stack([item[2] for item in raws])
         output_map, annotated = np.zeros((*shape, 3, 4)), np.zeros(shape, dtype=bool)
-        for n, (read, row, reads) in enumerate(zip(raw_reads, labels, label_reads, strict=True)):
-            start = tuple(raws[n][0].tolist())
-            box = Plan(start, _plus(start, raw_size), None, linear=True)  # zeros beyond the level
-            input_box[n, 0] = box_of(box, read.data())
+        for n, ((plan, read), row, reads) in enumerate(
+            zip(raw_reads, labels, label_reads, strict=True)
+        ):
+            input_box[n, 0] = box_of(plan, read.data())  # zeros beyond the level
             for k, (item, label_read) in enumerate(zip(row, reads, strict=True)):
                 if item is None or label_read is None:
                     codes[n, k] = LABEL_CODES["unknown"]
                     continue
                 output_map[n, k], annotated[n, k] = item[2], True
-                start = tuple(item[0].tolist())
-                box = Plan(start, _plus(start, label_size), None)
                 label = self.crops[requests[n][0]].labels[k]
-                self._label_codes(label, box, label_read, codes[n, k])
+                self._label_codes(label, *label_read, codes[n, k])
         tensors = {
             "input_box": input_box,
             "input_map": input_map,
@@ -704,6 +689,21 @@ class TrainPatches(PatchDataset):
             "seed": np.array([r[3] for r in requests], dtype=np.int64),
         }
         return Batch({key: torch.from_numpy(value) for key, value in tensors.items()})
+
+    def _padded(
+        self,
+        crop_index: int,
+        source: ArraySource | None,
+        start: np.ndarray,
+        size: np.ndarray,
+        *,
+        linear: bool = False,
+    ) -> tuple[Plan, PendingRead | RegionRead]:
+        """The box of `size` voxels from `start` (the batch's largest box: every sample's
+        fits its own) as a plan, and its read, issued."""
+        first = tuple(start.tolist())
+        stop = tuple(a + int(n) for a, n in zip(first, size, strict=True))
+        return Plan(first, stop, None, linear=linear), self._box(crop_index, source, first, stop)
 
     @staticmethod
     def _label_codes(
