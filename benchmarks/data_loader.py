@@ -5,11 +5,14 @@ Writes `csc synth` data (into a temporary folder, or DIR to keep and reuse it), 
 datasplit (every crop trains but one), then, each in a fresh process:
 
 (a) samples/s of `build_loaders(config).train`, median of whole epochs after a warm-up epoch: 2D
-    (1, 128, 128) patches, batch 8, and 3D (64, 64, 64), batch 2, both at 8 nm with mirror,
-    transpose and rotation about z, and the same 3D patches with no spatial transforms ("3D
-    plain"); in one process and with num_workers=2 (persistent, csc's default, and restarted
-    every epoch);
+    (1, 128, 128) patches, batch 8, 2D (1, 256, 256), batch 16 ("2D 256"), and 3D (64, 64, 64),
+    batch 2, all at 8 nm with mirror, transpose and rotation about z, and the same 3D patches
+    with no spatial transforms ("3D plain"); in one process and with num_workers=2
+    (persistent, csc's default, and restarted every epoch);
     data compressed with zstd and with blosc-lz4;
+    and "1 process, boxes": spatial_transforms_on_device, the loader's part (boxes shipped,
+    labels coded; `csc.data.device` resamples them in the training process on its GPU), with
+    the median ms per batch that device step takes on this CPU;
 (b) next to each one-process run, the read limit: the same (crop, centre) patches read axis
     aligned by plain tensorstore, one batch of reads issued at once, no transforms; and the
     ratio loader / limit;
@@ -98,11 +101,23 @@ PATCHES = {
             "rotate": {"axes": {"z": [-180, 180]}},
         },
     },
+    # Larger work (issue 21): 2D at 256^2, batch 16, the same transforms.
+    "2D 256": {
+        "shape": (1, 256, 256),
+        "batch_size": 16,
+        "spatial_transforms": {
+            "mirror": {"axes": {"x": 0.5, "y": 0.5}},
+            "transpose": {"axes": ["x", "y"]},
+            "rotate": {"axes": {"z": [-180, 180]}},
+        },
+    },
     # The issue's 3D case names no transforms: patches read as they lie.
     "3D plain": {"shape": (64, 64, 64), "batch_size": 2, "spatial_transforms": {}},
 }
+ON_DEVICE = "1 process, boxes"  # spatial_transforms_on_device: the loader's part (see below)
 WORKERS = {
     "1 process": {},
+    ON_DEVICE: {},
     "2 workers": {"num_workers": 2},  # persistent: csc's default with workers
     # For comparison: workers (and their stores and chunk caches) started again every epoch.
     "2 workers, restarted": {"num_workers": 2, "persistent_workers": False},
@@ -167,6 +182,7 @@ def make_config(
             "spatial_transforms": PATCHES[patch]["spatial_transforms"],
             "dataloader_kwargs": WORKERS[workers],
             "chunk_cache_mb": cache_mb,
+            "spatial_transforms_on_device": workers == ON_DEVICE,
         }
     )
 
@@ -186,8 +202,11 @@ def measure_loader(job: dict[str, Any]) -> dict[str, Any]:
         cache_mb=job["cache_mb"],
     )
     loader = build_loaders(config).train
-    rates = [_epoch_rate(loader) for _ in range(job["epochs"] + 1)][1:]  # first: warm-up
-    result = {"rates": rates}
+    boxes = job["workers"] == ON_DEVICE
+    rates = [_epoch_rate(loader, boxes=boxes) for _ in range(job["epochs"] + 1)][1:]  # warm-up
+    result: dict[str, Any] = {"rates": rates}
+    if boxes:  # what the training process's device step costs when that device is this CPU
+        result["device_ms"] = _device_ms(loader)
     if job["limit"]:
         # Epochs 1.. again, the first a warm-up: exactly the loader's samples.
         result["limit_rates"] = read_limit(
@@ -196,11 +215,31 @@ def measure_loader(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _epoch_rate(loader: Any) -> float:
+def _epoch_rate(loader: Any, *, boxes: bool = False) -> float:
+    """Samples/s of an epoch; `boxes`: of the loader's boxes (spatial_transforms_on_device),
+    before the training process resamples them on its device."""
+    import torch
+
     start, count = time.perf_counter(), 0
-    for batch in loader:
-        count += len(batch["input"])
+    batches = torch.utils.data.DataLoader.__iter__(loader) if boxes else loader
+    for batch in batches:
+        count += len(batch["seed" if boxes else "input"])
     return count / (time.perf_counter() - start)
+
+
+def _device_ms(loader: Any) -> float:
+    """Median ms per batch of `csc.data.device.resample_on_device` on this CPU (one thread,
+    as a loader would): what the device road would cost without a GPU."""
+    import torch
+
+    from csc.data.device import resample_on_device
+
+    times = []
+    for batch in torch.utils.data.DataLoader.__iter__(loader):
+        start = time.perf_counter()
+        resample_on_device(batch, loader.dataset, torch.device("cpu"))
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
 
 
 def read_limit(train_set: Any, batch_size: int, *, epochs: int, cache_mb: int) -> list[float]:
@@ -306,10 +345,14 @@ def run_child(job: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
 
 def loader_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     cases = []
-    for data in ("zstd", "blosc-lz4"):
-        for patch in PATCHES:
-            for workers in WORKERS:
-                iterations = args.iterations_2d if patch == "2D" else args.iterations_3d
+    for data in args.formats:
+        for patch in args.patches:
+            for workers in args.workers:
+                if workers == ON_DEVICE and not PATCHES[patch]["spatial_transforms"]:
+                    continue  # nothing to resample: the CPU path reads views
+                iterations = {"2D": args.iterations_2d, "2D 256": args.iterations_2d // 4}.get(
+                    patch, args.iterations_3d
+                )
                 cases.append(
                     {
                         "kind": "loader",
@@ -318,7 +361,7 @@ def loader_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "workers": workers,
                         "iterations": iterations,
                         "epochs": args.epochs,
-                        "limit": workers == "1 process" and not args.skip_limit,
+                        "limit": workers in ("1 process", ON_DEVICE) and not args.skip_limit,
                         "cache_mb": args.cache_mb,
                     }
                 )
@@ -339,11 +382,13 @@ def report_loader(case: dict[str, Any], results: list[dict[str, Any]]) -> list[s
             ratios.append(rates[-1] / limits[-1])
             line += f"; read limit {limits[-1]:.1f} (epochs: {_list(result['limit_rates'])})"
             line += f"; ratio {ratios[-1]:.2f}"
+        if "device_ms" in result:
+            line += f"; device step on this CPU {result['device_ms']:.1f} ms per batch"
         print(line)
     limit = f"{statistics.median(limits):.0f}" if limits else ""
     ratio = f"{statistics.median(ratios):.2f}" if ratios else ""
     target = ""
-    if case["workers"] == "1 process":
+    if case["workers"] in ("1 process", ON_DEVICE):
         target = f"ratio >= {TARGET_RATIO}"
         if case["patch"] == "2D":
             target = f">= {TARGET_2D_RATE:.0f}/s, " + target
@@ -390,7 +435,7 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def run(args: argparse.Namespace, folder: Path) -> None:
-    names = ([] if args.skip_loaders else ["zstd", "blosc-lz4"]) + (
+    names = ([] if args.skip_loaders else list(args.formats)) + (
         [] if args.skip_rss else ["rss-10", "rss-1000"]
     )
     prepare(folder, names)
@@ -402,7 +447,7 @@ def run(args: argparse.Namespace, folder: Path) -> None:
             "warm-up epoch"
         )
         for case in loader_cases(args):
-            repeats = args.repeats if case["workers"] == "1 process" else 1
+            repeats = args.repeats if case["workers"] in ("1 process", ON_DEVICE) else 1
             job = {**case, "folder": str(folder / case["data"])}
             results = [run_child(job, cache_dir) for _ in range(repeats)]
             loader_rows.append(report_loader(case, results))
@@ -441,6 +486,11 @@ def main() -> None:
     parser.add_argument("--skip-loaders", action="store_true", help="no (a) and (b)")
     parser.add_argument("--skip-limit", action="store_true", help="no (b)")
     parser.add_argument("--skip-rss", action="store_true", help="no (c)")
+    parser.add_argument(
+        "--formats", nargs="+", default=["zstd", "blosc-lz4"], choices=["zstd", "blosc-lz4"]
+    )
+    parser.add_argument("--patches", nargs="+", default=list(PATCHES), choices=list(PATCHES))
+    parser.add_argument("--workers", nargs="+", default=list(WORKERS), choices=list(WORKERS))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -956,3 +956,106 @@ def test_runs_and_sub_indices_of_slices_match_their_positions() -> None:
         part = _sub_index(index, low, high, shift)
         source = np.arange(80)
         assert np.array_equal(source[part], source[positions[low:high] + shift])
+
+
+# --- Spatial transforms on the device (run here on the CPU, through the same code) -----------
+
+
+def assert_close_patches(device: dict, cpu: dict, *, max_label_mismatch: float = 0.0) -> None:
+    """Raw within float tolerance (coordinate values up to ~1e5: relative 1e-6), labels equal
+    (NaN where NaN) but for a share `max_label_mismatch` of voxels (nearest ties in float32)."""
+    assert device["input"].shape == cpu["input"].shape
+    assert device["output"].shape == cpu["output"].shape
+    torch.testing.assert_close(device["input"], cpu["input"], rtol=1e-5, atol=1e-3)
+    a, b = torch.nan_to_num(device["output"], nan=-1.0), torch.nan_to_num(cpu["output"], nan=-1.0)
+    assert (a != b).float().mean().item() <= max_label_mismatch
+    assert device["output"].isnan().any() == cpu["output"].isnan().any()
+
+
+@pytest.mark.parametrize(
+    ("shape", "rotate"),
+    [
+        ((1, 8, 8), {"z": [-180, 180]}),
+        ((4, 8, 8), {"z": [-180, 180]}),
+        ((4, 8, 8), {"x": [-30, 30], "z": [-180, 180]}),
+    ],
+    ids=["2D", "3D", "3D oblique"],
+)
+def test_spatial_transforms_on_the_device_give_the_cpu_patches(
+    aligned: Path, tmp_path: Path, shape: tuple[int, ...], rotate: dict
+) -> None:
+    """The same seed and keys: boxes resampled by `csc.data.device` (here on the CPU) equal the
+    CPU path's patches, over two epochs, with mirror, transpose and rotation, coordinate-valued
+    raw and labels, patches leaving the crop (NaN) and an unannotated class (NaN)."""
+    info = {"shape": shape, "scale": (8, 8, 8)}
+    transforms = {
+        "mirror": {"axes": {"x": 0.5, "y": 0.5}},
+        "transpose": {"axes": ["x", "y"]},
+        "rotate": {"axes": rotate},
+    }
+    config = loader_config(
+        aligned,
+        tmp_path / "split.csv",
+        input_array_info=info,
+        target_array_info=info,
+        spatial_transforms=transforms,
+    )
+    cpu = build_loaders(config)
+    device = build_loaders(dataclasses.replace(config, spatial_transforms_on_device=True))
+    assert not cpu.train.dataset.on_device and device.train.dataset.on_device
+    for _ in range(2):
+        for got, expected in zip(epoch(device.train), epoch(cpu.train), strict=True):
+            assert_close_patches(got, expected, max_label_mismatch=1e-3 if "x" in rotate else 0.0)
+
+
+def test_value_transforms_on_the_device_draw_each_samples_own_numbers(
+    aligned: Path, tmp_path: Path
+) -> None:
+    """Raw value transforms run after resampling on the device with each sample's generator:
+    the same gamma, contrast, noise and blur as the CPU path."""
+    transform = Compose(
+        [Normalize(), RandomContrast(p=1.0), GaussianNoise(p=1.0), GaussianBlur(p=1.0)]
+    )
+    config = loader_config(aligned, tmp_path / "split.csv", train_raw_value_transforms=transform)
+    cpu = epoch(build_loaders(config).train)
+    device = epoch(
+        build_loaders(dataclasses.replace(config, spatial_transforms_on_device=True)).train
+    )
+    for got, expected in zip(device, cpu, strict=True):
+        assert_close_patches(got, expected)
+
+
+def test_spatial_transforms_on_the_device_default_and_refusals(
+    aligned: Path, tmp_path: Path
+) -> None:
+    """None: on only for CUDA with rotations; True with a target transform: an error naming
+    the key; a bad value: refused by the config."""
+    from csc.data.device import use_device_transforms
+
+    config = loader_config(aligned, tmp_path / "split.csv")
+    crops = build_datasets(config)[0].crops
+    assert not use_device_transforms(config, "cpu", crops)
+    assert use_device_transforms(config, "cuda", crops)
+    unrotated = dataclasses.replace(config, spatial_transforms={"mirror": {"axes": {"x": 0.5}}})
+    assert not use_device_transforms(unrotated, "cuda", crops)
+    assert use_device_transforms(
+        dataclasses.replace(unrotated, spatial_transforms_on_device=True), "cpu", crops
+    )
+    target = dataclasses.replace(config, target_value_transforms=stored_values)
+    assert not use_device_transforms(target, "cuda", crops)
+    with pytest.raises(ValueError, match="spatial_transforms_on_device = True"):
+        use_device_transforms(
+            dataclasses.replace(target, spatial_transforms_on_device=True), "cuda", crops
+        )
+    with pytest.raises(ValueError, match="spatial_transforms_on_device must be"):
+        loader_config(aligned, tmp_path / "split.csv", spatial_transforms_on_device="yes")
+
+
+@pytest.mark.slow
+def test_boxes_from_workers_give_the_same_patches(aligned: Path, tmp_path: Path) -> None:
+    """Spatial transforms on the device with two workers: their boxes (in shared memory)
+    give the one-process loader's patches."""
+    config = loader_config(aligned, tmp_path / "split.csv", spatial_transforms_on_device=True)
+    serial = epoch(build_loaders(config).train)
+    workers = build_loaders(dataclasses.replace(config, dataloader_kwargs={"num_workers": 2}))
+    assert_samples_equal(epoch(workers.train), serial)

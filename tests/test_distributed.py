@@ -224,3 +224,15 @@ def test_validation_tiles_are_split_over_ranks_once(data: Path, tmp_path: Path) 
     for share in shares:
         for index, key in enumerate(share.keys):  # type: ignore[union-attr]
             assert (share.centres[index] == whole.centres[key]).all()  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+def test_two_ranks_train_with_spatial_transforms_on_the_device(data: Path, tmp_path: Path) -> None:
+    """Under torchrun, loaders that ship boxes (resampled in each rank's training process)
+    give each rank its own patches, as many as the CPU path, none shared."""
+    config = write_config(data, tmp_path, epochs=1, spatial_transforms_on_device=True)
+    done = torchrun(config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    first, second = seen(tmp_path, 0), seen(tmp_path, 1)
+    assert len(first) == len(second) == 6
+    assert not set(first) & set(second)

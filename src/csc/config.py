@@ -170,6 +170,9 @@ class TrainConfig:
     dataloader_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     chunk_cache_mb: int = 256  # tensorstore's decoded-chunk cache, per loader process
     crop_cache_mb: int = 256  # crop regions held decoded in memory, per loader process
+    # Spatial transforms (resampling) in the training process on its device: the loader ships
+    # each sample's axis-aligned boxes. None: on when training on CUDA with rotations.
+    spatial_transforms_on_device: bool | None = None
     s3_endpoint_url: str | None = None  # S3 endpoint; None: $AWS_ENDPOINT_URL, else AWS
     s3_timeout_s: float = S3_TIMEOUT_S  # one S3 request: to connect, and for each next byte
     s3_retry_budget_s: float = S3_RETRY_BUDGET_S  # how long a failing S3 read is retried
@@ -650,6 +653,11 @@ def _check_counts(config: TrainConfig) -> None:
     _require_int(config, "random_seed", minimum=0)
     _require_int(config, "chunk_cache_mb", minimum=0)
     _require_int(config, "crop_cache_mb", minimum=0)
+    if config.spatial_transforms_on_device not in (None, True, False):
+        raise ValueError(
+            "spatial_transforms_on_device must be None (on when training on CUDA with "
+            f"rotations), True or False, got {config.spatial_transforms_on_device!r}"
+        )
     positive = (
         "learning_rate",
         "max_grad_norm",

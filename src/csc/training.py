@@ -568,7 +568,8 @@ def train_epoch(run: Run, epoch: int) -> list[float]:
         debug = start_debug(run, wait)
         if index == 0:  # the epoch's first batch, as the model sees it (after augmentation)
             log_train_images(run, batch)
-        sampled += sampled_counts(batch["output"])
+        # .to: batches resampled on the GPU (spatial_transforms_on_device) count there.
+        sampled += sampled_counts(batch["output"]).to(sampled.device)
         step_now = (index + 1) % config.gradient_accumulation_steps == 0
         step_now |= index + 1 == config.iterations_per_epoch
         loss = train_step(run, batch, step_now=step_now, debug=debug)

@@ -3,8 +3,8 @@
 Modules, in the order data flows: `sources` (tensorstore reads and crop regions held in
 memory; opening arrays and their metadata belong to `csc.storage`), `geometry`
 (world coordinates to voxels: planning reads), `sampling` (carrying the plans out),
-`transforms` (augmentations), `datasets` (samples, tiles, sampler) and `loaders` (from a config
-to DataLoaders).
+`transforms` (augmentations), `datasets` (samples, tiles, sampler), `device` (spatial transforms
+on the training device) and `loaders` (from a config to DataLoaders).
 
 Here are the names a config or a script uses: the value transforms a config sets,
 `build_loaders` (a config's DataLoaders) and `DataWarning`. csc's own modules import the rest

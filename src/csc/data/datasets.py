@@ -29,7 +29,7 @@ import torch
 
 from csc.config import ArrayInfo, TrainConfig
 from csc.data.geometry import Grid, Inside, Plan, plan_read, shift_plan, source_map
-from csc.data.sampling import Sampled, resample
+from csc.data.sampling import Sampled, box_of, resample
 from csc.data.sources import Box, DataWarning, PendingRead, RegionRead, region_cache
 from csc.data.transforms import Draws, Normalize, sample_generator, spatial_matrix, uniforms
 from csc.storage import DEFAULT_CHUNK_CACHE_MB, ArraySource, Vec3, open_array
@@ -500,14 +500,17 @@ def _label_groups(crop: Crop) -> list[list[int]]:
     return list(groups.values())
 
 
-def _batch_array(shape: tuple[int, ...], *, shared: bool) -> np.ndarray:
-    """An empty float32 batch array; `shared`: in shared memory, as torch's collate allocates
-    it in a DataLoader worker, so the batch reaches the main process without a copy (moving
-    a 3D batch there afterwards took longer than assembling it)."""
+def _batch_array(
+    shape: tuple[int, ...], *, shared: bool, dtype: np.dtype | type = np.float32
+) -> np.ndarray:
+    """An empty batch array (float32 unless told); `shared`: in shared memory, as torch's
+    collate allocates it in a DataLoader worker, so the batch reaches the main process
+    without a copy (moving a 3D batch there afterwards took longer than assembling it)."""
     if not shared:
-        return np.empty(shape, dtype=np.float32)
-    storage = torch.empty(0)._typed_storage()._new_shared(math.prod(shape))
-    return torch.empty(0).new(storage).view(shape).numpy()
+        return np.empty(shape, dtype=dtype)
+    empty = torch.from_numpy(np.empty(0, dtype=dtype))
+    storage = empty._typed_storage()._new_shared(math.prod(shape))
+    return empty.new(storage).view(shape).numpy()
 
 
 def _holds(box: Box, start: Sequence[int], stop: Sequence[int], shape: Sequence[int]) -> bool:
@@ -559,6 +562,32 @@ def shifted_plan(
     return shift_plan(raw_plan, [round(d) for d in shift], label.level.shape)
 
 
+LABEL_CODES = {"absent": 0, "present": 1, "unknown": 2}  # label boxes shipped to the device
+
+
+def raw_dtype_problem(crops: Sequence[Crop]) -> str | None:
+    """Why raw boxes of these crops cannot share one batch array (None: they can)."""
+    dtypes = sorted({str(crop.raw.dtype) for crop in crops})
+    if len(dtypes) > 1 or dtypes[0] == "None":
+        return f"the training crops' raws must share one known dtype, found {', '.join(dtypes)}"
+    return None
+
+
+def box_map(
+    grid: Grid, centre: np.ndarray, matrix: np.ndarray, source: ArraySource
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The axis-aligned box (start, stop: source voxels (z, y, x), may exceed the level) that
+    holds every linear tap and nearest voxel of a patch, and the (3, 4) map of output voxel
+    index i to box voxel position: map[:, :3] @ i + map[:, 3]."""
+    level = source.level
+    a, b = source_map(grid, centre, matrix, level.scale, level.translation)
+    span = a * (np.asarray(grid.shape) - 1)  # (3, 3): how far each output axis moves each one
+    low, high = b + np.minimum(span, 0).sum(axis=1), b + np.maximum(span, 0).sum(axis=1)
+    start = np.floor(low).astype(np.int64)
+    stop = np.floor(high).astype(np.int64) + 2  # the upper linear tap; nearest rounds below it
+    return start, stop, np.concatenate([a, (b - start)[:, None]], axis=1)
+
+
 def snap(centre: np.ndarray, grid: Grid, source: ArraySource) -> np.ndarray:
     """Move `centre` (< half a voxel) so the grid's voxels sit on the source's voxel centres:
     then an untransformed patch at the source's own voxel size is read exactly, not resampled."""
@@ -582,9 +611,15 @@ class TrainPatches(PatchDataset):
         seed: int,
         spatial_transforms: Mapping[str, Any] | None = None,
         probabilities: np.ndarray | None = None,
+        on_device: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(crops, spec, **kwargs)
+        # Spatial transforms left to the training device (`read_boxes`); raws of one dtype.
+        self.on_device = on_device
+        self.raw_dtype = np.dtype(self.crops[0].raw.dtype or "float32")
+        if on_device and raw_dtype_problem(self.crops) is not None:
+            raise ValueError(f"spatial_transforms_on_device: {raw_dtype_problem(self.crops)}")
         self.num_samples = num_samples
         self.seed = seed
         self.spatial_transforms = spatial_transforms
@@ -595,6 +630,97 @@ class TrainPatches(PatchDataset):
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def read(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, int]]) -> Batch:
+        """The batch of samples for requests; with `on_device`, their boxes (`read_boxes`)."""
+        return self.read_boxes(requests) if self.on_device else super().read(requests)
+
+    def read_boxes(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, int]]) -> Batch:
+        """`spatial_transforms_on_device`: per sample, the axis-aligned boxes its patch reads,
+        and the maps from output voxels into them; `csc.data.device` resamples them on the
+        training device. ``input_box`` (N, 1, Z', Y', X'): raw as stored (zeros beyond the
+        level); ``output_box`` (N, C, Z'', Y'', X'') uint8 label codes (`LABEL_CODES`: 0
+        absent, 1 present, 2 not annotated: "unknown", beyond the level, classes the crop
+        does not annotate); ``input_map`` (N, 3, 4) and ``output_map`` (N, C, 3, 4): box voxel
+        position (z, y, x) = map[:, :3] @ output index + map[:, 3]; ``annotated`` (N, C);
+        ``seed`` (N,) of the value transforms. Boxes are padded to the batch's largest."""
+        num, in_worker = len(requests), torch.utils.data.get_worker_info() is not None
+        raws = [box_map(self.spec.input, c, m, self.crops[i].raw) for i, c, m, _ in requests]
+        labels = [
+            [None if lab is None else box_map(self.spec.target, c, m, lab) for lab in crop.labels]
+            for crop, (_, c, m, _) in ((self.crops[r[0]], r) for r in requests)
+        ]
+        raw_size = np.max([stop - start for start, stop, _ in raws], axis=0)
+        known = [item for row in labels for item in row if item is not None]
+        label_size = np.max([stop - start for start, stop, _ in known], axis=0)
+        raw_reads = [
+            self._padded(r[0], self.crops[r[0]].raw, item[0], raw_size, linear=True)
+            for r, item in zip(requests, raws, strict=True)
+        ]
+        label_reads = [
+            [
+                None if item is None else self._padded(r[0], lab, item[0], label_size)
+                for lab, item in zip(self.crops[r[0]].labels, row, strict=True)
+            ]
+            for r, row in zip(requests, labels, strict=True)
+        ]
+        shape = (num, self.num_classes)
+        input_box = _batch_array((num, 1, *raw_size), shared=in_worker, dtype=self.raw_dtype)
+        codes = _batch_array((*shape, *label_size), shared=in_worker, dtype=np.uint8)
+        input_map = np.stack([item[2] for item in raws])
+        output_map, annotated = np.zeros((*shape, 3, 4)), np.zeros(shape, dtype=bool)
+        for n, ((plan, read), row, reads) in enumerate(
+            zip(raw_reads, labels, label_reads, strict=True)
+        ):
+            input_box[n, 0] = box_of(plan, read.data())  # zeros beyond the level
+            for k, (item, label_read) in enumerate(zip(row, reads, strict=True)):
+                if item is None or label_read is None:
+                    codes[n, k] = LABEL_CODES["unknown"]
+                    continue
+                output_map[n, k], annotated[n, k] = item[2], True
+                label = self.crops[requests[n][0]].labels[k]
+                self._label_codes(label, *label_read, codes[n, k])
+        tensors = {
+            "input_box": input_box,
+            "input_map": input_map,
+            "output_box": codes,
+            "output_map": output_map,
+            "annotated": annotated,
+            "seed": np.array([r[3] for r in requests], dtype=np.int64),
+        }
+        return Batch({key: torch.from_numpy(value) for key, value in tensors.items()})
+
+    def _padded(
+        self,
+        crop_index: int,
+        source: ArraySource | None,
+        start: np.ndarray,
+        size: np.ndarray,
+        *,
+        linear: bool = False,
+    ) -> tuple[Plan, PendingRead | RegionRead]:
+        """The box of `size` voxels from `start` (the batch's largest box: every sample's
+        fits its own) as a plan, and its read, issued."""
+        first = tuple(start.tolist())
+        stop = tuple(a + int(n) for a, n in zip(first, size, strict=True))
+        return Plan(first, stop, None, linear=linear), self._box(crop_index, source, first, stop)
+
+    @staticmethod
+    def _label_codes(
+        source: ArraySource | None, plan: Plan, read: PendingRead | RegionRead, out: np.ndarray
+    ) -> None:
+        """A label box's stored values to codes in `out` (Z, Y, X): 1 present, 0 absent, 2
+        "unknown" and beyond the level."""
+        assert source is not None
+        box = box_of(plan, read.data())
+        np.not_equal(box, box.dtype.type(source.absent), out=out, casting="unsafe")
+        if source.unknown is not None:
+            out[box == source.unknown] = LABEL_CODES["unknown"]
+        runs = [
+            (max(0, -a), max(0, min(b, n) - a))
+            for a, b, n in zip(plan.start, plan.stop, source.level.shape, strict=True)
+        ]
+        Inside(tuple(runs)).fill_outside(out, LABEL_CODES["unknown"])
 
     def draw(self, epoch: int, index: int) -> tuple[int, np.ndarray, np.ndarray, int]:
         """The (crop, centre, matrix, seed) of sample `index` of `epoch`."""

@@ -25,6 +25,7 @@ from csc.data.datasets import (
     collate,
     crop_probabilities,
 )
+from csc.data.device import DeviceLoader, use_device_transforms
 from csc.data.sources import DataWarning
 from csc.datasplit import DatasplitRow, read_datasplit, s3_options
 from csc.manifests.classes import exclusions
@@ -281,10 +282,12 @@ def build_datasets(
     world_size: int = 1,
     crops: tuple[list[Crop], list[Crop]] | None = None,
     spec: PatchSpec | None = None,
+    device_type: str = "cpu",
 ) -> tuple[TrainPatches, ValidationTiles | None]:
     """The training and validation datasets of a config (rows default to its datasplit CSV;
     `crops`, from `read_crops`, skip reading metadata); under torchrun, validation holds this
-    rank's share of the tiles."""
+    rank's share of the tiles. The training set ships boxes when spatial transforms run on
+    the device batches go to (`csc.data.device`)."""
     spec = spec or PatchSpec.from_config(config)
     train, validate = read_crops(config, rows, spec=spec) if crops is None else crops
     common = {
@@ -303,6 +306,7 @@ def build_datasets(
             train, weighted=config.weighted_sampler, classes=config.classes
         ),
         raw_transform=config.train_raw_value_transforms,
+        on_device=use_device_transforms(config, device_type, train),
         **common,
     )
     validate_set = None
@@ -342,16 +346,33 @@ def build_loaders(
     come in a fixed order. Worker defaults depend on the device the batches go to and on how
     many training processes share this machine's cores."""
     train_set, validate_set = build_datasets(
-        config, rows, rank=rank, world_size=world_size, crops=crops, spec=spec
+        config,
+        rows,
+        rank=rank,
+        world_size=world_size,
+        crops=crops,
+        spec=spec,
+        device_type=device_type,
     )
     sampler = EpochSampler(
         train_set.num_samples, start_epoch=start_epoch, rank=rank, world_size=world_size
     )
     defaults = default_loader_kwargs(device_type, processes_per_machine=processes_per_machine)
     kwargs = loader_kwargs({**defaults, **config.dataloader_kwargs})
-    train = torch.utils.data.DataLoader(
-        train_set, batch_size=config.batch_size, sampler=sampler, collate_fn=collate, **kwargs
-    )
+    train: torch.utils.data.DataLoader[Any]
+    if train_set.on_device:  # batches of boxes, resampled on the device as they come out
+        train = DeviceLoader(
+            train_set,
+            batch_size=config.batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            device_type=device_type,
+            **kwargs,
+        )
+    else:
+        train = torch.utils.data.DataLoader(
+            train_set, batch_size=config.batch_size, sampler=sampler, collate_fn=collate, **kwargs
+        )
     validate = None
     if validate_set is not None:
         validate = torch.utils.data.DataLoader(

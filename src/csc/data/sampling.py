@@ -9,7 +9,6 @@ grid out of boxes.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -78,7 +77,7 @@ def _positions(maps: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return out.reshape(num, rows, -1)
 
 
-def _box(plan: Plan, data: Data) -> np.ndarray:
+def box_of(plan: Plan, data: Data) -> np.ndarray:
     """The plan's box [start, stop) out of an array: a view when the array holds it, else a
     copy with zeros where the array does not reach (outside the level; for nearest plans,
     whose voxels there are masked, left unset, but for float labels: stray float bits would
@@ -103,8 +102,8 @@ def _box(plan: Plan, data: Data) -> np.ndarray:
 def _boxes(plan: Plan, arrays: Sequence[Data]) -> np.ndarray:
     """(K, Z, Y, X): the plan's box of each array."""
     if len(arrays) == 1:
-        return _box(plan, arrays[0])[None]
-    return np.stack([_box(plan, data) for data in arrays])
+        return box_of(plan, arrays[0])[None]
+    return np.stack([box_of(plan, data) for data in arrays])
 
 
 def _apply_axes(plan: Plan, arrays: Sequence[Data]) -> Sampled:
@@ -128,7 +127,7 @@ def _apply_axes(plan: Plan, arrays: Sequence[Data]) -> Sampled:
             ]
             views.append(_index_axes(array.transpose(plan.perm), index))
         else:  # (Z, Y, X) source order -> output order: output axis j is source axis perm[j]
-            box = _box(plan, (array, origin))  # raw beyond the level: zeros there
+            box = box_of(plan, (array, origin))  # raw beyond the level: zeros there
             views.append(_index_axes(box.transpose(plan.perm), plan.index))
     return views, plan.valid
 
@@ -251,7 +250,7 @@ def _slab(plan: Plan, data: Data, p: int) -> tuple[np.ndarray, tuple[int, int, i
     if p == 0:  # (Z, Y, X) regions are C-ordered: a z range is one contiguous block
         shift = (plan.start[0] - origin[0], plan.start[1] - origin[1], plan.start[2] - origin[2])
         return array, shift
-    return np.ascontiguousarray(np.moveaxis(_box(plan, data), p, 0)), (0, 0, 0)
+    return np.ascontiguousarray(np.moveaxis(box_of(plan, data), p, 0)), (0, 0, 0)
 
 
 def _flat_index(index: np.ndarray, shift: Sequence[int], width: int) -> np.ndarray:
@@ -340,15 +339,23 @@ def _everywhere(plan: Plan, inside: np.ndarray) -> Inside:
     return Inside(tuple((0, n) for n in plan.out_shape), inside.reshape(plan.out_shape))
 
 
-@functools.lru_cache(maxsize=16)
-def _index_grid(shape: tuple[int, ...]) -> torch.Tensor:
-    """(voxels, k + 1) float32 tensor: each output voxel's index along the k axes (row-major)
-    and a 1."""
+def affine_grid(maps: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """(N, *shape, k) grid of N affine maps (N, k, k + 1) float32 over an output grid of
+    `shape` (k axes): entry (n, i, c) is maps[n, c, :k] @ i + maps[n, c, k]. Summed as
+    broadcast ramps, one fused multiply-add per axis, the last one writing the full grid (a
+    batched (voxels, k + 1) @ (k + 1, k) matmul took 3x longer for 2D 256^2, affine_grid
+    longer still). On the maps' device."""
     import torch
 
-    indices = np.indices(shape, dtype=np.float32).reshape(len(shape), -1)
-    ones = np.ones((1, indices.shape[1]), dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(np.concatenate([indices, ones]).T))
+    num, k = len(maps), len(shape)
+    steps = maps.transpose(1, 2)  # (N, k + 1, k): per output axis, its step in each coordinate
+    ones = [1] * k
+    grid = steps[:, k].reshape(num, *ones, k)
+    for axis, n in enumerate(shape):
+        ramp = torch.arange(n, dtype=maps.dtype, device=maps.device)
+        ramp = ramp.reshape(1, *[n if a == axis else 1 for a in range(k)], 1)
+        grid = torch.addcmul(grid, ramp, steps[:, axis].reshape(num, *ones, k))
+    return grid
 
 
 def _sample_linear(items: Sequence[tuple[Plan, np.ndarray]]) -> list[tuple[np.ndarray, None]]:
@@ -375,11 +382,7 @@ def _sample_linear(items: Sequence[tuple[Plan, np.ndarray]]) -> list[tuple[np.nd
     # Rows x first; the ignore: rotated plans carry a grid.
     maps = np.stack([plan.grid[::-1] * norm[::-1] for plan, _ in items])  # type: ignore[index]
     maps[:, :, -1] -= np.array([1.0 if n > 1 else 0.0 for n in sizes[::-1]])
-    # (N, voxels, k) = (voxels, k + 1) output indices and ones @ (N, k + 1, k): one batched
-    # matmul writes the grid point by point (affine_grid, or numpy, took 3-7x longer here).
-    maps_t = torch.from_numpy(maps.astype(np.float32)).transpose(1, 2)
-    grid = torch.matmul(_index_grid(first.grid_shape), maps_t)
-    grid = grid.reshape(num, *first.grid_shape, len(first.grid_shape))
+    grid = affine_grid(torch.from_numpy(maps.astype(np.float32)), first.grid_shape)
     out = F.grid_sample(
         torch.from_numpy(source), grid, mode="bilinear", padding_mode="zeros", align_corners=True
     ).numpy()

@@ -250,8 +250,10 @@ class GaussianNoise(_Random):
     def apply(self, x: Any) -> Any:
         import torch
 
+        # Drawn on the CPU (the sample's generator lives there), also for a patch on a GPU
+        # (`spatial_transforms_on_device`): the same noise either way.
         noise = torch.randn(x.shape, generator=current_generator(), dtype=x.dtype)
-        return x + noise * _uniform(*self.std)
+        return x + noise.to(x.device) * _uniform(*self.std)
 
 
 class GaussianBlur(_Random):
@@ -267,7 +269,7 @@ class GaussianBlur(_Random):
 
         sigma = _uniform(*self.sigma)
         radius = max(1, math.ceil(3 * sigma))
-        taps = torch.arange(-radius, radius + 1, dtype=x.dtype)
+        taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
         kernel = torch.exp(-(taps**2) / (2 * sigma**2))
         kernel = kernel / kernel.sum()
         out = x[None]  # (1, C, *spatial): blur each spatial axis in turn, edges replicated
