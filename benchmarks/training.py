@@ -19,11 +19,13 @@ Run from the repository root: .venv/bin/python benchmarks/training.py [--data DI
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import io
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,32 @@ def pure_step(run: Run, inputs: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return loss.detach()
 
 
+@contextlib.contextmanager
+def restored(run: Run) -> Iterator[None]:
+    """The model's and optimizer's state put back afterwards: the pure steps, which check
+    nothing, leave the run as they found it (a non-finite step would spoil the weights the loop
+    goes on training)."""
+    model = copy.deepcopy(run.model.state_dict())
+    optimizer = copy.deepcopy(run.optimizer.state_dict())
+    try:
+        yield
+    finally:
+        run.model.load_state_dict(model)
+        run.optimizer.load_state_dict(optimizer)
+        run.optimizer.zero_grad(set_to_none=True)
+
+
+def pure_steps(run: Run, inputs: torch.Tensor, target: torch.Tensor, count: int) -> float:
+    """Seconds per pure step, `count` in a row; the run left as it was (`restored`)."""
+    with restored(run):
+        synchronize(run.device)
+        start = time.perf_counter()
+        for _ in range(count):
+            pure_step(run, inputs, target)
+        synchronize(run.device)
+        return (time.perf_counter() - start) / count
+
+
 def timed(function: Callable[[], object], device: torch.device, calls: int) -> float:
     """Seconds per call of `function`, `calls` calls in a row."""
     synchronize(device)
@@ -98,11 +126,7 @@ def timed(function: Callable[[], object], device: torch.device, calls: int) -> f
 def loop_parts(run: Run, batch: dict[str, torch.Tensor]) -> dict[str, Callable[[], object]]:
     """What the loop does per batch beyond the pure step, each part alone, on a real batch."""
     inputs, target = to_device(run, batch)
-    with autocast(run.device, run.config.precision):
-        logits = run.model(inputs).float()
-        loss = run.loss_fn(logits, target)
-    loss.backward()  # gradients for the non-finite check; dropped before the next step
-    logits, loss = logits.detach(), loss.detach()
+    logits, loss = with_gradients(run, inputs, target)
     bar = tqdm(total=10**9, file=io.StringIO(), mininterval=0.1)  # drawn, as on a terminal
     metrics, started = make_train_metrics(run.config), time.perf_counter()
 
@@ -126,6 +150,18 @@ def loop_parts(run: Run, batch: dict[str, torch.Tensor]) -> dict[str, Callable[[
     return parts
 
 
+def with_gradients(
+    run: Run, inputs: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward without a step: the logits and loss, and gradients for the
+    non-finite check to measure (dropped before the next case)."""
+    with autocast(run.device, run.config.precision):
+        logits = run.model(inputs).float()
+        loss = run.loss_fn(logits, target)
+    loss.backward()
+    return logits.detach(), loss.detach()
+
+
 def step_times(folder: Path, repeats: int, *, toggles: bool) -> None:
     config = load_config(EXAMPLE, overrides_for(folder))
     seed_everything(config.random_seed)
@@ -137,9 +173,9 @@ def step_times(folder: Path, repeats: int, *, toggles: bool) -> None:
     train_epoch(run, 1)  # warm-up
     batch = next(iter(run.loaders.train))  # one real batch, resident for the pure step
     inputs, target = (t.clone() for t in to_device(run, batch))
-    cases: dict[str, Callable[[int], object]] = {
-        "loop": lambda epoch: train_epoch(run, epoch),
-        "pure step": lambda epoch: [pure_step(run, inputs, target) for _ in range(batches)],
+    cases: dict[str, Callable[[int], float]] = {
+        "loop": lambda epoch: loop_epoch(run, epoch),
+        "pure step": lambda _epoch: pure_steps(run, inputs, target, batches),
     }
     if toggles:
         cases["loop, train_metrics off"] = lambda epoch: loop_without_metrics(run, epoch)
@@ -151,15 +187,12 @@ def step_times(folder: Path, repeats: int, *, toggles: bool) -> None:
     for repeat in range(repeats):
         order = list(cases) if repeat % 2 == 0 else list(reversed(cases))
         for name in order:
-            run.optimizer.zero_grad(set_to_none=True)
-            start = time.perf_counter()
-            cases[name](epoch)
-            synchronize(run.device)
-            seconds[name].append((time.perf_counter() - start) / batches)
+            seconds[name].append(cases[name](epoch) / batches)
             if name == "loop":
                 assert run.throughput is not None
                 waits.append(run.throughput.data_wait_fraction * seconds[name][-1])
             epoch += 1
+        with_gradients(run, inputs, target)  # for the non-finite check's gradient norm
         for name, part in parts.items():
             once = name == EPOCH_PART  # once per epoch: its share per batch
             seconds_per_call = timed(part, run.device, 1 if once else CALLS)
@@ -169,12 +202,21 @@ def step_times(folder: Path, repeats: int, *, toggles: bool) -> None:
     report(seconds, waits, part_s, repeats=repeats, batches=batches)
 
 
-def loop_without_metrics(run: Run, epoch: int) -> None:
-    """An epoch of the loop with `train_metrics` off (the toggle)."""
+def loop_epoch(run: Run, epoch: int) -> float:
+    """Seconds of one epoch of the training loop."""
+    synchronize(run.device)
+    start = time.perf_counter()
+    train_epoch(run, epoch)
+    synchronize(run.device)
+    return time.perf_counter() - start
+
+
+def loop_without_metrics(run: Run, epoch: int) -> float:
+    """Seconds of one epoch of the loop with `train_metrics` off (the toggle)."""
     kept = run.train_metrics
     run.train_metrics = None
     try:
-        train_epoch(run, epoch)
+        return loop_epoch(run, epoch)
     finally:
         run.train_metrics = kept
 
