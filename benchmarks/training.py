@@ -187,7 +187,7 @@ def step_times(folder: Path, repeats: int, *, toggles: bool) -> None:
     for repeat in range(repeats):
         order = list(cases) if repeat % 2 == 0 else list(reversed(cases))
         for name in order:
-            seconds[name].append(cases[name](epoch) / batches)
+            seconds[name].append(cases[name](epoch))
             if name == "loop":
                 assert run.throughput is not None
                 waits.append(run.throughput.data_wait_fraction * seconds[name][-1])
@@ -203,16 +203,16 @@ def step_times(folder: Path, repeats: int, *, toggles: bool) -> None:
 
 
 def loop_epoch(run: Run, epoch: int) -> float:
-    """Seconds of one epoch of the training loop."""
+    """Seconds per batch of one epoch of the training loop."""
     synchronize(run.device)
     start = time.perf_counter()
     train_epoch(run, epoch)
     synchronize(run.device)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / run.config.iterations_per_epoch
 
 
 def loop_without_metrics(run: Run, epoch: int) -> float:
-    """Seconds of one epoch of the loop with `train_metrics` off (the toggle)."""
+    """Seconds per batch of one epoch of the loop with `train_metrics` off (the toggle)."""
     kept = run.train_metrics
     run.train_metrics = None
     try:
