@@ -138,15 +138,16 @@ def loop_parts(run: Run, batch: dict[str, torch.Tensor]) -> dict[str, Callable[[
 
     buffers = list(run.model.buffers())
     parts: dict[str, Callable[[], object]] = {
-        "sampled counts": lambda: sampled_counts(target),
         "non-finite check (loss, gradient norm)": lambda: checked_loss(run, loss),
         "buffer snapshot for skip_step": lambda: copy_tensors(run.skipped.buffers, buffers),
         "per-batch scalars (log_step)": lambda: log_step(run, {"loss": 0.5}),
         "progress bar": lambda: update_bar(bar, loss=0.5, samples=8, started=started),
         EPOCH_PART: epoch_ends,
     }
-    if metrics is not None:
+    if metrics is not None:  # its counts hold the sampled voxels too (`epoch_sampled`)
         parts = {"train_metrics update": lambda: metrics.update(logits, target), **parts}
+    else:
+        parts = {"sampled counts": lambda: sampled_counts(target), **parts}
     return parts
 
 
