@@ -10,8 +10,11 @@ pinned memory), bf16 autocast and channels_last (csc's default on CUDA with bf16
   3D: 3d_unet, batch 2, (128, 128, 128) patches at 8 nm, the same transforms.
 It prints samples/s of the training loop (real loader, loss, optimizer; median of timed epochs
 after a warm-up epoch), samples/s of the same model step on batches already resident on the
-GPU, their ratio (target <= 1.1: the GPU never waits for data), and the loop's share of time
-waiting for data.
+GPU, their ratio (target <= 1.1: the GPU never waits for data), the loop's share of time
+waiting for data, and the loop against the pure model step (forward, loss, backward,
+optimizer step on the resident batch, no checks, metrics or host syncs: benchmarks/training.py's
+baseline), which shows what the loop's own work (metric counts, non-finite checks, the one
+host sync per step) costs on the GPU.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from training import pure_steps  # benchmarks/training.py, beside this script
 
 from csc.config import build_config
 from csc.synth import SynthSpec, write_synthetic
@@ -101,7 +105,7 @@ def measure(folder: Path, case: Case, *, iterations: int, repeats: int, device: 
     target = (torch.rand(case.batch_size, channels, *plane, device=run.device) > 0.5).float()
     resident = {"input": inputs, "output": target}
     train_epoch(run, 1)  # warm-up: workers start, cudnn picks its kernels, caches fill
-    loop, pure, waiting = [], [], []
+    loop, pure, waiting, bare = [], [], [], []
     for repeat in range(repeats):
         synchronize(run.device)
         start = time.perf_counter()
@@ -115,15 +119,18 @@ def measure(folder: Path, case: Case, *, iterations: int, repeats: int, device: 
             train_step(run, resident, step_now=True)
         synchronize(run.device)
         pure.append(iterations * case.batch_size / (time.perf_counter() - start))
+        bare.append(case.batch_size / pure_steps(run, inputs, target, iterations))
     run.tracker.close()
     workers = run.loaders.train.num_workers
     del run
     loop_rate, pure_rate = statistics.median(loop), statistics.median(pure)
+    bare_ratio = statistics.median(b / a for a, b in zip(loop, bare, strict=True))
     print(
         f"{case.model_name} batch {case.batch_size} {case.shape}: training "
         f"{loop_rate:.1f} samples/s, resident model step {pure_rate:.1f} samples/s, ratio "
         f"{pure_rate / loop_rate:.3f} (target <= {TARGET_RATIO}); waiting for data "
-        f"{statistics.median(waiting):.0%}; {workers} loader workers "
+        f"{statistics.median(waiting):.0%}; {workers} loader workers; pure model step "
+        f"{statistics.median(bare):.1f} samples/s, loop / pure step {bare_ratio:.3f} "
         f"(medians of {repeats} x {iterations} batches)",
         flush=True,
     )

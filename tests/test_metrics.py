@@ -10,7 +10,14 @@ import torch
 from sklearn import metrics as skm
 from torch import Tensor
 
-from csc.metrics import COUNT_NAMES, METRIC_NAMES, SegmentationMetrics, boundary, dilate
+from csc.metrics import (
+    COUNT_NAMES,
+    METRIC_NAMES,
+    SegmentationMetrics,
+    batch_counts,
+    boundary,
+    dilate,
+)
 
 NAN = math.nan
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -330,3 +337,32 @@ def test_dilate_and_boundary_equal_max_pooling(shape: tuple[int, ...], radius: i
     assert torch.equal(dilate(mask, radius), expected)
     unset_near = pool((~mask).float(), kernel_size=3, stride=1, padding=1) > 0
     assert torch.equal(boundary(mask), mask & unset_near)
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 17, 19), (2, 3, 5, 9, 11)])
+@pytest.mark.parametrize("tolerance", [0, 1, 2])
+def test_batch_counts_equal_the_counts_of_their_definitions(
+    shape: tuple[int, ...], tolerance: int
+) -> None:
+    """The counts (summed as bytes, FP and FN derived) equal each mask of COUNT_NAMES counted
+    on its own, with some voxels unannotated."""
+    generator = torch.Generator().manual_seed(7)
+    annotated = torch.rand(shape, generator=generator) > 0.3
+    truth = (torch.rand(shape, generator=generator) > 0.6) & annotated
+    pred = (torch.rand(shape, generator=generator) > 0.5) & annotated
+    pred_edge, true_edge = boundary(pred), boundary(truth)
+    masks = {
+        "tp": pred & truth,
+        "fp": pred & ~truth,
+        "fn": ~pred & truth,
+        "tn": ~pred & ~truth & annotated,
+        "pred_boundary": pred_edge,
+        "pred_boundary_matched": pred_edge & dilate(true_edge, tolerance),
+        "true_boundary": true_edge,
+        "true_boundary_matched": true_edge & dilate(pred_edge, tolerance),
+    }
+    axes = [0, *range(2, len(shape))]  # every axis but the class
+    expected = torch.stack([masks[name].sum(axes) for name in COUNT_NAMES])
+    counts = batch_counts(pred, truth, annotated, tolerance=tolerance)
+    assert counts.dtype == torch.int64
+    assert torch.equal(counts, expected)

@@ -88,6 +88,29 @@ def test_training_metrics_can_be_turned_off(data: Path, tmp_path: Path) -> None:
     assert "metrics/iou/mean" in logged and "loss" in logged
 
 
+def test_sampling_shares_are_the_batches_own_with_and_without_training_metrics(
+    data: Path, tmp_path: Path
+) -> None:
+    """sampling/{class} is the share of the epoch's annotated voxels that are foreground:
+    taken from the training metrics' counts when they are on, counted by train_step when they
+    are off; the same figures, those of the batches themselves."""
+    logged = {}
+    for metrics_on in (True, False):
+        folder = tmp_path / f"metrics_{metrics_on}"
+        train(config_of(data, folder, train_metrics=metrics_on, epochs=1))
+        log = folder / LOGS
+        logged[metrics_on] = [read_scalars(log, f"sampling/{name}")[0][1] for name in CLASSES]
+    run = setup(config_of(data, tmp_path / "expected"))
+    run.tracker.close()
+    run.loaders.sampler.set_epoch(1)
+    targets = torch.cat([batch["output"] for batch in run.loaders.train])  # (B, C, Y, X)
+    axes = (0, 2, 3)
+    shares = (targets == 1).sum(axes) / targets.isfinite().sum(axes).clamp(min=1)
+    assert logged[True] == logged[False]
+    assert logged[True] == pytest.approx(shares.tolist(), rel=1e-6)
+    assert 0 < max(logged[True]) < 1
+
+
 # --- Cadences ------------------------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "SegmentationMetrics",
     "batch_counts",
     "boundary",
+    "count_true",
     "dilate",
     "pooled_accuracy",
     "scores_from_counts",
@@ -90,9 +91,9 @@ def batch_counts(pred: Tensor, truth: Tensor, annotated: Tensor, *, tolerance: i
     pred_edge, true_edge = boundary(pred), boundary(truth)
     masks = torch.stack(
         [
-            pred & truth,
-            pred & ~truth,
-            ~pred & truth,
+            pred & truth,  # tp
+            pred,  # tp + fp: one mask op fewer than pred & ~truth
+            truth,  # tp + fn
             ~pred & ~truth & annotated,
             pred_edge,
             pred_edge & dilate(true_edge, tolerance),
@@ -100,7 +101,18 @@ def batch_counts(pred: Tensor, truth: Tensor, annotated: Tensor, *, tolerance: i
             true_edge & dilate(pred_edge, tolerance),
         ]
     )  # (len(COUNT_NAMES), B, C, *spatial)
-    return masks.sum([1, *range(3, masks.dim())], dtype=torch.int64)  # sum over B and space
+    counts = count_true(masks, axes=[1, *range(3, masks.dim())])  # over B and space
+    counts[1:3] -= counts[0]  # fp = predicted - tp, fn = true - tp
+    return counts
+
+
+def count_true(masks: Tensor, *, axes: list[int]) -> Tensor:
+    """The int64 number of True values of a bool tensor over `axes`. Summed as bytes into
+    int32 when the count cannot overflow it: 2-3x faster on a CPU than a bool sum into int64
+    (the training-side metrics count every batch)."""
+    if math.prod(masks.shape[axis] for axis in axes) < 2**31:  # values summed into one count
+        return masks.view(torch.uint8).sum(axes, dtype=torch.int32).to(torch.int64)
+    return masks.sum(axes, dtype=torch.int64)
 
 
 class SegmentationMetrics:

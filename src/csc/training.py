@@ -49,7 +49,7 @@ from csc.data.loaders import Loaders, build_loaders, read_crops
 from csc.datasplit import ensure_datasplit
 from csc.distributed import Dist
 from csc.losses import build_loss, check_criterion, pos_weight_from_counts
-from csc.metrics import SegmentationMetrics
+from csc.metrics import COUNT_NAMES, SegmentationMetrics, count_true
 from csc.models import enable_activation_checkpointing
 from csc.optim import (
     Schedule,
@@ -135,6 +135,10 @@ class Run:
     warned_data_bound: bool = False
     skipped: SkippedSteps = dataclasses.field(default_factory=SkippedSteps)
     train_metrics: SegmentationMetrics | None = None  # counts over the epoch's batches
+    # Per class (foreground, annotated) voxels of the epoch's batches, (2, C) int64 on the
+    # device, added by train_step without a host sync when train_metrics is off (its counts
+    # hold them otherwise: `epoch_sampled`); read once at the epoch's end.
+    sampled: torch.Tensor | None = None
     debug_batches_left: int = 0  # batches `debug` still reports
 
 
@@ -550,7 +554,7 @@ def train_epoch(run: Run, epoch: int) -> list[float]:
     num_steps = 0  # optimizer steps in this epoch
     run.loaders.sampler.set_epoch(epoch)  # the epoch's patches: a function of (seed, epoch)
     losses: list[float] = []
-    sampled = torch.zeros(2, len(config.classes), dtype=torch.float64)  # (foreground, annotated)
+    run.sampled = torch.zeros(2, len(config.classes), dtype=torch.int64, device=run.device)
     waited, started = 0.0, time.perf_counter()
     bar = tqdm(
         total=config.iterations_per_epoch,
@@ -568,8 +572,6 @@ def train_epoch(run: Run, epoch: int) -> list[float]:
         debug = start_debug(run, wait)
         if index == 0:  # the epoch's first batch, as the model sees it (after augmentation)
             log_train_images(run, batch)
-        # .to: batches resampled on the GPU (spatial_transforms_on_device) count there.
-        sampled += sampled_counts(batch["output"]).to(sampled.device)
         step_now = (index + 1) % config.gradient_accumulation_steps == 0
         step_now |= index + 1 == config.iterations_per_epoch
         loss = train_step(run, batch, step_now=step_now, debug=debug)
@@ -582,12 +584,10 @@ def train_epoch(run: Run, epoch: int) -> list[float]:
         num_steps += step_now
         if step_now and validation_due(config, epoch, num_steps):
             started += validate_mid_epoch(run, epoch)  # not training time: out of samples/s
-        rate = (index + 1) * config.batch_size / (time.perf_counter() - started)
-        bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:.1f}")
-        bar.update()
+        update_bar(bar, loss=loss, samples=(index + 1) * config.batch_size, started=started)
     bar.close()
     run.throughput = epoch_throughput(run, time.perf_counter() - started, waited)
-    log_epoch_counts(run, sampled)
+    log_epoch_counts(run)
     log_train_metrics(run)
     return losses
 
@@ -600,25 +600,47 @@ def start_debug(run: Run, waited_s: float) -> BatchDebug | None:
     return BatchDebug(run.device, waited_s=waited_s)
 
 
+def update_bar(bar: tqdm, *, loss: float, samples: int, started: float) -> None:
+    """One more batch on the progress bar; its loss and samples/s are redrawn with the bar,
+    at most every `mininterval` (0.1 s), not at each batch."""
+    if not bar.disable:
+        rate = samples / (time.perf_counter() - started)
+        bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:.1f}", refresh=False)
+    bar.update()
+
+
 def sampled_counts(target: torch.Tensor) -> torch.Tensor:
-    """Per class (2, C): the batch's foreground voxels and its annotated (finite) voxels."""
-    axes = (0, *range(2, target.ndim))  # every axis but the class channel
-    return torch.stack([(target == 1).sum(axes), target.isfinite().sum(axes)])
+    """Per class (2, C) int64: the batch's foreground voxels and its annotated (finite)
+    voxels; on the target's device, without a host sync."""
+    masks = torch.stack([target == 1, target.isfinite()])  # (2, B, C, *spatial)
+    return count_true(masks, axes=[1, *range(3, masks.ndim)])  # every axis but the class
 
 
-def log_epoch_counts(run: Run, sampled: torch.Tensor) -> None:
+def epoch_sampled(run: Run) -> torch.Tensor:
+    """Per class (2, C): the foreground and the annotated voxels of the epoch's batches. The
+    training metrics counted them already (targets are 1, 0 or NaN: foreground tp + fn,
+    annotated tp + fp + fn + tn); `train_step` counts them itself only without."""
+    if run.train_metrics is None:
+        assert run.sampled is not None, "counted by train_step"
+        return run.sampled
+    counts = dict(zip(COUNT_NAMES, run.train_metrics.counts, strict=False))
+    annotated = counts["tp"] + counts["fp"] + counts["fn"] + counts["tn"]
+    return torch.stack([counts["tp"] + counts["fn"], annotated])
+
+
+def log_epoch_counts(run: Run) -> None:
     """The epoch's throughput, skipped steps and per class the share of sampled annotated
-    voxels that are foreground (summed over ranks)."""
+    voxels that are foreground (summed over ranks; one host copy)."""
     assert run.throughput is not None, "logged after epoch_throughput"
-    sampled = distributed.reduce_sum(run.place, sampled)
-    shares = sampled[0] / sampled[1].clamp(min=1)
+    sampled = distributed.reduce_sum(run.place, epoch_sampled(run)).double()
+    shares = (sampled[0] / sampled[1].clamp(min=1)).tolist()
     classes = run.config.classes
     run.tracker.log(
         {
             "perf/samples_per_s": run.throughput.samples_per_s,
             "perf/data_wait_fraction": run.throughput.data_wait_fraction,
             "skipped_steps": run.skipped.in_epoch,
-            **{f"sampling/{name}": float(s) for name, s in zip(classes, shares, strict=True)},
+            **{f"sampling/{name}": s for name, s in zip(classes, shares, strict=True)},
         },
         run.global_step,
     )
@@ -669,6 +691,8 @@ def train_step(
     if not run.skipped.buffers:  # after resume: the buffers a skipped step goes back to
         run.skipped.buffers = [buffer.detach().clone() for buffer in run.model.buffers()]
     inputs, target = to_device(run, batch)
+    if run.sampled is not None and run.train_metrics is None:  # else: `epoch_sampled`
+        run.sampled += sampled_counts(target)
     if debug is not None:
         debug.lap("to device")
     loss = forward(run, inputs, target, debug)
