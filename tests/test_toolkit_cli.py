@@ -245,7 +245,8 @@ def test_toolkit_predict_and_process_flags_give_csc_results(
     values, attrs = prediction(tmp_path / "so")
     assert attrs["csc_prediction"]["orthoplanes"] is False
     np.testing.assert_array_equal(values, prediction(tmp_path / "own")[0])
-    assert invoke(*skipped).exit_code == 1  # kept without -O
+    assert invoke(*skipped).exit_code == 0  # the same run again: kept, no block predicted anew
+    np.testing.assert_array_equal(prediction(tmp_path / "so")[0], values)
     assert invoke(*skipped, "-O").exit_code == 0
 
     source = f"{tmp_path}/so/{{dataset}}.zarr/{{crop}}"
