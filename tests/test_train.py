@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -258,6 +259,29 @@ def test_a_data_bound_run_is_reported_with_the_settings_to_change(
     assert "num_workers (now 0" in captured.err and "chunk_cache_mb (now 256)" in captured.err
     log = events(tmp_path / "tensorboard/2d_unet")
     assert [e.value > 0.3 for e in log.Scalars("perf/data_wait_fraction")] == [True, True]
+
+
+def test_batches_read_ahead_in_a_thread_that_ends_with_each_epoch(
+    data: Path, tmp_path: Path
+) -> None:
+    """Without loader workers the next batch is read in a thread beside the step (its
+    prefetch); the thread of an epoch is gone when the epoch ends, also after an error."""
+    config = config_of(data, tmp_path, epochs=2)
+    assert dict(config.dataloader_kwargs).get("num_workers", 0) == 0
+    train(config)
+    assert not [t for t in threading.enumerate() if t.name == "csc-prefetch"]
+    failing = config_of(data, tmp_path / "failing", epochs=1, criterion=FailingLoss)
+    with pytest.raises(RuntimeError, match="a loss that fails"):
+        train(failing)
+    assert not [t for t in threading.enumerate() if t.name == "csc-prefetch"]
+
+
+class FailingLoss(torch.nn.Module):
+    def __init__(self, **_kwargs: Any) -> None:  # csc passes reduction="none"
+        super().__init__()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("a loss that fails")
 
 
 def test_ema_weights_are_validated_and_saved(data: Path, tmp_path: Path) -> None:

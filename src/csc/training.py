@@ -45,7 +45,7 @@ from csc.checkpoints import (
 )
 from csc.config import TrainConfig, config_folder, format_config, load_config, monitor_mode
 from csc.data.datasets import PatchSpec, TrainPatches
-from csc.data.loaders import Loaders, build_loaders, read_crops
+from csc.data.loaders import Loaders, batches_of, build_loaders, close_batches, read_crops
 from csc.datasplit import ensure_datasplit
 from csc.distributed import Dist
 from csc.losses import build_loss, check_criterion, pos_weight_from_counts
@@ -563,28 +563,31 @@ def train_epoch(run: Run, epoch: int) -> list[float]:
         leave=False,
         disable=None if run.place.is_main else True,
     )
-    batches = iter(run.loaders.train)
-    for index in range(config.iterations_per_epoch):
-        before = time.perf_counter()
-        batch = next(batches)
-        wait = time.perf_counter() - before
-        waited += wait
-        debug = start_debug(run, wait)
-        if index == 0:  # the epoch's first batch, as the model sees it (after augmentation)
-            log_train_images(run, batch)
-        step_now = (index + 1) % config.gradient_accumulation_steps == 0
-        step_now |= index + 1 == config.iterations_per_epoch
-        loss = train_step(run, batch, step_now=step_now, debug=debug)
-        losses.append(loss)
-        run.global_step += 1
-        log_step(run, {"loss": loss})
-        if debug is not None and run.place.is_main:
-            debug.lap("step")
-            tqdm.write(debug.report(run.global_step, loss))
-        num_steps += step_now
-        if step_now and validation_due(config, epoch, num_steps):
-            started += validate_mid_epoch(run, epoch)  # not training time: out of samples/s
-        update_bar(bar, loss=loss, samples=(index + 1) * config.batch_size, started=started)
+    batches = batches_of(run.loaders.train)  # read ahead in a thread without workers
+    try:
+        for index in range(config.iterations_per_epoch):
+            before = time.perf_counter()
+            batch = next(batches)
+            wait = time.perf_counter() - before
+            waited += wait
+            debug = start_debug(run, wait)
+            if index == 0:  # the epoch's first batch, as the model sees it (after augmentation)
+                log_train_images(run, batch)
+            step_now = (index + 1) % config.gradient_accumulation_steps == 0
+            step_now |= index + 1 == config.iterations_per_epoch
+            loss = train_step(run, batch, step_now=step_now, debug=debug)
+            losses.append(loss)
+            run.global_step += 1
+            log_step(run, {"loss": loss})
+            if debug is not None and run.place.is_main:
+                debug.lap("step")
+                tqdm.write(debug.report(run.global_step, loss))
+            num_steps += step_now
+            if step_now and validation_due(config, epoch, num_steps):
+                started += validate_mid_epoch(run, epoch)  # not training time: out of samples/s
+            update_bar(bar, loss=loss, samples=(index + 1) * config.batch_size, started=started)
+    finally:
+        close_batches(batches)  # the batch read ahead is not needed
     bar.close()
     run.throughput = epoch_throughput(run, time.perf_counter() - started, waited)
     log_epoch_counts(run)

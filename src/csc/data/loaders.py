@@ -6,11 +6,13 @@ import dataclasses
 import json
 import math
 import os
+import queue
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -417,3 +419,78 @@ def loader_kwargs(options: dict[str, Any]) -> dict[str, Any]:
         # A fork of a process that has used tensorstore aborts; start workers fresh instead.
         kwargs["multiprocessing_context"] = "spawn"
     return kwargs
+
+
+T = TypeVar("T")
+PREFETCH_POLL_S = 0.1  # how often a reader blocked on a full queue checks for `close`
+
+
+class Prefetched(Generic[T]):
+    """The items of `items`, `depth` of them read ahead in a thread while the caller works on
+    the current one. The training loop reads its batches so when the loader has no worker
+    processes (num_workers = 0): reading and transforming the next batch (tensorstore and
+    numpy release the GIL) then overlaps the model's step instead of adding to it. The
+    values are unchanged: a patch is a function of (seed, epoch, index), not of when it is
+    read. An error raised while reading is raised by `__next__`; `close` stops the thread
+    (what it read ahead is dropped)."""
+
+    def __init__(self, items: Iterator[T], depth: int = 1) -> None:
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._fill, args=(items,), name="csc-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _fill(self, items: Iterator[T]) -> None:
+        try:
+            for item in items:
+                if not self._put(("item", item)):
+                    return
+        except BaseException as error:  # raised in the caller's thread by __next__
+            self._put(("error", error))
+            return
+        self._put(("end", None))
+
+    def _put(self, entry: tuple[str, Any]) -> bool:
+        """Queue `entry`; False once `close` was called."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=PREFETCH_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Prefetched[T]:
+        return self
+
+    def __next__(self) -> T:
+        kind, value = self._queue.get()
+        if kind == "error":
+            raise value
+        if kind == "end":
+            raise StopIteration
+        item: T = value
+        return item
+
+    def close(self) -> None:
+        """Stop reading ahead and wait for the thread (at most one item's reading)."""
+        self._stop.set()
+        self._thread.join()
+
+
+def batches_of(loader: torch.utils.data.DataLoader[Any]) -> Prefetched[Any] | Iterator[Any]:
+    """The training loop's iterator over `loader`: read ahead in a thread (`Prefetched`) when
+    the loader has no worker processes (which read ahead themselves). A `DeviceLoader` is
+    read in the caller's thread: its resampling runs on the caller's GPU (CUDA's current
+    device is per thread)."""
+    if loader.num_workers == 0 and not isinstance(loader, DeviceLoader):
+        return Prefetched(iter(loader))
+    return iter(loader)
+
+
+def close_batches(batches: Prefetched[Any] | Iterator[Any]) -> None:
+    """Stop a `batches_of` iterator's reading ahead (nothing to do without a thread)."""
+    if isinstance(batches, Prefetched):
+        batches.close()
