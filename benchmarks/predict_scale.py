@@ -30,11 +30,12 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from csc.launch import torchrun_command
 
 BLOCK = (32, 128, 128)  # output voxels of 8 nm
 SEARCH = "{dataset}/{dataset}.zarr/recon-1/{name}"
@@ -97,21 +98,8 @@ def prepare(folder: Path, blocks: tuple[int, int, int], device: str) -> Path:
 
 def run_case(config: Path, output: Path, nproc: int, threads: int) -> dict[str, Any]:
     """One `torchrun -m csc predict` of the whole raw into a fresh `output`."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "csc",
-        "predict",
-        str(config),
-        "--dataset",
-        "jrc_synth1",
-        "--output",
-        str(output),
-    ]
+    arguments = ["predict", str(config), "--dataset", "jrc_synth1", "--output", str(output)]
+    command = torchrun_command(nproc, arguments)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)

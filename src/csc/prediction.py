@@ -314,13 +314,7 @@ def box_region(config: TrainConfig, dataset: str, bbox: Sequence[float]) -> Regi
         raise ValueError(
             f"--bbox must be z0,y0,x0,z1,y1,x1 in nm with each end above its start, got {bbox}"
         )
-    rows = [row for row in read_datasplit(config.datasplit_path) if row.dataset == dataset]
-    if not rows:
-        known = sorted({row.dataset for row in read_datasplit(config.datasplit_path)})
-        raise ValueError(
-            f"dataset {dataset!r} is not in {config.datasplit_path}; known: {', '.join(known)}"
-        )
-    group = f"{rows[0].raw_root}/{rows[0].raw_path}"
+    group = dataset_raw_group(config, dataset)
     raw = raw_source(group, config)
     low, high = (np.asarray(bbox[:3], dtype=float), np.asarray(bbox[3:], dtype=float))
     what = f"--bbox {','.join(f'{v:g}' for v in bbox)}"
@@ -331,15 +325,22 @@ def box_region(config: TrainConfig, dataset: str, bbox: Sequence[float]) -> Regi
 
 def raw_region(config: TrainConfig, dataset: str) -> Region:
     """The whole raw of `dataset` (its extent at the model's input scale), named "raw"."""
-    rows = [row for row in read_datasplit(config.datasplit_path) if row.dataset == dataset]
-    if not rows:
-        known = sorted({row.dataset for row in read_datasplit(config.datasplit_path)})
+    group = dataset_raw_group(config, dataset)
+    low, high = raw_source(group, config).level.bounds()
+    return Region(dataset, WHOLE_RAW, group, _vec(low), _vec(high))
+
+
+def dataset_raw_group(config: TrainConfig, dataset: str) -> str:
+    """The raw group of `dataset`, as the datasplit gives it; a ValueError listing the
+    datasplit's datasets when it has no row of `dataset`."""
+    rows = read_datasplit(config.datasplit_path)
+    mine = [row for row in rows if row.dataset == dataset]
+    if not mine:
+        known = sorted({row.dataset for row in rows})
         raise ValueError(
             f"dataset {dataset!r} is not in {config.datasplit_path}; known: {', '.join(known)}"
         )
-    group = f"{rows[0].raw_root}/{rows[0].raw_path}"
-    low, high = raw_source(group, config).level.bounds()
-    return Region(dataset, WHOLE_RAW, group, _vec(low), _vec(high))
+    return f"{mine[0].raw_root}/{mine[0].raw_path}"
 
 
 def raw_source(group: str, config: TrainConfig) -> Any:
