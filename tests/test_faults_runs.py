@@ -212,6 +212,31 @@ def test_logs_without_checkpoints_are_moved_aside_whole(data: Path, run: Path) -
     assert [step for step, _ in read_scalars(run / "tensorboard/2d_unet", "loss")] == [1, 2]
 
 
+def test_another_ranks_write_check_is_no_run_to_refuse_or_move(data: Path, tmp_path: Path) -> None:
+    """Under torchrun rank 0 probes the log folder (a `.csc-write-check-*` file for a moment)
+    while the other ranks start: a fresh run seeing such a file neither refuses nor moves it
+    (CI once failed so: rank 1 saw rank 0's probe and refused the run)."""
+    logs = tmp_path / "tensorboard/2d_unet"
+    logs.mkdir(parents=True)
+    probe = logs / ".csc-write-check-abc123"
+    probe.write_bytes(b"csc")
+    start = start_run(build_config(settings(data, tmp_path, load_model=None)), is_main=True)
+    assert start.notes == [] and probe.read_bytes() == b"csc"
+    assert list(logs.parent.iterdir()) == [logs]  # nothing moved aside
+
+
+def test_only_rank_zero_refuses_a_fresh_start_beside_another_run(data: Path, run: Path) -> None:
+    """Rank 0 writes, so it alone decides; the other ranks do not race it over folders it may
+    be probing or moving, and leave the old run as it is."""
+    before = snapshot(run)
+    config = build_config(settings(data, run, load_model=None))
+    start = start_run(config, is_main=False)
+    assert start.resumed is None and start.notes == []
+    with pytest.raises(FileExistsError, match="already hold a run of 2d_unet"):
+        start_run(config, is_main=True)
+    assert snapshot(run) == before
+
+
 def test_resuming_the_best_epoch_refuses_to_overwrite_later_epochs(data: Path, run: Path) -> None:
     best = best_epoch(run / "tensorboard/2d_unet")
     assert best is not None

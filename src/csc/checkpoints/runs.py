@@ -31,6 +31,7 @@ from csc.checkpoints.saving import TEMPORARY, RunWriteError, repair_best
 from csc.config import TrainConfig, load_model_file
 
 MOVED = "{name}.moved-{stamp}"  # where existing_run = "move" puts an old run's files
+PROBE_PREFIX = ".csc-write-check-"  # write_probe's file, in a folder for a moment
 
 
 @dataclasses.dataclass
@@ -54,18 +55,23 @@ def start_run(config: TrainConfig, *, is_main: bool = True) -> RunStart:
     that would overwrite later epochs refuses too; a named file that does not exist is a
     `FileNotFoundError`. Rank 0 (`is_main`) then removes temporary files of
     killed writes and, on a resume, points ``best`` at the state's best epoch.
+
+    Under torchrun rank 0 alone decides whether to refuse: it is the rank that writes, and the
+    other ranks would otherwise look at folders rank 0 is probing or writing at that moment.
     """
     check_destinations(config, probe=is_main)  # rank 0 alone writes (and probes)
     resumed = load_for_resume(config)
     # The run's own checkpoint, when it resumes one (not a fine-tune from another model).
     own = resumed if resumes_own_run(config, resumed) else None
-    if own is not None:
-        _check_resume_point(config, own)
-    elif config.existing_run != "move" and not _logs_only(config):
-        _refuse_existing_run(config, resumed)
     notes: list[str] = []
     if not is_main:
         return RunStart(resumed, notes)
+    if own is not None:
+        _check_resume_point(config, own)
+    elif config.existing_run != "move":
+        checkpoints, logs = _existing_files(config)  # one look, for the decision and the error
+        if checkpoints:  # logs alone: a run stopped in epoch 1, moved aside below
+            _refuse_existing_run(config, resumed, checkpoints, logs)
     names = {"template": config.model_save_path, "model_name": config.model_name}
     removed = remove_temporary_files(**names)
     if removed:
@@ -199,7 +205,7 @@ def write_probe(folder: Path) -> str | None:
     made = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".csc-write-check-") as file:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=PROBE_PREFIX) as file:
             file.write(b"csc")
             file.flush()
             os.fsync(file.fileno())  # a full disk may only say so when the data goes out
@@ -215,26 +221,20 @@ def write_probe(folder: Path) -> str | None:
 def _existing_files(config: TrainConfig) -> tuple[list[Path], list[Path]]:
     """The files of another run of `model_name`: its checkpoint files, its TensorBoard files."""
     folder = log_dir(config)
-    logs = sorted(path for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else []
+    found = folder.rglob("*") if folder.is_dir() else []
+    # A write probe's file (`write_probe`) is csc's own and gone a moment later.
+    logs = sorted(p for p in found if p.is_file() and not p.name.startswith(PROBE_PREFIX))
     checkpoints = [
         path for path in run_files(config.model_save_path, config.model_name) if path not in logs
     ]
     return checkpoints, logs
 
 
-def _logs_only(config: TrainConfig) -> bool:
-    """Whether the run's folders hold TensorBoard files but no checkpoint: a run stopped
-    before its first epoch ended. Its logs are moved aside (kept whole), not refused, so that
-    rerunning after a Ctrl-C in epoch 1 just works."""
-    checkpoints, logs = _existing_files(config)
-    return bool(logs) and not checkpoints
-
-
-def _refuse_existing_run(config: TrainConfig, resumed: Resumed | None) -> None:
-    """`FileExistsError` naming the folders when a fresh run would mix with an old one."""
-    checkpoints, logs = _existing_files(config)
-    if not checkpoints and not logs:
-        return
+def _refuse_existing_run(
+    config: TrainConfig, resumed: Resumed | None, checkpoints: list[Path], logs: list[Path]
+) -> None:
+    """`FileExistsError` naming the folders of the other run's `checkpoints` and `logs`, which
+    this fresh run would mix with."""
     owners = (p.parent.parent if p.parent.name == EXTRAS else p.parent for p in checkpoints)
     folders = sorted({str(folder) for folder in owners})  # csc-extras counts as its folder
     folders += [str(log_dir(config))] if logs else []
