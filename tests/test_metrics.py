@@ -340,12 +340,12 @@ def test_dilate_and_boundary_equal_max_pooling(shape: tuple[int, ...], radius: i
 
 
 @pytest.mark.parametrize("shape", [(3, 2, 17, 19), (2, 3, 5, 9, 11)])
-@pytest.mark.parametrize("tolerance", [0, 1, 2])
+@pytest.mark.parametrize("tolerance", [0, 1, 2, None])
 def test_batch_counts_equal_the_counts_of_their_definitions(
-    shape: tuple[int, ...], tolerance: int
+    shape: tuple[int, ...], tolerance: int | None
 ) -> None:
     """The counts (summed as bytes, FP and FN derived) equal each mask of COUNT_NAMES counted
-    on its own, with some voxels unannotated."""
+    on its own, with some voxels unannotated; without a tolerance the boundary rows are 0."""
     generator = torch.Generator().manual_seed(7)
     annotated = torch.rand(shape, generator=generator) > 0.3
     truth = (torch.rand(shape, generator=generator) > 0.6) & annotated
@@ -357,12 +357,14 @@ def test_batch_counts_equal_the_counts_of_their_definitions(
         "fn": ~pred & truth,
         "tn": ~pred & ~truth & annotated,
         "pred_boundary": pred_edge,
-        "pred_boundary_matched": pred_edge & dilate(true_edge, tolerance),
+        "pred_boundary_matched": pred_edge & dilate(true_edge, tolerance or 0),
         "true_boundary": true_edge,
-        "true_boundary_matched": true_edge & dilate(pred_edge, tolerance),
+        "true_boundary_matched": true_edge & dilate(pred_edge, tolerance or 0),
     }
     axes = [0, *range(2, len(shape))]  # every axis but the class
     expected = torch.stack([masks[name].sum(axes) for name in COUNT_NAMES])
+    if tolerance is None:
+        expected[4:] = 0
     counts = batch_counts(pred, truth, annotated, tolerance=tolerance)
     assert counts.dtype == torch.int64
     assert torch.equal(counts, expected)

@@ -55,6 +55,9 @@ def test_training_metrics_are_logged_per_epoch_beside_validations(
     log = tmp_path / LOGS
     for metric in METRIC_NAMES:
         steps = [step for step, _ in read_scalars(log, f"train/{metric}/mean")]
+        if metric == "boundary_f1":  # validation's only: 3/4 of the counts' cost
+            assert steps == [] and "metrics/boundary_f1/mean" in tags(log)
+            continue
         assert steps == [3, 6], metric  # once per epoch, at its last batch
     per_class = {f"train/iou/{name}" for name in CLASSES}
     assert per_class <= tags(log)
@@ -71,7 +74,7 @@ def test_training_metrics_count_the_batches_the_model_trained_on(
     each batch before its update (train mode: BatchNorm's batch statistics, as in the step)."""
     run = setup(config_of(data, tmp_path))
     assert run.train_metrics is not None
-    expected = SegmentationMetrics(CLASSES)
+    expected = SegmentationMetrics(CLASSES, boundary_tolerance=None)
     for batch in itertools.islice(iter(run.loaders.train), 2):
         with torch.no_grad():
             expected.update(run.model(batch["input"]), batch["output"])

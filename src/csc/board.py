@@ -5,6 +5,7 @@ model summary. The training loop calls these; they write nothing themselves.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -62,11 +63,15 @@ VIRIDIS = np.array(
         (0.369214, 0.788888, 0.382914),
         (0.678489, 0.863742, 0.189503),
         (0.993248, 0.906157, 0.143936),
-    ]
+    ],
+    dtype=np.float32,  # panels are float32: 8-bit images need no more, and it halves the work
 )
 # Unannotated truth voxels: red and light grey diagonal stripes, a pattern no value of the
 # colour map has (p = 0.5 is viridis' teal).
-HATCH = (np.array((0.85, 0.10, 0.10)), np.array((0.80, 0.80, 0.80)))
+HATCH = (
+    np.array((0.85, 0.10, 0.10), dtype=np.float32),
+    np.array((0.80, 0.80, 0.80), dtype=np.float32),
+)
 HATCH_PERIOD = 6  # pixels per stripe pair
 PANELS = ("raw", "truth", "prediction")
 MIN_PANEL_WIDTH = 96  # pixels: smaller patches are enlarged (nearest) so the labels fit
@@ -74,35 +79,56 @@ LABEL_HEIGHT = 14  # pixels of the label row above the panels
 GAP = 2  # white pixels between panels and rows
 
 
-def colour_map(values: np.ndarray) -> np.ndarray:
-    """(H, W) in [0, 1] -> (H, W, 3) viridis."""
-    scaled = np.clip(values, 0, 1) * (len(VIRIDIS) - 1)
+def _viridis_table(levels: int = 256) -> np.ndarray:
+    """(levels, 3) viridis at 0, 1/(levels - 1), ..., 1: VIRIDIS interpolated linearly."""
+    scaled = np.linspace(0, 1, levels, dtype=np.float32) * (len(VIRIDIS) - 1)
     low = np.minimum(np.floor(scaled).astype(int), len(VIRIDIS) - 2)
     weight = (scaled - low)[..., None]
     return VIRIDIS[low] * (1 - weight) + VIRIDIS[low + 1] * weight
 
 
+VIRIDIS_TABLE = _viridis_table()  # one colour per 8-bit level: the images are 8-bit
+
+
+def colour_map(values: np.ndarray) -> np.ndarray:
+    """(H, W) in [0, 1] -> (H, W, 3) viridis, at the 256 levels of an 8-bit image (a table
+    look-up: ten times faster than interpolating each pixel)."""
+    levels = np.rint(np.clip(values, 0, 1) * (len(VIRIDIS_TABLE) - 1)).astype(np.intp)
+    colours: np.ndarray = VIRIDIS_TABLE[levels]
+    return colours
+
+
+@functools.lru_cache(maxsize=8)
+def _hatch(height: int, width: int) -> np.ndarray:
+    """(H, W, 3) diagonal stripes of the HATCH colours (read only: shared between calls)."""
+    diagonal = np.arange(height)[:, None] + np.arange(width)[None, :]
+    stripe = diagonal % HATCH_PERIOD < HATCH_PERIOD // 2  # (H, W): diagonal bands
+    pattern = np.where(stripe[..., None], HATCH[0], HATCH[1])
+    pattern.flags.writeable = False
+    return pattern
+
+
 def truth_colours(truth: np.ndarray) -> np.ndarray:
     """(H, W) 0/1 with NaN where unannotated -> (H, W, 3): viridis, unannotated hatched."""
-    rgb = colour_map(np.nan_to_num(truth, nan=0.0))
-    diagonal = np.arange(truth.shape[0])[:, None] + np.arange(truth.shape[1])[None, :]
-    stripe = diagonal % HATCH_PERIOD < HATCH_PERIOD // 2  # (H, W): diagonal bands
-    hatch = np.where(stripe[..., None], HATCH[0], HATCH[1])
-    return np.where(np.isnan(truth)[..., None], hatch, rgb)
+    unannotated = np.isnan(truth)
+    rgb = colour_map(np.where(unannotated, 0.0, truth))
+    rgb[unannotated] = _hatch(*truth.shape)[unannotated]
+    return rgb
 
 
 def grey(raw: np.ndarray) -> np.ndarray:
     """(H, W) raw -> (H, W, 3), scaled to its own min..max; non-finite values black."""
-    raw = np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    span = max(float(raw.max() - raw.min()), 1e-6)
-    return np.repeat(((raw - raw.min()) / span)[..., None], 3, axis=-1)
+    raw = np.nan_to_num(raw.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    low, span = float(raw.min()), max(float(raw.max() - raw.min()), 1e-6)
+    return np.repeat(((raw - low) / span)[..., None], 3, axis=-1)
 
 
 def panel_row(
     raw: np.ndarray, truth: np.ndarray | None, prediction: np.ndarray | None
 ) -> list[np.ndarray]:
-    """The RGB panels of one example: raw, then truth and prediction when given."""
-    panels = [grey(raw)]
+    """The RGB panels of one example: raw (or its `grey` panel, (H, W, 3)), then truth and
+    prediction when given."""
+    panels = [raw if raw.ndim == 3 else grey(raw)]
     if truth is not None:
         panels.append(truth_colours(truth))
     if prediction is not None:
@@ -118,13 +144,14 @@ def labelled_grid(rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str]) -
     height, width = rows[0][0].shape[:2]
     zoom = max(1, math.ceil(MIN_PANEL_WIDTH / width))
     cell_h, cell_w = height * zoom + GAP, width * zoom + GAP
-    grid = np.ones((LABEL_HEIGHT + cell_h * len(rows), cell_w * len(titles), 3))
+    grid = np.full((LABEL_HEIGHT + cell_h * len(rows), cell_w * len(titles), 3), 255, np.uint8)
     for r, panels in enumerate(rows):
         for c, panel in enumerate(panels):
-            big = np.kron(panel, np.ones((zoom, zoom, 1)))  # nearest-neighbour enlargement
+            pixels = (panel * 255).round().astype(np.uint8)
+            big = pixels.repeat(zoom, axis=0).repeat(zoom, axis=1)  # nearest-neighbour
             top, left = LABEL_HEIGHT + r * cell_h, c * cell_w
             grid[top : top + height * zoom, left : left + width * zoom] = big
-    image = Image.fromarray((grid * 255).round().astype(np.uint8))
+    image = Image.fromarray(grid)
     draw = ImageDraw.Draw(image)
     for c, title in enumerate(titles):
         draw.text((c * cell_w + 2, 1), title, fill=(0, 0, 0))
@@ -160,10 +187,11 @@ def example_images(
     images = {}
     with_prediction = examples[0][2] is not None
     titles = PANELS if with_prediction else PANELS[:2]
+    raws = [grey(raw[0]) for raw, _, _ in examples]  # one raw panel per example, every class
     for k, name in enumerate(classes):
         rows = [
-            panel_row(raw[0], truth[k], None if prediction is None else prediction[k])
-            for raw, truth, prediction in examples
+            panel_row(raws[i], truth[k], None if prediction is None else prediction[k])
+            for i, (_, truth, prediction) in enumerate(examples)
         ]
         images[f"{prefix}/{name}"] = labelled_grid(rows, titles)
     return images

@@ -72,37 +72,47 @@ def boundary(mask: Tensor) -> Tensor:
     return mask & dilate(~mask, 1)  # a set voxel next to an unset one
 
 
-def check_scoring(threshold: float, boundary_tolerance: int) -> None:
+def check_scoring(threshold: float, boundary_tolerance: int | None) -> None:
     """`ValueError` unless threshold is a probability in (0, 1) and the boundary tolerance a
-    whole number of voxels >= 0."""
+    whole number of voxels >= 0 (or None: no boundaries)."""
     if not 0 < threshold < 1:
         raise ValueError(f"threshold is a probability in (0, 1), got {threshold}")
+    if boundary_tolerance is None:
+        return
     if isinstance(boundary_tolerance, bool) or not isinstance(boundary_tolerance, int):
         raise ValueError(f"boundary_tolerance must be an integer, got {boundary_tolerance!r}")
     if boundary_tolerance < 0:
         raise ValueError(f"boundary_tolerance must be >= 0 voxels, got {boundary_tolerance}")
 
 
-def batch_counts(pred: Tensor, truth: Tensor, annotated: Tensor, *, tolerance: int) -> Tensor:
+def batch_counts(
+    pred: Tensor, truth: Tensor, annotated: Tensor, *, tolerance: int | None
+) -> Tensor:
     """The int64 counts ``(len(COUNT_NAMES), C)`` of bool masks ``(B, C, *spatial)``.
 
-    `pred` and `truth` must be False where `annotated` is.
+    `pred` and `truth` must be False where `annotated` is. ``tolerance = None`` leaves the
+    boundary rows 0 (no boundary F1): the boundaries and their dilations are about three
+    quarters of the cost of the counts.
     """
-    pred_edge, true_edge = boundary(pred), boundary(truth)
-    masks = torch.stack(
-        [
-            pred & truth,  # tp
-            pred,  # tp + fp: one mask op fewer than pred & ~truth
-            truth,  # tp + fn
-            ~pred & ~truth & annotated,
+    masks = [
+        pred & truth,  # tp
+        pred,  # tp + fp: one mask op fewer than pred & ~truth
+        truth,  # tp + fn
+        ~pred & ~truth & annotated,
+    ]
+    if tolerance is not None:
+        pred_edge, true_edge = boundary(pred), boundary(truth)
+        masks += [
             pred_edge,
             pred_edge & dilate(true_edge, tolerance),
             true_edge,
             true_edge & dilate(pred_edge, tolerance),
         ]
-    )  # (len(COUNT_NAMES), B, C, *spatial)
-    counts = count_true(masks, axes=[1, *range(3, masks.dim())])  # over B and space
+    stacked = torch.stack(masks)  # (rows, B, C, *spatial)
+    counts = count_true(stacked, axes=[1, *range(3, stacked.dim())])  # over B and space
     counts[1:3] -= counts[0]  # fp = predicted - tp, fn = true - tp
+    if tolerance is None:
+        counts = torch.cat([counts, torch.zeros_like(counts)])  # the boundary rows: 0
     return counts
 
 
@@ -120,12 +130,17 @@ class SegmentationMetrics:
     pixel accuracy (docs/metrics.md).
 
     A voxel is predicted where ``sigmoid(logits) > threshold``. `boundary_tolerance` is in
-    voxels (Chebyshev distance). ``counts`` is an int64 tensor ``(len(COUNT_NAMES), C)``; under
+    voxels (Chebyshev distance); None counts no boundaries (boundary F1 is None), as the
+    training-side metrics do. ``counts`` is an int64 tensor ``(len(COUNT_NAMES), C)``; under
     DDP, ``torch.distributed.all_reduce(metrics.counts)`` before `compute` gives global scores.
     """
 
     def __init__(
-        self, classes: Sequence[str], *, threshold: float = 0.5, boundary_tolerance: int = 1
+        self,
+        classes: Sequence[str],
+        *,
+        threshold: float = 0.5,
+        boundary_tolerance: int | None = 1,
     ) -> None:
         if isinstance(classes, str) or not classes:
             raise ValueError(f"classes must be a non-empty list of names, got {classes!r}")

@@ -32,9 +32,11 @@ DEBUG_BATCHES = 3  # the batches `debug = True` reports
 
 
 def make_train_metrics(config: TrainConfig) -> SegmentationMetrics | None:
-    """Counts over the training batches (the validation's metrics), or None when
-    `train_metrics` is off."""
-    return SegmentationMetrics(config.classes) if config.train_metrics else None
+    """Counts over the training batches (the validation's metrics but boundary F1, whose
+    boundaries are three quarters of the counts' cost), or None when `train_metrics` is off."""
+    if not config.train_metrics:
+        return None
+    return SegmentationMetrics(config.classes, boundary_tolerance=None)
 
 
 def log_train_metrics(run: Run) -> dict[str, Any] | None:
