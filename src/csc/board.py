@@ -124,11 +124,11 @@ def grey(raw: np.ndarray) -> np.ndarray:
 
 
 def panel_row(
-    raw: np.ndarray, truth: np.ndarray | None, prediction: np.ndarray | None
+    raw_panel: np.ndarray, truth: np.ndarray | None, prediction: np.ndarray | None
 ) -> list[np.ndarray]:
-    """The RGB panels of one example: raw (or its `grey` panel, (H, W, 3)), then truth and
-    prediction when given."""
-    panels = [raw if raw.ndim == 3 else grey(raw)]
+    """The RGB panels of one example: its raw (`grey`, drawn once for all classes), then
+    truth and prediction when given."""
+    panels = [raw_panel]
     if truth is not None:
         panels.append(truth_colours(truth))
     if prediction is not None:
